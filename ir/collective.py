@@ -1,0 +1,75 @@
+"""One step of a redistribution: a collective over a group of mesh atoms, or a free local step.
+
+Bytes follow the paper's accounting, per chip: an all-gather is charged its output, a reduce-scatter
+its input, an all-to-all its input, an all-reduce twice its input (reduce-scatter + all-gather).
+`wire_bytes` adds the (g−1)/g factor the paper drops: what a chip really sends in a ring of g.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .layout import Layout
+from .mesh import Mesh
+
+Kind = Literal["all_gather", "reduce_scatter", "all_reduce", "all_to_all", "slice", "mask"]
+COMMUNICATING = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
+
+_SYMBOL = {
+    "all_gather": "all-gather",
+    "reduce_scatter": "reduce-scatter",
+    "all_reduce": "all-reduce",
+    "all_to_all": "all-to-all",
+    "slice": "slice",
+    "mask": "mask",
+}
+
+
+@dataclass(frozen=True)
+class Collective:
+    kind: Kind
+    atoms: tuple[str, ...]  # the group, in chunk order (major first)
+    src: Layout
+    dst: Layout
+    dim: int | None = None  # dim gathered / scattered / sliced; all-to-all: the dim the atoms leave
+    dst_dim: int | None = None  # all-to-all: the dim the atoms join
+    elements: int = 0  # per chip, the element count the paper's accounting charges (see module doc)
+    itemsize: int = 4
+    group_size: int = 1
+    axes: tuple[str, ...] = ()  # mesh axes whose links it uses
+
+    @property
+    def communicates(self) -> bool:
+        return self.kind in COMMUNICATING
+
+    @property
+    def bytes(self) -> int:
+        if not self.communicates:
+            return 0
+        factor = 2 if self.kind == "all_reduce" else 1
+        return factor * self.elements * self.itemsize
+
+    @property
+    def wire_bytes(self) -> float:
+        return self.bytes * (self.group_size - 1) / self.group_size if self.group_size > 1 else 0.0
+
+    def with_itemsize(self, itemsize: int) -> "Collective":
+        from dataclasses import replace
+
+        return replace(self, itemsize=itemsize)
+
+    def describe(self, mesh: Mesh, names: str | None = None) -> str:
+        """`all-gather(yz) BLE_xyz → BLE_x  [1.5 MiB/chip]`."""
+        group = mesh.format_atoms(self.atoms)
+        arrow = f"{self.src.notation(mesh, names)} → {self.dst.notation(mesh, names)}"
+        size = f"  [{format_bytes(self.bytes)}/chip]" if self.communicates else ""
+        return f"{_SYMBOL[self.kind]}({group}) {arrow}{size}"
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -1,0 +1,154 @@
+"""Layout of a tensor over the mesh, in the paper's notation.
+
+`Layout(dims=((), (), ("x", "y", "z")))` is `BLE_xyz`: dim 2 is split over the atoms of x, y and z
+(x major). `partial` lists the atoms over which the tensor is a pending sum: `BLF_yz {Σx}`.
+An atom shards at most one dim and is never both sharding and partial.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+from ..errors import LayoutError
+from .mesh import Mesh
+
+_DEFAULT_NAMES = "abcdefghijklmnop"
+
+
+@dataclass(frozen=True)
+class Layout:
+    dims: tuple[tuple[str, ...], ...]
+    partial: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        used = [a for d in self.dims for a in d]
+        if len(used) != len(set(used)):
+            raise LayoutError(f"layout {self}: an atom shards two dims ({used})")
+        if self.partial & set(used):
+            raise LayoutError(f"layout {self}: atoms {sorted(self.partial & set(used))} are both sharding and partial")
+
+    # ---------------------------------------------------------------------------- constructors
+    @classmethod
+    def replicated(cls, ndim: int) -> "Layout":
+        return cls(((),) * ndim)
+
+    @classmethod
+    def sharded(cls, ndim: int, dim: int, atoms: Sequence[str]) -> "Layout":
+        dims = [()] * ndim
+        dims[dim] = tuple(atoms)
+        return cls(tuple(dims))
+
+    # ---------------------------------------------------------------------------- queries
+    @property
+    def ndim(self) -> int:
+        return len(self.dims)
+
+    @property
+    def used(self) -> frozenset[str]:
+        return frozenset(a for d in self.dims for a in d)
+
+    @property
+    def is_replicated(self) -> bool:
+        return not self.partial and not any(self.dims)
+
+    def count(self, dim: int, mesh: Mesh) -> int:
+        return mesh.group_size(self.dims[dim])
+
+    def local_shape(self, shape: Sequence[int], mesh: Mesh) -> tuple[int, ...]:
+        self.check(shape, mesh)
+        return tuple(s // mesh.group_size(d) for s, d in zip(shape, self.dims))
+
+    def divides(self, shape: Sequence[int], mesh: Mesh) -> bool:
+        return len(shape) == self.ndim and all(s % mesh.group_size(d) == 0 for s, d in zip(shape, self.dims))
+
+    def check(self, shape: Sequence[int], mesh: Mesh) -> None:
+        if len(shape) != self.ndim:
+            raise LayoutError(f"layout {self} has {self.ndim} dims but the tensor has shape {tuple(shape)}")
+        for i, (s, d) in enumerate(zip(shape, self.dims)):
+            n = mesh.group_size(d)
+            if s % n:
+                raise LayoutError(
+                    f"dim {i} of size {s} cannot be split {n} ways over {mesh.format_atoms(d)} "
+                    f"(layout {self.notation(mesh)}, shape {tuple(shape)}); pick a mesh whose axes divide it"
+                )
+
+    # ---------------------------------------------------------------------------- edits
+    def with_dim(self, dim: int, atoms: Sequence[str]) -> "Layout":
+        dims = list(self.dims)
+        dims[dim] = tuple(atoms)
+        return replace(self, dims=tuple(dims))
+
+    def without_partial(self) -> "Layout":
+        return replace(self, partial=frozenset())
+
+    def with_partial(self, atoms: Sequence[str] | frozenset[str]) -> "Layout":
+        return replace(self, partial=frozenset(atoms))
+
+    # ---------------------------------------------------------------------------- printing
+    def notation(self, mesh: Mesh | None = None, names: Sequence[str] | None = None) -> str:
+        """Paper notation: `BLE_xyz`, `B_x L E_yz`, `BLF_yz {Σx}`. Without names, dims are a, b, c, ..."""
+        names = list(names) if names is not None else list(_DEFAULT_NAMES[: self.ndim])
+        if len(names) != self.ndim:
+            names = list(_DEFAULT_NAMES[: self.ndim])
+        fmt = (lambda atoms: mesh.format_atoms(atoms)) if mesh is not None else (lambda atoms: "".join(atoms))
+        out = ""
+        for name, atoms in zip(names, self.dims):
+            if out and out[-1] != " " and "_" in out.split(" ")[-1]:
+                out += " "
+            out += name + (f"_{fmt(atoms)}" if atoms else "")
+        if self.partial:
+            order = mesh.mesh_order(self.partial) if mesh is not None else sorted(self.partial)
+            out += " {Σ" + fmt(order) + "}"
+        return out or "scalar"
+
+    def __str__(self) -> str:
+        return self.notation()
+
+    # ---------------------------------------------------------------------------- DTensor interop
+    def to_placements(self, mesh: Mesh) -> tuple:
+        """DTensor placements for a DeviceMesh over the atoms of `mesh` (one mesh dim per atom)."""
+        from torch.distributed.tensor import Partial, Replicate, Shard
+
+        placements = []
+        for atom in mesh.atoms:
+            if atom.name in self.partial:
+                placements.append(Partial())
+                continue
+            dim = next((i for i, d in enumerate(self.dims) if atom.name in d), None)
+            placements.append(Replicate() if dim is None else Shard(dim))
+        # DTensor splits a dim over several mesh dims in mesh order; ours lists atoms major→minor.
+        for i, d in enumerate(self.dims):
+            if tuple(d) != mesh.mesh_order(d):
+                raise LayoutError(
+                    f"layout {self.notation(mesh)} splits dim {i} over {d}, not in mesh order "
+                    f"{mesh.mesh_order(d)}: DTensor's Shard placements cannot express it"
+                )
+        return tuple(placements)
+
+    @classmethod
+    def from_placements(cls, placements: Sequence, mesh: Mesh, ndim: int) -> "Layout":
+        from torch.distributed.tensor import Partial, Replicate, Shard
+
+        if len(placements) != len(mesh.atoms):
+            raise LayoutError(
+                f"{len(placements)} placements for a mesh of {len(mesh.atoms)} atoms "
+                f"({', '.join(a.name for a in mesh.atoms)}): give one placement per atom"
+            )
+        dims: list[list[str]] = [[] for _ in range(ndim)]
+        partial = []
+        for atom, p in zip(mesh.atoms, placements):
+            if isinstance(p, Shard):
+                dims[p.dim % ndim].append(atom.name)
+            elif isinstance(p, Partial):
+                if p.reduce_op != "sum":
+                    raise LayoutError(f"Partial({p.reduce_op!r}) on {atom.name}: only sum partials are supported")
+                partial.append(atom.name)
+            elif not isinstance(p, Replicate):
+                raise LayoutError(f"placement {p!r} on {atom.name} is not Shard, Replicate or Partial")
+        return cls(tuple(tuple(d) for d in dims), frozenset(partial))
+
+
+def elements(shape: Sequence[int]) -> int:
+    return math.prod(shape)

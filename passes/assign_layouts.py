@@ -1,0 +1,191 @@
+"""assign_layouts: write each layer's chosen layout onto the graph.
+
+Input: `gm.meta["sw_layers"]` and one choice per layer (a feed-forward family member per block,
+`heads`/`batch` per attention, `E`/`vocab` per embedding and head). Output on the graph:
+  `sw_weight`     on every planned weight placeholder: its layout at rest and in use
+  `sw_anchor`     on every block's input: the residual layout of that block's member
+  `sw_attention`  on every attention core: how its batch and heads are split
+and `gm.meta["sw_assignment"]`: the choices and the notes (heads replicated, ...).
+The cost-driven choice of those layouts lives in `strategies/planner.py`; this pass only applies them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from ..errors import LayoutError
+from ..ir.layout import Layout
+from ..ir.mesh import Mesh
+from ..strategies.family import (
+    ATTENTION_MODES,
+    FFNLayout,
+    attention_plan,
+    parse_ffn,
+    require_divides,
+    residual,
+    weight_spec,
+)
+from ..strategies.rules import ANCHOR, ATTENTION, WEIGHT, WeightSpec
+from .find_layers import LAYERS, Layer, Layers
+from .graph_utils import shape
+
+ASSIGNMENT = "sw_assignment"
+KINDS = {"ffn": "ffn", "attn": "attention", "attention": "attention", "embed": "embedding",
+         "embedding": "embedding", "head": "head"}
+DEFAULTS = {"ffn": "ws1d", "attention": "heads", "embedding": "E", "head": "vocab"}
+EMBED_MODES = ("E", "vocab")
+
+
+@dataclass
+class Assignment:
+    choices: dict[str, str]  # layer name → layout name
+    members: dict[int, FFNLayout]  # block index → family member (roles of its axes)
+    notes: dict[str, list[str]] = field(default_factory=dict)  # layer name → remarks
+
+
+def parse_layouts(text: str | dict | None) -> dict[str, str]:
+    """`"ffn=ws1d,attn=heads"` or a dict → {kind or layer name: layout}. Checks names, not sizes."""
+    if text is None:
+        return {}
+    if isinstance(text, dict):
+        items = list(text.items())
+    else:
+        items = []
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            if "=" not in part:
+                raise LayoutError(
+                    f"malformed --layouts entry {part!r}: expected KIND=LAYOUT pairs joined by commas, "
+                    f"e.g. 'ffn=ws2d,attn=batch' (kinds: ffn, attn, embed, head)"
+                )
+            k, v = (s.strip() for s in part.split("=", 1))
+            items.append((k, v))
+    out = {}
+    for k, v in items:
+        kind = KINDS.get(k, k)
+        if kind == "ffn":
+            parse_ffn(v)
+        elif kind == "attention" and v not in ATTENTION_MODES:
+            raise LayoutError(f"unknown attention layout {v!r}: use one of {', '.join(ATTENTION_MODES)}")
+        elif kind in ("embedding", "head") and v not in EMBED_MODES:
+            raise LayoutError(f"unknown {kind} layout {v!r}: use one of {', '.join(EMBED_MODES)}")
+        out[kind] = v
+    return out
+
+
+def resolve(layers: Layers, request: dict[str, str]) -> dict[str, str]:
+    """Per-layer choices from kind-level requests (a layer's own name wins over its kind)."""
+    unknown = set(request) - set(DEFAULTS) - {l.name for l in layers.layers}
+    if unknown:
+        raise LayoutError(
+            f"--layouts names {sorted(unknown)}: expected layer kinds (ffn, attn, embed, head) or layer names "
+            f"({', '.join(l.name for l in layers.layers[:4])}, ...)"
+        )
+    return {l.name: request.get(l.name, request.get(l.kind, DEFAULTS[l.kind])) for l in layers.layers}
+
+
+def assign_layouts(gm: fx.GraphModule, mesh: Mesh, choices: dict[str, str]) -> fx.GraphModule:
+    layers: Layers = gm.meta[LAYERS]
+    nodes = {n.name: n for n in gm.graph.nodes}
+    members: dict[int, FFNLayout] = {}
+    notes: dict[str, list[str]] = {}
+    for block in layers.blocks:
+        ffn_choice = choices.get(block.ffn.name) if block.ffn else None
+        member = parse_ffn(ffn_choice or DEFAULTS["ffn"])
+        members[block.index] = member
+        anchor = nodes[block.input]
+        anchor.meta[ANCHOR] = _residual_for(anchor, member, mesh, block.name)
+        if block.ffn:
+            _assign_ffn(block.ffn, member, mesh, nodes)
+        if block.attention:
+            mode = choices.get(block.attention.name, DEFAULTS["attention"])
+            notes[block.attention.name] = _assign_attention(block.attention, member, mode, mesh, nodes)
+    first = members.get(0, parse_ffn(DEFAULTS["ffn"]))
+    table_specs: dict[str, WeightSpec] = {}
+    for layer in layers.by_kind("embedding"):
+        mode = choices.get(layer.name, DEFAULTS["embedding"])
+        ph = nodes[layer.params["table"]]
+        ph.meta[WEIGHT] = table_specs[ph.name] = _table_spec(layer, mode, first, mesh)
+    last = members.get(len(layers.blocks) - 1, first)
+    for layer in layers.by_kind("head"):
+        mode = choices.get(layer.name, DEFAULTS["head"])
+        proj = layer.projections["w"]
+        ph = nodes[proj.weight]
+        if ph.name in table_specs:  # tied to the embedding: one stored copy, used as the table is split
+            notes[layer.name] = [f"weight tied to the embedding: uses its layout ({table_specs[ph.name].in_use})"]
+            continue
+        ph.meta[WEIGHT] = _head_spec(layer, mode, last, mesh, shape(ph))
+    gm.meta[ASSIGNMENT] = Assignment(dict(choices), members, notes)
+    return gm
+
+
+# ------------------------------------------------------------------------------------ per layer
+def _residual_for(node: fx.Node, member: FFNLayout, mesh: Mesh, where: str) -> Layout:
+    s = shape(node)
+    layout = residual(member, mesh, len(s))
+    b, e, f = member.atoms(mesh)
+    require_divides("the batch", s[0], b, mesh, f"{member} at {where}")
+    require_divides("d_model (E)", s[-1], e + f, mesh, f"{member} at {where}")
+    return layout
+
+
+def _assign_ffn(layer: Layer, member: FFNLayout, mesh: Mesh, nodes: dict[str, fx.Node]) -> None:
+    b, e, f = member.atoms(mesh)
+    where = f"{member} for {layer.name}"
+    require_divides("d_ff (F)", layer.dims["F"], f, mesh, where)
+    require_divides("d_model (E)", layer.dims["E"], e, mesh, where)
+    for role, p in layer.projections.items():
+        out_atoms, in_atoms = (e, f) if role == "w_out" else (f, e)
+        ph = nodes[p.weight]
+        ph.meta[WEIGHT] = weight_spec(out_atoms, in_atoms, b, shape(ph), p.rows_out, mesh)
+
+
+def _assign_attention(layer: Layer, member: FFNLayout, mode: str, mesh: Mesh, nodes) -> list[str]:
+    d = layer.dims
+    B = shape(nodes[layer.core])[0]
+    plan = attention_plan(member, mode, mesh, B=B, H=d["H"], K=d["K"])
+    b, e, f = member.atoms(mesh)
+    require_divides("d_model (E)", d["E"], e, mesh, f"{member} for {layer.name}")
+    for role, p in layer.projections.items():
+        ph = nodes[p.weight]
+        if role == "o":
+            spec = weight_spec(e, plan.q, b, shape(ph), p.rows_out, mesh)
+        else:
+            spec = weight_spec(plan.q if role == "q" else plan.kv, e, b, shape(ph), p.rows_out, mesh)
+        ph.meta[WEIGHT] = spec
+    nodes[layer.core].meta[ATTENTION] = plan.core
+    notes = []
+    if plan.replicated_over:
+        rep = mesh.group_size(plan.replicated_over)
+        notes.append(f"{d['H']} heads do not split over all of {mesh.format_atoms(f)}: heads split over "
+                     f"{mesh.format_atoms(plan.q) if plan.q else 'nothing'}, attention repeated ×{rep}")
+    if plan.kv != plan.q:
+        rep = mesh.group_size(plan.q) // mesh.group_size(plan.kv)
+        notes.append(f"KV heads = {d['K']} do not divide {mesh.format_atoms(plan.q)} = {mesh.group_size(plan.q)}: "
+                     f"KV heads split over {mesh.format_atoms(plan.kv) if plan.kv else 'nothing'} and "
+                     f"replicated ×{rep}; attention='batch' splits the KV cache over batch instead")
+    return notes
+
+
+def _table_spec(layer: Layer, mode: str, member: FFNLayout, mesh: Mesh) -> WeightSpec:
+    b, e, f = member.atoms(mesh)
+    V, E = layer.dims["V"], layer.dims["E"]
+    if mode == "vocab":
+        atoms = mesh.mesh_order(b + e + f)
+        require_divides("the vocabulary (V)", V, atoms, mesh, f"embed=vocab for {layer.name}")
+        layout = Layout.sharded(2, 0, atoms)
+    else:
+        require_divides("d_model (E)", E, e + f, mesh, f"embed=E for {layer.name}")
+        layout = Layout.sharded(2, 1, e + f)
+    return WeightSpec(at_rest=layout, in_use=layout)
+
+
+def _head_spec(layer: Layer, mode: str, member: FFNLayout, mesh: Mesh, wshape) -> WeightSpec:
+    b, e, f = member.atoms(mesh)
+    p = layer.projections["w"]
+    if mode == "vocab":
+        require_divides("the vocabulary (V)", layer.dims["V"], e + f, mesh, f"head=vocab for {layer.name}")
+        return weight_spec(e + f, (), b, wshape, p.rows_out, mesh)
+    require_divides("d_model (E)", layer.dims["E"], e + f, mesh, f"head=E for {layer.name}")
+    return weight_spec((), e + f, b, wshape, p.rows_out, mesh)

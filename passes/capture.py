@@ -1,0 +1,83 @@
+"""capture: nn.Module + example inputs → ATen export-IR GraphModule with weights lifted to placeholders.
+
+Writes `gm.meta["sw_signature"]` (which placeholder is which weight or user input, the pytree specs of
+the call) and `gm.meta["sw_state"]` (state key → tensor; meta tensors when the model is on meta).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..errors import CaptureError
+from .graph_utils import SIGNATURE, STATE, Signature
+
+_HINTS = (
+    ("DynamicCache", "HF models: pass use_cache=False when capturing prefill"),
+    ("past_key_values", "HF models: pass use_cache=False when capturing prefill"),
+    ("data-dependent", "control flow or shapes depend on tensor values: make them static for the example inputs"),
+    ("Dynamo", "strict capture failed: shardwise captures with strict=False; check the forward's Python"),
+    ("missing", "the example inputs do not match forward()'s signature"),
+    ("got an unexpected keyword", "the example inputs do not match forward()'s signature"),
+)
+
+
+def capture(model: nn.Module, args: tuple, kwargs: dict | None = None) -> fx.GraphModule:
+    """Export `model(*args, **kwargs)` with torch.export (non-strict) into one GraphModule."""
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"capture expects a torch.nn.Module, got {type(model).__name__}")
+    args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
+    kwargs = dict(kwargs or {})
+    was_training = model.training
+    model.eval()
+    try:
+        ep = torch.export.export(model, args, kwargs, strict=False)
+    except Exception as e:  # torch.export raises many types; we turn every one into one clear message
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        hints = [h for key, h in _HINTS if key in str(e)]
+        hint = "; ".join(dict.fromkeys(hints)) or (
+            "simplify the model's forward for tracing (no data-dependent Python control flow), or capture a "
+            "smaller piece; see the torch.export docs on non-strict export"
+        )
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {first}\n"
+            f"What to try: {hint}."
+        ) from e
+    finally:
+        model.train(was_training)
+    return _from_exported(ep, type(model).__name__)
+
+
+def _from_exported(ep: torch.export.ExportedProgram, name: str) -> fx.GraphModule:
+    sig = ep.graph_signature
+    mutated = [o for o in sig.output_specs if o.kind.name not in ("USER_OUTPUT",)]
+    if mutated:
+        kinds = sorted({o.kind.name for o in mutated})
+        raise CaptureError(
+            f"{name} mutates state in forward ({', '.join(kinds)}); shardwise needs a functional step. "
+            f"Return new tensors (e.g. the updated KV cache) instead of updating buffers or inputs in place."
+        )
+    params: dict[str, str] = {}
+    inputs: list[str] = []
+    buffers: set[str] = set()
+    state: dict[str, torch.Tensor] = {}
+    for spec in sig.input_specs:
+        kind = spec.kind.name
+        if kind in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
+            params[spec.arg.name] = spec.target
+            if kind != "PARAMETER":
+                buffers.add(spec.target)
+            source = ep.state_dict if spec.target in ep.state_dict else ep.constants
+            state[spec.target] = source[spec.target].detach()
+        elif kind == "USER_INPUT":
+            inputs.append(spec.arg.name)
+        else:
+            raise CaptureError(f"{name}: unsupported graph input kind {kind} for {spec.arg.name}")
+    gm = ep.graph_module
+    gm.meta[SIGNATURE] = Signature(
+        params=params, inputs=inputs, in_spec=ep.call_spec.in_spec, out_spec=ep.call_spec.out_spec, model=name,
+        buffers=buffers,
+    )
+    gm.meta[STATE] = state
+    return gm

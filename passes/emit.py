@@ -1,0 +1,156 @@
+"""emit: the per-rank program of one rank, from the global-view graph.
+
+Every rank runs the same sequence of ops (SPMD); what differs is the weight shards it holds, and the
+constants of its local slices. For each node of the global view:
+  weight placeholder     → an attribute holding only this rank's shard of the stored layout
+  program input          → a placeholder (the full tensor, or this rank's shard of a sharded input)
+  collective node        → `_c10d_functional` ops on the group of its atoms (runtime/lower.py)
+  view / expand / factory → the same op with its size arguments rewritten to local sizes
+  mean over a split dim  → the local mean scaled to the global count (a partial sum)
+  embedding split by V   → a lookup of this rank's vocab range, zero elsewhere (a partial sum)
+  anything else          → the same op on local tensors
+Reads `sw_layout`, `sw_collective`, `val`, `sw_signature`, `sw_state`.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..ir.layout import Layout
+from ..ir.mesh import Mesh
+from ..runtime.lower import RankEnv, lower_step, shard_tensor
+from ..strategies.rules import LAYOUT
+from .graph_utils import STATE, signature
+from .insert_collectives import COLLECTIVE, REDISTRIBUTE_OPS
+
+aten = torch.ops.aten
+_SIZE_ARG = {  # op → index of its size argument (replaced by the local output shape)
+    aten.view.default: 1,
+    aten.reshape.default: 1,
+    aten._unsafe_view.default: 1,
+    aten.expand.default: 1,
+    aten.new_ones.default: 1,
+    aten.new_zeros.default: 1,
+    aten.new_empty.default: 1,
+    aten.new_full.default: 1,
+    aten.zeros.default: 0,
+    aten.ones.default: 0,
+    aten.empty.memory_format: 0,
+    aten.full.default: 0,
+}
+
+
+def local_shape(node: fx.Node, mesh: Mesh) -> tuple[int, ...]:
+    return node.meta[LAYOUT].local_shape(tuple(node.meta["val"].shape), mesh)
+
+
+def emit(
+    gm: fx.GraphModule,
+    mesh: Mesh,
+    rank: int,
+    *,
+    group_name: Callable[[tuple[str, ...]], str],
+    weights: Callable[[str], torch.Tensor] | None = None,
+) -> fx.GraphModule:
+    """Build rank `rank`'s program: a GraphModule whose forward takes the flat user inputs."""
+    sig = signature(gm)
+    state = gm.meta[STATE]
+    load = weights or state.__getitem__
+    env = RankEnv(mesh, rank, group_name)
+    root = nn.Module()
+    g = fx.Graph()
+    vals: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if node.name in sig.params:
+                key = sig.params[node.name]
+                attr = _attr_name(key)
+                layout = node.meta.get(LAYOUT) or Layout.replicated(node.meta["val"].ndim)
+                local = shard_tensor(load(key), layout, mesh, rank)
+                if key in sig.buffers:
+                    root.register_buffer(attr, local)
+                else:
+                    root.register_parameter(attr, nn.Parameter(local, requires_grad=False))
+                vals[node] = g.get_attr(attr)
+            else:
+                vals[node] = g.placeholder(node.name)
+        elif node.op == "call_function":
+            vals[node] = _lower(g, node, vals, env)
+        elif node.op == "output":
+            vals[node] = g.output(fx.node.map_arg(node.args[0], vals.__getitem__))
+        else:
+            raise NotImplementedError(f"emit: unexpected {node.op} node {node.format_node()}")
+    g.lint()
+    program = fx.GraphModule(root, g, class_name="RankProgram")
+    return program
+
+
+def _attr_name(key: str) -> str:
+    return "w_" + "".join(c if c.isalnum() else "_" for c in key)
+
+
+def _lower(g: fx.Graph, node: fx.Node, vals: dict, env: RankEnv) -> fx.Node:
+    mesh = env.mesh
+    if node.target in REDISTRIBUTE_OPS:
+        src = node.args[0]
+        return lower_step(g, vals[src], node.meta[COLLECTIVE], local_shape(src, mesh), env)
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), vals.__getitem__)
+    if node.target is operator.getitem:
+        return g.call_function(operator.getitem, args)
+    target = node.target
+    if target in _SIZE_ARG:
+        i = _SIZE_ARG[target]
+        args = list(args)
+        args[i] = list(local_shape(node, mesh))
+        args = tuple(args)
+    elif target is aten.unflatten.int:
+        dim = node.args[1] % len(node.meta["val"].shape)
+        out = local_shape(node, mesh)
+        args = (args[0], args[1], list(out[dim : dim + len(node.args[2])]))
+    elif target in (aten.mean.dim, aten.mean.default):
+        return _mean(g, node, args, kwargs, mesh)
+    elif target is aten.embedding.default:
+        return _embedding(g, node, args, env)
+    new = g.create_node("call_function", target, tuple(args), dict(kwargs), name=node.name)
+    return new
+
+
+def _mean(g: fx.Graph, node: fx.Node, args, kwargs, mesh: Mesh) -> fx.Node:
+    """Mean over a split dim: each rank's local mean, scaled so that the partial sums add to the mean."""
+    x = node.args[0]
+    layout = x.meta[LAYOUT]
+    ndim = layout.ndim
+    dims = node.args[1] if node.target is aten.mean.dim and len(node.args) > 1 else None
+    dims = range(ndim) if not dims else [d % ndim for d in ([dims] if isinstance(dims, int) else dims)]
+    split = 1
+    for d in dims:
+        split *= mesh.group_size(layout.dims[d])
+    m = g.create_node("call_function", node.target, tuple(args), dict(kwargs), name=node.name)
+    if split == 1:
+        return m
+    return g.create_node("call_function", aten.div.Tensor, (m, float(split)), name=f"{node.name}_partial")
+
+
+def _embedding(g: fx.Graph, node: fx.Node, args, env: RankEnv) -> fx.Node:
+    """V split over atoms S: look up ids in [lo, lo + V/|S|), zero for the others (a partial over S)."""
+    weight = node.args[0]
+    atoms = weight.meta[LAYOUT].dims[0]
+    if not atoms:
+        return g.create_node("call_function", node.target, tuple(args), name=node.name)
+    rows = weight.meta[LAYOUT].local_shape(tuple(weight.meta["val"].shape), env.mesh)[0]
+    lo = env.mesh.index_in(atoms, env.rank) * rows
+    table, ids = args[0], args[1]
+
+    def op(target, *a):
+        return g.create_node("call_function", target, a, name=f"{node.name}_vocab")
+
+    shifted = op(aten.sub.Tensor, ids, lo)
+    outside = op(aten.logical_or.default, op(aten.lt.Scalar, shifted, 0), op(aten.ge.Scalar, shifted, rows))
+    safe = op(aten.masked_fill.Scalar, shifted, outside, 0)
+    rows_out = op(aten.embedding.default, table, safe)
+    return op(aten.masked_fill.Scalar, rows_out, op(aten.unsqueeze.default, outside, -1), 0.0)

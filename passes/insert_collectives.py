@@ -1,0 +1,156 @@
+"""insert_collectives: every change of layout becomes explicit nodes in the global-view graph.
+
+Where a node's input is needed in another layout than its producer makes, the steps of
+`strategies.redistribute` are inserted right before the first consumer (a weight gathered for a
+weight-gathered layout is thus gathered just before its matmul, not at program start) and shared by
+later consumers needing the same layout: the parallel block's one input all-gather.
+
+In the global view a collective does not change the tensor's value, only where its pieces live, so
+the graph still computes the model: each inserted op is the identity on the global tensor.
+
+Reads  `sw_layout`, `sw_in_layouts`, `val`. Writes the new nodes with `sw_layout`, `sw_collective`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..ir.collective import Collective
+from ..ir.mesh import Mesh
+from ..strategies.redistribute import redistribute
+from ..strategies.rules import IN_LAYOUTS, LAYOUT, bind
+from .graph_utils import copy_meta
+
+COLLECTIVE = "sw_collective"
+
+
+# Global-view collectives: identities on the global tensor (the layout lives in node.meta).
+def all_gather(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    return x
+
+
+def reduce_scatter(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    return x
+
+
+def all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
+    return x
+
+
+def all_to_all(x: torch.Tensor, src_dim: int, dst_dim: int, group: str) -> torch.Tensor:
+    return x
+
+
+def local_slice(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    return x
+
+
+def partial_mask(x: torch.Tensor, group: str) -> torch.Tensor:
+    return x
+
+
+OPS = {
+    "all_gather": all_gather,
+    "reduce_scatter": reduce_scatter,
+    "all_reduce": all_reduce,
+    "all_to_all": all_to_all,
+    "slice": local_slice,
+    "mask": partial_mask,
+}
+REDISTRIBUTE_OPS = frozenset(OPS.values())
+
+
+def insert_collectives(gm: fx.GraphModule, mesh: Mesh) -> fx.GraphModule:
+    g = gm.graph
+    made: dict[tuple[str, object], fx.Node] = {}
+    for node in list(g.nodes):
+        req = node.meta.get(IN_LAYOUTS)
+        if not req:
+            continue
+        for name, idx, src in _tensor_args(node, req):
+            want = req[name][idx] if idx is not None else req[name]
+            have = src.meta.get(LAYOUT)
+            if want is None or have is None or want == have:
+                continue
+            key = (src.name, want)
+            if key not in made:
+                made[key] = _convert(gm, src, want, before=node, mesh=mesh)
+            _replace(node, name, idx, made[key])
+    g.lint()
+    gm.recompile()
+    return gm
+
+
+def _tensor_args(node: fx.Node, req: dict):
+    if node.op == "output":
+        for i, src in enumerate(node.args[0]):
+            if isinstance(src, fx.Node):
+                yield "outputs", i, src
+        return
+    args = bind(node)
+    for name in req:
+        v = args.get(name)
+        if isinstance(v, fx.Node):
+            yield name, None, v
+        elif isinstance(v, (list, tuple)):
+            for i, s in enumerate(v):
+                if isinstance(s, fx.Node):
+                    yield name, i, s
+
+
+def _replace(node: fx.Node, name: str, idx: int | None, new: fx.Node) -> None:
+    if node.op == "output":
+        outs = list(node.args[0])
+        outs[idx] = new
+        node.args = (type(node.args[0])(outs),)
+        return
+    schema = node.target._schema
+    pos = next(i for i, a in enumerate(schema.arguments) if a.name == name)
+    if pos < len(node.args) and not schema.arguments[pos].kwarg_only:
+        args = list(node.args)
+        args[pos] = _put(args[pos], idx, new)
+        node.args = tuple(args)
+    else:
+        kwargs = dict(node.kwargs)
+        kwargs[name] = _put(kwargs[name], idx, new)
+        node.kwargs = kwargs
+
+
+def _put(old, idx, new):
+    if idx is None:
+        return new
+    seq = list(old)
+    seq[idx] = new
+    return type(old)(seq) if isinstance(old, tuple) else seq
+
+
+def _convert(gm: fx.GraphModule, src: fx.Node, want, *, before: fx.Node, mesh: Mesh) -> fx.Node:
+    val = src.meta["val"]
+    steps = redistribute(src.meta[LAYOUT], want, tuple(val.shape), mesh, itemsize=val.element_size())
+    cur = src
+    with gm.graph.inserting_before(before):
+        for step in steps:
+            cur = _step_node(gm, cur, step, mesh, before)
+    return cur
+
+
+def _step_node(gm: fx.GraphModule, x: fx.Node, step: Collective, mesh: Mesh, consumer: fx.Node) -> fx.Node:
+    group = mesh.format_atoms(step.atoms)
+    if step.kind in ("all_gather", "reduce_scatter", "slice"):
+        args = (x, step.dim, group)
+    elif step.kind == "all_to_all":
+        args = (x, step.dim, step.dst_dim, group)
+    else:
+        args = (x, group)
+    n = gm.graph.create_node("call_function", OPS[step.kind], args, name=f"{step.kind}_{''.join(step.atoms)}")
+    n.meta["val"] = x.meta["val"]
+    n.meta[LAYOUT] = step.dst
+    n.meta[COLLECTIVE] = step
+    copy_meta(n, consumer, "nn_module_stack")
+    return n
+
+
+def collectives(gm: fx.GraphModule) -> list[tuple[fx.Node, Collective]]:
+    """Every redistribution step on the graph, in program order."""
+    return [(n, n.meta[COLLECTIVE]) for n in gm.graph.nodes if COLLECTIVE in n.meta]

@@ -1,0 +1,194 @@
+"""propagate: a layout on every tensor node, and the layout every op needs of its inputs.
+
+Walks the graph in order. Placeholders start at their stored layout (`sw_weight.at_rest`, the layout of
+a sharded program input, else replicated). Each op's rule (strategies/rules*.py) reads the layouts
+its inputs are *seen* with (a node's `sw_anchor` when it has one) and decides what it needs and what it
+makes. An op with no rule needs replicated inputs, makes a replicated output, and is reported.
+
+Reads  `val`, `sw_weight`, `sw_anchor`, `sw_attention`, `sw_signature`, gm.meta["sw_io_layouts"].
+Writes `sw_layout`, `sw_in_layouts` (schema name → layout), `sw_note`; gm.meta["sw_unknown_ops"].
+Weights with no planned layout then adopt the split their uses need, when that is a free local slice.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..errors import LayoutError
+from ..ir.layout import Layout
+from ..ir.mesh import Mesh
+from ..strategies.rules import (
+    ANCHOR,
+    IN_LAYOUTS,
+    LAYOUT,
+    NOTE,
+    WEIGHT,
+    Decision,
+    OpCall,
+    bind,
+    load_rules,
+    rule_for,
+    tensor_positions,
+)
+from .graph_utils import signature
+
+UNKNOWN = "sw_unknown_ops"
+IO_LAYOUTS = "sw_io_layouts"  # gm.meta: placeholder/output name → Layout of a sharded program input/output
+
+
+@dataclass(frozen=True)
+class UnknownOp:
+    node: str
+    target: str
+    module: str
+
+
+def seen(node: fx.Node) -> Any:
+    """The layout consumers of `node` see: its anchor if it has one, else what it produces."""
+    return node.meta.get(ANCHOR) or node.meta.get(LAYOUT)
+
+
+def propagate(gm: fx.GraphModule, mesh: Mesh) -> fx.GraphModule:
+    load_rules()
+    io = gm.meta.get(IO_LAYOUTS, {})
+    unknown: list[UnknownOp] = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            node.meta[LAYOUT] = _placeholder_layout(node, io)
+        elif node.op == "get_attr":
+            v = getattr(gm, node.target)
+            node.meta[LAYOUT] = Layout.replicated(v.ndim) if isinstance(v, torch.Tensor) else None
+        elif node.op == "call_function":
+            _propagate_call(node, mesh, unknown)
+        elif node.op == "output":
+            outs = node.args[0]
+            node.meta[IN_LAYOUTS] = {
+                "outputs": [
+                    io.get(f"output:{i}", Layout.replicated(o.meta["val"].ndim))
+                    if isinstance(o, fx.Node) and isinstance(o.meta.get("val"), torch.Tensor) else None
+                    for i, o in enumerate(outs)
+                ]
+            }
+    _adopt_free_weights(gm)
+    gm.meta[UNKNOWN] = unknown
+    return gm
+
+
+def _placeholder_layout(node: fx.Node, io: dict) -> Layout | None:
+    v = node.meta.get("val")
+    if not isinstance(v, torch.Tensor):
+        return None
+    if WEIGHT in node.meta:
+        return node.meta[WEIGHT].at_rest
+    return io.get(node.name, Layout.replicated(v.ndim))
+
+
+def _propagate_call(node: fx.Node, mesh: Mesh, unknown: list[UnknownOp]) -> None:
+    if node.target is operator.getitem:
+        src, i = node.args
+        node.meta[LAYOUT] = seen(src)[i]
+        node.meta[IN_LAYOUTS] = {}
+        return
+    rule = rule_for(node.target) if isinstance(node.target, torch._ops.OpOverload) else None
+    if isinstance(node.target, torch._ops.OpOverload):
+        args = bind(node)
+    else:
+        args = {f"arg{i}": a for i, a in enumerate(node.args)} | dict(node.kwargs)
+    tensors = tensor_positions(args)
+    layouts = {
+        k: [seen(n) if isinstance(n, fx.Node) else None for n in v] if isinstance(v, list) else seen(v)
+        for k, v in tensors.items()
+    }
+    call = OpCall(node, mesh, args, layouts)
+    if rule is None:
+        decision = _replicated(call)
+        node.meta[NOTE] = f"no layout rule for {node.target}: ran on replicated inputs"
+        unknown.append(UnknownOp(node.name, str(node.target), _module(node)))
+    else:
+        try:
+            decision = rule(call)
+        except LayoutError as e:
+            raise LayoutError(f"while propagating layouts through {node.format_node()}: {e}") from None
+    _check(node, call, decision, mesh)
+    node.meta[LAYOUT] = decision.output
+    node.meta[IN_LAYOUTS] = decision.inputs
+    if decision.note:
+        node.meta[NOTE] = decision.note
+
+
+def _replicated(call: OpCall) -> Decision:
+    req = {
+        k: [None if l is None else Layout.replicated(l.ndim) for l in v] if isinstance(v, list) else Layout.replicated(v.ndim)
+        for k, v in call.layouts.items()
+    }
+    val = call.node.meta.get("val")
+    if isinstance(val, (list, tuple)):
+        out = tuple(Layout.replicated(t.ndim) if isinstance(t, torch.Tensor) else None for t in val)
+    elif isinstance(val, torch.Tensor):
+        out = Layout.replicated(val.ndim)
+    else:
+        out = None
+    return Decision(req, out)
+
+
+def _check(node: fx.Node, call: OpCall, d: Decision, mesh: Mesh) -> None:
+    """A rule must only ask for layouts that split the tensors evenly: a bug otherwise."""
+
+    def ok(layout, n):
+        if layout is None or not isinstance(n, fx.Node):
+            return
+        layout.check(tuple(n.meta["val"].shape), mesh)
+
+    try:
+        for k, v in d.inputs.items():
+            src = call.args[k]
+            if isinstance(v, list):
+                for l, n in zip(v, src):
+                    ok(l, n)
+            else:
+                ok(v, src)
+        val = node.meta.get("val")
+        if isinstance(d.output, Layout) and isinstance(val, torch.Tensor):
+            d.output.check(tuple(val.shape), mesh)
+    except LayoutError as e:
+        raise LayoutError(f"layout rule for {node.target} at {node.format_node()} proposed an invalid layout: {e}") from None
+
+
+def _module(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def uses(node: fx.Node):
+    """(consumer, required layout) for every use of `node` that has a requirement."""
+    for user in node.users:
+        req = user.meta.get(IN_LAYOUTS)
+        if not req:
+            continue
+        args = bind(user) if isinstance(user.target, torch._ops.OpOverload) else (
+            {"outputs": user.args[0]} if user.op == "output" else {}
+        )
+        for k, want in req.items():
+            src = args.get(k)
+            if isinstance(src, (list, tuple)):
+                for s, w in zip(src, want):
+                    if s is node and w is not None:
+                        yield user, w
+            elif src is node and want is not None:
+                yield user, want
+
+
+def _adopt_free_weights(gm: fx.GraphModule) -> None:
+    """A weight with no planned layout is stored already split the way all its uses need it."""
+    params = signature(gm).params
+    for node in gm.graph.nodes:
+        if node.op != "placeholder" or node.name not in params or WEIGHT in node.meta:
+            continue
+        wants = {w.without_partial() for _, w in uses(node)}
+        if len(wants) == 1:
+            node.meta[LAYOUT] = wants.pop()

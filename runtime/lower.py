@@ -1,0 +1,137 @@
+"""Lowering of redistribution steps to per-rank ops: `_c10d_functional` collectives and local slices.
+
+A collective's group holds the ranks that differ only along its atoms, ordered by their index over the
+atoms in *mesh* order (as torch.distributed groups and DeviceMesh order them). A layout lists a dim's
+atoms major→minor, which can differ from mesh order (`F_yzx` after reduce-scattering x onto F_yz):
+then blocks are permuted locally before or after the collective so the data lands where the layout says.
+Every collective is followed by `wait_tensor`, as functional collectives require.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from ..ir.collective import Collective
+from ..ir.layout import Layout
+from ..ir.mesh import Mesh
+
+aten = torch.ops.aten
+c10d = torch.ops._c10d_functional
+
+
+@dataclass(frozen=True)
+class RankEnv:
+    mesh: Mesh
+    rank: int
+    group_name: Callable[[tuple[str, ...]], str]  # atoms in mesh order → registered process-group name
+
+
+def shard_tensor(t: torch.Tensor, layout: Layout, mesh: Mesh, rank: int) -> torch.Tensor:
+    """This rank's piece of a global tensor (a contiguous copy, so the full tensor can be freed)."""
+    out = t
+    for d, atoms in enumerate(layout.dims):
+        if atoms:
+            n = mesh.group_size(atoms)
+            size = t.shape[d] // n
+            out = out.narrow(d, mesh.index_in(atoms, rank) * size, size)
+    if layout.partial and mesh.index_in(mesh.mesh_order(layout.partial), rank) != 0:
+        out = torch.zeros_like(out)
+    return out.contiguous().clone()
+
+
+class _Builder:
+    def __init__(self, g: fx.Graph, tag: str):
+        self.g, self.tag = g, tag
+
+    def __call__(self, target, *args) -> fx.Node:
+        return self.g.create_node("call_function", target, args, name=self.tag)
+
+
+def lower_step(g: fx.Graph, x: fx.Node, step: Collective, local: Sequence[int], env: RankEnv) -> fx.Node:
+    """Append the ops of `step` on `x` (local shape `local`) for rank `env.rank`; returns the result."""
+    mesh = env.mesh
+    op = _Builder(g, f"{step.kind}_{''.join(step.atoms)}")
+    local = list(local)
+    chunk = list(step.atoms)
+    order = list(mesh.mesh_order(chunk))
+    G = mesh.group_size(chunk)
+    sizes_chunk = [mesh.atom(a).size for a in chunk]
+    sizes_mesh = [mesh.atom(a).size for a in order]
+    to_chunk = [order.index(a) for a in chunk]  # permutes mesh-ordered block dims into chunk order
+    to_mesh = [chunk.index(a) for a in order]
+    reorder = chunk != order
+
+    if step.kind == "slice":
+        size = local[step.dim] // G
+        y = op(aten.narrow.default, x, step.dim, mesh.index_in(chunk, env.rank) * size, size)
+        return op(aten.contiguous.default, y) if step.dim else y
+    if step.kind == "mask":
+        keep = 1.0 if mesh.index_in(chunk, env.rank) == 0 else 0.0
+        return op(aten.mul.Tensor, x, keep)
+
+    name = env.group_name(tuple(order))
+    if step.kind == "all_reduce":
+        return op(c10d.wait_tensor.default, op(c10d.all_reduce.default, op(aten.contiguous.default, x), "sum", name))
+
+    if step.kind == "all_gather":
+        d = step.dim
+        rest = local[:d] + local[d + 1 :]
+        t = op(aten.contiguous.default, op(aten.movedim.int, x, d, 0) if d else x)
+        y = op(c10d.wait_tensor.default, op(c10d.all_gather_into_tensor.default, t, G, name))
+        if reorder:
+            y = _permute_blocks(op, y, sizes_mesh, to_chunk, [local[d]] + rest)
+        return op(aten.contiguous.default, op(aten.movedim.int, y, 0, d)) if d else y
+
+    if step.kind == "reduce_scatter":
+        d = step.dim
+        rest = local[:d] + local[d + 1 :]
+        t = op(aten.movedim.int, x, d, 0) if d else x
+        if reorder:
+            t = _permute_blocks(op, t, sizes_chunk, to_mesh, [local[d] // G] + rest)
+        t = op(aten.contiguous.default, t)
+        y = op(c10d.wait_tensor.default, op(c10d.reduce_scatter_tensor.default, t, "sum", G, name))
+        return op(aten.contiguous.default, op(aten.movedim.int, y, 0, d)) if d else y
+
+    if step.kind == "all_to_all":
+        a, b = step.dim, step.dst_dim  # atoms leave dim a (it grows ×G) and join dim b (it shrinks ÷G)
+        others = [s for i, s in enumerate(local) if i != b]
+        blk = local[b] // G
+        t = op(aten.movedim.int, x, b, 0) if b else x
+        if reorder:
+            t = _permute_blocks(op, t, sizes_chunk, to_mesh, [blk] + others)
+        t = op(aten.contiguous.default, t)
+        r = op(c10d.wait_tensor.default, op(c10d.all_to_all_single.default, t, [blk] * G, [blk] * G, name))
+        r = op(aten.view.default, r, sizes_mesh + [blk] + others)
+        k = len(sizes_mesh)
+        if reorder:
+            r = op(aten.permute.default, r, to_chunk + list(range(k, k + 1 + len(others))))
+        r = op(aten.reshape.default, r, [G, blk] + others)
+        ao = a if a < b else a - 1  # position of dim a among `others`
+        perm = [1] + [2 + i for i in range(ao)] + [0] + [2 + i for i in range(ao, len(others))]
+        r = op(aten.permute.default, r, perm)
+        merged = others[:ao] + [G * others[ao]] + others[ao + 1 :]
+        r = op(aten.reshape.default, r, [blk] + merged)
+        return op(aten.contiguous.default, op(aten.movedim.int, r, 0, b)) if b else r
+
+    raise AssertionError(step.kind)
+
+
+def _permute_blocks(op, t: fx.Node, block_sizes: list[int], perm: list[int], inner: list[int]) -> fx.Node:
+    """View dim 0 as blocks of sizes `block_sizes` (major first), permute them by `perm`, flatten back."""
+    k = len(block_sizes)
+    v = op(aten.view.default, op(aten.contiguous.default, t), block_sizes + inner)
+    v = op(aten.permute.default, v, perm + list(range(k, k + len(inner))))
+    return op(aten.reshape.default, v, [math.prod(block_sizes) * inner[0]] + inner[1:])
+
+
+COLLECTIVE_OPS = {
+    c10d.all_gather_into_tensor.default: "all_gather",
+    c10d.reduce_scatter_tensor.default: "reduce_scatter",
+    c10d.all_reduce.default: "all_reduce",
+    c10d.all_to_all_single.default: "all_to_all",
+}

@@ -1,0 +1,240 @@
+"""Per-op propagation rules: given the layouts of an op's inputs, the layouts it needs and produces.
+
+A rule sees an `OpCall` (the node, its inputs' current layouts, shapes, the mesh) and returns a
+`Decision`: the layout each tensor argument must have (the propagation pass inserts the collectives
+that get it there) and the layout of the output. Rules live in a registry keyed by ATen overload that
+refuses duplicates; an op without a rule runs on replicated inputs and is reported.
+
+Rules are in `rules_shape.py` (views, slicing, joining, factories) and `rules_math.py` (pointwise,
+reductions, matmuls, attention, embedding).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+
+from ..ir.layout import Layout
+from ..ir.mesh import Mesh
+
+aten = torch.ops.aten
+
+# ------------------------------------------------------------------------------------ node meta keys
+# written by assign_layouts, read by rules
+WEIGHT = "sw_weight"  # on a param placeholder: WeightSpec
+ATTENTION = "sw_attention"  # on an sdpa node: AttentionSpec
+ANCHOR = "sw_anchor"  # on any node: the layout all its consumers must see
+# written by propagate
+LAYOUT = "sw_layout"  # the layout of the node's output (a tuple of layouts for tuple outputs)
+IN_LAYOUTS = "sw_in_layouts"  # per tensor argument (flattened), the layout the op needs
+NOTE = "sw_note"  # why an op ran replicated, when it had to
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """A weight's layout at rest (what a rank stores) and in use (what the matmul reads)."""
+
+    at_rest: Layout
+    in_use: Layout
+    fixed: bool = True  # False: the weight may adopt whatever layout its use needs (a free local slice)
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """How the attention core is split: its batch dim over `batch`, its heads over `heads`."""
+
+    batch: tuple[str, ...]
+    heads: tuple[str, ...]
+    mode: str = "heads"
+
+
+@dataclass
+class Decision:
+    inputs: dict[str, Any]  # schema argument name → Layout, or a list of Layouts for a list argument
+    output: Any  # Layout or tuple of Layouts
+    note: str | None = None
+
+
+# ------------------------------------------------------------------------------------ the op call
+@dataclass
+class OpCall:
+    node: fx.Node
+    mesh: Mesh
+    args: dict[str, Any]  # schema name → value (fx.Node, list, or constant)
+    layouts: dict[str, Any]  # schema name → Layout / list of Layouts for tensor arguments
+
+    def val(self, name: str):
+        v = self.args[name]
+        return v.meta["val"] if isinstance(v, fx.Node) else v
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.args[name].meta["val"].shape)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return tuple(self.node.meta["val"].shape)
+
+    def weight(self, name: str) -> WeightSpec | None:
+        v = self.args.get(name)
+        return v.meta.get(WEIGHT) if isinstance(v, fx.Node) else None
+
+    def tensor_args(self) -> Iterable[str]:
+        return self.layouts.keys()
+
+
+Rule = Callable[[OpCall], Decision]
+_RULES: dict[Any, Rule] = {}
+
+
+def register(*ops: Any) -> Callable[[Rule], Rule]:
+    """Register a rule for ATen overloads (or packets: every overload). Duplicates are an error."""
+
+    def deco(fn: Rule) -> Rule:
+        for op in ops:
+            targets = [getattr(op, o) for o in op.overloads()] if isinstance(op, torch._ops.OpOverloadPacket) else [op]
+            for t in targets:
+                if t in _RULES:
+                    raise KeyError(f"a propagation rule for {t} is already registered ({_RULES[t].__name__})")
+                _RULES[t] = fn
+        return fn
+
+    return deco
+
+
+def rule_for(target: Any) -> Rule | None:
+    return _RULES.get(target)
+
+
+def known_ops() -> frozenset:
+    return frozenset(_RULES)
+
+
+# ------------------------------------------------------------------------------------ schema binding
+def bind(node: fx.Node) -> dict[str, Any]:
+    """Map an ATen call's positional and keyword arguments to schema names (defaults filled in)."""
+    schema = node.target._schema
+    out: dict[str, Any] = {}
+    for i, a in enumerate(schema.arguments):
+        if i < len(node.args) and not a.kwarg_only:
+            out[a.name] = node.args[i]
+        elif a.name in node.kwargs:
+            out[a.name] = node.kwargs[a.name]
+        elif a.has_default_value():
+            out[a.name] = a.default_value
+        else:
+            out[a.name] = None
+    return out
+
+
+def tensor_positions(args: dict[str, Any]) -> dict[str, Any]:
+    """Names of the arguments holding tensors: a node, or a list with nodes (None kept in place)."""
+    out: dict[str, Any] = {}
+    for name, v in args.items():
+        if isinstance(v, fx.Node) and _is_tensor(v):
+            out[name] = v
+        elif isinstance(v, (list, tuple)) and any(isinstance(x, fx.Node) for x in v):
+            out[name] = list(v)
+    return out
+
+
+def _is_tensor(n: fx.Node) -> bool:
+    v = n.meta.get("val")
+    return isinstance(v, torch.Tensor) or (isinstance(v, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in v))
+
+
+def flatten(node: fx.Node) -> list[fx.Node]:
+    """Every tensor-valued node an op reads, in argument order, duplicates kept."""
+    out: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: out.append(n) or n)
+    return [n for n in out if _is_tensor(n)]
+
+
+# ------------------------------------------------------------------------------------ helpers for rules
+def ndim(layout: Layout) -> int:
+    return layout.ndim
+
+
+def replicated_like(layout: Layout) -> Layout:
+    return Layout.replicated(layout.ndim)
+
+
+def clear_dims(layout: Layout, dims: Iterable[int]) -> Layout:
+    out = layout
+    for d in dims:
+        out = out.with_dim(d % layout.ndim, ())
+    return out
+
+
+def drop_atoms(layout: Layout, atoms: Iterable[str]) -> Layout:
+    """Remove atoms from every dim (each from its position to the minor end, so the rest stays a prefix)."""
+    bad = set(atoms)
+    dims = []
+    for d in layout.dims:
+        keep = []
+        for a in d:
+            if a in bad:
+                break
+            keep.append(a)
+        dims.append(tuple(keep))
+    return Layout(tuple(dims), layout.partial - bad)
+
+
+def scatter_partial(layout: Layout, shape: Sequence[int], mesh: Mesh) -> Layout:
+    """Where a partial must be resolved: reduce-scatter onto an already split dim, else all-reduce.
+
+    Continuing an existing split is the paper's BLF_yz{Σx} → BLF_yzx: the next op can consume it and a
+    later all-gather restores it. Scattering onto an unsplit dim would only be gathered back at once
+    (RS + AG where one all-reduce does), so a partial with no split dim to extend is all-reduced.
+    Returns the non-partial target layout.
+    """
+    if not layout.partial:
+        return layout
+    atoms = mesh.mesh_order(layout.partial)
+    g = mesh.group_size(atoms)
+    base = layout.without_partial()
+    local = base.local_shape(shape, mesh)
+    for d in sorted((d for d in range(len(shape)) if layout.dims[d]), key=lambda d: -local[d]):
+        if local[d] % g == 0:
+            return base.with_dim(d, layout.dims[d] + tuple(atoms))
+    return base
+
+
+def longest_dividing_prefix(atoms: Sequence[str], n: int, mesh: Mesh) -> tuple[str, ...]:
+    out: list[str] = []
+    for a in atoms:
+        if n % mesh.group_size(out + [a]):
+            break
+        out.append(a)
+    return tuple(out)
+
+
+def broadcast_map(in_shape: Sequence[int], out_shape: Sequence[int]) -> list[int | None]:
+    """For each dim of an input, the output dim it aligns with, or None where it broadcasts (size 1)."""
+    off = len(out_shape) - len(in_shape)
+    return [None if (s == 1 and out_shape[i + off] != 1) else i + off for i, s in enumerate(in_shape)]
+
+
+def project(out_layout: Layout, in_shape: Sequence[int], out_shape: Sequence[int], partial=frozenset()) -> Layout:
+    """The layout an input of `in_shape` needs so that it broadcasts against an output in `out_layout`."""
+    dims = tuple(() if j is None else out_layout.dims[j] for j in broadcast_map(in_shape, out_shape))
+    return Layout(dims, frozenset(partial))
+
+
+def numel(shape: Sequence[int]) -> int:
+    return math.prod(shape)
+
+
+_loaded = False
+
+
+def load_rules() -> None:
+    """Import the rule modules (they register themselves)."""
+    global _loaded
+    if not _loaded:
+        from . import rules_math, rules_shape  # noqa: F401  (registration side effect)
+
+        _loaded = True
