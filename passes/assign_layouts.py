@@ -34,8 +34,8 @@ from .graph_utils import shape
 ASSIGNMENT = "sw_assignment"
 KINDS = {"ffn": "ffn", "attn": "attention", "attention": "attention", "embed": "embedding",
          "embedding": "embedding", "head": "head"}
-DEFAULTS = {"ffn": "ws1d", "attention": "heads", "embedding": "E", "head": "vocab"}
-EMBED_MODES = ("E", "vocab")
+DEFAULTS = {"ffn": "ws1d", "attention": "heads", "embedding": "auto", "head": "vocab"}
+EMBED_MODES = ("auto", "E", "vocab")
 
 
 @dataclass
@@ -105,6 +105,8 @@ def assign_layouts(gm: fx.GraphModule, mesh: Mesh, choices: dict[str, str]) -> f
     table_specs: dict[str, WeightSpec] = {}
     for layer in layers.by_kind("embedding"):
         mode = choices.get(layer.name, DEFAULTS["embedding"])
+        if mode == "auto" and layer is not layers.by_kind("embedding")[0]:
+            mode = "E"  # position tables are small and added to the token rows: keep them as the residual
         ph = nodes[layer.params["table"]]
         ph.meta[WEIGHT] = table_specs[ph.name] = _table_spec(layer, mode, first, mesh)
     last = members.get(len(layers.blocks) - 1, first)
@@ -171,6 +173,10 @@ def _assign_attention(layer: Layer, member: FFNLayout, mode: str, mesh: Mesh, no
 def _table_spec(layer: Layer, mode: str, member: FFNLayout, mesh: Mesh) -> WeightSpec:
     b, e, f = member.atoms(mesh)
     V, E = layer.dims["V"], layer.dims["E"]
+    if mode == "auto":
+        # split E when no axis plays batch (the lookup lands in the residual layout, no communication);
+        # else split the vocabulary over every chip, so the table is not replicated over batch axes
+        mode = "vocab" if b and V % mesh.group_size(b + e + f) == 0 else "E"
     if mode == "vocab":
         atoms = mesh.mesh_order(b + e + f)
         require_divides("the vocabulary (V)", V, atoms, mesh, f"embed=vocab for {layer.name}")

@@ -1,6 +1,7 @@
 """canonicalize: rewrite the captured graph into the forms the layout rules handle best.
 
-- drops `_assert_tensor_metadata` nodes (dtype/device checks of the global tensors);
+- drops `_assert_tensor_metadata` nodes (dtype/device checks of the global tensors) and weights no op
+  reads (the second name of a tied weight);
 - decomposes `layer_norm` / `rms_norm` into mean, rsqrt and pointwise ops, so a norm over a split E
   costs a tiny all-reduce of the statistics rather than a gather of the activations;
 - unfuses projections whose output is immediately split along features (GPT-2's `c_attn` computes
@@ -37,9 +38,19 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op == "call_function" and node.target in _MATMULS:
             _unfuse(gm, node, mode)
     gm.graph.eliminate_dead_code()
+    _drop_unused_weights(gm)
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _drop_unused_weights(gm: fx.GraphModule) -> None:
+    """A weight no op reads (the alias of a tied weight) is neither planned nor emitted."""
+    sig = signature(gm)
+    for node in list(gm.graph.nodes):
+        if node.op == "placeholder" and node.name in sig.params and not node.users:
+            del sig.params[node.name]
+            gm.graph.erase_node(node)
 
 
 # ------------------------------------------------------------------------------------ norms

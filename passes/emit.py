@@ -23,7 +23,8 @@ import torch.nn as nn
 
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
-from ..runtime.lower import RankEnv, lower_step, shard_tensor
+from ..runtime.lower import RankEnv, lower_step
+from ..runtime.weights import StateSource, WeightSource, shard_index
 from ..strategies.rules import LAYOUT
 from .graph_utils import STATE, signature
 from .insert_collectives import COLLECTIVE, REDISTRIBUTE_OPS
@@ -55,13 +56,18 @@ def emit(
     rank: int,
     *,
     group_name: Callable[[tuple[str, ...]], str],
-    weights: Callable[[str], torch.Tensor] | None = None,
+    weights: WeightSource | None = None,
+    device: torch.device | str | None = None,
 ) -> fx.GraphModule:
-    """Build rank `rank`'s program: a GraphModule whose forward takes the flat user inputs."""
+    """Build rank `rank`'s program: a GraphModule whose forward takes the flat user inputs.
+
+    Weights are read slice by slice from `weights` (default: the tensors captured with the model).
+    `device`: where the program runs, when it differs from where the model was captured (a capture on
+    the meta device bakes `device="meta"` into factory and `.to` calls; those are rewritten).
+    """
     sig = signature(gm)
-    state = gm.meta[STATE]
-    load = weights or state.__getitem__
-    env = RankEnv(mesh, rank, group_name)
+    source = weights or StateSource(gm.meta[STATE])
+    env = RankEnv(mesh, rank, group_name, torch.device(device) if device is not None else None)
     root = nn.Module()
     g = fx.Graph()
     vals: dict[fx.Node, fx.Node] = {}
@@ -71,7 +77,10 @@ def emit(
                 key = sig.params[node.name]
                 attr = _attr_name(key)
                 layout = node.meta.get(LAYOUT) or Layout.replicated(node.meta["val"].ndim)
-                local = shard_tensor(load(key), layout, mesh, rank)
+                index = shard_index(tuple(node.meta["val"].shape), layout, mesh, rank)
+                local = source.read(key, index).contiguous().clone()
+                if env.device is not None:
+                    local = local.to(env.device)
                 if key in sig.buffers:
                     root.register_buffer(attr, local)
                 else:
@@ -100,6 +109,10 @@ def _lower(g: fx.Graph, node: fx.Node, vals: dict, env: RankEnv) -> fx.Node:
         src = node.args[0]
         return lower_step(g, vals[src], node.meta[COLLECTIVE], local_shape(src, mesh), env)
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), vals.__getitem__)
+    if env.device is not None:
+        args, kwargs = fx.node.map_aggregate(
+            (args, kwargs), lambda a: env.device if isinstance(a, torch.device) else a
+        )
     if node.target is operator.getitem:
         return g.call_function(operator.getitem, args)
     target = node.target

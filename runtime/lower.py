@@ -29,16 +29,14 @@ class RankEnv:
     mesh: Mesh
     rank: int
     group_name: Callable[[tuple[str, ...]], str]  # atoms in mesh order → registered process-group name
+    device: torch.device | None = None  # where the program runs, if not where it was captured
 
 
 def shard_tensor(t: torch.Tensor, layout: Layout, mesh: Mesh, rank: int) -> torch.Tensor:
     """This rank's piece of a global tensor (a contiguous copy, so the full tensor can be freed)."""
-    out = t
-    for d, atoms in enumerate(layout.dims):
-        if atoms:
-            n = mesh.group_size(atoms)
-            size = t.shape[d] // n
-            out = out.narrow(d, mesh.index_in(atoms, rank) * size, size)
+    from .weights import shard_index
+
+    out = t[shard_index(tuple(t.shape), layout, mesh, rank)]
     if layout.partial and mesh.index_in(mesh.mesh_order(layout.partial), rank) != 0:
         out = torch.zeros_like(out)
     return out.contiguous().clone()

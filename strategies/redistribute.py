@@ -6,9 +6,9 @@ the graph, and the cost model charges exactly these bytes.
 The rules of DESIGN.md, applied one atom group at a time (greedy, cheapest kind first):
   partial → a dim that wants the atoms next          reduce-scatter
   atoms leave one dim and are wanted next by another  all-to-all
+  replicated → sharded                                local slice (free, so as early as possible)
   partial → nowhere                                   all-reduce (while the tensor is smallest)
   atoms leave a dim                                   all-gather (minor atoms first)
-  replicated → sharded                                local slice (free)
   replicated → partial                                local mask (free: one rank keeps the value)
 Atoms on a dim are major→minor, so only a minor suffix can leave a dim without reordering data.
 """
@@ -93,11 +93,19 @@ def _next_step(s: _State, dst: Layout, mesh: Mesh) -> tuple:
             for k in range(len(leaving), 0, -1):
                 if tuple(leaving[-k:]) == tuple(nxt[:k]):
                     return ("all_to_all", tuple(leaving[-k:]), a, b)
-    # 3. all-reduce pending partial atoms no dim wants (now, while the tensor is smallest)
+    # 3. local slice: atoms a dim wants next that are free (always part of the result, and it may open
+    #    an all-to-all: B → B_x makes B_x L H_y → B_xy L H a move instead of a gather)
+    used = s.used
+    for d, cur in enumerate(s.dims):
+        if _is_prefix(cur, dst.dims[d]):
+            run = _run(dst.dims[d][len(cur) :], lambda a: a not in used and a not in s.partial)
+            if run:
+                return ("slice", run, d, None)
+    # 4. all-reduce pending partial atoms no dim wants (now, while the tensor is smallest)
     unwanted = [a for a in pending if a not in wanted]
     if unwanted:
         return ("all_reduce", mesh.mesh_order(unwanted), None, None)
-    # 4. all-gather atoms that must leave a dim, minor first
+    # 5. all-gather atoms that must leave a dim, minor first
     for a, cur in enumerate(s.dims):
         leaving = cur[_common_prefix(cur, dst.dims[a]) :]
         if not leaving:
@@ -106,13 +114,6 @@ def _next_step(s: _State, dst: Layout, mesh: Mesh) -> tuple:
         while k < len(leaving) and leaving[len(leaving) - 1 - k] not in wanted:
             k += 1
         return ("all_gather", tuple(leaving[len(leaving) - max(k, 1) :]), a, None)
-    # 5. local slice: atoms a dim wants next that are free
-    used = s.used
-    for d, cur in enumerate(s.dims):
-        if _is_prefix(cur, dst.dims[d]):
-            run = _run(dst.dims[d][len(cur) :], lambda a: a not in used and a not in s.partial)
-            if run:
-                return ("slice", run, d, None)
     # 6. local mask: become partial over free atoms
     new_partial = [a for a in dst.partial if a not in s.partial and a not in used]
     if new_partial:

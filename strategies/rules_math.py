@@ -71,7 +71,10 @@ def _kept_partial(c: OpCall, names: list[str]) -> tuple[frozenset[str], str | No
     if pkt in _MULTIPLICATIVE:
         carriers = [n for n in names if parts[n]]
         if len(carriers) == 1 and (pkt is aten.mul or carriers[0] == "self"):
-            return parts[carriers[0]], carriers[0]
+            p = parts[carriers[0]]
+            # the other factors must be whole along the partial's atoms, else the sum can't be deferred
+            if not any(ls[n].used & p for n in names if n != carriers[0]):
+                return p, carriers[0]
     return frozenset(), None
 
 

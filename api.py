@@ -1,0 +1,271 @@
+"""Public entry points: plan, simulate, verify (and Program, what a Plan emits from).
+
+    >>> import shardwise, torch
+    >>> model = shardwise.models.build_model("llama-tiny")
+    >>> ids = torch.randint(0, 256, (8, 16))
+    >>> plan = shardwise.plan(model, (ids,), {"use_cache": False}, mesh="1x1x4", layouts="ffn=ws1d,attn=heads")
+    >>> print(plan.summary())                       # per layer: layout, weights, collectives
+    >>> logits = shardwise.simulate(plan, (ids,), {"use_cache": False})   # all 4 ranks in this process
+    >>> shardwise.verify(model, (ids,), {"use_cache": False}, mesh="1x1x4").max_abs_diff
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.fx._pytree as fx_pytree
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .errors import ShardwiseError
+from .ir.layout import Layout
+from .ir.mesh import Mesh
+from .ir.plan import Plan
+from .models import presets
+from .passes.assign_layouts import ASSIGNMENT, assign_layouts, parse_layouts, resolve
+from .passes.canonicalize import canonicalize
+from .passes.capture import capture
+from .passes.emit import emit
+from .passes.find_layers import LAYERS, find_layers
+from .passes.graph_utils import SIGNATURE, signature
+from .passes.insert_collectives import insert_collectives
+from .passes.pipeline import Pass, run_pipeline
+from .passes.propagate import IO_LAYOUTS, UNKNOWN, propagate
+from .passes.summarize import replicated_weights, summarize
+from .runtime.lower import shard_tensor
+from .runtime.simulate import Trace, run_lockstep, sim_group_name
+
+
+# ------------------------------------------------------------------------------------ the program
+class ShardedModule(nn.Module):
+    """One rank's program behind the original call signature: same inputs, same outputs."""
+
+    def __init__(self, program: fx.GraphModule, in_spec, out_spec, input_layouts: dict[int, Layout], mesh: Mesh, rank: int):
+        super().__init__()
+        self.program = program
+        self.in_spec, self.out_spec = in_spec, out_spec
+        self.input_layouts, self.mesh, self.rank = input_layouts, mesh, rank
+
+    def forward(self, *args, **kwargs):
+        flat = fx_pytree.tree_flatten_spec((args, kwargs), self.in_spec)
+        return tree_unflatten(list(self.program(*flat)), self.out_spec)
+
+
+class Program:
+    """The planned global-view graph: emits rank programs and runs all of them in one process."""
+
+    def __init__(self, gm: fx.GraphModule, mesh: Mesh):
+        self.gm, self.mesh = gm, mesh
+        self.sig = signature(gm)
+
+    def emit(self, rank: int, *, group_name: Callable | None = None, weights=None, device=None) -> ShardedModule:
+        """Rank `rank`'s program; by default on the real process groups of the current world."""
+        if group_name is None:
+            from .runtime.distributed import mesh_groups
+
+            group_name = mesh_groups(self.mesh)
+        prog = emit(self.gm, self.mesh, rank, group_name=group_name, weights=weights, device=device)
+        return ShardedModule(prog, self.sig.in_spec, self.sig.out_spec, self.input_layouts(), self.mesh, rank)
+
+    def input_layouts(self) -> dict[int, Layout]:
+        io = self.gm.meta.get(IO_LAYOUTS, {})
+        return {i: io[name] for i, name in enumerate(self.sig.inputs) if name in io}
+
+    def flat_inputs(self, args: tuple, kwargs: dict | None) -> list[Any]:
+        try:
+            return list(fx_pytree.tree_flatten_spec((tuple(args), dict(kwargs or {})), self.sig.in_spec))
+        except Exception as e:
+            raise ShardwiseError(f"inputs do not match the captured call ({self.sig.in_spec}): {e}") from None
+
+    def simulate(self, args: tuple, kwargs: dict | None = None, *, trace: Trace | None = None) -> Any:
+        flat = self.flat_inputs(args, kwargs)
+        layouts = self.input_layouts()
+        programs = [emit(self.gm, self.mesh, r, group_name=sim_group_name) for r in range(self.mesh.size)]
+        inputs = [
+            [shard_tensor(x, layouts[i], self.mesh, r) if i in layouts else x for i, x in enumerate(flat)]
+            for r in range(self.mesh.size)
+        ]
+        outs = run_lockstep(programs, inputs, self.mesh, trace=trace)
+        return tree_unflatten(list(_agree(outs)), self.sig.out_spec)
+
+
+def _agree(outs: list) -> list:
+    """Replicated outputs must be identical on every rank; a difference is a bug, never averaged away."""
+    first = outs[0]
+    for r, o in enumerate(outs[1:], 1):
+        for a, b in zip(first, o):
+            if isinstance(a, torch.Tensor) and not torch.equal(a, b):
+                raise RuntimeError(f"rank {r} returned a different output from rank 0 for a replicated output")
+    return first
+
+
+# ------------------------------------------------------------------------------------ plan
+def _model_and_inputs(model, args, kwargs, batch: int, seq: int):
+    if isinstance(model, str):
+        name = model
+        model = presets.build_model(name)
+        if args is None:
+            args, kwargs = presets.example_inputs(model, batch, seq)
+        return model, tuple(args), dict(kwargs or {}), name
+    if args is None:
+        raise ShardwiseError("plan(model, args, ...): example inputs are needed to capture a model object")
+    args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
+    return model, args, dict(kwargs or {}), type(model).__name__
+
+
+def capture_program(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+    gm = capture(model, args, kwargs)
+    return run_pipeline(gm, [
+        Pass("canonicalize", canonicalize, needs=(SIGNATURE,)),
+        Pass("find_layers", find_layers, needs=(SIGNATURE,), makes=(LAYERS,)),
+    ])
+
+
+def plan(
+    model: nn.Module | str,
+    args: tuple | None = None,
+    kwargs: dict | None = None,
+    *,
+    mesh: Mesh | str,
+    hardware: str = "tpu-v4",
+    phase: str = "prefill",
+    layouts: str | dict | None = None,
+    batch: int = 8,
+    seq: int = 16,
+) -> Plan:
+    """Capture `model(*args, **kwargs)`, apply the requested layouts on `mesh`, insert the collectives.
+
+    `layouts` maps layer kinds (or layer names) to layouts, e.g. {"ffn": "ws2d", "attn": "batch"} or
+    the CLI's "ffn=ws2d,attn=batch"; unset kinds use ws1d feed-forward and head-sharded attention.
+    `model` may be a preset name; then `batch` and `seq` size its example inputs.
+    """
+    mesh = Mesh.parse(mesh)
+    request = parse_layouts(layouts)
+    model, args, kwargs, name = _model_and_inputs(model, args, kwargs, batch, seq)
+    gm = capture_program(model, args, kwargs)
+    return plan_captured(gm, mesh, request, model=name, hardware=hardware, phase=phase)
+
+
+def plan_captured(gm: fx.GraphModule, mesh: Mesh, request: dict[str, str], *, model: str, hardware: str,
+                  phase: str, io_layouts: dict[str, Layout] | None = None) -> Plan:
+    if io_layouts:
+        gm.meta[IO_LAYOUTS] = dict(io_layouts)
+    choices = resolve(gm.meta[LAYERS], request)
+    gm = run_pipeline(gm, [
+        Pass("assign_layouts", lambda g: assign_layouts(g, mesh, choices), needs=(LAYERS,), makes=(ASSIGNMENT,)),
+        Pass("propagate", lambda g: propagate(g, mesh), needs=(ASSIGNMENT,), makes=(UNKNOWN,)),
+        Pass("insert_collectives", lambda g: insert_collectives(g, mesh), needs=(UNKNOWN,)),
+    ])
+    result = summarize(gm, mesh, model=model, hardware=hardware, phase=phase)
+    result.settings["layouts"] = dict(request)
+    result.memory["replicated"] = [list(r) for r in replicated_weights(gm, mesh)]
+    result.program = Program(gm, mesh)
+    return result
+
+
+# ------------------------------------------------------------------------------------ run and check
+def simulate(plan: Plan, args: tuple, kwargs: dict | None = None) -> Any:
+    """Run every rank of `plan` in this process (collectives computed across ranks); rank 0's output."""
+    if plan.program is None:
+        raise ShardwiseError("this Plan has no program (it was loaded from JSON): re-plan to simulate")
+    return plan.program.simulate(tuple(args), kwargs)
+
+
+@dataclass
+class VerifyReport:
+    model: str
+    mesh: str
+    layouts: dict[str, str]
+    max_abs_diff: float
+    atol: float
+    ranks: str  # "simulated" or "gloo" / "nccl"
+    param_bytes_per_rank: list[int] = field(default_factory=list)
+    param_bytes_total: int = 0
+    replicated: list[list] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.atol
+
+    def __str__(self) -> str:
+        verdict = "OK" if self.ok else "FAILED"
+        lines = [
+            f"{verdict}: {self.model} on mesh {self.mesh} ({self.ranks} ranks), layouts {self.layouts or 'default'}",
+            f"  max |sharded − unsharded| = {self.max_abs_diff:.3e}  (bound {self.atol:.0e})",
+        ]
+        if self.param_bytes_per_rank:
+            per = self.param_bytes_per_rank
+            lines.append(f"  parameter bytes per rank: {', '.join(f'{b:,}' for b in per)} of {self.param_bytes_total:,} "
+                         f"total ({per[0] / max(1, self.param_bytes_total):.3f} of the model per rank)")
+        for key, extra, factor in self.replicated[:6]:
+            lines.append(f"    replicated ×{factor}: {key} (+{extra:,.0f} B per rank)")
+        return "\n".join(lines)
+
+
+def max_abs_diff(got: Any, want: Any) -> float:
+    g, _ = tree_flatten(got)
+    w, _ = tree_flatten(want)
+    g = [t for t in g if isinstance(t, torch.Tensor)]
+    w = [t for t in w if isinstance(t, torch.Tensor)]
+    if len(g) != len(w):
+        raise ShardwiseError(f"the sharded program returned {len(g)} tensors, the model {len(w)}")
+    return max((float((a.float() - b.float()).abs().max()) for a, b in zip(g, w) if a.numel()), default=0.0)
+
+
+def verify(
+    model: nn.Module | str,
+    args: tuple | None = None,
+    kwargs: dict | None = None,
+    *,
+    mesh: Mesh | str,
+    layouts: str | dict | None = None,
+    atol: float = 1e-5,
+    batch: int = 8,
+    seq: int = 16,
+    nproc: int | None = None,
+) -> VerifyReport:
+    """Plan, run all ranks, and compare with `model(*args, **kwargs)` run unsharded.
+
+    Ranks are simulated in this process, or, with `nproc`, launched as real torch.distributed processes
+    (torchrun on loopback; `model` must then be a preset name, so each worker can rebuild it on meta).
+    """
+    mesh = Mesh.parse(mesh)
+    if nproc is not None:
+        return _verify_real(model, args, kwargs, mesh=mesh, layouts=layouts, atol=atol, batch=batch, seq=seq,
+                            nproc=nproc)
+    model, args, kwargs, name = _model_and_inputs(model, args, kwargs, batch, seq)
+    p = plan(model, args, kwargs, mesh=mesh, layouts=layouts)
+    with torch.no_grad():
+        want = model(*args, **kwargs)
+        got = simulate(p, args, kwargs)
+    per_rank = [sum(t.numel() * t.element_size() for t in p.program.emit(r, group_name=sim_group_name).state_dict().values())
+                for r in range(mesh.size)]
+    return VerifyReport(name, str(mesh), p.settings["layouts"], max_abs_diff(got, want), atol, "simulated",
+                        per_rank, _model_bytes(model), p.memory.get("replicated", []))
+
+
+def _model_bytes(model: nn.Module) -> int:
+    unique = {t.data_ptr(): t for t in model.state_dict().values()}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def _verify_real(model, args, kwargs, *, mesh: Mesh, layouts, atol, batch, seq, nproc) -> VerifyReport:
+    from .errors import MeshError
+    from .runtime.launch import run_real
+
+    if not isinstance(model, str):
+        raise ShardwiseError("verify(..., nproc=N) launches fresh processes: pass a preset name as the model")
+    if nproc != mesh.size:
+        raise MeshError(f"mesh {mesh} has {mesh.size} chips but --nproc is {nproc}: they must be equal")
+    name = model
+    model, args, kwargs, _ = _model_and_inputs(model, args, kwargs, batch, seq)
+    p = plan(model, args, kwargs, mesh=mesh, layouts=layouts)
+    state = p.program.gm.meta["sw_state"]
+    with torch.no_grad():
+        want = model(*args, **kwargs)
+    run = run_real(model=name, mesh=str(mesh), layouts=layouts, args=args, kwargs=kwargs, state=state, nproc=nproc)
+    return VerifyReport(name, str(mesh), p.settings["layouts"], max_abs_diff(run.output, want), atol, run.backend,
+                        run.param_bytes, _model_bytes(model), p.memory.get("replicated", []))

@@ -1,0 +1,171 @@
+"""summarize: the Plan record of an annotated global-view graph (what `inspect` prints).
+
+A collective belongs to the layer that produced its input when that is a layer's op (the output
+reduce-scatter of a feed-forward layer), else to the first layer that consumes it (the input
+all-gather, the norm statistics, the weight all-gather of a weight-gathered layout).
+
+Reads `sw_layers`, `sw_assignment`, `sw_layout`, `sw_collective`, `sw_weight`, `sw_unknown_ops`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import torch
+import torch.fx as fx
+
+from ..ir.layout import Layout
+from ..ir.mesh import Mesh
+from ..ir.plan import CollectiveRecord, LayerPlan, Plan
+from ..strategies.rules import LAYOUT, WEIGHT
+from .assign_layouts import ASSIGNMENT
+from .find_layers import LAYERS, Layer, Layers
+from .graph_utils import module_path, signature
+from .insert_collectives import COLLECTIVE, collectives
+from .propagate import UNKNOWN
+
+_PRIORITY = ["B", "L", "H", "K", "E", "F", "D", "V", "S"]
+
+
+def dim_names(shape, dims: dict[str, int]) -> list[str]:
+    """Paper letters for a tensor's dims, matched by size (B first, then L, heads, ...)."""
+    out: list[str] = []
+    used: set[str] = set()
+    composite = {f"({a}D)": dims[a] * dims["D"] for a in ("H", "K") if a in dims and "D" in dims}
+    for i, s in enumerate(shape):
+        cands = [k for k in _PRIORITY if dims.get(k) == s and k not in used]
+        if i != 0 and "B" in cands and len(cands) > 1:
+            cands.remove("B")
+        cands += [k for k, v in composite.items() if v == s and k not in used]
+        name = cands[0] if cands else ("1" if s == 1 else "·")
+        used.add(name)
+        out.append(name)
+    return out
+
+
+def summarize(gm: fx.GraphModule, mesh: Mesh, *, model: str, hardware: str, phase: str) -> Plan:
+    layers: Layers = gm.meta[LAYERS]
+    assignment = gm.meta[ASSIGNMENT]
+    nodes = {n.name: n for n in gm.graph.nodes}
+    dims = dict(layers.dims)
+    owner = _owners(gm, layers)
+    rows: dict[str, LayerPlan] = {}
+    for l in layers.layers:
+        ldims = {**dims, **l.dims}
+        rows[l.name] = LayerPlan(
+            name=l.name, kind=l.kind, block=l.block, layout=assignment.choices.get(l.name, "-"), dims=dict(l.dims),
+            weights=_weights(l, nodes, mesh, ldims), notes=list(assignment.notes.get(l.name, [])),
+        )
+    rows["output"] = LayerPlan(name="output", kind="output", block=None, layout="replicated")
+    params = signature(gm).params
+    for node, step in collectives(gm):
+        if not step.communicates:
+            continue
+        row = rows[owner.get(node.name, "output")]
+        ldims = {**dims, **row.dims}
+        names = dim_names(tuple(node.meta["val"].shape), ldims)
+        src = _source(node)
+        row.collectives.append(CollectiveRecord(
+            node=node.name, kind=step.kind, group=mesh.format_atoms(step.atoms),
+            src=step.src.notation(mesh, names), dst=step.dst.notation(mesh, names), bytes=step.bytes,
+            wire_bytes=step.wire_bytes, axes=list(step.axes), weight=src.op == "placeholder" and src.name in params,
+        ))
+    plan_layers = [r for r in rows.values() if r.kind != "output" or r.collectives]
+    unknown = [{"node": u.node, "target": u.target, "module": u.module} for u in gm.meta.get(UNKNOWN, [])]
+    return Plan(model=model, mesh=mesh, hardware=hardware, phase=phase, batch=dims.get("B", 0), seq=dims.get("L", 0),
+                layers=plan_layers, unknown_ops=unknown, memory=weight_memory(gm, mesh))
+
+
+_ROLE_DIMS = {  # (out, in) names of each projection's weight
+    "q": ("(HD)", "E"), "k": ("(KD)", "E"), "v": ("(KD)", "E"), "o": ("E", "(HD)"),
+    "w_in": ("F", "E"), "w_gate": ("F", "E"), "w_out": ("E", "F"), "w": ("V", "E"),
+}
+
+
+def _weights(l: Layer, nodes, mesh: Mesh, dims) -> dict[str, dict[str, str]]:
+    out = {}
+    entries = [(role, p.weight, p.rows_out) for role, p in l.projections.items()]
+    entries += [(role, name, True) for role, name in l.params.items()]  # embedding tables are [V, E]
+    for role, name, rows_out in entries:
+        ph = nodes.get(name)
+        if ph is None or WEIGHT not in ph.meta:
+            continue
+        spec = ph.meta[WEIGHT]
+        o, i = _ROLE_DIMS.get(role, ("V", "E"))
+        names = [o, i] if rows_out else [i, o]
+        out[role] = {"at_rest": spec.at_rest.notation(mesh, names), "in_use": spec.in_use.notation(mesh, names)}
+    return out
+
+
+def _source(node: fx.Node) -> fx.Node:
+    while COLLECTIVE in node.meta:
+        node = node.args[0]
+    return node
+
+
+def _owners(gm: fx.GraphModule, layers: Layers) -> dict[str, str]:
+    """Collective node → the layer it belongs to (see module doc)."""
+    names = sorted((l.name for l in layers.layers), key=len, reverse=True)
+
+    def layer_of(n: fx.Node) -> str | None:
+        path = module_path(n)
+        return next((l for l in names if path == l or path.startswith(l + ".")), None)
+
+    out: dict[str, str] = {}
+    for node, _ in collectives(gm):
+        src = _source(node)
+        owner = layer_of(src) if src.op == "call_function" else None
+        if owner is None:
+            owner = _first_consumer_layer(node, layer_of)
+        if owner is not None:
+            out[node.name] = owner
+    return out
+
+
+def _first_consumer_layer(node: fx.Node, layer_of) -> str | None:
+    q, seen = deque([node]), {node.name}
+    while q:
+        n = q.popleft()
+        for u in n.users:
+            if u.op == "output":
+                continue
+            if COLLECTIVE not in u.meta and (owner := layer_of(u)):
+                return owner
+            if u.name not in seen:
+                seen.add(u.name)
+                q.append(u)
+    return None
+
+
+def weight_memory(gm: fx.GraphModule, mesh: Mesh, *, itemsize: int | None = None) -> dict[str, float]:
+    """Bytes a rank stores: all weights, the ideal 1/n share, and what is replicated beyond it."""
+    sig = signature(gm)
+    total = local = replicated = 0.0
+    for node in gm.graph.nodes:
+        if node.op != "placeholder" or node.name not in sig.params:
+            continue
+        v = node.meta["val"]
+        size = itemsize or v.element_size()
+        layout = node.meta.get(LAYOUT) or Layout.replicated(v.ndim)
+        full = math.prod(v.shape) * size
+        mine = math.prod(layout.local_shape(tuple(v.shape), mesh)) * size
+        total += full
+        local += mine
+        replicated += mine - full / mesh.size
+    return {"weights_total": total, "weights_per_chip": local, "replicated_per_chip": replicated}
+
+
+def replicated_weights(gm: fx.GraphModule, mesh: Mesh) -> list[tuple[str, float, int]]:
+    """(state key, bytes per rank beyond the 1/n share, replication factor) of every weight not split n ways."""
+    sig = signature(gm)
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.name in sig.params and isinstance(node.meta.get("val"), torch.Tensor):
+            v = node.meta["val"]
+            layout = node.meta.get(LAYOUT) or Layout.replicated(v.ndim)
+            factor = mesh.size // mesh.group_size(layout.used)
+            if factor > 1:
+                mine = math.prod(layout.local_shape(tuple(v.shape), mesh)) * v.element_size()
+                out.append((sig.params[node.name], mine - mine / factor, factor))
+    return out
