@@ -117,7 +117,11 @@ def _model_and_inputs(model, args, kwargs, batch: int, seq: int):
 
 
 def capture_program(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
-    gm = capture(model, args, kwargs)
+    """capture, canonicalize and find_layers: the graph every plan of this model starts from."""
+    return prepare(capture(model, args, kwargs))
+
+
+def prepare(gm: fx.GraphModule) -> fx.GraphModule:
     return run_pipeline(gm, [
         Pass("canonicalize", canonicalize, needs=(SIGNATURE,)),
         Pass("find_layers", find_layers, needs=(SIGNATURE,), makes=(LAYERS,)),

@@ -1,0 +1,122 @@
+"""The `shardwise` command line: inspect, verify, demo.
+
+    shardwise inspect palm-540b --mesh 4x4x4 --batch 512 --seq 2048
+    shardwise inspect llama-tiny --mesh 2x2x1 --layouts ffn=ws2d,attn=batch --graph
+    shardwise verify llama-tiny --mesh 1x1x4 [--nproc 4]
+    shardwise demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .errors import ShardwiseError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a preset: " + ", ".join(_preset_names()))
+    p.add_argument("--mesh", required=True, help="logical mesh XxYxZ, e.g. 1x1x4 or 4x4x4")
+    p.add_argument("--layouts", default=None, help="force layouts per layer kind, e.g. ffn=ws2d,attn=batch")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=16)
+
+
+def _preset_names() -> list[str]:
+    from .models.presets import PRESETS
+
+    return list(PRESETS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shardwise", description="Sharding-aware compiler pass for PyTorch inference.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="plan a model and print the per-layer layouts and collectives")
+    _common(p)
+    p.add_argument("--phase", choices=("prefill", "decode"), default="prefill")
+    p.add_argument("--hardware", default="tpu-v4")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--graph", action="store_true", help="also print the annotated global-view graph")
+
+    p = sub.add_parser("verify", help="check a plan's numbers against the unsharded model")
+    _common(p)
+    p.add_argument("--nproc", type=int, default=None, help="run on N real gloo ranks (torchrun on loopback)")
+    p.add_argument("--atol", type=float, default=1e-5)
+
+    sub.add_parser("demo", help="plan llama-tiny for 4 ranks, run it on 4 real ranks, check the numbers")
+
+    args = parser.parse_args(argv)
+    try:
+        return {"inspect": _inspect, "verify": _verify, "demo": _demo}[args.command](args)
+    except ShardwiseError as e:
+        print(f"shardwise: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _inspect(a) -> int:
+    from . import api
+
+    t0 = time.perf_counter()
+    plan = api.plan(a.model, mesh=a.mesh, layouts=a.layouts, batch=a.batch, seq=a.seq, hardware=a.hardware,
+                    phase=a.phase)
+    took = time.perf_counter() - t0
+    if a.format == "json":
+        print(plan.to_json())
+        return 0
+    print(plan.summary())
+    print(f"\nplanned in {took:.2f} s")
+    if a.graph:
+        from .passes.report import format_graph
+
+        print("\n" + format_graph(plan.program.gm, plan.mesh))
+    return 0
+
+
+def _verify(a) -> int:
+    from . import api
+
+    report = api.verify(a.model, mesh=a.mesh, layouts=a.layouts, batch=a.batch, seq=a.seq, nproc=a.nproc, atol=a.atol)
+    print(report)
+    return 0 if report.ok else 1
+
+
+def _demo(a) -> int:
+    import torch
+
+    from . import api
+    from .models import build_model, example_inputs
+    from .runtime.launch import run_real
+
+    t0 = time.perf_counter()
+    model_name, mesh, nproc = "llama-tiny", "1x1x4", 4
+    model = build_model(model_name)
+    args, kwargs = example_inputs(model, 8, 16)
+    print(f"== 1. plan {model_name} (8 heads, 2 KV heads) for {nproc} ranks, mesh {mesh}\n")
+    plan = api.plan(model, args, kwargs, mesh=mesh)
+    print(plan.summary())
+    print(f"\n== 2. run {nproc} real ranks (torchrun, gloo on 127.0.0.1): each captures the model on the meta "
+          f"device,\n      emits its program and reads only its shards from a safetensors file")
+    run = run_real(model=model_name, mesh=mesh, layouts=None, args=args, kwargs=kwargs,
+                   state=plan.program.gm.meta["sw_state"], nproc=nproc)
+    with torch.no_grad():
+        want = model(*args, **kwargs)
+    diff = api.max_abs_diff(run.output, want)
+    total = api._model_bytes(model)
+    print(f"\n== 3. numerics: max |sharded − unsharded| = {diff:.3e} over the logits "
+          f"({'OK' if diff <= 1e-5 else 'FAILED'}, bound 1e-5 in float32)")
+    print("== 4. parameter bytes each rank holds:")
+    for r, b in enumerate(run.param_bytes):
+        print(f"      rank {r}: {b:>9,} B  ({b / total:.3f} of the model's {total:,} B)")
+    rep = plan.memory.get("replicated", [])
+    if rep:
+        extra = sum(r[1] for r in rep)
+        print(f"      beyond 1/{nproc}: {extra:,.0f} B per rank replicated (KV heads ×2, RoPE tables)")
+    print(f"\ndone in {time.perf_counter() - t0:.1f} s")
+    return 0 if diff <= 1e-5 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
