@@ -124,8 +124,10 @@ class Plan:
 
     # ------------------------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("program", None)
+        from dataclasses import replace
+
+        d = asdict(replace(self, program=None))  # the attached program is not data: never copy it
+        d.pop("program")
         d["mesh"] = str(self.mesh)
         return d
 

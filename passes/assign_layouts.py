@@ -98,6 +98,9 @@ def assign_layouts(gm: fx.GraphModule, mesh: Mesh, choices: dict[str, str]) -> f
         anchor.meta[ANCHOR] = _residual_for(anchor, member, mesh, block.name)
         if block.ffn:
             _assign_ffn(block.ffn, member, mesh, nodes)
+            if block.parallel and block.attention:
+                notes[block.ffn.name] = ["parallel block: shares one input all-gather and one output "
+                                         "reduce-scatter with attention (listed there)"]
         if block.attention:
             mode = choices.get(block.attention.name, DEFAULTS["attention"])
             notes[block.attention.name] = _assign_attention(block.attention, member, mode, mesh, nodes)

@@ -3,7 +3,8 @@
 - drops `_assert_tensor_metadata` nodes (dtype/device checks of the global tensors) and weights no op
   reads (the second name of a tied weight);
 - decomposes `layer_norm` / `rms_norm` into mean, rsqrt and pointwise ops, so a norm over a split E
-  costs a tiny all-reduce of the statistics rather than a gather of the activations;
+  costs a tiny all-reduce of the statistics rather than a gather of the activations (emit fuses it
+  back where E turns out whole: `sw_fused_norm` on the decomposition's last node);
 - unfuses projections whose output is immediately split along features (GPT-2's `c_attn` computes
   q, k and v with one [E, 3E] matmul): each piece becomes its own matmul on a slice of the weight, so
   q, k and v can each be split over heads.
@@ -13,6 +14,7 @@ Reads `val`, writes new placeholders into `sw_signature` (derived weights) and `
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -20,6 +22,18 @@ import torch.fx as fx
 from .graph_utils import STATE, copy_meta, fake_mode_of, fake_run, shape, signature
 
 aten = torch.ops.aten
+FUSED_NORM = "sw_fused_norm"  # on the last node of a decomposed norm: how to fuse it back
+
+
+@dataclass(frozen=True)
+class FusedNorm:
+    target: object  # aten.layer_norm.default or aten.rms_norm.default
+    normalized_shape: list[int]
+    eps: float
+    readers: dict[str, tuple[str, int]]  # input / weight / bias → (node reading it, argument index)
+    members: list[str]  # the nodes of the decomposition, in order (the last is the output)
+
+
 _ASSERTS = {aten._assert_tensor_metadata.default}
 # matmul → (index of the weight argument, whether the weight is [out, in])
 _MATMULS = {aten.linear.default: (1, True), aten.addmm.default: (2, False), aten.mm.default: (1, False)}
@@ -70,10 +84,13 @@ def _decompose_norm(gm: fx.GraphModule, node: fx.Node, mode) -> None:
         if eps is None:
             eps = torch.finfo(x.meta["val"].dtype).eps
 
+    members: list[fx.Node] = []
+
     def add(target, *args):
         n = g.call_function(target, args)
         copy_meta(n, node)
         fake_run(n, mode)
+        members.append(n)
         return n
 
     with g.inserting_before(node):
@@ -86,10 +103,15 @@ def _decompose_norm(gm: fx.GraphModule, node: fx.Node, mode) -> None:
         var = add(aten.mean.dim, sq, dims, True)
         r = add(aten.rsqrt.default, add(aten.add.Tensor, var, eps))
         y = add(aten.mul.Tensor, xc, r)
+        readers = {"input": (members[0].name, 0)}
         if weight is not None:
             y = add(aten.mul.Tensor, y, weight)
+            readers["weight"] = (y.name, 1)
         if bias is not None:
             y = add(aten.add.Tensor, y, bias)
+            readers["bias"] = (y.name, 1)
+    # emit puts the fused op back where the normalized dims are whole on every rank (FUSED_NORM)
+    y.meta[FUSED_NORM] = FusedNorm(node.target, list(node.args[1]), eps, readers, [m.name for m in members])
     node.replace_all_uses_with(y)
     g.erase_node(node)
 

@@ -26,6 +26,7 @@ from ..ir.mesh import Mesh
 from ..runtime.lower import RankEnv, lower_step
 from ..runtime.weights import StateSource, WeightSource, shard_index
 from ..strategies.rules import LAYOUT
+from .canonicalize import FUSED_NORM
 from .graph_utils import STATE, signature
 from .insert_collectives import COLLECTIVE, REDISTRIBUTE_OPS
 
@@ -68,6 +69,7 @@ def emit(
     sig = signature(gm)
     source = weights or StateSource(gm.meta[STATE])
     env = RankEnv(mesh, rank, group_name, torch.device(device) if device is not None else None)
+    fused, skipped = _fusable_norms(gm)
     root = nn.Module()
     g = fx.Graph()
     vals: dict[fx.Node, fx.Node] = {}
@@ -89,6 +91,11 @@ def emit(
             else:
                 vals[node] = g.placeholder(node.name)
         elif node.op == "call_function":
+            if node.name in skipped:
+                continue
+            if node.name in fused:
+                vals[node] = _fused_norm(g, node, fused[node.name], vals)
+                continue
             vals[node] = _lower(g, node, vals, env)
         elif node.op == "output":
             vals[node] = g.output(fx.node.map_arg(node.args[0], vals.__getitem__))
@@ -97,6 +104,40 @@ def emit(
     g.lint()
     program = fx.GraphModule(root, g, class_name="RankProgram")
     return program
+
+
+def _fusable_norms(gm: fx.GraphModule) -> tuple[dict[str, tuple], set[str]]:
+    """Decomposed norms whose normalized dims are whole and unsplit everywhere inside: fuse them back.
+
+    Returns {output node: (FusedNorm, {name: node})} and the names of the members it replaces.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    fused, skipped = {}, set()
+    for n in gm.graph.nodes:
+        spec = n.meta.get(FUSED_NORM)
+        if spec is None or not all(m in nodes for m in spec.members):
+            continue
+        members = [nodes[m] for m in spec.members]
+        k = len(spec.normalized_shape)
+        feeds = {nodes[r].args[i] for r, i in spec.readers.values()}
+        whole = all(
+            not m.meta[LAYOUT].partial and not any(m.meta[LAYOUT].dims[-k:]) for m in members
+        )
+        closed = all(a in feeds or a in members for m in members for a in m.all_input_nodes)
+        if whole and closed:
+            fused[n.name] = spec
+            skipped.update(m.name for m in members[:-1])
+    return fused, skipped
+
+
+def _fused_norm(g: fx.Graph, node: fx.Node, spec, vals: dict) -> fx.Node:
+    nodes = {n.name: n for n in node.graph.nodes}
+    fed = {role: vals[nodes[r].args[i]] for role, (r, i) in spec.readers.items()}
+    if spec.target is torch.ops.aten.layer_norm.default:
+        args = (fed["input"], spec.normalized_shape, fed.get("weight"), fed.get("bias"), spec.eps)
+    else:
+        args = (fed["input"], spec.normalized_shape, fed.get("weight"), spec.eps)
+    return g.create_node("call_function", spec.target, args, name=node.name)
 
 
 def _attr_name(key: str) -> str:

@@ -24,7 +24,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .graph_utils import module_path, module_paths, module_type, shape, signature
+from .graph_utils import module_path, module_paths, shape, signature
 
 aten = torch.ops.aten
 LAYERS = "sw_layers"
@@ -131,7 +131,7 @@ def find_layers(gm: fx.GraphModule) -> fx.GraphModule:
     by_block: dict[str, list[Projection]] = {}
     for name, p in projs.items():
         if name not in claimed:
-            by_block.setdefault(_block_of(nodes[name]) or "", []).append(p)
+            by_block.setdefault(block_of(nodes[name]) or "", []).append(p)
     head = _head(gm, projs, claimed, by_block.get("", []))
     for block, ps in by_block.items():
         ps = [p for p in ps if head is None or p.node != head.projections["w"].node]
@@ -212,30 +212,35 @@ def _attention(sdpa: fx.Node, projs: dict[str, Projection], claimed: set[str]) -
                  info={"variant": kind, "fused_qkv": len({p.weight for p in found.values()}) < len(found)}, core=sdpa.name)
 
 
-def _block_of(n: fx.Node) -> str | None:
+def block_of(n: fx.Node) -> str | None:
     """The repeated module holding `n`: the outermost module path ending in an index (layers.3)."""
-    for path in module_paths(n):
-        if _BLOCK.match(path) and path.rsplit(".", 1)[-1].isdigit():
-            return path
-    return None
+    if "sw_block" not in n.meta:
+        n.meta["sw_block"] = next(
+            (p for p in module_paths(n) if p.rsplit(".", 1)[-1].isdigit() and _BLOCK.match(p)), None
+        )
+    return n.meta["sw_block"]
 
 
-def _reaches(src: fx.Node, dst_names: set[str], stop: set[str]) -> bool:
+def _reaches(src: fx.Node, dst_names: set[str], stop: set[str], within: str | None = None) -> bool:
+    """Whether a node in `dst_names` is downstream of `src` (not through `stop`, nor out of block `within`)."""
     seen, q = set(), deque([src])
     while q:
         n = q.popleft()
         for u in n.users:
             if u.name in dst_names:
                 return True
-            if u.name not in seen and u.name not in stop:
-                seen.add(u.name)
-                q.append(u)
+            if u.name in seen or u.name in stop or (within is not None and block_of(u) != within):
+                continue
+            seen.add(u.name)
+            q.append(u)
     return False
 
 
 def _ffn(ps: list[Projection], nodes: dict[str, fx.Node]) -> Layer | None:
     names = {p.node for p in ps}
-    feeds = {p.node: {q.node for q in ps if q.node != p.node and _reaches(nodes[p.node], {q.node}, names)} for p in ps}
+    block = block_of(nodes[ps[0].node])
+    feeds = {p.node: {q.node for q in ps if q.node != p.node and _reaches(nodes[p.node], {q.node}, names, block)}
+             for p in ps}
     outs = [p for p in ps if not feeds[p.node]]
     ins = [p for p in ps if feeds[p.node]]
     if len(outs) != 1 or not 1 <= len(ins) <= 2:
@@ -302,15 +307,16 @@ def _blocks(gm: fx.GraphModule, layers: list[Layer], nodes: dict[str, fx.Node]) 
     for l in layers:
         if l.kind in ("attention", "ffn"):
             anchor = nodes[l.core] if l.core else nodes[next(iter(l.projections.values())).node]
-            b = _block_of(anchor)
+            b = block_of(anchor)
             if b:
                 groups.setdefault(b, {})[l.kind] = l
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    entering = _entering(gm)
     blocks = []
     for i, (path, parts) in enumerate(sorted(groups.items(), key=lambda kv: order[_first_node(kv[1])])):
         attn, ffn = parts.get("attention"), parts.get("ffn")
         E = (attn or ffn).dims["E"]
-        residual = _block_input(gm, path, E, order)
+        residual = _block_input(entering.get(path, []), path, E, order)
         parallel = bool(attn and ffn and _same_source(attn, ffn, nodes))
         blocks.append(Block(i, path, residual, attn, ffn, parallel))
     return blocks
@@ -321,21 +327,24 @@ def _first_node(parts: dict[str, Layer]) -> str:
     return l.core or next(iter(l.projections.values())).node
 
 
-def _block_input(gm: fx.GraphModule, path: str, E: int, order: dict[str, int]) -> str:
-    """The residual stream entering block `path`: a [.., E] activation from outside the block."""
-    prefix = path + "."
-    inside = lambda n: any(p == path or p.startswith(prefix) for p in module_paths(n))  # noqa: E731
-    sig = signature(gm)
-    cands = []
-    for n in gm.graph.nodes:
-        if n.op != "call_function" or not inside(n):
+def _entering(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
+    """For every block, the activations produced outside it that its ops read (one pass over the graph)."""
+    params = signature(gm).params
+    block = {n: block_of(n) if n.op == "call_function" else None for n in gm.graph.nodes}
+    out: dict[str, list[fx.Node]] = {}
+    for n, b in block.items():
+        if b is None:
             continue
         for m in n.all_input_nodes:
-            v = m.meta.get("val")
-            if inside(m) or m.name in sig.params or not isinstance(v, torch.Tensor):
-                continue
-            if v.ndim >= 2 and v.shape[-1] == E and v.is_floating_point():
-                cands.append(m)
+            if block.get(m) != b and m.name not in params and isinstance(m.meta.get("val"), torch.Tensor):
+                out.setdefault(b, []).append(m)
+    return out
+
+
+def _block_input(cands: list[fx.Node], path: str, E: int, order: dict[str, int]) -> str:
+    """The residual stream entering block `path`: the latest [.., E] float activation from outside it."""
+    cands = [m for m in cands if m.meta["val"].ndim >= 2 and m.meta["val"].shape[-1] == E
+             and m.meta["val"].is_floating_point()]
     if not cands:
         raise ValueError(f"block {path}: found no [.., {E}] activation entering it")
     return max(cands, key=lambda m: order[m.name]).name
@@ -372,6 +381,3 @@ def describe(layers: Layers) -> str:
         out.append(f"{l.kind:9} {l.name}  ({extra})")
     return "\n".join(out)
 
-
-def module_kind(n: fx.Node) -> str:
-    return module_type(n)

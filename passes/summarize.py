@@ -20,7 +20,7 @@ from ..ir.mesh import Mesh
 from ..ir.plan import CollectiveRecord, LayerPlan, Plan
 from ..strategies.rules import LAYOUT, WEIGHT
 from .assign_layouts import ASSIGNMENT
-from .find_layers import LAYERS, Layer, Layers
+from .find_layers import LAYERS, Layer, Layers, block_of
 from .graph_utils import module_path, signature
 from .insert_collectives import COLLECTIVE, collectives
 from .propagate import UNKNOWN
@@ -116,11 +116,31 @@ def _owners(gm: fx.GraphModule, layers: Layers) -> dict[str, str]:
     for node, _ in collectives(gm):
         src = _source(node)
         owner = layer_of(src) if src.op == "call_function" else None
+        if owner is None and src.op == "call_function":
+            owner = _producer_layer_in_block(src, layer_of)
         if owner is None:
             owner = _first_consumer_layer(node, layer_of)
         if owner is not None:
             out[node.name] = owner
     return out
+
+
+def _producer_layer_in_block(src: fx.Node, layer_of) -> str | None:
+    """A sum of layer outputs (the parallel block's attn + ffn) belongs to the layers of its own block."""
+    block = block_of(src)
+    if block is None:
+        return None
+    q, seen = deque([src]), {src.name}
+    while q:
+        n = q.popleft()
+        for m in n.all_input_nodes:
+            if m.name in seen or m.op != "call_function" or block_of(m) != block:
+                continue
+            if owner := layer_of(m):
+                return owner
+            seen.add(m.name)
+            q.append(m)
+    return None
 
 
 def _first_consumer_layer(node: fx.Node, layer_of) -> str | None:

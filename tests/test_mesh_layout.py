@@ -1,0 +1,73 @@
+"""Unit tests of the mesh (atoms, ranks, groups) and of layouts (notation, checks, DTensor interop)."""
+
+import pytest
+
+from shardwise import Layout, Mesh, MeshError
+from shardwise.errors import LayoutError
+
+
+@pytest.mark.parametrize("text, shape", [("2x2x1", (2, 2, 1)), ("1x1x4", (1, 1, 4)), ("4x4", (4, 4, 1)), ("8", (8, 1, 1))])
+def test_parse(text, shape):
+    """Catches a parser that drops or reorders axes."""
+    assert Mesh.parse(text).shape == shape
+
+
+@pytest.mark.parametrize("text", ["3x", "0x2x2", "2x2x2x2", "x4", "", "2*2", "-1x2"])
+def test_parse_rejects_malformed(text):
+    """A malformed mesh string must fail with a message naming the expected form, not a ValueError deep inside."""
+    with pytest.raises(MeshError, match="XxYxZ|size 0"):
+        Mesh.parse(text)
+
+
+def test_atoms_factor_axes():
+    """Axes split into prime atoms (z = 4 → z0·z1), so heads can use part of an axis."""
+    m = Mesh.parse("2x1x4")
+    assert [(a.name, a.size) for a in m.atoms] == [("x", 2), ("z0", 2), ("z1", 2)]
+    assert m.atoms_of("z") == ("z0", "z1") and m.format_atoms(("x", "z0", "z1")) == "xz"
+    assert m.format_atoms(("z0",)) == "{z0}"
+
+
+def test_rank_coords_and_groups():
+    """Ranks are row-major over (x, y, z); a group lists ranks by their index over its atoms."""
+    m = Mesh.parse("2x2x2")
+    assert m.coords(5) == {"x": 1, "y": 0, "z": 1}
+    assert [m.rank_of(m.coords(r)) for r in range(8)] == list(range(8))
+    assert m.group(("y", "z"), 4) == [4, 5, 6, 7]
+    assert m.group(("z", "y"), 4) == [4, 6, 5, 7]  # chunk order z-major
+    assert sorted(map(sorted, m.groups(("x",)))) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+
+
+def test_notation():
+    """Layouts print in the paper's notation, with whole axes merged and partial sums as {Σ..}."""
+    m = Mesh.parse("4x4x4")
+    x, yz = m.atoms_of("x"), m.atoms_of("yz")
+    assert Layout(((), (), x + yz)).notation(m, "BLE") == "BLE_xyz"
+    assert Layout(((), (), yz), frozenset(x)).notation(m, "BLF") == "BLF_yz {Σx}"
+    assert Layout((x, (), yz)).notation(m, "BLE") == "B_x LE_yz"
+
+
+def test_invalid_layouts_rejected():
+    """An atom may shard one dim only, and never be sharded and partial at once."""
+    with pytest.raises(LayoutError):
+        Layout((("x",), ("x",)))
+    with pytest.raises(LayoutError):
+        Layout((("x",),), frozenset({"x"}))
+
+
+def test_check_names_the_dim():
+    """A dim a layout cannot split gives a message with sizes, not a crash inside torch."""
+    m = Mesh.parse("1x1x8")
+    with pytest.raises(LayoutError, match="dim 1 of size 12 cannot be split 8 ways"):
+        Layout(((), m.atoms_of("z"))).check((4, 12), m)
+
+
+def test_dtensor_placements_round_trip():
+    """Layout ↔ DTensor placements (one mesh dim per atom) keeps shards and partials."""
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    m = Mesh.parse("2x2x1")
+    lay = Layout(((), ("y",)), frozenset({"x"}))
+    pl = lay.to_placements(m)
+    assert pl == (Partial(), Shard(1))
+    assert Layout.from_placements(pl, m, 2) == lay
+    assert Layout.from_placements((Replicate(), Replicate()), m, 3) == Layout.replicated(3)
