@@ -89,17 +89,41 @@ class Program:
             for r in range(self.mesh.size)
         ]
         outs = run_lockstep(programs, inputs, self.mesh, trace=trace)
-        return tree_unflatten(list(_agree(outs)), self.sig.out_spec)
+        return tree_unflatten(self.gather_outputs(outs), self.sig.out_spec)
+
+    def output_layouts(self) -> dict[int, Layout]:
+        io = self.gm.meta.get(IO_LAYOUTS, {})
+        return {int(k.split(":")[1]): v for k, v in io.items() if k.startswith("output:")}
+
+    def gather_outputs(self, outs: list[list[Any]]) -> list[Any]:
+        """Global outputs from every rank's: replicated ones must agree, split ones are reassembled."""
+        split = self.output_layouts()
+        return [unshard([o[j] for o in outs], split[j], self.mesh) if j in split else _agree([o[j] for o in outs], j)
+                for j in range(len(outs[0]))]
 
 
-def _agree(outs: list) -> list:
-    """Replicated outputs must be identical on every rank; a difference is a bug, never averaged away."""
-    first = outs[0]
-    for r, o in enumerate(outs[1:], 1):
-        for a, b in zip(first, o):
-            if isinstance(a, torch.Tensor) and not torch.equal(a, b):
-                raise RuntimeError(f"rank {r} returned a different output from rank 0 for a replicated output")
-    return first
+def _agree(values: list, j: int):
+    """A replicated output must be identical on every rank; a difference is a bug, never averaged away."""
+    for r, v in enumerate(values[1:], 1):
+        if isinstance(v, torch.Tensor) and not torch.equal(v, values[0]):
+            raise RuntimeError(f"rank {r} returned a different output {j} from rank 0 for a replicated output")
+    return values[0]
+
+
+def unshard(pieces: list[torch.Tensor], layout: Layout, mesh: Mesh) -> torch.Tensor:
+    """The global tensor from each rank's piece under `layout` (copies over replicated atoms must agree)."""
+    from .runtime.weights import shard_index
+
+    shape = [p * mesh.group_size(d) for p, d in zip(pieces[0].shape, layout.dims)]
+    out = torch.empty(shape, dtype=pieces[0].dtype, device=pieces[0].device)
+    written = torch.zeros(shape, dtype=torch.bool)
+    for r, piece in enumerate(pieces):
+        idx = shard_index(shape, layout, mesh, r)
+        if written[idx].any() and not torch.equal(out[idx], piece):
+            raise RuntimeError(f"rank {r}'s piece of a split output disagrees with another rank holding it")
+        out[idx] = piece
+        written[idx] = True
+    return out
 
 
 # ------------------------------------------------------------------------------------ plan

@@ -28,8 +28,9 @@ from ..strategies.family import (
     weight_spec,
 )
 from ..strategies.rules import ANCHOR, ATTENTION, WEIGHT, WeightSpec
-from .find_layers import LAYERS, Layer, Layers
-from .graph_utils import shape
+from .find_layers import LAYERS, Layer, Layers, block_of
+from .graph_utils import shape, signature
+from .propagate import IO_LAYOUTS
 
 ASSIGNMENT = "sw_assignment"
 KINDS = {"ffn": "ffn", "attn": "attention", "attention": "attention", "embed": "embedding",
@@ -90,6 +91,8 @@ def assign_layouts(gm: fx.GraphModule, mesh: Mesh, choices: dict[str, str]) -> f
     nodes = {n.name: n for n in gm.graph.nodes}
     members: dict[int, FFNLayout] = {}
     notes: dict[str, list[str]] = {}
+    io = gm.meta.setdefault(IO_LAYOUTS, {})
+    caches = _cache_inputs(gm)
     for block in layers.blocks:
         ffn_choice = choices.get(block.ffn.name) if block.ffn else None
         member = parse_ffn(ffn_choice or DEFAULTS["ffn"])
@@ -104,6 +107,11 @@ def assign_layouts(gm: fx.GraphModule, mesh: Mesh, choices: dict[str, str]) -> f
         if block.attention:
             mode = choices.get(block.attention.name, DEFAULTS["attention"])
             notes[block.attention.name] = _assign_attention(block.attention, member, mode, mesh, nodes)
+            cache_layout = _cache_layout(nodes[block.attention.core].meta[ATTENTION], member, mode, mesh,
+                                         block.attention.dims)
+            for ph, outs in caches.get(block.name, []):
+                io[ph] = cache_layout
+                io.update({f"output:{j}": cache_layout for j in outs})
     first = members.get(0, parse_ffn(DEFAULTS["ffn"]))
     table_specs: dict[str, WeightSpec] = {}
     for layer in layers.by_kind("embedding"):
@@ -198,3 +206,34 @@ def _head_spec(layer: Layer, mode: str, member: FFNLayout, mesh: Mesh, wshape) -
         return weight_spec(e + f, (), b, wshape, p.rows_out, mesh)
     require_divides("d_model (E)", layer.dims["E"], e + f, mesh, f"head=E for {layer.name}")
     return weight_spec((), e + f, b, wshape, p.rows_out, mesh)
+
+
+# ------------------------------------------------------------------------------------ KV caches
+def _cache_inputs(gm: fx.GraphModule) -> dict[str, list[tuple[str, list[int]]]]:
+    """Per block, the program inputs it updates with `index_copy` (its KV caches) and the outputs
+    that return them: the state a step carries, kept split on every rank between steps."""
+    import torch
+
+    sig = signature(gm)
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    outputs = list(out_node.args[0])
+    found: dict[str, list[tuple[str, list[int]]]] = {}
+    for ph in gm.graph.nodes:
+        if ph.op != "placeholder" or ph.name in sig.params:
+            continue
+        for u in ph.users:
+            if u.target is torch.ops.aten.index_copy.default and u.args[0] is ph and (b := block_of(u)):
+                outs = [j for j, o in enumerate(outputs) if o is u]
+                found.setdefault(b, []).append((ph.name, outs))
+    return found
+
+
+def _cache_layout(core, member: FFNLayout, mode: str, mesh: Mesh, dims: dict) -> Layout:
+    """[B, K, S, D]: split by KV heads like the attention's K/V projections, or by batch like its core."""
+    b, e, f = member.atoms(mesh)
+    if mode == "batch":
+        return Layout((core.batch, (), (), ()))
+    from ..strategies.rules import longest_dividing_prefix
+
+    q = longest_dividing_prefix(f, dims["H"], mesh)
+    return Layout((b, longest_dividing_prefix(q, dims["K"], mesh), (), ()))

@@ -13,10 +13,13 @@ Reads  `sw_layout`, `sw_in_layouts`, `val`. Writes the new nodes with `sw_layout
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.fx as fx
 
 from ..ir.collective import Collective
+from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..strategies.redistribute import redistribute
 from ..strategies.rules import IN_LAYOUTS, LAYOUT, bind
@@ -61,10 +64,24 @@ OPS = {
 REDISTRIBUTE_OPS = frozenset(OPS.values())
 
 
-def insert_collectives(gm: fx.GraphModule, mesh: Mesh) -> fx.GraphModule:
-    g = gm.graph
-    made: dict[tuple[str, object], fx.Node] = {}
-    for node in list(g.nodes):
+@dataclass
+class Conversion:
+    """A producer needed in another layout: the steps, and every use that reads the converted tensor."""
+
+    src: fx.Node
+    want: Layout
+    steps: list[Collective]
+    uses: list[tuple[fx.Node, str, int | None]] = field(default_factory=list)  # (consumer, arg name, list index)
+
+    @property
+    def first_consumer(self) -> fx.Node:
+        return self.uses[0][0]
+
+
+def plan_conversions(gm: fx.GraphModule, mesh: Mesh) -> list[Conversion]:
+    """Every layout change the propagated graph needs, without touching it (the cost model reads this)."""
+    made: dict[tuple[str, Layout], Conversion] = {}
+    for node in gm.graph.nodes:
         req = node.meta.get(IN_LAYOUTS)
         if not req:
             continue
@@ -75,9 +92,22 @@ def insert_collectives(gm: fx.GraphModule, mesh: Mesh) -> fx.GraphModule:
                 continue
             key = (src.name, want)
             if key not in made:
-                made[key] = _convert(gm, src, want, before=node, mesh=mesh)
-            _replace(node, name, idx, made[key])
-    g.lint()
+                val = src.meta["val"]
+                steps = redistribute(have, want, tuple(val.shape), mesh, itemsize=val.element_size())
+                made[key] = Conversion(src, want, steps)
+            made[key].uses.append((node, name, idx))
+    return list(made.values())
+
+
+def insert_collectives(gm: fx.GraphModule, mesh: Mesh) -> fx.GraphModule:
+    for conv in plan_conversions(gm, mesh):
+        cur = conv.src
+        with gm.graph.inserting_before(conv.first_consumer):
+            for step in conv.steps:
+                cur = _step_node(gm, cur, step, mesh, conv.first_consumer)
+        for node, name, idx in conv.uses:
+            _replace(node, name, idx, cur)
+    gm.graph.lint()
     gm.recompile()
     return gm
 
@@ -123,16 +153,6 @@ def _put(old, idx, new):
     seq = list(old)
     seq[idx] = new
     return type(old)(seq) if isinstance(old, tuple) else seq
-
-
-def _convert(gm: fx.GraphModule, src: fx.Node, want, *, before: fx.Node, mesh: Mesh) -> fx.Node:
-    val = src.meta["val"]
-    steps = redistribute(src.meta[LAYOUT], want, tuple(val.shape), mesh, itemsize=val.element_size())
-    cur = src
-    with gm.graph.inserting_before(before):
-        for step in steps:
-            cur = _step_node(gm, cur, step, mesh, before)
-    return cur
 
 
 def _step_node(gm: fx.GraphModule, x: fx.Node, step: Collective, mesh: Mesh, consumer: fx.Node) -> fx.Node:

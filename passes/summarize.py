@@ -10,8 +10,6 @@ Reads `sw_layers`, `sw_assignment`, `sw_layout`, `sw_collective`, `sw_weight`, `
 from __future__ import annotations
 
 import math
-from collections import deque
-
 import torch
 import torch.fx as fx
 
@@ -20,8 +18,9 @@ from ..ir.mesh import Mesh
 from ..ir.plan import CollectiveRecord, LayerPlan, Plan
 from ..strategies.rules import LAYOUT, WEIGHT
 from .assign_layouts import ASSIGNMENT
-from .find_layers import LAYERS, Layer, Layers, block_of
-from .graph_utils import module_path, signature
+from .attribute import Attribution
+from .find_layers import LAYERS, Layer, Layers
+from .graph_utils import signature
 from .insert_collectives import COLLECTIVE, collectives
 from .propagate import UNKNOWN
 
@@ -105,57 +104,17 @@ def _source(node: fx.Node) -> fx.Node:
 
 
 def _owners(gm: fx.GraphModule, layers: Layers) -> dict[str, str]:
-    """Collective node → the layer it belongs to (see module doc)."""
-    names = sorted((l.name for l in layers.layers), key=len, reverse=True)
-
-    def layer_of(n: fx.Node) -> str | None:
-        path = module_path(n)
-        return next((l for l in names if path == l or path.startswith(l + ".")), None)
-
+    """Collective node → the layer it belongs to (passes/attribute.py)."""
+    attribution = Attribution(layers)
+    is_collective = lambda n: COLLECTIVE in n.meta  # noqa: E731
     out: dict[str, str] = {}
     for node, _ in collectives(gm):
-        src = _source(node)
-        owner = layer_of(src) if src.op == "call_function" else None
-        if owner is None and src.op == "call_function":
-            owner = _producer_layer_in_block(src, layer_of)
-        if owner is None:
-            owner = _first_consumer_layer(node, layer_of)
-        if owner is not None:
-            out[node.name] = owner
+        consumer = node
+        while any(is_collective(u) for u in consumer.users):
+            consumer = next(u for u in consumer.users if is_collective(u))
+        first = next(iter(consumer.users))
+        out[node.name] = attribution.owner(_source(node), first, skip=is_collective)
     return out
-
-
-def _producer_layer_in_block(src: fx.Node, layer_of) -> str | None:
-    """A sum of layer outputs (the parallel block's attn + ffn) belongs to the layers of its own block."""
-    block = block_of(src)
-    if block is None:
-        return None
-    q, seen = deque([src]), {src.name}
-    while q:
-        n = q.popleft()
-        for m in n.all_input_nodes:
-            if m.name in seen or m.op != "call_function" or block_of(m) != block:
-                continue
-            if owner := layer_of(m):
-                return owner
-            seen.add(m.name)
-            q.append(m)
-    return None
-
-
-def _first_consumer_layer(node: fx.Node, layer_of) -> str | None:
-    q, seen = deque([node]), {node.name}
-    while q:
-        n = q.popleft()
-        for u in n.users:
-            if u.op == "output":
-                continue
-            if COLLECTIVE not in u.meta and (owner := layer_of(u)):
-                return owner
-            if u.name not in seen:
-                seen.add(u.name)
-                q.append(u)
-    return None
 
 
 def weight_memory(gm: fx.GraphModule, mesh: Mesh, *, itemsize: int | None = None) -> dict[str, float]:

@@ -1,0 +1,70 @@
+"""Which layer a collective or an op belongs to: one rule for the report and the cost model.
+
+An op belongs to the layer whose module path contains it. A collective belongs to the layer that
+produced its input when that is a layer's op (the output reduce-scatter of a feed-forward layer) or a
+sum of its block's layer outputs (the parallel block's attn + ffn); else to the first layer that
+consumes it (the input all-gather, norm statistics, a weight-gathered layout's weight all-gather).
+What no layer consumes (the final gather of the logits) belongs to "output".
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch.fx as fx
+
+from .find_layers import Layers, block_of
+from .graph_utils import module_path
+
+OUTPUT = "output"
+
+
+class Attribution:
+    def __init__(self, layers: Layers):
+        self._names = sorted((l.name for l in layers.layers), key=len, reverse=True)
+        self._cache: dict[str, str | None] = {}
+
+    def layer_of(self, node: fx.Node) -> str | None:
+        if node.name not in self._cache:
+            path = module_path(node) if node.op == "call_function" else ""
+            self._cache[node.name] = next(
+                (l for l in self._names if path and (path == l or path.startswith(l + "."))), None
+            )
+        return self._cache[node.name]
+
+    def owner(self, src: fx.Node, consumer: fx.Node, *, skip=lambda n: False) -> str:
+        if src.op == "call_function":
+            if owner := self.layer_of(src) or self._producer_in_block(src):
+                return owner
+        if not skip(consumer) and consumer.op == "call_function" and (owner := self.layer_of(consumer)):
+            return owner
+        return self._first_consumer(consumer, skip) or OUTPUT
+
+    def _producer_in_block(self, src: fx.Node) -> str | None:
+        block = block_of(src)
+        if block is None:
+            return None
+        q, seen = deque([src]), {src.name}
+        while q:
+            n = q.popleft()
+            for m in n.all_input_nodes:
+                if m.name in seen or m.op != "call_function" or block_of(m) != block:
+                    continue
+                if owner := self.layer_of(m):
+                    return owner
+                seen.add(m.name)
+                q.append(m)
+        return None
+
+    def _first_consumer(self, node: fx.Node, skip) -> str | None:
+        q, seen = deque([node]), {node.name}
+        while q:
+            n = q.popleft()
+            for u in n.users:
+                if u.op == "output" or u.name in seen:
+                    continue
+                if not skip(u) and (owner := self.layer_of(u)):
+                    return owner
+                seen.add(u.name)
+                q.append(u)
+        return None
