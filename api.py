@@ -25,7 +25,7 @@ from .ir.layout import Layout
 from .ir.mesh import Mesh
 from .ir.plan import Plan
 from .models import presets
-from .passes.assign_layouts import ASSIGNMENT, assign_layouts, parse_layouts, resolve
+from .passes.assign_layouts import parse_layouts
 from .passes.canonicalize import canonicalize
 from .passes.capture import capture
 from .passes.emit import emit
@@ -33,8 +33,8 @@ from .passes.find_layers import LAYERS, find_layers
 from .passes.graph_utils import SIGNATURE, signature
 from .passes.insert_collectives import insert_collectives
 from .passes.pipeline import Pass, run_pipeline
-from .passes.propagate import IO_LAYOUTS, UNKNOWN, propagate
-from .passes.summarize import replicated_weights, summarize
+from .passes.propagate import IO_LAYOUTS
+from .passes.summarize import replicated_weights
 from .runtime.lower import shard_tensor
 from .runtime.simulate import Trace, run_lockstep, sim_group_name
 
@@ -152,45 +152,140 @@ def prepare(gm: fx.GraphModule) -> fx.GraphModule:
     ])
 
 
+def _meshes(mesh, chips, objective: str) -> list[Mesh]:
+    from .strategies.planner import meshes_for
+
+    if mesh is not None:
+        return [Mesh.parse(mesh)]
+    if chips is None:
+        raise ShardwiseError("plan needs a mesh (mesh='2x2x1') or a chip count (chips=8) to search meshes over")
+    if not isinstance(chips, int) or chips < 1:
+        raise ShardwiseError(f"chips={chips!r}: expected a positive number of chips")
+    if objective == "cost":  # fewer chips may cost less per token: consider every divisor
+        return [m for n in range(1, chips + 1) if chips % n == 0 for m in meshes_for(n)]
+    return meshes_for(chips)
+
+
 def plan(
     model: nn.Module | str,
     args: tuple | None = None,
     kwargs: dict | None = None,
     *,
-    mesh: Mesh | str,
+    mesh: Mesh | str | None = None,
+    chips: int | None = None,
     hardware: str = "tpu-v4",
     phase: str = "prefill",
     layouts: str | dict | None = None,
     batch: int = 8,
     seq: int = 16,
+    context: int | None = None,
+    weight_dtype: str | None = None,
+    kv_dtype: str | None = None,
+    objective: str = "latency",
+    overlap: bool = False,
 ) -> Plan:
-    """Capture `model(*args, **kwargs)`, apply the requested layouts on `mesh`, insert the collectives.
+    """Plan `model` on `mesh` (or the best mesh of `chips`): a layout per layer, chosen by cost.
 
-    `layouts` maps layer kinds (or layer names) to layouts, e.g. {"ffn": "ws2d", "attn": "batch"} or
-    the CLI's "ffn=ws2d,attn=batch"; unset kinds use ws1d feed-forward and head-sharded attention.
-    `model` may be a preset name; then `batch` and `seq` size its example inputs.
+    With `args`, the call `model(*args, **kwargs)` is captured as is. Without, the model's step for
+    `phase` is built (prefill: `seq` tokens into a KV cache of `context` positions; decode: one token at
+    the end of a `context`-long cache, logits of the last token), and planned from one captured block.
+    `layouts` forces layouts by layer kind ({"ffn": "ws2d", "attn": "batch"} or "ffn=ws2d,attn=batch");
+    the rest is chosen by the cost model on `hardware` with `weight_dtype` weights ("bf16", "int8"; by
+    default as captured) for the `objective` latency (seconds per step) or cost (chip-seconds per token).
+    `model` may be a preset name (see shardwise.models.PRESETS).
     """
-    mesh = Mesh.parse(mesh)
-    request = parse_layouts(layouts)
-    model, args, kwargs, name = _model_and_inputs(model, args, kwargs, batch, seq)
-    gm = capture_program(model, args, kwargs)
-    return plan_captured(gm, mesh, request, model=name, hardware=hardware, phase=phase)
+    from .ir.hardware import get_hardware
+    from .planning import Question, choose, explain, param_count, record, totals
+    from .strategies.cost import Precision
+
+    q = Question(meshes=_meshes(mesh, chips, objective), hw=get_hardware(hardware),
+                 precision=Precision(weights=weight_dtype, kv=kv_dtype), objective=objective, overlap=overlap,
+                 request=parse_layouts(layouts), phase=phase)
+    if args is not None:
+        model, args, kwargs, q.model = _model_and_inputs(model, args, kwargs, batch, seq)
+        gm = capture_program(model, args, kwargs)
+        choice, results = choose(gm, q, n_blocks=1)
+        result = record(gm, choice, q, 1)
+        insert_collectives(gm, choice.mesh)
+        program: Any = Program(gm, choice.mesh)
+        n_blocks, (params, wbytes), dims = 1, param_count(gm, 1, q.precision), gm.meta[LAYERS].dims
+    else:
+        proto, n_blocks, q.model, build_full = _prototype(model, phase, batch, seq, context)
+        choice, results = choose(proto, q, n_blocks)
+        result = record(proto, choice, q, n_blocks)
+        program = LazyProgram(lambda: _full_program(build_full, choice, q))
+        (params, wbytes), dims = param_count(proto, n_blocks, q.precision), proto.meta[LAYERS].dims
+    totals(result, choice, q, params=params, weight_bytes=wbytes, tokens=max(1, dims.get("B", 1) * dims.get("L", 1)))
+    result.explain = explain(choice, results, n_blocks)
+    result.settings["layouts"] = dict(q.request)
+    result.memory["replicated"] = [] if not isinstance(program, Program) else [
+        list(r) for r in replicated_weights(program.gm, choice.mesh)]
+    result.program = program
+    return result
 
 
-def plan_captured(gm: fx.GraphModule, mesh: Mesh, request: dict[str, str], *, model: str, hardware: str,
-                  phase: str, io_layouts: dict[str, Layout] | None = None) -> Plan:
-    if io_layouts:
-        gm.meta[IO_LAYOUTS] = dict(io_layouts)
-    choices = resolve(gm.meta[LAYERS], request)
-    gm = run_pipeline(gm, [
-        Pass("assign_layouts", lambda g: assign_layouts(g, mesh, choices), needs=(LAYERS,), makes=(ASSIGNMENT,)),
-        Pass("propagate", lambda g: propagate(g, mesh), needs=(ASSIGNMENT,), makes=(UNKNOWN,)),
-        Pass("insert_collectives", lambda g: insert_collectives(g, mesh), needs=(UNKNOWN,)),
-    ])
-    result = summarize(gm, mesh, model=model, hardware=hardware, phase=phase)
-    result.settings["layouts"] = dict(request)
-    result.memory["replicated"] = [list(r) for r in replicated_weights(gm, mesh)]
-    result.program = Program(gm, mesh)
+def _prototype(model, phase: str, batch: int, seq: int, context: int | None):
+    """(one-block step graph, number of blocks, name, builder of the full step model)."""
+    from .models.steps import Step, phase_inputs
+    from .passes.capture import one_block
+
+    if isinstance(model, str):
+        name = model
+        full_layers = presets.get(name).config[presets._LAYERS_KEY[presets.get(name).family]]
+        small = presets.build_model(name, layers=1)
+        step = Step(small, last_only=True)
+        proto = capture_program(step, phase_inputs(small, phase, batch=batch, seq=seq, context=context), {})
+        return proto, full_layers, name, lambda: (presets.build_model(name), phase, batch, seq, context)
+    with one_block(model) as n:
+        step = Step(model, last_only=True)
+        proto = capture_program(step, phase_inputs(model, phase, batch=batch, seq=seq, context=context), {})
+    return proto, n, type(model).__name__, lambda: (model, phase, batch, seq, context)
+
+
+def _full_program(build_full, choice, q) -> "Program":
+    from .models.steps import Step, phase_inputs
+    from .planning import apply, block_choices, candidates_of
+
+    model, phase, batch, seq, context = build_full()
+    gm = capture_program(Step(model, last_only=True), phase_inputs(model, phase, batch=batch, seq=seq,
+                                                                   context=context), {})
+    _, _, forced = candidates_of(q.request)
+    apply(gm, choice.mesh, block_choices(gm.meta[LAYERS], choice.blocks, forced), insert=True)
+    return Program(gm, choice.mesh)
+
+
+class LazyProgram:
+    """A Program built on first use: planning needs only one block; emit needs the whole model."""
+
+    def __init__(self, build: Callable[[], Program]):
+        self._build, self._program = build, None
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._program is None:
+            self._program = self._build()
+        return getattr(self._program, name)
+
+
+def plan_graph(gm: fx.GraphModule, meshes: list[Mesh], request: dict[str, str], *, model: str, hardware: str,
+               phase: str, weight_dtype: str | None = None, objective: str = "latency") -> Plan:
+    """Choose layouts for a captured and prepared graph (layouts not in `request` by cost), insert them."""
+    from .ir.hardware import get_hardware
+    from .planning import Question, choose, explain, param_count, record, totals
+    from .strategies.cost import Precision
+
+    q = Question(meshes=meshes, hw=get_hardware(hardware), precision=Precision(weights=weight_dtype),
+                 objective=objective, request=request, phase=phase, model=model)
+    choice, results = choose(gm, q, n_blocks=1)
+    result = record(gm, choice, q, 1)
+    insert_collectives(gm, choice.mesh)
+    dims = gm.meta[LAYERS].dims
+    params, wbytes = param_count(gm, 1, q.precision)
+    totals(result, choice, q, params=params, weight_bytes=wbytes, tokens=max(1, dims.get("B", 1) * dims.get("L", 1)))
+    result.explain = explain(choice, results, 1)
+    result.memory["replicated"] = [list(r) for r in replicated_weights(gm, choice.mesh)]
+    result.program = Program(gm, choice.mesh)
     return result
 
 

@@ -67,7 +67,7 @@ def backend(*, mesh: Mesh | str, layouts: str | dict | None = None, hardware: st
                 sig.buffers.add(key)
         sig.inputs = [n for i, n in enumerate(sig.inputs) if i not in weights]
         captured = api.prepare(captured)
-        plan = api.plan_captured(captured, mesh, request, model=type(gm).__name__, hardware=hardware, phase=phase)
+        plan = api.plan_graph(captured, [mesh], request, model=type(gm).__name__, hardware=hardware, phase=phase)
         if on_plan is not None:
             on_plan(plan)
         program = api.emit(plan.program.gm, mesh, dist.get_rank(), group_name=mesh_groups(mesh))

@@ -1,8 +1,10 @@
 """The `shardwise` command line: inspect, verify, demo.
 
+    shardwise inspect palm-540b --chips 64 --phase decode --batch 64 --seq 2048 --weights int8 --explain
     shardwise inspect palm-540b --mesh 4x4x4 --batch 512 --seq 2048
     shardwise inspect llama-tiny --mesh 2x2x1 --layouts ffn=ws2d,attn=batch --graph
     shardwise verify llama-tiny --mesh 1x1x4 [--nproc 4]
+    shardwise calibrate
     shardwise demo
 """
 
@@ -16,9 +18,14 @@ import time
 from .errors import ShardwiseError
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, *, chips: bool = False) -> None:
     p.add_argument("model", help="a preset: " + ", ".join(_preset_names()))
-    p.add_argument("--mesh", required=True, help="logical mesh XxYxZ, e.g. 1x1x4 or 4x4x4")
+    if chips:
+        where = p.add_mutually_exclusive_group(required=True)
+        where.add_argument("--mesh", help="logical mesh XxYxZ, e.g. 1x1x4 or 4x4x4")
+        where.add_argument("--chips", type=int, help="a chip count: every mesh X·Y·Z = N is searched")
+    else:
+        p.add_argument("--mesh", required=True, help="logical mesh XxYxZ, e.g. 1x1x4 or 4x4x4")
     p.add_argument("--layouts", default=None, help="force layouts per layer kind, e.g. ffn=ws2d,attn=batch")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=16)
@@ -34,10 +41,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shardwise", description="Sharding-aware compiler pass for PyTorch inference.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("inspect", help="plan a model and print the per-layer layouts and collectives")
-    _common(p)
-    p.add_argument("--phase", choices=("prefill", "decode"), default="prefill")
-    p.add_argument("--hardware", default="tpu-v4")
+    p = sub.add_parser("inspect", help="plan a model and print the per-layer layouts, costs and collectives")
+    _common(p, chips=True)
+    p.add_argument("--phase", choices=("prefill", "decode"), default="prefill",
+                   help="prefill: --seq prompt tokens; decode: one token after --context (default --seq) tokens")
+    p.add_argument("--context", type=int, default=None, help="KV-cache length (default: --seq)")
+    p.add_argument("--hardware", default="tpu-v4", help="tpu-v4, a100-80g, h100, h200 or cpu-local (calibrated)")
+    p.add_argument("--weights", choices=("bf16", "int8", "fp32"), default=None,
+                   help="weight precision (default: as the model is built; PaLM/Llama-2 presets are bf16)")
+    p.add_argument("--objective", choices=("latency", "cost"), default="latency")
+    p.add_argument("--overlap", action="store_true", help="let all communication overlap compute")
+    p.add_argument("--explain", action="store_true", help="list every candidate, its cost and why it lost")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--graph", action="store_true", help="also print the annotated global-view graph")
 
@@ -48,9 +62,12 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("demo", help="plan llama-tiny for 4 ranks, run it on 4 real ranks, check the numbers")
 
+    p = sub.add_parser("calibrate", help="measure this machine and save the cpu-local hardware profile")
+    p.add_argument("--ranks", type=int, default=4, help="gloo ranks for the collective measurements")
+
     args = parser.parse_args(argv)
     try:
-        return {"inspect": _inspect, "verify": _verify, "demo": _demo}[args.command](args)
+        return {"inspect": _inspect, "verify": _verify, "demo": _demo, "calibrate": _calibrate}[args.command](args)
     except ShardwiseError as e:
         print(f"shardwise: error: {e}", file=sys.stderr)
         return 2
@@ -60,13 +77,17 @@ def _inspect(a) -> int:
     from . import api
 
     t0 = time.perf_counter()
-    plan = api.plan(a.model, mesh=a.mesh, layouts=a.layouts, batch=a.batch, seq=a.seq, hardware=a.hardware,
-                    phase=a.phase)
+    plan = api.plan(a.model, mesh=a.mesh, chips=a.chips, layouts=a.layouts, batch=a.batch,
+                    seq=a.seq if a.phase == "prefill" else 1, context=a.context or (None if a.phase == "prefill" else a.seq),
+                    hardware=a.hardware, phase=a.phase, weight_dtype=a.weights, objective=a.objective,
+                    overlap=a.overlap)
     took = time.perf_counter() - t0
     if a.format == "json":
         print(plan.to_json())
         return 0
     print(plan.summary())
+    if a.explain:
+        print("\n" + "\n".join(plan.explain))
     print(f"\nplanned in {took:.2f} s")
     if a.graph:
         from .passes.report import format_graph
@@ -116,6 +137,15 @@ def _demo(a) -> int:
         print(f"      beyond 1/{nproc}: {extra:,.0f} B per rank replicated (KV heads ×2, RoPE tables)")
     print(f"\ndone in {time.perf_counter() - t0:.1f} s")
     return 0 if diff <= 1e-5 else 1
+
+
+def _calibrate(a) -> int:
+    from .runtime.calibrate import calibrate
+
+    hw, path = calibrate(ranks=a.ranks)
+    print(hw.to_json())
+    print(f"saved to {path}; use it with --hardware cpu-local")
+    return 0
 
 
 if __name__ == "__main__":

@@ -31,12 +31,12 @@ import torch.nn as nn
 
 import shardwise
 from shardwise import api
-from shardwise.passes.assign_layouts import ASSIGNMENT, assign_layouts, parse_layouts, resolve
+from shardwise.passes.assign_layouts import ASSIGNMENT, assign_layouts, parse_layouts
 from shardwise.passes.canonicalize import canonicalize
 from shardwise.passes.capture import capture
 from shardwise.passes.find_layers import LAYERS, find_layers
 from shardwise.passes.graph_utils import SIGNATURE
-from shardwise.passes.insert_collectives import insert_collectives
+from shardwise.passes.insert_collectives import insert_collectives, plan_conversions
 from shardwise.passes.pipeline import Pass, run_pipeline
 from shardwise.passes.propagate import UNKNOWN, propagate
 from shardwise.passes.summarize import replicated_weights, summarize
@@ -68,22 +68,28 @@ def fmt_bytes(n: float) -> str:
 
 # ------------------------------------------------------------------------------------ figure 1
 def staged_passes(gm, mesh: shardwise.Mesh, request: dict[str, str], model: str) -> tuple[dict[str, float], object]:
-    """api.prepare + api.plan_captured, one stage at a time (each through run_pipeline, so with its lint)."""
+    """api.prepare, then the passes of a plan with the requested layouts, one stage at a time (each
+    through run_pipeline, so with its lint); the cost-driven search is timed by bench_planner.py."""
+    from shardwise.planning import block_choices, candidates_of
+    from shardwise.strategies.family import parse_ffn
+    from shardwise.strategies.planner import Candidate
+
     t: dict[str, float] = {}
     gm, t["canonicalize"] = timed(run_pipeline, gm, [Pass("canonicalize", canonicalize, needs=(SIGNATURE,))])
     gm, t["find_layers"] = timed(
         run_pipeline, gm, [Pass("find_layers", find_layers, needs=(SIGNATURE,), makes=(LAYERS,))])
-    choices = resolve(gm.meta[LAYERS], request)
+    chosen = Candidate(parse_ffn(request.get("ffn", "ws1d")), request.get("attention", "heads"), mesh)
+    choices = block_choices(gm.meta[LAYERS], [chosen], candidates_of(request)[2])
     gm, t["assign_layouts"] = timed(run_pipeline, gm, [
         Pass("assign_layouts", lambda g: assign_layouts(g, mesh, choices), needs=(LAYERS,), makes=(ASSIGNMENT,))])
     gm, t["propagate"] = timed(
         run_pipeline, gm, [Pass("propagate", lambda g: propagate(g, mesh), needs=(ASSIGNMENT,), makes=(UNKNOWN,))])
+    conversions, t["plan_conversions"] = timed(plan_conversions, gm, mesh)
     gm, t["insert_collectives"] = timed(
         run_pipeline, gm, [Pass("insert_collectives", lambda g: insert_collectives(g, mesh), needs=(UNKNOWN,))])
 
-    def finish():  # the tail of api.plan_captured
-        plan = summarize(gm, mesh, model=model, hardware="tpu-v4", phase="prefill")
-        plan.settings["layouts"] = dict(request)
+    def finish():
+        plan = summarize(gm, mesh, conversions, model=model, hardware="tpu-v4", phase="prefill")
         plan.memory["replicated"] = [list(r) for r in replicated_weights(gm, mesh)]
         plan.program = api.Program(gm, mesh)
         return plan
@@ -97,7 +103,7 @@ def figure_capture_vs_passes(reps: int, model_name: str = "palm-540b", batch: in
     heading(f"1. capture vs our passes: {model_name} (meta), batch {batch}, seq {seq}, mesh {mesh_text}, "
             f"default layouts, {reps} rep(s)")
     mesh = shardwise.Mesh.parse(mesh_text)
-    request = parse_layouts(None)
+    request = parse_layouts("ffn=ws1d,attn=heads")
     model, build_s = timed(shardwise.models.build_model, model_name)
     args, kwargs = shardwise.models.example_inputs(model, batch, seq)
     print(f"model built on meta in {build_s:.2f} s (not counted); every rep captures afresh (passes mutate the "
@@ -158,9 +164,10 @@ def unlisted_state(plan, model: nn.Module) -> dict[str, int]:
 
 
 def figure_param_bytes(model_name: str = "llama-tiny", mesh_text: str = "1x1x4") -> None:
-    heading(f"2. parameter bytes per rank vs total: {model_name}, mesh {mesh_text}, default layouts")
+    heading(f"2. parameter bytes per rank vs total: {model_name}, mesh {mesh_text}, ffn=ws1d, attention by heads")
     model = shardwise.models.build_model(model_name)
-    plan = shardwise.plan(model_name, mesh=mesh_text)
+    args, kwargs = shardwise.models.example_inputs(model, 8, 16)
+    plan = shardwise.plan(model, args, kwargs, mesh=mesh_text, layouts="ffn=ws1d,attn=heads")
     n = plan.mesh.size
     per_rank = [state_bytes(plan.program.emit(r, group_name=sim_group_name)) for r in range(n)]
     total = state_bytes(model, dedupe=True)

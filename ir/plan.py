@@ -41,7 +41,8 @@ class LayerPlan:
     weights: dict[str, dict[str, str]] = field(default_factory=dict)  # role → {"at_rest", "in_use"}
     collectives: list[CollectiveRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    cost: dict[str, float] = field(default_factory=dict)  # seconds and bytes, filled by the cost model
+    cost: dict[str, float] = field(default_factory=dict)  # seconds and bytes per step, from the cost model
+    count: int = 1  # identical layers this row stands for (blocks.[0-117].mlp)
 
     @property
     def comm_bytes(self) -> int:
@@ -61,6 +62,7 @@ class Plan:
     memory: dict[str, Any] = field(default_factory=dict)  # per-rank bytes: weights, replicated parts, KV cache
     totals: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)  # layouts requested, objective, dtypes, ...
+    explain: list[str] = field(default_factory=list)  # every candidate, its cost and why it lost
     program: Any = field(default=None, repr=False, compare=False)  # api.Program; not serialized
 
     # ------------------------------------------------------------------------------------ use
@@ -100,7 +102,8 @@ class Plan:
             if l.cost:
                 cost = (f"  step {l.cost.get('time', 0) * 1e3:8.3f} ms  (compute {l.cost.get('compute', 0) * 1e3:.3f}, "
                         f"memory {l.cost.get('memory', 0) * 1e3:.3f}, comm {l.cost.get('comm', 0) * 1e3:.3f})")
-            rows.append(f"{l.name:<{w}}  {l.kind:<9} {l.layout:<8}  comm {format_bytes(l.comm_bytes):>10}/chip{cost}")
+            times = f" ×{l.count}" if l.count > 1 else ""
+            rows.append(f"{l.name:<{w}}  {l.kind:<9} {l.layout:<8}  comm {format_bytes(l.comm_bytes):>10}/chip{cost}{times}")
             for role, wl in l.weights.items():
                 gathered = "" if wl["at_rest"] == wl["in_use"] else f"  (stored {wl['at_rest']})"
                 rows.append(f"{'':<{w}}    weight {role:<7} {wl['in_use']}{gathered}")
@@ -117,6 +120,9 @@ class Plan:
                                                            if isinstance(v, (int, float)))]
         if self.totals:
             rows += ["totals: " + ", ".join(f"{k} {_fmt_total(k, v)}" for k, v in self.totals.items())]
+        if self.settings.get("family"):
+            rows += [f"chosen: {self.settings.get('chosen')} ({self.settings['family']}), objective "
+                     f"{self.settings.get('objective')}, weights {self.settings.get('weights')}"]
         return "\n".join(rows)
 
     def __str__(self) -> str:
@@ -152,4 +158,8 @@ def _fmt_total(key: str, v: float) -> str:
         return f"{v * 1e3:.3f} ms"
     if key == "mfu":
         return f"{v * 100:.1f}%"
+    if key == "chip_ms_per_token":
+        return f"{v:.4g} chip-ms/token"
+    if key == "transitions":
+        return f"{v * 1e3:.3f} ms"
     return f"{v:.4g}"

@@ -16,6 +16,7 @@ configuration its latency figures describe.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -78,19 +79,39 @@ def get(name: str) -> Preset:
 
 
 def build_model(
-    name: str, *, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+    name: str, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
     seed: int = 0, layers: int | None = None,
 ) -> nn.Module:
-    """Build a preset (random weights from `seed`); shape-only presets default to the meta device."""
+    """Build a preset (random weights from `seed`). Shape-only presets default to the meta device in
+    bf16 (the published models' dtype); the tiny ones to float32 on the CPU."""
     p = get(name)
     device = torch.device(device or ("meta" if p.shape_only else "cpu"))
+    dtype = dtype or (torch.bfloat16 if p.shape_only else torch.float32)
     cfg = dict(p.config)
     if layers is not None:
         cfg[_LAYERS_KEY[p.family]] = layers
     torch.manual_seed(seed)
-    with torch.device(device):
+    with torch.device(device), _skip_init(device.type == "meta"):
         model = _construct(p.family, cfg)
     return model.to(dtype).eval()
+
+
+@contextmanager
+def _skip_init(skip: bool):
+    """On the meta device there are no values to initialize (and some init ops are slow there)."""
+    if not skip:
+        yield
+        return
+    names = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+             "trunc_normal_", "zeros_", "ones_", "constant_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *a, **k: tensor)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
 
 
 def _construct(family: str, cfg: dict[str, Any]) -> nn.Module:

@@ -149,10 +149,11 @@ class RefDecoder(nn.Module):
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq[None, :]  # [L, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [L, D]
-        return emb.cos()[None, None], emb.sin()[None, None]  # [1, 1, L, D]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [L, D], computed in float32
+        dtype = self.embed.weight.dtype
+        return emb.cos()[None, None].to(dtype), emb.sin()[None, None].to(dtype)  # [1, 1, L, D]
 
-    def forward(self, input_ids, pos=None, k_cache=None, v_cache=None):
+    def forward(self, input_ids, pos=None, k_cache=None, v_cache=None, last_only: bool = False):
         B, L = input_ids.shape
         x = self.embed(input_ids)  # [B, L, E]
         if k_cache is None:
@@ -172,7 +173,9 @@ class RefDecoder(nn.Module):
             if c is not None:
                 new_k.append(c[0])
                 new_v.append(c[1])
-        logits = self.lm_head(self.norm(x))  # [B, L, V]
+        if last_only:  # serving needs only the next token's logits
+            x = x[:, -1:]
+        logits = self.lm_head(self.norm(x))  # [B, L, V] (L = 1 when last_only)
         if k_cache is None:
             return logits
         return logits, tuple(new_k), tuple(new_v)
@@ -185,3 +188,28 @@ class RefDecoder(nn.Module):
         device = device or self.embed.weight.device
         make = lambda: tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers))  # noqa: E731
         return make(), make()
+
+
+class FFNStack(nn.Module):
+    """Residual feed-forward blocks only (no norm, no attention): the paper's FFN communication analysis.
+
+    x [B, L, E] → for each block: x + W_out · gelu(W_in · x)
+    """
+
+    def __init__(self, d_model: int, d_ff: int, n_layers: int = 1):
+        super().__init__()
+        self.blocks = nn.ModuleList(_FFNBlock(d_model, d_ff) for _ in range(n_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class _FFNBlock(nn.Module):
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.mlp = FeedForward(RefConfig(d_model=d_model, d_ff=d_ff, activation="gelu"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(x)

@@ -43,14 +43,20 @@ def _functional_layer_class():
     return FunctionalStaticLayer
 
 
-class HFStep(nn.Module):
-    """A Hugging Face causal LM as a pure step function of (ids, pos, k_cache, v_cache)."""
+class Step(nn.Module):
+    """Any supported causal LM as a pure step function of (ids, pos, k_cache, v_cache).
 
-    def __init__(self, model: nn.Module):
+    `last_only`: return logits for the last position only ([B, 1, V]), as serving does.
+    """
+
+    def __init__(self, model: nn.Module, *, last_only: bool = False):
         super().__init__()
         self.model = model
+        self.last_only = last_only
 
     def forward(self, input_ids, pos, k_cache, v_cache):
+        if isinstance(self.model, RefDecoder):
+            return self.model(input_ids, pos, k_cache, v_cache, last_only=self.last_only)
         from transformers.cache_utils import Cache
 
         layer = _functional_layer_class()
@@ -58,19 +64,20 @@ class HFStep(nn.Module):
         B, L = input_ids.shape
         positions = torch.arange(L, device=input_ids.device) + pos  # [L]
         out = self.model(input_ids=input_ids, past_key_values=cache, cache_position=positions,
-                         position_ids=positions[None].expand(B, L), use_cache=True)
+                         position_ids=positions[None].expand(B, L), use_cache=True,
+                         logits_to_keep=1 if self.last_only else 0)
         return out.logits, tuple(l.keys for l in cache.layers), tuple(l.values for l in cache.layers)
 
 
-def as_step(model: nn.Module) -> nn.Module:
-    return model if isinstance(model, RefDecoder) else HFStep(model)
+def as_step(model: nn.Module, *, last_only: bool = False) -> nn.Module:
+    return Step(model, last_only=last_only)
 
 
 def cache_dims(model: nn.Module) -> tuple[int, int, int]:
     """(layers, KV heads, head dim) of a model's cache."""
     if isinstance(model, RefDecoder):
         c = model.cfg
-        return c.n_layers, c.n_kv_heads, c.d_head
+        return len(model.blocks), c.n_kv_heads, c.d_head
     c = model.config
     heads = c.num_attention_heads if hasattr(c, "num_attention_heads") else c.n_head
     kv = getattr(c, "num_key_value_heads", None) or heads
@@ -91,3 +98,26 @@ def empty_cache(model: nn.Module, batch: int, length: int, *, dtype=None, device
 def step_inputs(model: nn.Module, ids: torch.Tensor, pos: int, cache: tuple) -> tuple:
     """Positional arguments of one step."""
     return (ids, torch.tensor(pos, dtype=torch.long, device=ids.device), cache[0], cache[1])
+
+
+def phase_inputs(model: nn.Module, phase: str, *, batch: int, seq: int, context: int | None = None,
+                 seed: int = 0) -> tuple:
+    """Arguments of one step of `phase` for a model (random ids, or zeros on the meta device).
+
+    prefill: `seq` prompt tokens at position 0 into a cache of `context` (default `seq`) positions;
+    decode:  one token at the last position of a cache of `context` (default `seq`) positions.
+    """
+    if phase not in ("prefill", "decode"):
+        raise ValueError(f"unknown phase {phase!r}: use 'prefill' or 'decode'")
+    S = context or seq
+    L = seq if phase == "prefill" else 1
+    if phase == "prefill" and S < seq:
+        raise ValueError(f"context {S} is shorter than the {seq} prompt tokens it must hold")
+    p = next(model.parameters())
+    vocab = model.cfg.vocab if isinstance(model, RefDecoder) else model.config.vocab_size
+    if p.device.type == "meta":
+        ids = torch.zeros(batch, L, dtype=torch.long, device=p.device)
+    else:
+        ids = torch.randint(0, vocab, (batch, L), generator=torch.Generator().manual_seed(seed)).to(p.device)
+    pos = 0 if phase == "prefill" else S - 1
+    return step_inputs(model, ids, pos, empty_cache(model, batch, S))

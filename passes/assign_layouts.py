@@ -64,7 +64,11 @@ def parse_layouts(text: str | dict | None) -> dict[str, str]:
             items.append((k, v))
     out = {}
     for k, v in items:
-        kind = KINDS.get(k, k)
+        if k not in KINDS:
+            raise LayoutError(
+                f"--layouts names {k!r}: expected a layer kind, one of ffn, attn, embed, head (e.g. 'ffn=ws2d,attn=batch')"
+            )
+        kind = KINDS[k]
         if kind == "ffn":
             parse_ffn(v)
         elif kind == "attention" and v not in ATTENTION_MODES:
@@ -73,17 +77,6 @@ def parse_layouts(text: str | dict | None) -> dict[str, str]:
             raise LayoutError(f"unknown {kind} layout {v!r}: use one of {', '.join(EMBED_MODES)}")
         out[kind] = v
     return out
-
-
-def resolve(layers: Layers, request: dict[str, str]) -> dict[str, str]:
-    """Per-layer choices from kind-level requests (a layer's own name wins over its kind)."""
-    unknown = set(request) - set(DEFAULTS) - {l.name for l in layers.layers}
-    if unknown:
-        raise LayoutError(
-            f"--layouts names {sorted(unknown)}: expected layer kinds (ffn, attn, embed, head) or layer names "
-            f"({', '.join(l.name for l in layers.layers[:4])}, ...)"
-        )
-    return {l.name: request.get(l.name, request.get(l.kind, DEFAULTS[l.kind])) for l in layers.layers}
 
 
 def assign_layouts(gm: fx.GraphModule, mesh: Mesh, choices: dict[str, str]) -> fx.GraphModule:

@@ -6,6 +6,8 @@ the call) and `gm.meta["sw_state"]` (state key → tensor; meta tensors when the
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -81,3 +83,40 @@ def _from_exported(ep: torch.export.ExportedProgram, name: str) -> fx.GraphModul
     )
     gm.meta[STATE] = state
     return gm
+
+
+# ------------------------------------------------------------------------------------ prototypes
+def repeated_blocks(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList] | None:
+    """The model's stack of identical blocks: the longest ModuleList whose children share one type."""
+    best = None
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.ModuleList) and len(child) >= 2 and len({type(c) for c in child}) == 1:
+                if best is None or len(child) > len(best[2]):
+                    best = (parent, name, child)
+    return best
+
+
+@contextmanager
+def one_block(model: nn.Module):
+    """Within the block, the model has only its first repeated block (a prototype to plan from).
+
+    Yields the real number of blocks. Identical blocks cost the same under the same layout, so the
+    planner captures and costs one and counts it N times; emit still works on the full model.
+    """
+    found = repeated_blocks(model)
+    if found is None:
+        yield 1
+        return
+    parent, name, blocks = found
+    cfg = getattr(model, "config", None)
+    saved = {a: getattr(cfg, a) for a in ("num_hidden_layers", "n_layer") if cfg is not None and hasattr(cfg, a)}
+    setattr(parent, name, nn.ModuleList(list(blocks)[:1]))
+    for a in saved:
+        setattr(cfg, a, 1)
+    try:
+        yield len(blocks)
+    finally:
+        setattr(parent, name, blocks)
+        for a, v in saved.items():
+            setattr(cfg, a, v)

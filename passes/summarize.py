@@ -1,8 +1,6 @@
 """summarize: the Plan record of an annotated global-view graph (what `inspect` prints).
 
-A collective belongs to the layer that produced its input when that is a layer's op (the output
-reduce-scatter of a feed-forward layer), else to the first layer that consumes it (the input
-all-gather, the norm statistics, the weight all-gather of a weight-gathered layout).
+Collectives are attributed to layers by passes/attribute.py.
 
 Reads `sw_layers`, `sw_assignment`, `sw_layout`, `sw_collective`, `sw_weight`, `sw_unknown_ops`.
 """
@@ -18,10 +16,10 @@ from ..ir.mesh import Mesh
 from ..ir.plan import CollectiveRecord, LayerPlan, Plan
 from ..strategies.rules import LAYOUT, WEIGHT
 from .assign_layouts import ASSIGNMENT
-from .attribute import Attribution
+from .attribute import OUTPUT, Attribution
 from .find_layers import LAYERS, Layer, Layers
 from .graph_utils import signature
-from .insert_collectives import COLLECTIVE, collectives
+from .insert_collectives import Conversion
 from .propagate import UNKNOWN
 
 _PRIORITY = ["B", "L", "H", "K", "E", "F", "D", "V", "S"]
@@ -43,12 +41,13 @@ def dim_names(shape, dims: dict[str, int]) -> list[str]:
     return out
 
 
-def summarize(gm: fx.GraphModule, mesh: Mesh, *, model: str, hardware: str, phase: str) -> Plan:
+def summarize(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], *, model: str, hardware: str,
+              phase: str) -> Plan:
+    """The Plan of a propagated graph, from the conversions insert_collectives inserts (or would)."""
     layers: Layers = gm.meta[LAYERS]
     assignment = gm.meta[ASSIGNMENT]
     nodes = {n.name: n for n in gm.graph.nodes}
     dims = dict(layers.dims)
-    owner = _owners(gm, layers)
     rows: dict[str, LayerPlan] = {}
     for l in layers.layers:
         ldims = {**dims, **l.dims}
@@ -56,21 +55,21 @@ def summarize(gm: fx.GraphModule, mesh: Mesh, *, model: str, hardware: str, phas
             name=l.name, kind=l.kind, block=l.block, layout=assignment.choices.get(l.name, "-"), dims=dict(l.dims),
             weights=_weights(l, nodes, mesh, ldims), notes=list(assignment.notes.get(l.name, [])),
         )
-    rows["output"] = LayerPlan(name="output", kind="output", block=None, layout="replicated")
+    rows[OUTPUT] = LayerPlan(name=OUTPUT, kind=OUTPUT, block=None, layout="replicated")
     params = signature(gm).params
-    for node, step in collectives(gm):
-        if not step.communicates:
-            continue
-        row = rows[owner.get(node.name, "output")]
-        ldims = {**dims, **row.dims}
-        names = dim_names(tuple(node.meta["val"].shape), ldims)
-        src = _source(node)
-        row.collectives.append(CollectiveRecord(
-            node=node.name, kind=step.kind, group=mesh.format_atoms(step.atoms),
-            src=step.src.notation(mesh, names), dst=step.dst.notation(mesh, names), bytes=step.bytes,
-            wire_bytes=step.wire_bytes, axes=list(step.axes), weight=src.op == "placeholder" and src.name in params,
-        ))
-    plan_layers = [r for r in rows.values() if r.kind != "output" or r.collectives]
+    attribution = Attribution(layers)
+    for conv in conversions:
+        row = rows[attribution.owner(conv.src, conv.first_consumer)]
+        names = dim_names(tuple(conv.src.meta["val"].shape), {**dims, **row.dims})
+        weight = conv.src.op == "placeholder" and conv.src.name in params
+        for step in conv.steps:
+            if step.communicates:
+                row.collectives.append(CollectiveRecord(
+                    node=f"{conv.src.name}→{step.kind}", kind=step.kind, group=mesh.format_atoms(step.atoms),
+                    src=step.src.notation(mesh, names), dst=step.dst.notation(mesh, names), bytes=step.bytes,
+                    wire_bytes=step.wire_bytes, axes=list(step.axes), weight=weight,
+                ))
+    plan_layers = [r for r in rows.values() if r.kind != OUTPUT or r.collectives]
     unknown = [{"node": u.node, "target": u.target, "module": u.module} for u in gm.meta.get(UNKNOWN, [])]
     return Plan(model=model, mesh=mesh, hardware=hardware, phase=phase, batch=dims.get("B", 0), seq=dims.get("L", 0),
                 layers=plan_layers, unknown_ops=unknown, memory=weight_memory(gm, mesh))
@@ -94,26 +93,6 @@ def _weights(l: Layer, nodes, mesh: Mesh, dims) -> dict[str, dict[str, str]]:
         o, i = _ROLE_DIMS.get(role, ("V", "E"))
         names = [o, i] if rows_out else [i, o]
         out[role] = {"at_rest": spec.at_rest.notation(mesh, names), "in_use": spec.in_use.notation(mesh, names)}
-    return out
-
-
-def _source(node: fx.Node) -> fx.Node:
-    while COLLECTIVE in node.meta:
-        node = node.args[0]
-    return node
-
-
-def _owners(gm: fx.GraphModule, layers: Layers) -> dict[str, str]:
-    """Collective node → the layer it belongs to (passes/attribute.py)."""
-    attribution = Attribution(layers)
-    is_collective = lambda n: COLLECTIVE in n.meta  # noqa: E731
-    out: dict[str, str] = {}
-    for node, _ in collectives(gm):
-        consumer = node
-        while any(is_collective(u) for u in consumer.users):
-            consumer = next(u for u in consumer.users if is_collective(u))
-        first = next(iter(consumer.users))
-        out[node.name] = attribution.owner(_source(node), first, skip=is_collective)
     return out
 
 

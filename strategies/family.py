@@ -46,6 +46,14 @@ class FFNLayout:
                 return n
         return f"b{self.batch or '-'}.e{self.e or '-'}.f{self.f or '-'}"
 
+    def on(self, mesh: Mesh) -> str:
+        """The name on a mesh: axes of size 1 play no role; a named member when the roles match one."""
+        eff = FFNLayout(*("".join(a for a in axes if mesh.shape["xyz".index(a)] > 1) for axes in (self.batch, self.e, self.f)))
+        for n, member in NAMED.items():
+            if member.atoms(mesh) == eff.atoms(mesh):
+                return n
+        return eff.name
+
     def atoms(self, mesh: Mesh) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
         return mesh.atoms_of(self.batch), mesh.atoms_of(self.e), mesh.atoms_of(self.f)
 

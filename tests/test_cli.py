@@ -15,7 +15,7 @@ def test_inspect_palm_540b_on_meta():
     assert p.returncode == 0, p.stderr[-2000:]
     plan = json.loads(p.stdout)
     assert plan["mesh"] == "4x4x4" and plan["batch"] == 512 and plan["seq"] == 2048
-    assert sum(l["kind"] == "ffn" for l in plan["layers"]) == 118
+    assert sum(l["count"] for l in plan["layers"] if l["kind"] == "ffn") == 118  # planned once, counted ×118
 
 
 def test_inspect_table_and_graph():

@@ -1,0 +1,112 @@
+"""`shardwise calibrate`: measure this machine into the `cpu-local` hardware profile.
+
+  peak_flops      float32 matmul FLOP/s (2·n³ per n×n×n product, all threads, median of repeats)
+  hbm_bandwidth   bytes/s of a large tensor copy (read + write)
+  link_bandwidth  gloo all-gather on `ranks` processes over 127.0.0.1: the slope of time vs wire
+  collective_latency   bytes, fitted by least squares over message sizes from 4 KiB to 16 MiB
+The efficiencies are 1: these are what this machine achieves, not peaks to discount. Saved as JSON
+(shardwise/ir/hardware.py reads it for --hardware cpu-local).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ..ir.hardware import CPU_LOCAL, Hardware, cpu_local_path
+
+SIZES = [4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20]
+
+
+def _median_time(fn, repeats: int = 7, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_flops(n: int = 1024) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / _median_time(lambda: torch.mm(a, b))
+
+
+def memory_bandwidth(nbytes: int = 256 << 20) -> float:
+    src = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _median_time(lambda: dst.copy_(src), repeats=5)
+
+
+def _gloo_worker(rank: int, world: int, port: int, out) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    c10d = torch.ops._c10d_functional
+    group = dist.group.WORLD.group_name
+    results = []
+    for size in SIZES:
+        x = torch.ones(size // 4 // world)
+
+        def step():
+            c10d.wait_tensor(c10d.all_gather_into_tensor(x, world, group))
+
+        dist.barrier()
+        results.append((size, _median_time(step, repeats=9)))
+    if rank == 0:
+        out.put(results)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def gloo_allgather(ranks: int) -> tuple[float, float, list[tuple[int, float]]]:
+    """(latency s, bandwidth bytes/s, raw (output bytes, seconds)) of gloo all-gather on loopback."""
+    import torch.multiprocessing as mp
+
+    from .launch import free_port
+
+    ctx = mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    mp.start_processes(_gloo_worker, args=(ranks, free_port(), q), nprocs=ranks, join=True, start_method="spawn")
+    raw = q.get()
+    wire = [size * (ranks - 1) / ranks for size, _ in raw]
+    t = [s for _, s in raw]
+    n = len(wire)
+    mx, my = sum(wire) / n, sum(t) / n
+    slope = sum((a - mx) * (b - my) for a, b in zip(wire, t)) / sum((a - mx) ** 2 for a in wire)
+    latency = max(my - slope * mx, 0.0)
+    return latency, 1.0 / slope, raw
+
+
+def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Path]:
+    flops = matmul_flops()
+    bandwidth = memory_bandwidth()
+    latency, link, raw = gloo_allgather(ranks)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    when = datetime.datetime.now().isoformat(timespec="seconds")
+    hw = Hardware(
+        name=CPU_LOCAL, peak_flops=flops, hbm_bytes=float(ram), hbm_bandwidth=bandwidth, link_bandwidth=link,
+        topology="switch", collective_latency=latency, hop_latency=0.0,
+        source=f"measured by `shardwise calibrate` on {socket.gethostname()} at {when}, {torch.get_num_threads()} "
+               f"threads, gloo all-gather over {ranks} loopback ranks",
+        fitted={
+            "peak_flops": "float32 1024³ matmul, median of 7",
+            "hbm_bandwidth": "256 MiB copy (read + write), median of 5",
+            "link_bandwidth": "slope of gloo all-gather time vs wire bytes, "
+                              + ", ".join(f"{s >> 10} KiB: {t * 1e6:.0f} µs" for s, t in raw),
+            "collective_latency": "intercept of the same least-squares fit",
+        },
+    )
+    path = path or cpu_local_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(hw.to_json())
+    return hw, path

@@ -1,0 +1,309 @@
+"""The planner: one layout per layer, minimizing step latency or chip-seconds per token.
+
+The problem. Blocks b = 0 … N−1 each choose a family member m_b (roles of the mesh axes) and an
+attention mode a_b (heads or batch). The embedding writes block 0's residual layout, the head reads
+block N−1's, and consecutive blocks pay for redistributing the residual stream between their layouts:
+
+    minimize  emb(m_0) + Σ_b block(m_b, a_b) + Σ_b trans(m_b → m_{b+1}) + head(m_{N−1}) + output
+    subject to  weights + KV cache per chip ≤ HBM          (`_evaluate`, `_memory`)
+
+Each term comes from the real passes, not a formula (`_evaluate`): the candidate is assigned to a
+*prototype* graph holding one block of the model (captured once: identical blocks are solved once),
+propagated, and its conversions (`plan_conversions`, what insert_collectives would insert) are costed
+by `strategies/cost.py`. `trans` is `redistribute` between the two residual layouts. The chain is a
+shortest path through a layered DAG (blocks × candidates), solved by dynamic programming (`_chain`).
+
+When only a chip count is given, every factorization X·Y·Z = n is tried (`factorizations`); candidates
+that put the same atoms in the same roles on two meshes are costed once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch.fx as fx
+
+from ..errors import LayoutError, PlanError
+from ..ir.hardware import Hardware
+from ..ir.layout import Layout
+from ..ir.mesh import Mesh
+from ..passes.assign_layouts import assign_layouts
+from ..passes.attribute import OUTPUT
+from ..passes.find_layers import LAYERS, Layers
+from ..passes.insert_collectives import plan_conversions
+from ..passes.propagate import IO_LAYOUTS, propagate
+from .cost import Comm, LayerCost, Precision, layer_costs, stored_bytes
+from .family import ATTENTION_MODES, FFNLayout, all_members, residual
+from .redistribute import redistribute
+from .rules import ANCHOR, ATTENTION, IN_LAYOUTS, LAYOUT, NOTE, WEIGHT
+
+_KEYS = (WEIGHT, ANCHOR, ATTENTION, LAYOUT, IN_LAYOUTS, NOTE)
+
+
+@dataclass
+class Candidate:
+    member: FFNLayout
+    attention: str
+    mesh: Mesh
+    refused: str | None = None
+    parts: dict[str, LayerCost] = field(default_factory=dict)  # embedding / attention / ffn / head / output
+    times: dict[str, dict[str, float]] = field(default_factory=dict)
+    memory: dict[str, float] = field(default_factory=dict)  # per chip, whole model
+    core: str = ""  # how the attention core is really split: "heads", "batch" or "heads+batch"
+
+    @property
+    def name(self) -> str:
+        return f"{self.member.on(self.mesh)}+{self.attention}"
+
+    def block_time(self) -> float:
+        return sum(self.times[k]["time"] for k in ("attention", "ffn") if k in self.times)
+
+
+@dataclass
+class Choice:
+    """The planner's answer for one mesh: a candidate per block, the total and its parts."""
+
+    mesh: Mesh
+    blocks: list[Candidate]
+    total: float  # seconds per step
+    candidates: list[Candidate]
+    transitions: list[float]  # seconds, between consecutive blocks
+
+    @property
+    def first(self) -> Candidate:
+        return self.blocks[0]
+
+
+def factorizations(n: int) -> list[tuple[int, int, int]]:
+    return [(x, y, n // (x * y)) for x in range(1, n + 1) if n % x == 0 for y in range(1, n // x + 1)
+            if (n // x) % y == 0]
+
+
+def reset(gm: fx.GraphModule) -> None:
+    """Forget the previous candidate's decisions (the prototype graph is reused for every candidate)."""
+    for n in gm.graph.nodes:
+        for k in _KEYS:
+            n.meta.pop(k, None)
+    gm.meta.pop(IO_LAYOUTS, None)
+
+
+def _choices(layers: Layers, member: FFNLayout, attention: str, forced: dict[str, str]) -> dict[str, str]:
+    out = {}
+    for l in layers.layers:
+        if l.kind == "ffn":
+            out[l.name] = member.name
+        elif l.kind == "attention":
+            out[l.name] = attention
+        else:
+            out[l.name] = forced.get(l.kind, "auto" if l.kind == "embedding" else "vocab")
+    return out
+
+
+def evaluate(proto: fx.GraphModule, mesh: Mesh, member: FFNLayout, attention: str, *, hw: Hardware,
+             precision: Precision, n_blocks: int, overlap: bool, forced: dict[str, str]) -> Candidate:
+    """Cost one candidate on the prototype graph (one block), scaled to n_blocks for memory."""
+    cand = Candidate(member, attention, mesh)
+    layers: Layers = proto.meta[LAYERS]
+    reset(proto)
+    try:
+        assign_layouts(proto, mesh, _choices(layers, member, attention, forced))
+        propagate(proto, mesh)
+    except LayoutError as e:
+        cand.refused = f"does not divide: {e}"
+        return cand
+    cores = [n.meta[ATTENTION] for n in proto.graph.nodes if ATTENTION in n.meta]
+    if cores:
+        split = [w for w, atoms in (("heads", cores[0].heads), ("batch", cores[0].batch)) if atoms]
+        cand.core = "+".join(split) or "replicated"
+    per_layer = layer_costs(proto, mesh, plan_conversions(proto, mesh), precision)
+    kinds = {l.name: l.kind for l in layers.layers}
+    for name, cost in per_layer.items():
+        kind = kinds.get(name, OUTPUT)
+        cand.parts[kind] = cand.parts.get(kind, LayerCost()).add(cost)
+    cand.times = {k: v.times(hw, overlap=overlap) for k, v in cand.parts.items()}
+    cand.memory = _memory(proto, mesh, precision, n_blocks)
+    if cand.memory["total"] > hw.hbm_bytes:
+        gib = 1024**3
+        cand.refused = (f"exceeds HBM: needs {cand.memory['total'] / gib:.1f} GiB per chip "
+                        f"(weights {cand.memory['weights'] / gib:.1f} + KV cache {cand.memory['kv_cache'] / gib:.1f}) "
+                        f"of {hw.hbm_bytes / gib:.1f} GiB")
+    return cand
+
+
+def _memory(proto: fx.GraphModule, mesh: Mesh, precision: Precision, n_blocks: int) -> dict[str, float]:
+    """Per chip for the whole model: the prototype's block counted n_blocks times."""
+    from ..passes.find_layers import block_of
+
+    sig_params = proto.meta["sw_signature"].params
+    io = proto.meta.get(IO_LAYOUTS, {})
+    whole = stored_bytes(proto, mesh, precision)
+    in_block = {"weights": 0.0, "kv_cache": 0.0}
+    for n in proto.graph.nodes:
+        if n.op != "placeholder" or not n.users or block_of(next(iter(n.users))) is None:
+            continue
+        kind = "weights" if n.name in sig_params else ("kv_cache" if n.name in io else None)
+        if kind:
+            one = stored_bytes_of(n, mesh, precision, kind)
+            in_block[kind] += one
+    out = {k: whole[k] + (n_blocks - 1) * in_block[k] for k in whole}
+    out["total"] = out["weights"] + out["kv_cache"]
+    return out
+
+
+def stored_bytes_of(n: fx.Node, mesh: Mesh, precision: Precision, kind: str) -> float:
+    import math
+
+    layout = n.meta.get(LAYOUT) or Layout.replicated(n.meta["val"].ndim)
+    size = precision.nbytes("weights" if kind == "weights" else "kv", n.meta["val"].element_size())
+    return math.prod(layout.local_shape(tuple(n.meta["val"].shape), mesh)) * size
+
+
+def transition(a: FFNLayout, b: FFNLayout, mesh: Mesh, shape: tuple[int, ...], hw: Hardware,
+               precision: Precision, itemsize: int = 2) -> float:
+    """Seconds to move the residual stream from a's layout to b's (0 when they are the same member)."""
+    if a == b:
+        return 0.0
+    item = precision.nbytes("activations", itemsize)
+    steps = _transition_steps(a, b, mesh, tuple(shape), item)
+    if steps is None:
+        return float("inf")
+    return LayerCost(comm=[Comm(s, item) for s in steps]).times(hw)["comm"]
+
+
+@lru_cache(maxsize=65536)
+def _transition_steps(a: FFNLayout, b: FFNLayout, mesh: Mesh, shape: tuple[int, ...], itemsize: int):
+    src, dst = residual(a, mesh, len(shape)), residual(b, mesh, len(shape))
+    try:
+        return tuple(redistribute(src, dst, shape, mesh, itemsize=itemsize))
+    except LayoutError:
+        return None
+
+
+def plan_mesh(proto: fx.GraphModule, mesh: Mesh, *, hw: Hardware, precision: Precision, n_blocks: int,
+              overlap: bool = False, members: list[FFNLayout] | None = None,
+              attention: tuple[str, ...] = ATTENTION_MODES, forced: dict[str, str] | None = None,
+              cache: dict | None = None) -> Choice:
+    """The best chain of candidates on one mesh."""
+    forced = forced or {}
+    members = members or all_members()
+    cands: list[Candidate] = []
+    seen: set = set()
+    for m in members:
+        for a in attention:
+            key = (m.key(mesh), a)
+            if key in seen:
+                continue
+            seen.add(key)
+            ck = (_shape_key(m, mesh), a)
+            if cache is not None and ck in cache:
+                c = cache[ck]
+                cands.append(Candidate(m, a, mesh, c.refused, c.parts, c.times, c.memory, c.core))
+                continue
+            c = evaluate(proto, mesh, m, a, hw=hw, precision=precision, n_blocks=n_blocks, overlap=overlap,
+                         forced=forced)
+            if cache is not None:
+                cache[ck] = c
+            cands.append(c)
+    ok = [c for c in cands if c.refused is None]
+    if not ok:
+        raise PlanError(_no_plan_message(cands, mesh))
+    layers: Layers = proto.meta[LAYERS]
+    shape = (layers.dims.get("B", 1), layers.dims.get("L", 1), layers.dims.get("E", 1))
+    blocks, total, trans = _chain(ok, n_blocks, mesh, shape, hw, precision, _residual_itemsize(proto))
+    return Choice(mesh, blocks, total, cands, trans)
+
+
+def _shape_key(m: FFNLayout, mesh: Mesh) -> tuple:
+    """Costs depend on the sizes of the atoms in each role and on the axes they span, not their names."""
+    def role(atoms):
+        return tuple(mesh.atom(a).size for a in atoms), len(mesh.axes_of(atoms))
+
+    b, e, f = m.atoms(mesh)
+    return role(b), role(e), role(f)
+
+
+def _residual_itemsize(proto: fx.GraphModule) -> int:
+    layers: Layers = proto.meta[LAYERS]
+    if not layers.blocks:
+        return 2
+    node = next(n for n in proto.graph.nodes if n.name == layers.blocks[0].input)
+    return node.meta["val"].element_size()
+
+
+def _chain(ok: list[Candidate], n: int, mesh: Mesh, shape, hw, precision,
+           itemsize: int = 2) -> tuple[list[Candidate], float, list[float]]:
+    """Dynamic programming over the blocks (a shortest path through blocks × candidates):
+    best[i][c] = cheapest way to end block i with candidate c; one vectorized step per block."""
+    import numpy as np
+
+    S = len(ok)
+    # a transition depends only on the two residual layouts, of which there are far fewer than candidates
+    res = [residual(c.member, mesh, len(shape)) for c in ok]
+    kinds = list(dict.fromkeys(res))
+    rep = {r: next(c.member for c, rc in zip(ok, res) if rc == r) for r in kinds}
+    t = {(a, b): transition(rep[a], rep[b], mesh, shape, hw, precision, itemsize) if a != b else 0.0
+         for a in kinds for b in kinds}
+    trans = np.array([[t[(ra, rb)] for rb in res] for ra in res])
+    block = np.array([c.block_time() for c in ok])
+    emb = np.array([c.times.get("embedding", {}).get("time", 0.0) for c in ok])
+    tail = np.array([c.times.get("head", {}).get("time", 0.0) + c.times.get(OUTPUT, {}).get("time", 0.0) for c in ok])
+    best = emb + block
+    back = []
+    for _ in range(1, n):
+        through = best[:, None] + trans  # [from, to]
+        arg = through.argmin(axis=0)
+        best = through[arg, np.arange(S)] + block
+        back.append(arg)
+    last = best + tail
+    j = int(last.argmin())
+    path = [j]
+    for arg in reversed(back):
+        path.append(int(arg[path[-1]]))
+    path.reverse()
+    chosen = [ok[i] for i in path]
+    return chosen, float(last[j]), [float(trans[a, b]) for a, b in zip(path, path[1:])]
+
+
+def _no_plan_message(cands: list[Candidate], mesh: Mesh) -> str:
+    reasons = sorted({c.refused for c in cands if c.refused})
+    memory = any(c.refused.startswith("exceeds HBM") for c in cands if c.refused)
+    if memory:
+        head = f"no layout fits on mesh {mesh}: every candidate exceeds HBM or does not divide the model"
+        hint = "more chips, int8 weights (--weights int8), a smaller batch or context"
+    else:
+        head = f"no layout divides the model on mesh {mesh}"
+        hint = "a mesh whose axes divide the model's dims (d_model, d_ff, batch), or --chips N to search meshes"
+    return head + ":\n  " + "\n  ".join(reasons[:6]) + f"\nWhat to try: {hint}"
+
+
+def search(proto: fx.GraphModule, meshes: list[Mesh], *, objective: str = "latency",
+           **kw) -> tuple[Choice, list[tuple[Mesh, Choice | str]]]:
+    """The best plan over several meshes by `objective` (latency: seconds per step; cost: chip-seconds
+    per step, which only differs from latency when meshes of different chip counts compete); also
+    every mesh's result (or why it had none)."""
+    cache: dict = {}
+    results: list[tuple[Mesh, Choice | str]] = []
+    for mesh in meshes:
+        try:
+            results.append((mesh, plan_mesh(proto, mesh, cache=cache, **kw)))
+        except PlanError as e:
+            results.append((mesh, str(e)))
+    good = [r for _, r in results if isinstance(r, Choice)]
+    if not good and len(results) == 1:
+        raise PlanError(results[0][1])
+    if not good:
+        raise PlanError(f"no mesh of {meshes[0].size} chips has a valid plan:\n" + "\n".join(
+            f"  {m}: {r.splitlines()[0]}" for m, r in results))
+    if objective not in ("latency", "cost"):
+        raise PlanError(f"unknown objective {objective!r}: use 'latency' or 'cost'")
+    key = (lambda c: c.total) if objective == "latency" else (lambda c: c.total * c.mesh.size)
+    return min(good, key=key), results
+
+
+def meshes_for(chips: int) -> list[Mesh]:
+    """Every X×Y×Z = chips, near-cubic first (ties are broken by this order)."""
+    shapes = factorizations(chips)
+    shapes.sort(key=lambda s: (max(s) / min(s), s))
+    return [Mesh(s) for s in shapes]
+

@@ -1,0 +1,26 @@
+"""`shardwise calibrate`: measures this machine (2 real gloo ranks) into a profile --hardware cpu-local reads."""
+
+import shardwise
+from shardwise.runtime.calibrate import calibrate
+
+
+def test_calibrate_writes_a_profile_the_planner_uses(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHARDWISE_CACHE", str(tmp_path))
+    hw, path = calibrate(ranks=2)
+    assert path.parent == tmp_path and path.exists()
+    loaded = shardwise.get_hardware("cpu-local")
+    assert loaded == hw
+    # measured, so positive and plausible for a CPU: GFLOP/s to TFLOP/s, a loopback link slower than memory
+    assert 1e9 < hw.peak_flops < 1e14 and hw.link_bandwidth < hw.hbm_bandwidth and hw.collective_latency >= 0
+    plan = shardwise.plan("llama-tiny", mesh="1x1x2", hardware="cpu-local")
+    assert plan.hardware == "cpu-local" and plan.totals["latency"] > 0
+
+
+def test_missing_cpu_local_profile_says_to_calibrate(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHARDWISE_CACHE", str(tmp_path))
+    try:
+        shardwise.get_hardware("cpu-local")
+    except shardwise.ShardwiseError as e:
+        assert "shardwise calibrate" in str(e)
+    else:
+        raise AssertionError("expected a ShardwiseError")
