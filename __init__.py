@@ -13,11 +13,12 @@ from .ir.layout import Layout
 from .ir.mesh import Mesh
 from .ir.plan import Plan
 from .runtime.distributed import init
+from .runtime.generate import Generation, generate
 
 __all__ = [
     "CaptureError", "Collective", "Hardware", "Layout", "LayoutError", "Mesh", "MeshError", "Plan", "PlanError",
     "Program", "ShardedModule", "ShardwiseError", "VerifyReport", "get_hardware", "init", "models", "plan",
-    "simulate", "verify", "backend",
+    "simulate", "verify", "backend", "generate", "Generation",
 ]
 
 

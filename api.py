@@ -308,23 +308,36 @@ class VerifyReport:
     param_bytes_per_rank: list[int] = field(default_factory=list)
     param_bytes_total: int = 0
     replicated: list[list] = field(default_factory=list)
+    phase: str = "prefill"
+    tokens_equal: bool | None = None  # decode: greedy tokens identical to the unsharded model's
+    bytes_rows: list[tuple[str, str, int, int]] = field(default_factory=list)  # (layer, kind, predicted, measured)
 
     @property
     def ok(self) -> bool:
-        return self.max_abs_diff <= self.atol
+        return (self.max_abs_diff <= self.atol and self.tokens_equal is not False
+                and all(p == m for _, _, p, m in self.bytes_rows))
 
     def __str__(self) -> str:
         verdict = "OK" if self.ok else "FAILED"
-        lines = [
-            f"{verdict}: {self.model} on mesh {self.mesh} ({self.ranks} ranks), layouts {self.layouts or 'default'}",
-            f"  max |sharded − unsharded| = {self.max_abs_diff:.3e}  (bound {self.atol:.0e})",
-        ]
+        lines = [f"{verdict}: {self.model} on mesh {self.mesh} ({self.ranks} ranks), {self.phase}, "
+                 f"layouts {self.layouts or 'chosen by cost'}"]
+        if self.tokens_equal is None:
+            lines.append(f"  max |sharded − unsharded| = {self.max_abs_diff:.3e}  (bound {self.atol:.0e})")
+        else:
+            lines.append(f"  greedy tokens {'identical to' if self.tokens_equal else 'DIFFER from'} the unsharded "
+                         f"model's (max |logit diff| of the prefill step {self.max_abs_diff:.3e})")
         if self.param_bytes_per_rank:
             per = self.param_bytes_per_rank
             lines.append(f"  parameter bytes per rank: {', '.join(f'{b:,}' for b in per)} of {self.param_bytes_total:,} "
                          f"total ({per[0] / max(1, self.param_bytes_total):.3f} of the model per rank)")
         for key, extra, factor in self.replicated[:6]:
             lines.append(f"    replicated ×{factor}: {key} (+{extra:,.0f} B per rank)")
+        if self.bytes_rows:
+            from .runtime.accounting import format_comparison
+
+            same = all(p == m for _, _, p, m in self.bytes_rows)
+            lines.append(f"  collective bytes, predicted vs measured per layer: {'all equal' if same else 'DIFFERENT'}")
+            lines += ["    " + l for l in format_comparison(self.bytes_rows).splitlines()]
         return "\n".join(lines)
 
 
@@ -349,25 +362,49 @@ def verify(
     batch: int = 8,
     seq: int = 16,
     nproc: int | None = None,
+    phase: str = "prefill",
+    tokens: int = 16,
+    bytes: bool = False,
 ) -> VerifyReport:
-    """Plan, run all ranks, and compare with `model(*args, **kwargs)` run unsharded.
+    """Plan, run every rank, and compare with the unsharded model.
 
-    Ranks are simulated in this process, or, with `nproc`, launched as real torch.distributed processes
-    (torchrun on loopback; `model` must then be a preset name, so each worker can rebuild it on meta).
+    prefill: the outputs of `model(*args, **kwargs)` (max abs difference); decode: `tokens` greedy
+    tokens generated with sharded prefill and decode steps (must be identical). `bytes=True` also
+    compares the collective bytes each layer executed with the plan's prediction. Ranks are simulated
+    in this process, or, with `nproc`, real torch.distributed processes launched with torchrun
+    (`model` must then be a preset name, so each worker can rebuild it on the meta device).
     """
     mesh = Mesh.parse(mesh)
+    if phase not in ("prefill", "decode"):
+        raise ShardwiseError(f"unknown phase {phase!r}: use 'prefill' or 'decode'")
     if nproc is not None:
         return _verify_real(model, args, kwargs, mesh=mesh, layouts=layouts, atol=atol, batch=batch, seq=seq,
-                            nproc=nproc)
+                            nproc=nproc, phase=phase, tokens=tokens, record=bytes)
+    from .runtime.accounting import compare, compare_generation
+    from .runtime.generate import generate, reference_generate
+
     model, args, kwargs, name = _model_and_inputs(model, args, kwargs, batch, seq)
     p = plan(model, args, kwargs, mesh=mesh, layouts=layouts)
+    trace = Trace()
     with torch.no_grad():
         want = model(*args, **kwargs)
-        got = simulate(p, args, kwargs)
-    per_rank = [sum(t.numel() * t.element_size() for t in p.program.emit(r, group_name=sim_group_name).state_dict().values())
-                for r in range(mesh.size)]
-    return VerifyReport(name, str(mesh), p.settings["layouts"], max_abs_diff(got, want), atol, "simulated",
-                        per_rank, _model_bytes(model), p.memory.get("replicated", []))
+        got = p.program.simulate(args, kwargs, trace=trace)
+    report = VerifyReport(name, str(mesh), p.settings["layouts"], max_abs_diff(got, want), atol, "simulated",
+                          [_held(p, r) for r in range(mesh.size)], _model_bytes(model), p.memory.get("replicated", []),
+                          phase=phase)
+    if phase == "prefill" and bytes:
+        report.bytes_rows = compare(p, trace.collectives, p.program.gm)
+    if phase == "decode":
+        ids = args[0]
+        gen = generate(model, ids, tokens, mesh=mesh, layouts=layouts, simulate=True, details=True)
+        report.tokens_equal = torch.equal(gen.tokens, reference_generate(model, ids, tokens))
+        if bytes:
+            report.bytes_rows = compare_generation(gen, tokens)
+    return report
+
+
+def _held(p: Plan, rank: int) -> int:
+    return sum(t.numel() * t.element_size() for t in p.program.emit(rank, group_name=sim_group_name).state_dict().values())
 
 
 def _model_bytes(model: nn.Module) -> int:
@@ -375,8 +412,10 @@ def _model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in unique.values())
 
 
-def _verify_real(model, args, kwargs, *, mesh: Mesh, layouts, atol, batch, seq, nproc) -> VerifyReport:
+def _verify_real(model, args, kwargs, *, mesh: Mesh, layouts, atol, batch, seq, nproc, phase, tokens,
+                 record) -> VerifyReport:
     from .errors import MeshError
+    from .runtime.generate import reference_generate
     from .runtime.launch import run_real
 
     if not isinstance(model, str):
@@ -387,8 +426,14 @@ def _verify_real(model, args, kwargs, *, mesh: Mesh, layouts, atol, batch, seq, 
     model, args, kwargs, _ = _model_and_inputs(model, args, kwargs, batch, seq)
     p = plan(model, args, kwargs, mesh=mesh, layouts=layouts)
     state = p.program.gm.meta["sw_state"]
+    run = run_real(model=name, mesh=str(mesh), layouts=layouts, args=args, kwargs=kwargs, state=state, nproc=nproc,
+                   phase=phase, extra={"tokens": tokens, "record": record})
+    report = VerifyReport(name, str(mesh), p.settings["layouts"], 0.0, atol, run.backend, run.param_bytes,
+                          _model_bytes(model), p.memory.get("replicated", []), phase=phase,
+                          bytes_rows=run.bytes_rows)
     with torch.no_grad():
-        want = model(*args, **kwargs)
-    run = run_real(model=name, mesh=str(mesh), layouts=layouts, args=args, kwargs=kwargs, state=state, nproc=nproc)
-    return VerifyReport(name, str(mesh), p.settings["layouts"], max_abs_diff(run.output, want), atol, run.backend,
-                        run.param_bytes, _model_bytes(model), p.memory.get("replicated", []))
+        if phase == "prefill":
+            report.max_abs_diff = max_abs_diff(run.output, model(*args, **kwargs))
+        else:
+            report.tokens_equal = torch.equal(run.output, reference_generate(model, args[0], tokens))
+    return report

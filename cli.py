@@ -59,6 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     _common(p)
     p.add_argument("--nproc", type=int, default=None, help="run on N real gloo ranks (torchrun on loopback)")
     p.add_argument("--atol", type=float, default=1e-5)
+    p.add_argument("--phase", choices=("prefill", "decode"), default="prefill",
+                   help="prefill: compare logits; decode: compare --tokens greedy tokens")
+    p.add_argument("--tokens", type=int, default=16, help="tokens to generate for --phase decode")
+    p.add_argument("--bytes", action="store_true", help="compare executed collective bytes with the plan, per layer")
+
+    p = sub.add_parser("generate", help="greedy generation with sharded prefill and decode (simulated ranks)")
+    _common(p)
+    p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--prefill-layouts", default=None)
+    p.add_argument("--decode-layouts", default=None)
 
     sub.add_parser("demo", help="plan llama-tiny for 4 ranks, run it on 4 real ranks, check the numbers")
 
@@ -67,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        return {"inspect": _inspect, "verify": _verify, "demo": _demo, "calibrate": _calibrate}[args.command](args)
+        commands = {"inspect": _inspect, "verify": _verify, "demo": _demo, "calibrate": _calibrate,
+                    "generate": _generate}
+        return commands[args.command](args)
     except ShardwiseError as e:
         print(f"shardwise: error: {e}", file=sys.stderr)
         return 2
@@ -99,9 +111,35 @@ def _inspect(a) -> int:
 def _verify(a) -> int:
     from . import api
 
-    report = api.verify(a.model, mesh=a.mesh, layouts=a.layouts, batch=a.batch, seq=a.seq, nproc=a.nproc, atol=a.atol)
+    report = api.verify(a.model, mesh=a.mesh, layouts=a.layouts, batch=a.batch, seq=a.seq, nproc=a.nproc, atol=a.atol,
+                        phase=a.phase, tokens=a.tokens, bytes=a.bytes)
     print(report)
     return 0 if report.ok else 1
+
+
+def _generate(a) -> int:
+    import torch
+
+    from .models import build_model, example_inputs
+    from .runtime.generate import generate, reference_generate
+
+    model = build_model(a.model)
+    (ids,), _ = example_inputs(model, a.batch, a.seq)
+    gen = generate(model, ids, a.tokens, mesh=a.mesh, layouts=a.layouts, prefill_layouts=a.prefill_layouts,
+                   decode_layouts=a.decode_layouts, simulate=True, details=True)
+    same = torch.equal(gen.tokens, reference_generate(model, ids, a.tokens))
+    print(f"prefill: {gen.prefill.settings['chosen']} ({gen.prefill.settings['family']})")
+    print(f"decode:  {gen.decode.settings['chosen']} ({gen.decode.settings['family']})")
+    if gen.bridge:
+        print("KV cache redistributed between the phases:")
+        for c in gen.bridge:
+            print("  " + c.line())
+    else:
+        print("KV cache: the same layout in both phases (nothing to move between them)")
+    for b in range(min(2, ids.shape[0])):
+        print(f"sequence {b}: {gen.tokens[b, a.seq:].tolist()}")
+    print(f"greedy tokens {'identical to' if same else 'DIFFER from'} the unsharded model's")
+    return 0 if same else 1
 
 
 def _demo(a) -> int:

@@ -63,10 +63,17 @@ class Step(nn.Module):
         cache = Cache(layers=[layer(k, v, pos) for k, v in zip(k_cache, v_cache)])
         B, L = input_ids.shape
         positions = torch.arange(L, device=input_ids.device) + pos  # [L]
-        out = self.model(input_ids=input_ids, past_key_values=cache, cache_position=positions,
+        out = self.model(input_ids=input_ids, **{_cache_kwarg(self.model): cache}, cache_position=positions,
                          position_ids=positions[None].expand(B, L), use_cache=True,
                          logits_to_keep=1 if self.last_only else 0)
         return out.logits, tuple(l.keys for l in cache.layers), tuple(l.values for l in cache.layers)
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """transformers 5 names the cache argument `cache`; earlier versions `past_key_values`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def as_step(model: nn.Module, *, last_only: bool = False) -> nn.Module:

@@ -148,7 +148,7 @@ def _lower(g: fx.Graph, node: fx.Node, vals: dict, env: RankEnv) -> fx.Node:
     mesh = env.mesh
     if node.target in REDISTRIBUTE_OPS:
         src = node.args[0]
-        return lower_step(g, vals[src], node.meta[COLLECTIVE], local_shape(src, mesh), env)
+        return lower_step(g, vals[src], node.meta[COLLECTIVE], local_shape(src, mesh), env, origin=node.name)
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), vals.__getitem__)
     if env.device is not None:
         args, kwargs = fx.node.map_aggregate(

@@ -25,7 +25,8 @@ from ..strategies.redistribute import redistribute
 from ..strategies.rules import IN_LAYOUTS, LAYOUT, bind
 from .graph_utils import copy_meta
 
-COLLECTIVE = "sw_collective"
+COLLECTIVE = "sw_collective"  # on an inserted node: its Collective step
+CONVERSION = "sw_conversion"  # on an inserted node: (source node, first consumer) of its conversion
 
 
 # Global-view collectives: identities on the global tensor (the layout lives in node.meta).
@@ -105,6 +106,7 @@ def insert_collectives(gm: fx.GraphModule, mesh: Mesh) -> fx.GraphModule:
         with gm.graph.inserting_before(conv.first_consumer):
             for step in conv.steps:
                 cur = _step_node(gm, cur, step, mesh, conv.first_consumer)
+                cur.meta[CONVERSION] = (conv.src.name, conv.first_consumer.name)
         for node, name, idx in conv.uses:
             _replace(node, name, idx, cur)
     gm.graph.lint()

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ class RealRun:
     seconds: list[float]  # per rank, wall time of the sharded step (after one warm-up)
     backend: str
     log: str
+    bytes_rows: list = field(default_factory=list)  # (layer, kind, predicted, measured) on rank 0
 
 
 def free_port() -> int:
@@ -63,7 +64,7 @@ def run_real(*, model: str, mesh: str, layouts: str | dict | None, args: tuple, 
             tail = "\n".join(log.strip().splitlines()[-25:])
             raise ShardwiseError(f"the {nproc} real ranks failed (exit {proc.returncode}):\n{tail}")
         res = torch.load(tmp / "out.pt", weights_only=False)
-    return RealRun(res["output"], res["param_bytes"], res["seconds"], res["backend"], log)
+    return RealRun(res["output"], res["param_bytes"], res["seconds"], res["backend"], log, res.get("bytes_rows", []))
 
 
 def _worker(job_path: str) -> None:
@@ -71,7 +72,10 @@ def _worker(job_path: str) -> None:
 
     from .. import api
     from ..models import presets
+    from .accounting import compare, compare_generation
     from .distributed import init
+    from .generate import generate
+    from .simulate import Trace, run_recorded
     from .weights import SafetensorsSource
 
     job = json.loads(Path(job_path).read_text())
@@ -79,31 +83,51 @@ def _worker(job_path: str) -> None:
     torch.set_num_threads(1)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     inputs = torch.load(job["inputs"], weights_only=False)
-    args, kwargs = inputs["args"], inputs["kwargs"]
-    meta = presets.build_model(job["model"], device="meta")
-    to_meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t  # noqa: E731
-    meta_args = tuple(to_meta(a) for a in args)
-    meta_kwargs = {k: to_meta(v) for k, v in kwargs.items()}
-    plan = api.plan(meta, meta_args, meta_kwargs, mesh=job["mesh"], layouts=job["layouts"], phase=job["phase"])
-    program = plan.emit(rank, weights=SafetensorsSource(job["weights"]), device=device)
     on_device = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
-    args = tuple(on_device(a) for a in args)
-    kwargs = {k: on_device(v) for k, v in kwargs.items()}
+    args = tuple(on_device(a) for a in inputs["args"])
+    kwargs = {k: on_device(v) for k, v in inputs["kwargs"].items()}
+    meta = presets.build_model(job["model"], device="meta")  # this rank never holds the whole model
+    weights = SafetensorsSource(job["weights"])
+    result: dict = {"backend": dist.get_backend()}
     with torch.no_grad():
-        out = program(*args, **kwargs)  # warm-up and the output we check
-        dist.barrier()
-        t0 = time.perf_counter()
-        program(*args, **kwargs)
-        seconds = time.perf_counter() - t0
-    held = sum(t.numel() * t.element_size() for t in program.state_dict().values())
+        if job["phase"] == "decode":
+            gen = generate(meta, args[0], job["tokens"], mesh=job["mesh"], layouts=job["layouts"], weights=weights,
+                           record=job.get("record", False), details=True)
+            result["output"] = gen.tokens.cpu()
+            if job.get("record"):
+                result["bytes_rows"] = compare_generation(gen, job["tokens"])
+            held = sum(t.numel() * t.element_size() for t in
+                       api.emit(gen.decode.program.gm, gen.decode.mesh, rank, group_name=_no_groups,
+                                weights=weights, device=device).state_dict().values())
+            seconds = 0.0
+        else:
+            to_meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t  # noqa: E731
+            plan = api.plan(meta, tuple(to_meta(a) for a in args), {k: to_meta(v) for k, v in kwargs.items()},
+                            mesh=job["mesh"], layouts=job["layouts"], phase=job["phase"])
+            program = plan.emit(rank, weights=weights, device=device)
+            flat = plan.program.flat_inputs(args, kwargs)
+            trace = Trace()
+            out = run_recorded(program.program, flat, trace) if job.get("record") else program(*args, **kwargs)
+            if job.get("record"):
+                out = torch.utils._pytree.tree_unflatten(list(out), plan.program.sig.out_spec)
+                result["bytes_rows"] = compare(plan, trace.collectives, plan.program.gm)
+            dist.barrier()
+            t0 = time.perf_counter()
+            program(*args, **kwargs)
+            seconds = time.perf_counter() - t0
+            held = sum(t.numel() * t.element_size() for t in program.state_dict().values())
+            result["output"] = torch.utils._pytree.tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, out)
     reports = [None] * dist.get_world_size()
     dist.all_gather_object(reports, (held, seconds))
     if rank == 0:
-        out = torch.utils._pytree.tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, out)
-        torch.save({"output": out, "param_bytes": [r[0] for r in reports], "seconds": [r[1] for r in reports],
-                    "backend": dist.get_backend()}, job["output"])
+        result.update(param_bytes=[r[0] for r in reports], seconds=[r[1] for r in reports])
+        torch.save(result, job["output"])
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _no_groups(atoms):  # emitting only to count a program's bytes: its collectives never run
+    return "unused"
 
 
 if __name__ == "__main__":

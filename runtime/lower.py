@@ -42,18 +42,29 @@ def shard_tensor(t: torch.Tensor, layout: Layout, mesh: Mesh, rank: int) -> torc
     return out.contiguous().clone()
 
 
+STEP = "sw_step"  # on a lowered collective op: the Collective it runs
+GLOBAL = "sw_global"  # ... and the name of the global-view node it lowers
+
+
 class _Builder:
-    def __init__(self, g: fx.Graph, tag: str):
-        self.g, self.tag = g, tag
+    def __init__(self, g: fx.Graph, tag: str, meta: dict):
+        self.g, self.tag, self.meta = g, tag, meta
 
     def __call__(self, target, *args) -> fx.Node:
-        return self.g.create_node("call_function", target, args, name=self.tag)
+        n = self.g.create_node("call_function", target, args, name=self.tag)
+        if target in COLLECTIVE_OPS:
+            n.meta.update(self.meta)
+        return n
 
 
-def lower_step(g: fx.Graph, x: fx.Node, step: Collective, local: Sequence[int], env: RankEnv) -> fx.Node:
-    """Append the ops of `step` on `x` (local shape `local`) for rank `env.rank`; returns the result."""
+def lower_step(g: fx.Graph, x: fx.Node, step: Collective, local: Sequence[int], env: RankEnv,
+               *, origin: str = "") -> fx.Node:
+    """Append the ops of `step` on `x` (local shape `local`) for rank `env.rank`; returns the result.
+
+    The collective op is tagged with the step and the global node it lowers (`origin`), so a trace of
+    what ran can be compared with what was planned."""
     mesh = env.mesh
-    op = _Builder(g, f"{step.kind}_{''.join(step.atoms)}")
+    op = _Builder(g, f"{step.kind}_{''.join(step.atoms)}", {STEP: step, GLOBAL: origin})
     local = list(local)
     chunk = list(step.atoms)
     order = list(mesh.mesh_order(chunk))

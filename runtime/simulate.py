@@ -27,12 +27,14 @@ def sim_group_name(atoms: tuple[str, ...]) -> str:
 
 @dataclass
 class Executed:
-    """One collective as it ran: kind, group atoms, and the bytes per chip it was charged."""
+    """One collective as it ran: kind, group atoms, the bytes per chip it was charged, and the
+    global-view node it lowers (to attribute it to a layer)."""
 
     node: str
     kind: str
     atoms: tuple[str, ...]
     bytes: int
+    origin: str = ""
 
 
 @dataclass
@@ -98,10 +100,8 @@ def _collective(graphs, envs, i, mesh: Mesh, trace: Trace | None) -> None:
             envs[m][graphs[m][i]] = out
     if trace is not None:
         x = envs[0][graphs[0][i].args[0]]
-        nbytes = x.numel() * x.element_size()
-        g = mesh.group_size(atoms)
-        charged = {"all_gather": nbytes * g, "reduce_scatter": nbytes, "all_reduce": 2 * nbytes, "all_to_all": nbytes}[kind]
-        trace.collectives.append(Executed(n0.name, kind, atoms, charged))
+        trace.collectives.append(Executed(n0.name, kind, atoms, charged_bytes(kind, x, mesh.group_size(atoms)),
+                                          n0.meta.get("sw_global", "")))
 
 
 def _compute(kind: str, xs: list[torch.Tensor], node: fx.Node) -> list[torch.Tensor]:
@@ -126,3 +126,29 @@ def _sum(xs: list[torch.Tensor]) -> torch.Tensor:
     for x in xs[1:]:
         total += x
     return total
+
+
+def charged_bytes(kind: str, x: torch.Tensor, group: int) -> int:
+    """Bytes per chip of a collective on input `x`, in the paper's accounting (ir/collective.py)."""
+    nbytes = x.numel() * x.element_size()
+    return {"all_gather": nbytes * group, "reduce_scatter": nbytes, "all_reduce": 2 * nbytes, "all_to_all": nbytes}[kind]
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, trace: Trace):
+        super().__init__(gm)
+        self.trace = trace
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n.op == "call_function" and n.target in COLLECTIVE_OPS:
+            kind = COLLECTIVE_OPS[n.target]
+            group = n.args[1] if kind == "all_gather" else 1  # all_gather_into_tensor(x, group_size, name)
+            self.trace.collectives.append(Executed(n.name, kind, (), charged_bytes(kind, self.env[n.args[0]], group),
+                                                   n.meta.get("sw_global", "")))
+        return out
+
+
+def run_recorded(program: fx.GraphModule, flat: list, trace: Trace):
+    """Run one rank's program on real process groups, recording every collective it executes."""
+    return _Recorder(program, trace).run(*flat)
