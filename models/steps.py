@@ -49,6 +49,8 @@ class Step(nn.Module):
     `last_only`: return logits for the last position only ([B, 1, V]), as serving does.
     """
 
+    shardwise_root = "model"  # capture names layers and weights as the model does, without "model."
+
     def __init__(self, model: nn.Module, *, last_only: bool = False):
         super().__init__()
         self.model = model

@@ -105,6 +105,7 @@ def assign_layouts(gm: fx.GraphModule, mesh: Mesh, choices: dict[str, str]) -> f
             for ph, outs in caches.get(block.name, []):
                 io[ph] = cache_layout
                 io.update({f"output:{j}": cache_layout for j in outs})
+    _gather_free_weights(gm, layers, members, mesh)
     first = members.get(0, parse_ffn(DEFAULTS["ffn"]))
     table_specs: dict[str, WeightSpec] = {}
     for layer in layers.by_kind("embedding"):
@@ -185,9 +186,9 @@ def _table_spec(layer: Layer, mode: str, member: FFNLayout, mesh: Mesh) -> Weigh
         atoms = mesh.mesh_order(b + e + f)
         require_divides("the vocabulary (V)", V, atoms, mesh, f"embed=vocab for {layer.name}")
         layout = Layout.sharded(2, 0, atoms)
-    else:
+    else:  # split E like the residual; under a weight-gathered member also stored split over batch
         require_divides("d_model (E)", E, e + f, mesh, f"embed=E for {layer.name}")
-        layout = Layout.sharded(2, 1, e + f)
+        return weight_spec((), e + f, b, (V, E), True, mesh)
     return WeightSpec(at_rest=layout, in_use=layout)
 
 
@@ -230,3 +231,23 @@ def _cache_layout(core, member: FFNLayout, mode: str, mesh: Mesh, dims: dict) ->
 
     q = longest_dividing_prefix(f, dims["H"], mesh)
     return Layout((b, longest_dividing_prefix(q, dims["K"], mesh), (), ()))
+
+
+def _gather_free_weights(gm: fx.GraphModule, layers: Layers, members: dict[int, FFNLayout], mesh: Mesh) -> None:
+    """Weights no layout plans (norms, biases) follow their block's member: under a weight-gathered
+    member they are stored split over its batch atoms too (propagate adopts, then splits them)."""
+    from ..strategies.rules import GATHER
+
+    sig = signature(gm)
+    index = {b.name: b.index for b in layers.blocks}
+    last = members.get(len(layers.blocks) - 1)
+    for n in gm.graph.nodes:
+        if n.op != "placeholder" or n.name not in sig.params or sig.params[n.name] in sig.buffers:
+            continue
+        n.meta.pop(GATHER, None)
+        if WEIGHT in n.meta or not n.users:
+            continue
+        block = block_of(next(iter(n.users)))
+        member = members.get(index[block]) if block in index else last
+        if member is not None and member.batch:
+            n.meta[GATHER] = member.atoms(mesh)[0]

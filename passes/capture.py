@@ -48,10 +48,23 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None) -> fx.Gra
         ) from e
     finally:
         model.train(was_training)
-    return _from_exported(ep, type(model).__name__)
+    # a wrapper (models/steps.Step) names the submodule whose names to keep: `model.layers.0` → `layers.0`
+    root = getattr(model, "shardwise_root", None)
+    inner = getattr(model, root) if root else model
+    return _from_exported(ep, type(inner).__name__, strip=f"{root}." if root else "")
 
 
-def _from_exported(ep: torch.export.ExportedProgram, name: str) -> fx.GraphModule:
+def _strip_names(ep: torch.export.ExportedProgram, strip: str) -> None:
+    for node in ep.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {
+                k: (path[len(strip):] if path.startswith(strip) else ("" if path == strip[:-1] else path), t)
+                for k, (path, t) in stack.items()
+            }
+
+
+def _from_exported(ep: torch.export.ExportedProgram, name: str, strip: str = "") -> fx.GraphModule:
     sig = ep.graph_signature
     mutated = [o for o in sig.output_specs if o.kind.name not in ("USER_OUTPUT",)]
     if mutated:
@@ -64,14 +77,17 @@ def _from_exported(ep: torch.export.ExportedProgram, name: str) -> fx.GraphModul
     inputs: list[str] = []
     buffers: set[str] = set()
     state: dict[str, torch.Tensor] = {}
+    if strip:
+        _strip_names(ep, strip)
     for spec in sig.input_specs:
         kind = spec.kind.name
         if kind in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
-            params[spec.arg.name] = spec.target
+            key = spec.target[len(strip):] if strip and spec.target.startswith(strip) else spec.target
+            params[spec.arg.name] = key
             if kind != "PARAMETER":
-                buffers.add(spec.target)
+                buffers.add(key)
             source = ep.state_dict if spec.target in ep.state_dict else ep.constants
-            state[spec.target] = source[spec.target].detach()
+            state[key] = source[spec.target].detach()
         elif kind == "USER_INPUT":
             inputs.append(spec.arg.name)
         else:

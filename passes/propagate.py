@@ -24,6 +24,7 @@ from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..strategies.rules import (
     ANCHOR,
+    GATHER,
     IN_LAYOUTS,
     LAYOUT,
     NOTE,
@@ -74,7 +75,7 @@ def propagate(gm: fx.GraphModule, mesh: Mesh) -> fx.GraphModule:
                     for i, o in enumerate(outs)
                 ]
             }
-    _adopt_free_weights(gm)
+    _adopt_free_weights(gm, mesh)
     gm.meta[UNKNOWN] = unknown
     return gm
 
@@ -183,12 +184,26 @@ def uses(node: fx.Node):
                 yield user, want
 
 
-def _adopt_free_weights(gm: fx.GraphModule) -> None:
-    """A weight with no planned layout is stored already split the way all its uses need it."""
+def _adopt_free_weights(gm: fx.GraphModule, mesh: Mesh) -> None:
+    """A weight with no planned layout is stored already split the way all its uses need it; under a
+    weight-gathered layout (`sw_gather_over`), further split over the batch atoms and gathered before use."""
     params = signature(gm).params
     for node in gm.graph.nodes:
         if node.op != "placeholder" or node.name not in params or WEIGHT in node.meta:
             continue
         wants = {w.without_partial() for _, w in uses(node)}
-        if len(wants) == 1:
-            node.meta[LAYOUT] = wants.pop()
+        if len(wants) != 1:
+            continue
+        layout = wants.pop()
+        extra = [a for a in node.meta.get(GATHER, ()) if a not in layout.used]
+        node.meta[LAYOUT] = spread(layout, tuple(node.meta["val"].shape), extra, mesh) if extra else layout
+
+
+def spread(layout: Layout, shape: tuple[int, ...], atoms: list[str], mesh: Mesh) -> Layout:
+    """`layout` further split over `atoms` on its largest dim that divides, else unchanged."""
+    local = layout.local_shape(shape, mesh)
+    g = mesh.group_size(atoms)
+    for d in sorted(range(len(shape)), key=lambda d: -local[d]):
+        if local[d] % g == 0 and local[d] >= g:
+            return layout.with_dim(d, layout.dims[d] + tuple(atoms))
+    return layout

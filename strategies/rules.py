@@ -28,6 +28,7 @@ aten = torch.ops.aten
 WEIGHT = "sw_weight"  # on a param placeholder: WeightSpec
 ATTENTION = "sw_attention"  # on an sdpa node: AttentionSpec
 ANCHOR = "sw_anchor"  # on any node: the layout all its consumers must see
+GATHER = "sw_gather_over"  # on a weight no rule plans: atoms to store it split over (weight-gathered layouts)
 # written by propagate
 LAYOUT = "sw_layout"  # the layout of the node's output (a tuple of layouts for tuple outputs)
 IN_LAYOUTS = "sw_in_layouts"  # per tensor argument (flattened), the layout the op needs
