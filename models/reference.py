@@ -73,12 +73,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(H * D, E, bias=False)
 
     def forward(self, x, cos, sin, mask, cache: tuple[torch.Tensor, torch.Tensor] | None, pos):
-        cfg = self.cfg
+        D = self.cfg.d_head
         B, L, _ = x.shape
-        H, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
-        q = self.q_proj(x).view(B, L, H, D).transpose(1, 2)  # q: [B, H, L, D]
-        k = self.k_proj(x).view(B, L, K, D).transpose(1, 2)  # k: [B, K, L, D]
-        v = self.v_proj(x).view(B, L, K, D).transpose(1, 2)
+        # head counts come from the tensors (-1), so the module also runs under tensor parallelism
+        # (DTensor's Colwise/Rowwise hand each rank its local heads)
+        q = self.q_proj(x).view(B, L, -1, D).transpose(1, 2)  # q: [B, H, L, D]
+        k = self.k_proj(x).view(B, L, -1, D).transpose(1, 2)  # k: [B, K, L, D]
+        v = self.v_proj(x).view(B, L, -1, D).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         new_cache = None
@@ -87,6 +88,7 @@ class Attention(nn.Module):
             k = cache[0].index_copy(2, positions, k)  # k: [B, K, S, D]
             v = cache[1].index_copy(2, positions, v)
             new_cache = (k, v)
+        H, K = q.shape[1], k.shape[1]
         if K != H:  # repeat_kv: [B, K, S, D] → [B, H, S, D]
             S = k.shape[2]
             k = k[:, :, None].expand(B, K, H // K, S, D).reshape(B, H, S, D)
@@ -95,7 +97,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(B, L, H * D)  # [B, L, H·D]
+        out = out.transpose(1, 2).reshape(B, L, -1)  # [B, L, H·D]
         return self.o_proj(out), new_cache
 
 
