@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Sequence
 
 from ..errors import LayoutError
@@ -45,7 +46,7 @@ class Layout:
     def ndim(self) -> int:
         return len(self.dims)
 
-    @property
+    @cached_property
     def used(self) -> frozenset[str]:
         return frozenset(a for d in self.dims for a in d)
 

@@ -117,8 +117,16 @@ class Mesh:
             raise MeshError(f"unknown mesh axes {sorted(bad)}: the axes are x, y, z")
         return tuple(a.name for a in self._atoms if a.axis in wanted)
 
+    @cached_property
+    def _sizes(self) -> dict[tuple[str, ...], int]:
+        return {}
+
     def group_size(self, atoms: Iterable[str]) -> int:
-        return math.prod(self.atom(a).size for a in atoms)
+        key = tuple(atoms)
+        size = self._sizes.get(key)
+        if size is None:
+            size = self._sizes[key] = math.prod(self.atom(a).size for a in key)
+        return size
 
     def mesh_order(self, atoms: Iterable[str]) -> tuple[str, ...]:
         return tuple(sorted(atoms, key=lambda a: self._by_name[a][0]))

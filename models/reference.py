@@ -182,15 +182,6 @@ class RefDecoder(nn.Module):
             return logits
         return logits, tuple(new_k), tuple(new_v)
 
-    def empty_cache(self, batch: int, length: int, *, dtype=None, device=None):
-        """(k_cache, v_cache): per layer a zero [B, K, S, D] tensor."""
-        cfg = self.cfg
-        shape = (batch, cfg.n_kv_heads, length, cfg.d_head)
-        dtype = dtype or self.embed.weight.dtype
-        device = device or self.embed.weight.device
-        make = lambda: tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers))  # noqa: E731
-        return make(), make()
-
 
 class FFNStack(nn.Module):
     """Residual feed-forward blocks only (no norm, no attention): the paper's FFN communication analysis.

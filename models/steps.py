@@ -99,9 +99,12 @@ def empty_cache(model: nn.Module, batch: int, length: int, *, dtype=None, device
     """(k_cache, v_cache): per layer a zero [batch, K, length, D] tensor."""
     layers, K, D = cache_dims(model)
     p = next(model.parameters())
-    make = lambda: tuple(torch.zeros(batch, K, length, D, dtype=dtype or p.dtype, device=device or p.device)  # noqa: E731
-                         for _ in range(layers))
-    return make(), make()
+
+    def zeros() -> tuple[torch.Tensor, ...]:
+        return tuple(torch.zeros(batch, K, length, D, dtype=dtype or p.dtype, device=device or p.device)
+                     for _ in range(layers))
+
+    return zeros(), zeros()
 
 
 def step_inputs(model: nn.Module, ids: torch.Tensor, pos: int, cache: tuple) -> tuple:

@@ -17,20 +17,19 @@ from .find_layers import Layers, block_of
 from .graph_utils import module_path
 
 OUTPUT = "output"
+_LAYER = "sw_layer_of"  # node.meta cache of Attribution.layer_of
 
 
 class Attribution:
     def __init__(self, layers: Layers):
         self._names = sorted((l.name for l in layers.layers), key=len, reverse=True)
-        self._cache: dict[str, str | None] = {}
 
     def layer_of(self, node: fx.Node) -> str | None:
-        if node.name not in self._cache:
+        """The layer whose module holds `node` (cached on the node: it never changes with the layout)."""
+        if _LAYER not in node.meta:
             path = module_path(node) if node.op == "call_function" else ""
-            self._cache[node.name] = next(
-                (l for l in self._names if path and (path == l or path.startswith(l + "."))), None
-            )
-        return self._cache[node.name]
+            node.meta[_LAYER] = next((l for l in self._names if path and (path == l or path.startswith(l + "."))), None)
+        return node.meta[_LAYER]
 
     def owner(self, src: fx.Node, consumer: fx.Node, *, skip=lambda n: False) -> str:
         if src.op == "call_function":

@@ -20,7 +20,6 @@ import re
 from collections import deque
 from dataclasses import dataclass, field
 
-import networkx as nx
 import torch
 import torch.fx as fx
 
@@ -81,8 +80,10 @@ class Layers:
     def by_kind(self, kind: str) -> list[Layer]:
         return [l for l in self.layers if l.kind == kind]
 
-    def graph(self) -> nx.DiGraph:
-        """The chain of layers as a DAG (parallel blocks: attention and ffn side by side)."""
+    def graph(self):
+        """The chain of layers as a networkx DAG (parallel blocks: attention and ffn side by side)."""
+        import networkx as nx
+
         g = nx.DiGraph()
         prev = ["input"]
         g.add_node("input")

@@ -65,8 +65,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, 
     cache = empty_cache(model, B, S, device=input_ids.device)
     pre_args = step_inputs(model, input_ids, 0, cache)
     dec_args = step_inputs(model, input_ids[:, -1:], P, cache)
-    to_model = lambda args: tuple(  # noqa: E731  (capture where the model lives, run on real tensors)
-        tuple(t.to(where) for t in a) if isinstance(a, tuple) else a.to(where) for a in args)
+
+    def to_model(args: tuple) -> tuple:  # capture where the model lives, run on real tensors
+        return tuple(tuple(t.to(where) for t in a) if isinstance(a, tuple) else a.to(where) for a in args)
     common = dict(mesh=mesh, hardware=hardware, weight_dtype=weight_dtype)
     prefill = api.plan(step, to_model(pre_args), {}, layouts=prefill_layouts or layouts, phase="prefill", **common)
     decode = api.plan(step, to_model(dec_args), {}, layouts=decode_layouts or layouts, phase="decode", **common)

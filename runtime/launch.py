@@ -83,7 +83,10 @@ def _worker(job_path: str) -> None:
     torch.set_num_threads(1)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     inputs = torch.load(job["inputs"], weights_only=False)
-    on_device = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+
+    def on_device(t):
+        return t.to(device) if isinstance(t, torch.Tensor) else t
+
     args = tuple(on_device(a) for a in inputs["args"])
     kwargs = {k: on_device(v) for k, v in inputs["kwargs"].items()}
     meta = presets.build_model(job["model"], device="meta")  # this rank never holds the whole model
@@ -101,7 +104,9 @@ def _worker(job_path: str) -> None:
                                 weights=weights, device=device).state_dict().values())
             seconds = 0.0
         else:
-            to_meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t  # noqa: E731
+            def to_meta(t):
+                return t.to("meta") if isinstance(t, torch.Tensor) else t
+
             plan = api.plan(meta, tuple(to_meta(a) for a in args), {k: to_meta(v) for k, v in kwargs.items()},
                             mesh=job["mesh"], layouts=job["layouts"], phase=job["phase"])
             program = plan.emit(rank, weights=weights, device=device)

@@ -70,7 +70,6 @@ def run_lockstep(
         elif n0.op == "output":
             for r, gr in enumerate(graphs):
                 results[r] = fx.node.map_arg(gr[i].args[0], envs[r].__getitem__)
-        # free values no later node reads (keeps memory flat for bigger models)
     return results
 
 

@@ -133,7 +133,9 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
     costs: dict[str, LayerCost] = {l.name: LayerCost() for l in layers.layers}
     costs[OUTPUT] = LayerCost()
     io_inputs = {name for name in sig.inputs}
-    size = lambda kind, n: precision.nbytes(kind, n.meta["val"].element_size())  # noqa: E731
+
+    def size(kind: str, n: fx.Node) -> int:
+        return precision.nbytes(kind, n.meta["val"].element_size())
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue

@@ -14,7 +14,7 @@ by `strategies/cost.py`. `trans` is `redistribute` between the two residual layo
 shortest path through a layered DAG (blocks × candidates), solved by dynamic programming (`_chain`).
 
 When only a chip count is given, every factorization X·Y·Z = n is tried (`factorizations`); candidates
-that put the same atoms in the same roles on two meshes are costed once.
+that put the same atoms in the same roles on a mesh are costed once.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def evaluate(proto: fx.GraphModule, mesh: Mesh, member: FFNLayout, attention: st
     reset(proto)
     try:
         assign_layouts(proto, mesh, _choices(layers, member, attention, forced))
-        propagate(proto, mesh)
+        propagate(proto, mesh, check=False)  # the chosen candidate is propagated again, checked, by record()
     except LayoutError as e:
         cand.refused = f"does not divide: {e}"
         return cand
@@ -195,7 +195,7 @@ def plan_mesh(proto: fx.GraphModule, mesh: Mesh, *, hw: Hardware, precision: Pre
             if key in seen:
                 continue
             seen.add(key)
-            ck = (_shape_key(m, mesh), a)
+            ck = (_canonical(m, mesh, hw), a)
             if cache is not None and ck in cache:
                 c = cache[ck]
                 cands.append(Candidate(m, a, mesh, c.refused, c.parts, c.times, c.memory, c.core))
@@ -214,13 +214,16 @@ def plan_mesh(proto: fx.GraphModule, mesh: Mesh, *, hw: Hardware, precision: Pre
     return Choice(mesh, blocks, total, cands, trans)
 
 
-def _shape_key(m: FFNLayout, mesh: Mesh) -> tuple:
-    """Costs depend on the sizes of the atoms in each role and on the axes they span, not their names."""
-    def role(atoms):
-        return tuple(mesh.atom(a).size for a in atoms), len(mesh.axes_of(atoms))
-
+def _canonical(m: FFNLayout, mesh: Mesh, hw: Hardware) -> tuple:
+    """Candidates equal up to renaming atoms cost the same. Every algorithm here uses atom names only as
+    labels: what matters is mesh order, sizes, roles and, when links per axis limit bandwidth, which
+    atoms share an axis. So the key is the sequence, in mesh order, of (atom size, role[, axis ordinal])."""
     b, e, f = m.atoms(mesh)
-    return role(b), role(e), role(f)
+    role = {**dict.fromkeys(b, "b"), **dict.fromkeys(e, "e"), **dict.fromkeys(f, "f")}
+    if hw.axis_bandwidth is None:
+        return tuple((a.size, role.get(a.name)) for a in mesh.atoms)
+    present = [ax for ax, size in zip("xyz", mesh.shape) if size > 1]
+    return tuple((a.size, role.get(a.name), present.index(a.axis)) for a in mesh.atoms)
 
 
 def _residual_itemsize(proto: fx.GraphModule) -> int:
@@ -238,6 +241,15 @@ def _chain(ok: list[Candidate], n: int, mesh: Mesh, shape, hw, precision,
     import numpy as np
 
     S = len(ok)
+    block = np.array([c.block_time() for c in ok])
+    emb = np.array([c.times.get("embedding", {}).get("time", 0.0) for c in ok])
+    tail = np.array([c.times.get("head", {}).get("time", 0.0) + c.times.get(OUTPUT, {}).get("time", 0.0) for c in ok])
+    # every chain costs at least n · (cheapest block) + cheapest embedding + cheapest tail (transitions ≥ 0):
+    # when the best uniform chain reaches that bound, it is optimal and no transition needs computing
+    uniform = emb + n * block + tail
+    j = int(uniform.argmin())
+    if uniform[j] <= n * block.min() + emb.min() + tail.min() + 1e-12:
+        return [ok[j]] * n, float(uniform[j]), [0.0] * (n - 1)
     # a transition depends only on the two residual layouts, of which there are far fewer than candidates
     res = [residual(c.member, mesh, len(shape)) for c in ok]
     kinds = list(dict.fromkeys(res))
@@ -245,9 +257,6 @@ def _chain(ok: list[Candidate], n: int, mesh: Mesh, shape, hw, precision,
     t = {(a, b): transition(rep[a], rep[b], mesh, shape, hw, precision, itemsize) if a != b else 0.0
          for a in kinds for b in kinds}
     trans = np.array([[t[(ra, rb)] for rb in res] for ra in res])
-    block = np.array([c.block_time() for c in ok])
-    emb = np.array([c.times.get("embedding", {}).get("time", 0.0) for c in ok])
-    tail = np.array([c.times.get("head", {}).get("time", 0.0) + c.times.get(OUTPUT, {}).get("time", 0.0) for c in ok])
     best = emb + block
     back = []
     for _ in range(1, n):

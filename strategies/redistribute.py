@@ -16,6 +16,7 @@ Atoms on a dim are major→minor, so only a minor suffix can leave a dim without
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Sequence
 
 from ..errors import LayoutError
@@ -58,15 +59,20 @@ def redistribute(
     >>> [s.kind for s in redistribute(Layout(((), ("x","y","z"))), Layout(((), ("x",))), (8, 8), m)]
     ['all_gather']
     """
+    return list(_redistribute(src, dst, tuple(shape), mesh, itemsize))
+
+
+@lru_cache(maxsize=1 << 16)
+def _redistribute(src: Layout, dst: Layout, shape: tuple[int, ...], mesh: Mesh, itemsize: int) -> tuple[Collective, ...]:
     if src == dst:
-        return []
+        return ()
     src.check(shape, mesh)
     dst.check(shape, mesh)
     state = _State(src, list(src.local_shape(shape, mesh)))
     steps: list[Collective] = []
     for _ in range(4 * (len(mesh.atoms) + 1) * (len(shape) + 1)):
         if state.layout() == dst:
-            return steps
+            return tuple(steps)
         step = _next_step(state, dst, mesh)
         steps.append(_apply(state, step, mesh, itemsize))
     raise AssertionError(f"redistribute did not converge from {src} to {dst} (steps so far: {steps})")

@@ -11,6 +11,7 @@ reductions, matmuls, attention, embedding).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -115,19 +116,27 @@ def known_ops() -> frozenset:
 
 
 # ------------------------------------------------------------------------------------ schema binding
+@functools.cache
+def _schema(target) -> tuple[tuple[str, bool, Any], ...]:
+    return tuple((a.name, a.kwarg_only, a.default_value if a.has_default_value() else None)
+                 for a in target._schema.arguments)
+
+
 def bind(node: fx.Node) -> dict[str, Any]:
-    """Map an ATen call's positional and keyword arguments to schema names (defaults filled in)."""
-    schema = node.target._schema
+    """Map an ATen call's positional and keyword arguments to schema names (defaults filled in).
+
+    Cached on the node while its arguments stay the same objects (passes that rewire a node replace them)."""
+    args, kwargs = node.args, node.kwargs
+    cached = node.meta.get("sw_bound")
+    if cached is not None and cached[0] is args and cached[1] is kwargs:
+        return cached[2]
     out: dict[str, Any] = {}
-    for i, a in enumerate(schema.arguments):
-        if i < len(node.args) and not a.kwarg_only:
-            out[a.name] = node.args[i]
-        elif a.name in node.kwargs:
-            out[a.name] = node.kwargs[a.name]
-        elif a.has_default_value():
-            out[a.name] = a.default_value
+    for i, (name, kwarg_only, default) in enumerate(_schema(node.target)):
+        if i < len(args) and not kwarg_only:
+            out[name] = args[i]
         else:
-            out[a.name] = None
+            out[name] = kwargs.get(name, default)
+    node.meta["sw_bound"] = (args, kwargs, out)
     return out
 
 
