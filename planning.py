@@ -29,6 +29,7 @@ from .passes.propagate import UNKNOWN, propagate
 from .passes.summarize import replicated_weights, summarize
 from .strategies.cost import Precision
 from .strategies.family import ATTENTION_MODES, all_members, parse_ffn
+from .strategies.cost import LayerCost
 from .strategies.planner import Candidate, Choice, reset, search
 
 
@@ -84,34 +85,84 @@ def apply(gm: fx.GraphModule, mesh: Mesh, choices: dict[str, str], *, insert: bo
 
 
 def record(proto: fx.GraphModule, choice: Choice, q: Question, n_blocks: int) -> Plan:
-    """The Plan of a choice: layer rows of the prototype (blocks counted n_blocks times) with costs."""
+    """The Plan of a choice: layer rows of the prototype with costs, one group of block rows per run of
+    blocks sharing a candidate (counted as many times), and a row per transition between runs."""
     from .strategies.cost import layer_costs
 
     mesh = choice.mesh
-    cand = choice.first
     _, _, forced = candidates_of(q.request)
-    conversions = apply(proto, mesh, block_choices(proto.meta[LAYERS], [cand], forced), insert=False)
-    plan = summarize(proto, mesh, conversions, model=q.model, hardware=q.hw.name, phase=q.phase)
-    costs = layer_costs(proto, mesh, conversions, q.precision)
     layers: Layers = proto.meta[LAYERS]
-    in_block = {l.name for l in layers.layers if l.block is not None}
-    for row in plan.layers:
-        c = costs.get(row.name)
-        if c is not None:
-            row.cost = {**c.times(q.hw, overlap=q.overlap), "flops": c.flops, "weight_bytes": c.weight_bytes,
-                        "kv_bytes": c.kv_bytes, "comm_bytes": c.comm_bytes()}
-        if row.name in in_block and n_blocks > 1 and len(layers.blocks) == 1:
-            row.count = n_blocks
-            row.name = _all_blocks(row.name, layers.blocks[0].name, n_blocks)
-    if any(c is not cand for c in choice.blocks):
-        plan.layers.append(LayerPlan(name="blocks (mixed)", kind="note", block=None, layout="-", notes=[
-            "blocks use different layouts: " + ", ".join(f"{i}:{c.name}" for i, c in enumerate(choice.blocks))]))
+    runs = _runs(choice.blocks)
+    plan: Plan | None = None
+    rows: list[LayerPlan] = []
+    for k, (cand, start, end) in enumerate(runs):
+        conversions = apply(proto, mesh, block_choices(layers, [cand], forced), insert=False)
+        part = summarize(proto, mesh, conversions, model=q.model, hardware=q.hw.name, phase=q.phase)
+        costs = layer_costs(proto, mesh, conversions, q.precision)
+        plan = plan or part
+        in_block = {l.name for l in layers.layers if l.block is not None}
+        for row in part.layers:
+            if (row.name not in in_block and k > 0 and row.kind == "embedding") or (
+                    row.name not in in_block and k < len(runs) - 1 and row.kind in ("head", "output")):
+                continue  # the embedding feeds the first run, the head reads the last
+            c = costs.get(row.name)
+            if c is not None:
+                row.cost = {**c.times(q.hw, overlap=q.overlap), "flops": c.flops, "weight_bytes": c.weight_bytes,
+                            "kv_bytes": c.kv_bytes, "comm_bytes": c.comm_bytes()}
+            if row.name in in_block and len(layers.blocks) == 1 and n_blocks > 1:
+                row.count = end - start + 1
+                row.name = _blocks_named(row.name, layers.blocks[0].name, start, end)
+            rows.append(row)
+        if k < len(runs) - 1:
+            rows.append(_transition_row(cand, runs[k + 1][0], end, proto, q))
+    plan.layers = _order(rows)
     return plan
 
 
-def _all_blocks(name: str, block: str, n: int) -> str:
+def _runs(blocks: list[Candidate]) -> list[tuple[Candidate, int, int]]:
+    runs: list[tuple[Candidate, int, int]] = []
+    for i, c in enumerate(blocks):
+        if runs and runs[-1][0] is c:
+            runs[-1] = (c, runs[-1][1], i)
+        else:
+            runs.append((c, i, i))
+    return runs
+
+
+def _order(rows: list[LayerPlan]) -> list[LayerPlan]:
+    first = [r for r in rows if r.kind == "embedding"]
+    last = [r for r in rows if r.kind in ("head", "output")]
+    return first + [r for r in rows if r not in first and r not in last] + last
+
+
+def _transition_row(a: Candidate, b: Candidate, after: int, proto: fx.GraphModule, q: Question) -> LayerPlan:
+    """The residual stream redistributed between two runs of blocks (what the DP charged)."""
+    from .ir.plan import CollectiveRecord
+    from .strategies.cost import Comm
+    from .strategies.planner import _residual_itemsize, _transition_steps
+
+    layers: Layers = proto.meta[LAYERS]
+    mesh = a.mesh
+    shape = (layers.dims["B"], layers.dims["L"], layers.dims["E"])
+    item = q.precision.nbytes("activations", _residual_itemsize(proto))
+    steps = _transition_steps(a.member, b.member, mesh, shape, item) or ()
+    row = LayerPlan(name=f"after block {after}", kind="transition", block=after,
+                    layout=f"{a.member.on(mesh)} → {b.member.on(mesh)}")
+    for s in steps:
+        if s.communicates:
+            row.collectives.append(CollectiveRecord(
+                node=f"residual→{s.kind}", kind=s.kind, group=mesh.format_atoms(s.atoms), src=s.src.notation(mesh, "BLE"),
+                dst=s.dst.notation(mesh, "BLE"), bytes=s.bytes, wire_bytes=s.wire_bytes, axes=list(s.axes)))
+    cost = LayerCost(comm=[Comm(s, item) for s in steps])
+    row.cost = {**cost.times(q.hw), "comm_bytes": cost.comm_bytes()}
+    return row
+
+
+def _blocks_named(name: str, block: str, start: int, end: int) -> str:
     head, _, idx = block.rpartition(".")
-    return name.replace(block, f"{head}.[0-{n - 1}]", 1) if idx.isdigit() else name
+    if not idx.isdigit():
+        return name
+    return name.replace(block, f"{head}.[{start}-{end}]" if end > start else f"{head}.{start}", 1)
 
 
 def totals(plan: Plan, choice: Choice, q: Question, *, params: float, weight_bytes: float, tokens: int) -> None:
@@ -126,7 +177,7 @@ def totals(plan: Plan, choice: Choice, q: Question, *, params: float, weight_byt
     }
     if any(t > 0 for t in choice.transitions):
         plan.totals["transitions"] = sum(choice.transitions)
-    mem = choice.first.memory
+    mem = _chain_memory(choice)
     plan.memory.update({"weights_total": weight_bytes, "weights_per_chip": mem["weights"],
                         "replicated_per_chip": mem["weights"] - weight_bytes / mesh.size,
                         "kv_cache_per_chip": mem["kv_cache"], "hbm_per_chip": q.hw.hbm_bytes})
@@ -134,6 +185,15 @@ def totals(plan: Plan, choice: Choice, q: Question, *, params: float, weight_byt
                           "kv": q.precision.kv or "as captured",
                           "overlap": q.overlap, "layouts": dict(q.request), "chosen": choice.first.name,
                           "family": family_class(choice.first)})
+
+
+def _chain_memory(choice: Choice) -> dict[str, float]:
+    """Per chip: the first candidate's whole model with each block replaced by its own candidate's block."""
+    first = choice.first.memory
+    out = {}
+    for kind, block in (("weights", "block_weights"), ("kv_cache", "block_kv_cache")):
+        out[kind] = first[kind] + sum(c.memory[block] - first[block] for c in choice.blocks)
+    return out
 
 
 def family_class(c: Candidate) -> str:
@@ -145,6 +205,8 @@ def family_class(c: Candidate) -> str:
         ffn = "WG-X" if len(m.batch) == 1 else "WG-XY"
     elif m.e and m.f:
         ffn = "2D WS"
+    elif m.replicated_residual:
+        ffn = "1D WS (all-reduce)"
     else:
         ffn = "1D WS"
     return f"{ffn} + attention by {c.core or c.attention}"

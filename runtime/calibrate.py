@@ -1,11 +1,13 @@
 """`shardwise calibrate`: measure this machine into the `cpu-local` hardware profile.
 
-  peak_flops      float32 matmul FLOP/s (2·n³ per n×n×n product, all threads, median of repeats)
-  hbm_bandwidth   bytes/s of a large tensor copy (read + write)
-  link_bandwidth  gloo all-gather on `ranks` processes over 127.0.0.1: the slope of time vs wire
+A "chip" here is one rank: a single-threaded process, with all `ranks` processes running at once, as
+real ranks do (torchrun, OMP_NUM_THREADS=1). So every figure is measured by every rank concurrently:
+  peak_flops      float32 matmul FLOP/s of one rank (2·n³ per n×n×n product), median over ranks
+  hbm_bandwidth   bytes/s of one rank's large tensor copy (read + write), median over ranks
+  link_bandwidth  gloo all-gather over the `ranks` processes on 127.0.0.1: the slope of time vs wire
   collective_latency   bytes, fitted by least squares over message sizes from 4 KiB to 16 MiB
 The efficiencies are 1: these are what this machine achieves, not peaks to discount. Saved as JSON
-(shardwise/ir/hardware.py reads it for --hardware cpu-local).
+(shardwise/ir/hardware.py reads it for --hardware cpu-local); the profile describes `ranks` ranks.
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ def _gloo_worker(rank: int, world: int, port: int, out) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.barrier()
+    local = (matmul_flops(512), memory_bandwidth(64 << 20))  # every rank at once, one thread each
+    per_rank = [None] * world
+    dist.all_gather_object(per_rank, local)
     c10d = torch.ops._c10d_functional
     group = dist.group.WORLD.group_name
     results = []
@@ -63,13 +69,14 @@ def _gloo_worker(rank: int, world: int, port: int, out) -> None:
         dist.barrier()
         results.append((size, _median_time(step, repeats=9)))
     if rank == 0:
-        out.put(results)
+        out.put((results, per_rank))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def gloo_allgather(ranks: int) -> tuple[float, float, list[tuple[int, float]]]:
-    """(latency s, bandwidth bytes/s, raw (output bytes, seconds)) of gloo all-gather on loopback."""
+def measure_ranks(ranks: int) -> tuple[float, float, list[tuple[int, float]], list[tuple[float, float]]]:
+    """(latency s, bandwidth bytes/s, raw (output bytes, seconds)) of gloo all-gather on loopback, and
+    each rank's (matmul FLOP/s, copy bytes/s) measured while all ranks run."""
     import torch.multiprocessing as mp
 
     from .launch import free_port
@@ -77,30 +84,33 @@ def gloo_allgather(ranks: int) -> tuple[float, float, list[tuple[int, float]]]:
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
     mp.start_processes(_gloo_worker, args=(ranks, free_port(), q), nprocs=ranks, join=True, start_method="spawn")
-    raw = q.get()
+    raw, per_rank = q.get()
     wire = [size * (ranks - 1) / ranks for size, _ in raw]
     t = [s for _, s in raw]
     n = len(wire)
     mx, my = sum(wire) / n, sum(t) / n
     slope = sum((a - mx) * (b - my) for a, b in zip(wire, t)) / sum((a - mx) ** 2 for a in wire)
     latency = max(my - slope * mx, 0.0)
-    return latency, 1.0 / slope, raw
+    return latency, 1.0 / slope, raw, per_rank
 
 
 def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Path]:
-    flops = matmul_flops()
-    bandwidth = memory_bandwidth()
-    latency, link, raw = gloo_allgather(ranks)
+    latency, link, raw, per_rank = measure_ranks(ranks)
+    flops = statistics.median(f for f, _ in per_rank)
+    bandwidth = statistics.median(b for _, b in per_rank)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     when = datetime.datetime.now().isoformat(timespec="seconds")
     hw = Hardware(
         name=CPU_LOCAL, peak_flops=flops, hbm_bytes=float(ram), hbm_bandwidth=bandwidth, link_bandwidth=link,
         topology="switch", collective_latency=latency, hop_latency=0.0,
-        source=f"measured by `shardwise calibrate` on {socket.gethostname()} at {when}, {torch.get_num_threads()} "
-               f"threads, gloo all-gather over {ranks} loopback ranks",
+        source=f"measured by `shardwise calibrate` on {socket.gethostname()} at {when}: {ranks} single-threaded "
+               f"ranks running at once, gloo on loopback",
         fitted={
-            "peak_flops": "float32 1024³ matmul, median of 7",
-            "hbm_bandwidth": "256 MiB copy (read + write), median of 5",
+            "ranks": str(ranks),
+            "peak_flops": f"float32 512³ matmul per rank, all {ranks} ranks at once, median over ranks "
+                          f"({', '.join(f'{f / 1e9:.1f}' for f, _ in per_rank)} GFLOP/s)",
+            "hbm_bandwidth": f"64 MiB copy (read + write) per rank, all ranks at once, median over ranks "
+                             f"({', '.join(f'{b / 1e9:.1f}' for _, b in per_rank)} GB/s)",
             "link_bandwidth": "slope of gloo all-gather time vs wire bytes, "
                               + ", ".join(f"{s >> 10} KiB: {t * 1e6:.0f} µs" for s, t in raw),
             "collective_latency": "intercept of the same least-squares fit",

@@ -8,7 +8,10 @@
 | wg_xy  |  xy   | – | z   | XY-weight-gathered    |
 | wg_xyz |  xyz  | – | –   | XYZ-weight-gathered   |
 
-Any other assignment of axes to roles is a legal member too (named `b<axes>.e<axes>.f<axes>`).
+Any other assignment of axes to roles is a legal member too (named `b<axes>.e<axes>.f<axes>`), and so
+is `ws1d_ar`: 1D weight-stationary with the residual stream *replicated* instead of split over E (the
+Megatron arrangement): each block then ends in two all-reduces (attention and FFN outputs) and needs
+no all-gather, and norms run locally — fewer, larger collectives, where per-collective latency rules.
 
 With batch atoms b, E atoms e and F atoms f, a feed-forward layer computes
   residual   B_b L E_(e f)   →all-gather(f)→   B_b L E_e
@@ -33,24 +36,27 @@ from .rules import AttentionSpec, WeightSpec, longest_dividing_prefix
 
 @dataclass(frozen=True)
 class FFNLayout:
-    """One member of the family: the axes playing batch, E and F."""
+    """One member of the family: the axes playing batch, E and F (and whether the residual between
+    layers is replicated rather than split over E)."""
 
     batch: str
     e: str
     f: str
+    replicated_residual: bool = False
 
     @property
     def name(self) -> str:
         for n, member in NAMED.items():
             if member == self:
                 return n
-        return f"b{self.batch or '-'}.e{self.e or '-'}.f{self.f or '-'}"
+        return f"b{self.batch or '-'}.e{self.e or '-'}.f{self.f or '-'}" + ("_ar" if self.replicated_residual else "")
 
     def on(self, mesh: Mesh) -> str:
         """The name on a mesh: axes of size 1 play no role; a named member when the roles match one."""
-        eff = FFNLayout(*("".join(a for a in axes if mesh.shape["xyz".index(a)] > 1) for axes in (self.batch, self.e, self.f)))
+        eff = FFNLayout(*("".join(a for a in axes if mesh.shape["xyz".index(a)] > 1) for axes in (self.batch, self.e, self.f)),
+                        self.replicated_residual)
         for n, member in NAMED.items():
-            if member.atoms(mesh) == eff.atoms(mesh):
+            if member.key(mesh) == eff.key(mesh):
                 return n
         return eff.name
 
@@ -59,7 +65,7 @@ class FFNLayout:
 
     def key(self, mesh: Mesh) -> tuple:
         """Members that put the same atoms in the same roles are the same layout on this mesh."""
-        return self.atoms(mesh)
+        return self.atoms(mesh), self.replicated_residual
 
     def __str__(self) -> str:
         return self.name
@@ -71,6 +77,7 @@ NAMED: dict[str, FFNLayout] = {
     "wg_x": FFNLayout("x", "", "yz"),
     "wg_xy": FFNLayout("xy", "", "z"),
     "wg_xyz": FFNLayout("xyz", "", ""),
+    "ws1d_ar": FFNLayout("", "", "xyz", replicated_residual=True),
 }
 ATTENTION_MODES = ("heads", "batch")
 
@@ -88,9 +95,11 @@ def all_members() -> list[FFNLayout]:
 def parse_ffn(name: str) -> FFNLayout:
     if name in NAMED:
         return NAMED[name]
-    parts = dict(p.split(None, 1) if " " in p else (p[:1], p[1:]) for p in name.split("."))
+    replicated = name.endswith("_ar")
+    roles = name[: -len("_ar")] if replicated else name
+    parts = dict(p.split(None, 1) if " " in p else (p[:1], p[1:]) for p in roles.split("."))
     try:
-        m = FFNLayout(*(parts[k].replace("-", "") for k in "bef"))
+        m = FFNLayout(*(parts[k].replace("-", "") for k in "bef"), replicated_residual=replicated)
     except (KeyError, ValueError):
         raise LayoutError(
             f"unknown feed-forward layout {name!r}: use one of {', '.join(NAMED)} or 'b<axes>.e<axes>.f<axes>' "
@@ -104,11 +113,11 @@ def parse_ffn(name: str) -> FFNLayout:
 
 # ------------------------------------------------------------------------------------ layouts of a layer
 def residual(member: FFNLayout, mesh: Mesh, ndim: int = 3) -> Layout:
-    """The residual stream between layers: B_b L E_(e f)."""
+    """The residual stream between layers: B_b L E_(e f), or B_b L E when it is replicated."""
     b, e, f = member.atoms(mesh)
     dims = [()] * ndim
     dims[0] = b
-    dims[-1] = e + f
+    dims[-1] = () if member.replicated_residual else e + f
     return Layout(tuple(dims))
 
 

@@ -148,6 +148,7 @@ def _memory(proto: fx.GraphModule, mesh: Mesh, precision: Precision, n_blocks: i
             in_block[kind] += one
     out = {k: whole[k] + (n_blocks - 1) * in_block[k] for k in whole}
     out["total"] = out["weights"] + out["kv_cache"]
+    out.update(block_weights=in_block["weights"], block_kv_cache=in_block["kv_cache"])
     return out
 
 
@@ -221,9 +222,9 @@ def _canonical(m: FFNLayout, mesh: Mesh, hw: Hardware) -> tuple:
     b, e, f = m.atoms(mesh)
     role = {**dict.fromkeys(b, "b"), **dict.fromkeys(e, "e"), **dict.fromkeys(f, "f")}
     if hw.axis_bandwidth is None:
-        return tuple((a.size, role.get(a.name)) for a in mesh.atoms)
+        return m.replicated_residual, tuple((a.size, role.get(a.name)) for a in mesh.atoms)
     present = [ax for ax, size in zip("xyz", mesh.shape) if size > 1]
-    return tuple((a.size, role.get(a.name), present.index(a.axis)) for a in mesh.atoms)
+    return m.replicated_residual, tuple((a.size, role.get(a.name), present.index(a.axis)) for a in mesh.atoms)
 
 
 def _residual_itemsize(proto: fx.GraphModule) -> int:
