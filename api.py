@@ -195,7 +195,7 @@ def plan(
     `model` may be a preset name (see shardwise.models.PRESETS).
     """
     from .ir.hardware import get_hardware
-    from .planning import Question, choose, explain, param_count, record, totals
+    from .planning import Question, choose, record
     from .strategies.cost import Precision
 
     q = Question(meshes=_meshes(mesh, chips, objective), hw=get_hardware(hardware),
@@ -203,23 +203,33 @@ def plan(
                  request=parse_layouts(layouts), phase=phase)
     if args is not None:
         model, args, kwargs, q.model = _model_and_inputs(model, args, kwargs, batch, seq)
-        gm = capture_program(model, args, kwargs)
-        choice, results = choose(gm, q, n_blocks=1)
-        result = record(gm, choice, q, 1)
-        insert_collectives(gm, choice.mesh)
-        program: Any = Program(gm, choice.mesh)
-        n_blocks, (params, wbytes), dims = 1, param_count(gm, 1, q.precision), gm.meta[LAYERS].dims
-    else:
-        proto, n_blocks, q.model, build_full = _prototype(model, phase, batch, seq, context)
-        choice, results = choose(proto, q, n_blocks)
-        result = record(proto, choice, q, n_blocks)
-        program = LazyProgram(lambda: _full_program(build_full, choice, q))
-        (params, wbytes), dims = param_count(proto, n_blocks, q.precision), proto.meta[LAYERS].dims
+        return _plan_full(capture_program(model, args, kwargs), q)
+    proto, n_blocks, q.model, build_full = _prototype(model, phase, batch, seq, context)
+    choice, results = choose(proto, q, n_blocks)
+    program = LazyProgram(lambda: _full_program(build_full, choice, q))
+    return _finish(record(proto, choice, q, n_blocks), proto, choice, results, q, n_blocks, program)
+
+
+def _plan_full(gm: fx.GraphModule, q) -> Plan:
+    """Plan a whole captured graph (its blocks costed in place), insert the collectives, keep the program."""
+    from .planning import choose, record
+
+    choice, results = choose(gm, q, n_blocks=1)
+    result = record(gm, choice, q, 1)
+    insert_collectives(gm, choice.mesh)
+    result.memory["replicated"] = [list(r) for r in replicated_weights(gm, choice.mesh)]
+    return _finish(result, gm, choice, results, q, 1, Program(gm, choice.mesh))
+
+
+def _finish(result: Plan, graph: fx.GraphModule, choice, results, q, n_blocks: int, program) -> Plan:
+    from .planning import explain, param_count, totals
+
+    params, wbytes = param_count(graph, n_blocks, q.precision)
+    dims = graph.meta[LAYERS].dims
     totals(result, choice, q, params=params, weight_bytes=wbytes, tokens=max(1, dims.get("B", 1) * dims.get("L", 1)))
     result.explain = explain(choice, results, n_blocks)
     result.settings["layouts"] = dict(q.request)
-    result.memory["replicated"] = [] if not isinstance(program, Program) else [
-        list(r) for r in replicated_weights(program.gm, choice.mesh)]
+    result.memory.setdefault("replicated", [])  # known once the full program is built (lazy for prototypes)
     result.program = program
     return result
 
@@ -272,21 +282,12 @@ def plan_graph(gm: fx.GraphModule, meshes: list[Mesh], request: dict[str, str], 
                phase: str, weight_dtype: str | None = None, objective: str = "latency") -> Plan:
     """Choose layouts for a captured and prepared graph (layouts not in `request` by cost), insert them."""
     from .ir.hardware import get_hardware
-    from .planning import Question, choose, explain, param_count, record, totals
+    from .planning import Question
     from .strategies.cost import Precision
 
     q = Question(meshes=meshes, hw=get_hardware(hardware), precision=Precision(weights=weight_dtype),
                  objective=objective, request=request, phase=phase, model=model)
-    choice, results = choose(gm, q, n_blocks=1)
-    result = record(gm, choice, q, 1)
-    insert_collectives(gm, choice.mesh)
-    dims = gm.meta[LAYERS].dims
-    params, wbytes = param_count(gm, 1, q.precision)
-    totals(result, choice, q, params=params, weight_bytes=wbytes, tokens=max(1, dims.get("B", 1) * dims.get("L", 1)))
-    result.explain = explain(choice, results, 1)
-    result.memory["replicated"] = [list(r) for r in replicated_weights(gm, choice.mesh)]
-    result.program = Program(gm, choice.mesh)
-    return result
+    return _plan_full(gm, q)
 
 
 # ------------------------------------------------------------------------------------ run and check

@@ -35,6 +35,7 @@ class Hardware:
     topology: Literal["torus", "switch"] = "torus"
     collective_latency: float = 10e-6  # seconds per collective, whatever its size and group
     hop_latency: float = 0.0  # seconds per ring step: a collective over g chips takes g − 1 steps
+    weight_prefetch: bool = True  # weight all-gathers overlap compute (issued ahead of use, async DMA)
     flops_efficiency: float = 1.0  # achievable fraction of peak in large matmuls
     hbm_efficiency: float = 1.0  # achievable fraction of HBM bandwidth
     source: str = ""

@@ -103,6 +103,7 @@ def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Pa
     hw = Hardware(
         name=CPU_LOCAL, peak_flops=flops, hbm_bytes=float(ram), hbm_bandwidth=bandwidth, link_bandwidth=link,
         topology="switch", collective_latency=latency, hop_latency=0.0,
+        weight_prefetch=False,  # gloo runs on the cores that compute: nothing overlaps here
         source=f"measured by `shardwise calibrate` on {socket.gethostname()} at {when}: {ranks} single-threaded "
                f"ranks running at once, gloo on loopback",
         fitted={

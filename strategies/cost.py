@@ -11,10 +11,12 @@ For one layer under one layout, on a `Hardware` profile (PAPER.md, DESIGN.md):
              a ring over g chips takes g − 1 steps (the α-β model of PAPER.md's (g−1)/g accounting);
              the collectives are exactly those insert_collectives puts on the graph
              (`plan_conversions`): one source of truth
-  time     = max(compute, memory, weight comm) + activation comm
-             weights do not depend on the data, so a weight-gathered layout's weight all-gathers are
-             issued ahead of use and overlap compute (prefetch); activation collectives sit on the
-             critical path. With `overlap`, all communication overlaps: max(compute, memory, comm).
+  time     = max(compute, memory, weight comm) + activation comm      (hw.weight_prefetch)
+             weights do not depend on the data, so a weight-gathered layout's weight all-gathers can be
+             issued ahead of use and overlap compute (the paper's system does; the TPU v4 fit assumes
+             it); activation collectives sit on the critical path. Without prefetch (cpu-local: gloo
+             shares the cores, and emitted programs gather just before use) all comm adds up.
+             With `overlap`, all communication overlaps: max(compute, memory, comm).
 Byte counts use the planned precisions (bf16 or int8 weights, bf16 activations and KV cache), not the
 dtype the model was captured in. Memory per chip (weights at rest + KV cache) must fit in HBM.
 """
@@ -86,8 +88,10 @@ class LayerCost:
         act = sum(collective_time(c.step, c.itemsize, hw) for c in self.comm if not c.weight and c.step.communicates)
         if overlap:
             time = max(compute, memory, weight + act)
-        else:
+        elif hw.weight_prefetch:
             time = max(compute, memory, weight) + act
+        else:
+            time = max(compute, memory) + weight + act
         return {"compute": compute, "memory": memory, "comm": weight + act, "time": time}
 
     def add(self, other: "LayerCost") -> "LayerCost":

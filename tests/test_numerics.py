@@ -43,8 +43,9 @@ def test_gqa_with_fewer_kv_heads_than_ranks(tiny):
 
 
 def test_vocab_sharded_embedding(tiny):
-    """A vocab-split table looks up only its rows; the partial rows are summed by a reduce-scatter."""
-    plan = _check(tiny, "ref-tiny", "1x1x4", "embed=vocab")
+    """A vocab-split table looks up only its rows; the partial rows are reduce-scattered into the split
+    residual of ws1d (ws1d_ar would all-reduce them into its replicated residual)."""
+    plan = _check(tiny, "ref-tiny", "1x1x4", "ffn=ws1d,embed=vocab")
     kinds = [c.kind for c in plan.layer("embed").collectives]
     assert "reduce_scatter" in kinds
 
