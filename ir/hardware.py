@@ -14,7 +14,7 @@ any group reaches the chip's full bandwidth.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -127,6 +127,3 @@ def get_hardware(name: "str | Hardware") -> Hardware:
         return Hardware.from_json(path.read_text())
     raise ShardwiseError(f"unknown hardware {name!r}: known profiles are {', '.join([*PROFILES, CPU_LOCAL])}")
 
-
-def with_constants(hw: Hardware, **kw) -> Hardware:
-    return replace(hw, **kw)

@@ -7,7 +7,6 @@ An atom shards at most one dim and is never both sharding and partial.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Sequence
@@ -149,7 +148,3 @@ class Layout:
             elif not isinstance(p, Replicate):
                 raise LayoutError(f"placement {p!r} on {atom.name} is not Shard, Replicate or Partial")
         return cls(tuple(tuple(d) for d in dims), frozenset(partial))
-
-
-def elements(shape: Sequence[int]) -> int:
-    return math.prod(shape)

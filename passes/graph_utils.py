@@ -55,20 +55,8 @@ def module_paths(node: fx.Node) -> list[str]:
     return [v[0] for v in stack.values()]
 
 
-def module_type(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    t = list(stack.values())[-1][1]
-    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
-
-
 def shape(node: fx.Node) -> tuple[int, ...]:
     return tuple(node.meta["val"].shape)
-
-
-def is_param(node: fx.Node, gm: fx.GraphModule) -> bool:
-    return node.op == "placeholder" and node.name in signature(gm).params
 
 
 def copy_meta(dst: fx.Node, src: fx.Node, *keys: str) -> None:

@@ -12,7 +12,6 @@ reductions, matmuls, attention, embedding).
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -111,10 +110,6 @@ def rule_for(target: Any) -> Rule | None:
     return _RULES.get(target)
 
 
-def known_ops() -> frozenset:
-    return frozenset(_RULES)
-
-
 # ------------------------------------------------------------------------------------ schema binding
 @functools.cache
 def _schema(target) -> tuple[tuple[str, bool, Any], ...]:
@@ -156,18 +151,7 @@ def _is_tensor(n: fx.Node) -> bool:
     return isinstance(v, torch.Tensor) or (isinstance(v, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in v))
 
 
-def flatten(node: fx.Node) -> list[fx.Node]:
-    """Every tensor-valued node an op reads, in argument order, duplicates kept."""
-    out: list[fx.Node] = []
-    fx.node.map_arg((node.args, node.kwargs), lambda n: out.append(n) or n)
-    return [n for n in out if _is_tensor(n)]
-
-
 # ------------------------------------------------------------------------------------ helpers for rules
-def ndim(layout: Layout) -> int:
-    return layout.ndim
-
-
 def replicated_like(layout: Layout) -> Layout:
     return Layout.replicated(layout.ndim)
 
@@ -232,10 +216,6 @@ def project(out_layout: Layout, in_shape: Sequence[int], out_shape: Sequence[int
     """The layout an input of `in_shape` needs so that it broadcasts against an output in `out_layout`."""
     dims = tuple(() if j is None else out_layout.dims[j] for j in broadcast_map(in_shape, out_shape))
     return Layout(dims, frozenset(partial))
-
-
-def numel(shape: Sequence[int]) -> int:
-    return math.prod(shape)
 
 
 _loaded = False
