@@ -172,7 +172,8 @@ def _demo(a) -> int:
     rep = plan.memory.get("replicated", [])
     if rep:
         extra = sum(r[1] for r in rep)
-        print(f"      beyond 1/{nproc}: {extra:,.0f} B per rank replicated (KV heads ×2, RoPE tables)")
+        kinds = sorted({f"{'.'.join(key.split('.')[-2:])} ×{factor}" for key, _, factor in rep})
+        print(f"      beyond 1/{nproc}: {extra:,.0f} B per rank replicated: {', '.join(kinds)}")
     print(f"\ndone in {time.perf_counter() - t0:.1f} s")
     return 0 if diff <= 1e-5 else 1
 
