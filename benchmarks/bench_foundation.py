@@ -126,7 +126,10 @@ def figure_capture_vs_passes(reps: int, model_name: str = "palm-540b", batch: in
         del gm, plan
 
     cap = median(capture_s)
-    spread = lambda xs: f"{min(xs):8.3f} {max(xs):8.3f}" if len(xs) > 1 else f"{'-':>8} {'-':>8}"  # noqa: E731
+
+    def spread(xs: list[float]) -> str:
+        return f"{min(xs):8.3f} {max(xs):8.3f}" if len(xs) > 1 else f"{'-':>8} {'-':>8}"
+
     print(f"\n{'stage':<22}{'median s':>10} {'min':>8} {'max':>8} {'÷ capture':>10}")
     print(f"{'capture (torch.export)':<22}{cap:>10.3f} {spread(capture_s)} {1.0:>10.3f}")
     print("-" * 62)
