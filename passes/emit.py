@@ -70,6 +70,7 @@ def emit(
     source = weights or StateSource(gm.meta[STATE])
     env = RankEnv(mesh, rank, group_name, torch.device(device) if device is not None else None)
     fused, skipped = _fusable_norms(gm)
+    by_name = {n.name: n for n in gm.graph.nodes} if fused else {}
     root = nn.Module()
     g = fx.Graph()
     vals: dict[fx.Node, fx.Node] = {}
@@ -94,7 +95,7 @@ def emit(
             if node.name in skipped:
                 continue
             if node.name in fused:
-                vals[node] = _fused_norm(g, node, fused[node.name], vals)
+                vals[node] = _fused_norm(g, node, fused[node.name], vals, by_name)
                 continue
             vals[node] = _lower(g, node, vals, env)
         elif node.op == "output":
@@ -109,7 +110,7 @@ def emit(
 def _fusable_norms(gm: fx.GraphModule) -> tuple[dict[str, tuple], set[str]]:
     """Decomposed norms whose normalized dims are whole and unsplit everywhere inside: fuse them back.
 
-    Returns {output node: (FusedNorm, {name: node})} and the names of the members it replaces.
+    Returns {output node name: FusedNorm} and the names of the members it replaces.
     """
     nodes = {n.name: n for n in gm.graph.nodes}
     fused, skipped = {}, set()
@@ -130,8 +131,7 @@ def _fusable_norms(gm: fx.GraphModule) -> tuple[dict[str, tuple], set[str]]:
     return fused, skipped
 
 
-def _fused_norm(g: fx.Graph, node: fx.Node, spec, vals: dict) -> fx.Node:
-    nodes = {n.name: n for n in node.graph.nodes}
+def _fused_norm(g: fx.Graph, node: fx.Node, spec, vals: dict, nodes: dict[str, fx.Node]) -> fx.Node:
     fed = {role: vals[nodes[r].args[i]] for role, (r, i) in spec.readers.items()}
     if spec.target is torch.ops.aten.layer_norm.default:
         args = (fed["input"], spec.normalized_shape, fed.get("weight"), fed.get("bias"), spec.eps)
