@@ -5,7 +5,8 @@ make every collective an explicit graph node, and emit the per-rank program for 
 """
 
 from . import models
-from .api import Program, ShardedModule, VerifyReport, plan, simulate, verify
+from .api import Generation, Program, ShardedModule, VerifyReport, generate, plan, simulate, verify
+from .compile_backend import backend
 from .errors import CaptureError, LayoutError, MeshError, PlanError, ShardwiseError
 from .ir.collective import Collective
 from .ir.hardware import Hardware, get_hardware
@@ -13,17 +14,9 @@ from .ir.layout import Layout
 from .ir.mesh import Mesh
 from .ir.plan import Plan
 from .runtime.distributed import init
-from .runtime.generate import Generation, generate
 
 __all__ = [
     "CaptureError", "Collective", "Hardware", "Layout", "LayoutError", "Mesh", "MeshError", "Plan", "PlanError",
     "Program", "ShardedModule", "ShardwiseError", "VerifyReport", "get_hardware", "init", "models", "plan",
     "simulate", "verify", "backend", "generate", "Generation",
 ]
-
-
-def backend(**kwargs):
-    """A torch.compile backend that shards the captured graph: see shardwise/backend.py."""
-    from .backend import backend as _backend
-
-    return _backend(**kwargs)

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -120,16 +119,16 @@ def _verify(a) -> int:
 def _generate(a) -> int:
     import torch
 
+    from .drivers.generate import generate, reference_generate
     from .models import build_model, example_inputs
-    from .runtime.generate import generate, reference_generate
 
     model = build_model(a.model)
     (ids,), _ = example_inputs(model, a.batch, a.seq)
     gen = generate(model, ids, a.tokens, mesh=a.mesh, layouts=a.layouts, prefill_layouts=a.prefill_layouts,
                    decode_layouts=a.decode_layouts, simulate=True, details=True)
     same = torch.equal(gen.tokens, reference_generate(model, ids, a.tokens))
-    print(f"prefill: {gen.prefill.settings['chosen']} ({gen.prefill.settings['family']})")
-    print(f"decode:  {gen.decode.settings['chosen']} ({gen.decode.settings['family']})")
+    print(f"prefill: {gen.prefill.chosen} ({gen.prefill.family})")
+    print(f"decode:  {gen.decode.chosen} ({gen.decode.family})")
     if gen.bridge:
         print("KV cache redistributed between the phases:")
         for c in gen.bridge:
@@ -146,8 +145,9 @@ def _demo(a) -> int:
     import torch
 
     from . import api
+    from .drivers.launch import run_real
+    from .drivers.verify import max_abs_diff, model_bytes
     from .models import build_model, example_inputs
-    from .runtime.launch import run_real
 
     t0 = time.perf_counter()
     model_name, mesh, nproc = "llama-tiny", "1x1x4", 4
@@ -159,17 +159,17 @@ def _demo(a) -> int:
     print(f"\n== 2. run {nproc} real ranks (torchrun, gloo on 127.0.0.1): each captures the model on the meta "
           f"device,\n      emits its program and reads only its shards from a safetensors file")
     run = run_real(model=model_name, mesh=mesh, layouts=None, args=args, kwargs=kwargs,
-                   state=plan.program.gm.meta["sw_state"], nproc=nproc)
+                   state=plan.program.state, nproc=nproc)
     with torch.no_grad():
         want = model(*args, **kwargs)
-    diff = api.max_abs_diff(run.output, want)
-    total = api._model_bytes(model)
+    diff = max_abs_diff(run.output, want)
+    total = model_bytes(model)
     print(f"\n== 3. numerics: max |sharded − unsharded| = {diff:.3e} over the logits "
           f"({'OK' if diff <= 1e-5 else 'FAILED'}, bound 1e-5 in float32)")
     print("== 4. parameter bytes each rank holds:")
     for r, b in enumerate(run.param_bytes):
         print(f"      rank {r}: {b:>9,} B  ({b / total:.3f} of the model's {total:,} B)")
-    rep = plan.memory.get("replicated", [])
+    rep = plan.memory.replicated
     if rep:
         extra = sum(r[1] for r in rep)
         kinds = sorted({f"{'.'.join(key.split('.')[-2:])} ×{factor}" for key, _, factor in rep})

@@ -30,17 +30,20 @@ import torch
 import torch.nn as nn
 
 import shardwise
-from shardwise import api
-from shardwise.passes.assign_layouts import ASSIGNMENT, assign_layouts, parse_layouts
+from shardwise.drivers.verify import max_abs_diff
+from shardwise.ir.meta import LAYERS, PLAN
+from shardwise.passes.assign_layouts import assign_layouts
 from shardwise.passes.canonicalize import canonicalize
 from shardwise.passes.capture import capture
-from shardwise.passes.find_layers import LAYERS, find_layers
-from shardwise.passes.graph_utils import SIGNATURE
+from shardwise.passes.find_layers import find_layers
 from shardwise.passes.insert_collectives import insert_collectives, plan_conversions
 from shardwise.passes.pipeline import Pass, run_pipeline
-from shardwise.passes.propagate import UNKNOWN, propagate
-from shardwise.passes.summarize import replicated_weights, summarize
+from shardwise.passes.propagate import propagate
+from shardwise.passes.storage import replicated_weights
+from shardwise.passes.summarize import summarize
+from shardwise.planning.program import Program
 from shardwise.runtime.simulate import sim_group_name
+from shardwise.strategies.request import parse_layouts
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -70,28 +73,26 @@ def fmt_bytes(n: float) -> str:
 def staged_passes(gm, mesh: shardwise.Mesh, request: dict[str, str], model: str) -> tuple[dict[str, float], object]:
     """api.prepare, then the passes of a plan with the requested layouts, one stage at a time (each
     through run_pipeline, so with its lint); the cost-driven search is timed by bench_planner.py."""
-    from shardwise.planning import block_choices, candidates_of
+    from shardwise.planning.apply import choices_for
+    from shardwise.planning.candidate import Candidate
     from shardwise.strategies.family import parse_ffn
-    from shardwise.strategies.planner import Candidate
 
     t: dict[str, float] = {}
-    gm, t["canonicalize"] = timed(run_pipeline, gm, [Pass("canonicalize", canonicalize, needs=(SIGNATURE,))])
-    gm, t["find_layers"] = timed(
-        run_pipeline, gm, [Pass("find_layers", find_layers, needs=(SIGNATURE,), makes=(LAYERS,))])
+    gm, t["canonicalize"] = timed(run_pipeline, gm, [Pass(canonicalize)])
+    gm, t["find_layers"] = timed(run_pipeline, gm, [Pass(find_layers)])
     chosen = Candidate(parse_ffn(request.get("ffn", "ws1d")), request.get("attention", "heads"), mesh)
-    choices = block_choices(gm.meta[LAYERS], [chosen], candidates_of(request)[2])
-    gm, t["assign_layouts"] = timed(run_pipeline, gm, [
-        Pass("assign_layouts", lambda g: assign_layouts(g, mesh, choices), needs=(LAYERS,), makes=(ASSIGNMENT,))])
-    gm, t["propagate"] = timed(
-        run_pipeline, gm, [Pass("propagate", lambda g: propagate(g, mesh), needs=(ASSIGNMENT,), makes=(UNKNOWN,))])
+    forced = {k: v for k, v in request.items() if k in ("embedding", "head")}
+    choices = choices_for(gm.meta[LAYERS], [chosen], forced)
+    gm, t["assign_layouts"] = timed(run_pipeline, gm, [Pass(assign_layouts, mesh, choices)])
+    gm, t["propagate"] = timed(run_pipeline, gm, [Pass(propagate, mesh)])
     conversions, t["plan_conversions"] = timed(plan_conversions, gm, mesh)
-    gm, t["insert_collectives"] = timed(
-        run_pipeline, gm, [Pass("insert_collectives", lambda g: insert_collectives(g, mesh), needs=(UNKNOWN,))])
+    gm, t["insert_collectives"] = timed(run_pipeline, gm, [Pass(insert_collectives, mesh)])
 
     def finish():
-        plan = summarize(gm, mesh, conversions, model=model, hardware="tpu-v4", phase="prefill")
-        plan.memory["replicated"] = [list(r) for r in replicated_weights(gm, mesh)]
-        plan.program = api.Program(gm, mesh)
+        run_pipeline(gm, [Pass(summarize, mesh, conversions, model=model, hardware="tpu-v4", phase="prefill")])
+        plan = gm.meta[PLAN]
+        plan.memory.replicated = replicated_weights(gm, mesh)
+        plan.program = Program(gm, mesh)
         return plan
 
     plan, t["summarize"] = timed(finish)
@@ -160,7 +161,7 @@ def group_key(state_key: str) -> str:
 
 def unlisted_state(plan, model: nn.Module) -> dict[str, int]:
     """Captured state the model's state_dict does not list (bytes of the full tensor)."""
-    sig, state = plan.program.sig, plan.program.gm.meta["sw_state"]
+    sig, state = plan.program.sig, plan.program.state
     listed = set(model.state_dict())
     return {k: t.numel() * t.element_size() for k, t in state.items()
             if k in sig.params.values() and k not in listed and k not in sig.derived}
@@ -183,7 +184,7 @@ def figure_param_bytes(model_name: str = "llama-tiny", mesh_text: str = "1x1x4")
     extra = per_rank[0] - total / n
     print(f"above the ideal share per rank: {extra:,.0f} B ({extra / per_rank[0]:.1%} of what a rank holds)")
 
-    replicated = plan.memory["replicated"]
+    replicated = plan.memory.replicated
     groups: dict[tuple[str, int], list[float]] = defaultdict(list)
     for key, extra_b, factor in replicated:
         groups[(group_key(key), factor)].append(extra_b)
@@ -231,7 +232,7 @@ def figure_step_time(configs: list[tuple[int, int]], iters: int, warmup: int,
                 plan = shardwise.plan(model, args, kwargs, mesh=shardwise.Mesh.parse("1"))
                 program = plan.program.emit(0, group_name=sim_group_name)
                 with torch.no_grad():
-                    diff = api.max_abs_diff(program(*args, **kwargs), model(*args, **kwargs))
+                    diff = max_abs_diff(program(*args, **kwargs), model(*args, **kwargs))
                     ta, tb = interleaved_medians(lambda: program(*args, **kwargs), lambda: model(*args, **kwargs),
                                                  iters, warmup)
                 flag = "" if ta / tb <= 1.10 else "  > 1.10"

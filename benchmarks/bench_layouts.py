@@ -6,7 +6,7 @@ large token count:
   * every distinct member of the layout family on the mesh × attention in (heads, batch): planned with
     forced layouts on `cpu-local`, emitted per rank, checked against the unsharded model on rank 0, then
     timed (a step is the slowest rank's time; median over runs) and its collective bytes per chip counted
-  * the ranking the measurements give next to the one `plan.totals["latency"]` predicts (Spearman's rho)
+  * the ranking the measurements give next to the one `plan.totals.latency` predicts (Spearman's rho)
   * the planner's own choice (no forced layouts) and its regret: measured(chosen) / best measured
   * the same model under DTensor tensor parallelism (parallelize_module, Colwise q/k/v/gate/up,
     Rowwise o/down on a 1-D mesh of the 4 ranks): checked, timed the same way, bytes counted from the
@@ -166,9 +166,9 @@ class CollectiveCounter(torch.utils._python_dispatch.TorchDispatchMode):
 
 def bench_shardwise(model, ids, rank: int, runs: int, warmup: int, log) -> dict:
     import shardwise
+    from shardwise.drivers.accounting import predicted
     from shardwise.errors import LayoutError, PlanError
     from shardwise.ir.mesh import Mesh
-    from shardwise.runtime.accounting import predicted
     from shardwise.runtime.simulate import Trace, run_recorded
     from shardwise.strategies.family import parse_ffn
 
@@ -185,7 +185,7 @@ def bench_shardwise(model, ids, rank: int, runs: int, warmup: int, log) -> dict:
             skipped.append({"layout": name, "reason": str(e).splitlines()[0]})
             continue
         row = {"layout": name, "member": member.name, "key": repr(member.key(mesh)), "attention": attn,
-               "predicted_s": plan.totals["latency"],
+               "predicted_s": plan.totals.latency,
                "predicted_parts": {k: sum(l.cost.get(k, 0.0) * l.count for l in plan.layers)
                                    for k in ("compute", "memory", "comm")},
                "predicted_bytes": sum(predicted(plan).values())}
@@ -206,13 +206,13 @@ def bench_shardwise(model, ids, rank: int, runs: int, warmup: int, log) -> dict:
         del program, plan
         gc.collect()
     free = shardwise.plan(model, (ids,), {}, mesh=MESH, hardware="cpu-local")
-    chosen = free.settings["chosen"]
-    member_name, _, attn = chosen.rpartition("+")
+    chosen = free.chosen
+    member_name, attn = free.main.member, free.main.attention
     key = repr(parse_ffn(member_name).key(mesh))
     match = [r for r in rows if r["key"] == key and r["attention"] == attn]
     mixed = [n for l in free.layers if l.kind == "note" for n in l.notes]
     return {"rows": rows, "skipped": skipped, "chosen": chosen, "chosen_row": match[0]["layout"] if match else None,
-            "chosen_predicted_s": free.totals["latency"], "chosen_notes": mixed, "explain": free.explain}
+            "chosen_predicted_s": free.totals.latency, "chosen_notes": mixed, "explain": free.explain}
 
 
 def bench_dtensor(ids_list, rank: int, runs: int, warmup: int, log, reference) -> list[dict]:
@@ -397,7 +397,7 @@ def main() -> None:
         worker(args)
         return
 
-    from shardwise.runtime.launch import free_port
+    from shardwise.runtime.distributed import free_port
 
     ensure_profile()
     with tempfile.TemporaryDirectory(prefix="shardwise-bench-") as tmp:

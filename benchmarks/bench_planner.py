@@ -16,14 +16,15 @@ import gc
 import statistics
 import time
 
-from shardwise import api
 from shardwise.ir.hardware import get_hardware
 from shardwise.models import build_model
 from shardwise.models.steps import Step, phase_inputs
-from shardwise.passes.capture import capture, one_block
-from shardwise.planning import Question, choose, record
+from shardwise.passes.capture import capture
+from shardwise.planning.program import capture_program, prepare
+from shardwise.planning.question import Question
+from shardwise.planning.record import record
+from shardwise.planning.search import choose, meshes_for
 from shardwise.strategies.cost import Precision
-from shardwise.strategies.planner import meshes_for
 
 CASES = [("palm-540b", 64, 118), ("llama2-70b", 64, 80)]
 PHASES = {"prefill": dict(batch=1, seq=2048, context=2048), "decode": dict(batch=64, seq=1, context=2048)}
@@ -42,7 +43,7 @@ def plan_once(name: str, chips: int, phase: str):
     (model, t["build"]) = timed(build_model, name, layers=1)
     step = Step(model, last_only=True)
     args = phase_inputs(model, phase, batch=kw["batch"], seq=kw["seq"], context=kw["context"])
-    proto, t["capture one block"] = timed(api.capture_program, step, args, {})
+    proto, t["capture one block"] = timed(capture_program, step, args, {})
     q = Question(meshes=meshes_for(chips), hw=get_hardware("tpu-v4"), precision=Precision(), phase=phase, model=name)
     n_blocks = {c[0]: c[2] for c in CASES}[name]
     (choice, _), t["search meshes × layouts"] = timed(choose, proto, q, n_blocks)
@@ -58,16 +59,17 @@ def full_capture_and_passes(name: str, phase: str):
     args = phase_inputs(model, phase, batch=kw["batch"], seq=kw["seq"], context=kw["context"])
     gc.collect()
     gm, cap = timed(capture, step, args, {})
-    from shardwise.planning import apply, block_choices
-    from shardwise.strategies.family import NAMED
-    from shardwise.strategies.planner import Candidate
     from shardwise.ir.mesh import Mesh
+    from shardwise.ir.meta import LAYERS
+    from shardwise.planning.apply import apply, choices_for
+    from shardwise.planning.candidate import Candidate
+    from shardwise.strategies.family import NAMED
 
     def passes():
-        g = api.prepare(gm)
+        g = prepare(gm)
         mesh = Mesh.parse("4x4x4")
         chosen = [Candidate(NAMED["ws2d"], "batch" if phase == "decode" else "heads", mesh)]
-        apply(g, mesh, block_choices(g.meta["sw_layers"], chosen, {}), insert=True)
+        apply(g, mesh, choices_for(g.meta[LAYERS], chosen, {}), insert=True)
         return g
 
     g, ours = timed(passes)

@@ -25,14 +25,13 @@ import itertools
 import math
 from dataclasses import dataclass, replace
 
-from ..api import capture_program
 from ..ir.hardware import TPU_V4, Hardware
 from ..ir.mesh import Mesh
 from ..models.presets import build_model
 from ..models.steps import Step, phase_inputs
-from ..planning import family_class
+from ..planning.program import capture_program
+from ..planning.search import _chain, plan_mesh
 from ..strategies.cost import Precision
-from ..strategies.planner import _chain, plan_mesh
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,7 @@ def predict(cands, shape, mesh: Mesh, hw: Hardware, row: Row):
 
 
 def matches(c, row: Row) -> bool:
-    return family_class(c) == f"{row.ffn} + attention by {row.attention}"
+    return c.run(0, 0).describe() == f"{row.ffn} + attention by {row.attention}"
 
 
 def grid():
@@ -124,7 +123,7 @@ def fit(verbose: bool = True, *, data=None, rows: list[Row] = ROWS):
               f"(worst latency error ×{math.exp(err):.3f})")
         for row, cands, shape in data:
             c, t = predict(cands, shape, mesh, hw, row)
-            print(f"  {row.phase:7} batch {row.batch:4} {row.weights}: {family_class(c):32} "
+            print(f"  {row.phase:7} batch {row.batch:4} {row.weights}: {c.run(0, 0).describe():32} "
                   f"predicted {t * 1e3:10.2f} ms  published {row.published * 1e3:10.2f} ms  ×{t / row.published:.2f}")
     return hw, data
 
@@ -137,7 +136,7 @@ def leave_one_out(data) -> None:
         hw, _ = fit(False, data=data, rows=[r for r in ROWS if r != held])
         row, cands, shape = next(d for d in data if d[0] == held)
         c, t = predict(cands, shape, mesh, hw, row)
-        print(f"  {row.phase:7} batch {row.batch:4} {row.weights}: {family_class(c):32} predicted {t * 1e3:10.2f} ms "
+        print(f"  {row.phase:7} batch {row.batch:4} {row.weights}: {c.run(0, 0).describe():32} predicted {t * 1e3:10.2f} ms "
               f"published {row.published * 1e3:10.2f} ms  ×{t / row.published:.2f}  "
               f"({'same layout' if matches(c, row) else 'DIFFERENT layout'} as the paper)")
 

@@ -34,11 +34,14 @@ def main() -> None:
     print("-" * len(head))
     published_mfu = {0: 0.43, 1: 0.14, 2: 0.76, 3: 0.33}
     for i, (r, plan, steps, took) in enumerate(rows()):
-        total = plan.totals["latency"] * steps
-        ok = plan.settings["family"] == f"{r.ffn} + attention by {r.attention}"
-        print(f"{r.phase:8}{r.batch:6} {r.weights:8}{plan.settings['family']:34}{str(plan.mesh):7}"
+        total = plan.totals.latency * steps
+        main = plan.main.describe()
+        ok = main == f"{r.ffn} + attention by {r.attention}"
+        print(f"{r.phase:8}{r.batch:6} {r.weights:8}{main:34}{str(plan.mesh):7}"
               f"{_fmt(total):>11}{_fmt(r.published * steps):>11}{total / (r.published * steps):6.2f}"
-              f"{plan.totals['mfu'] * 100:5.0f}%{published_mfu[i] * 100:5.0f}%  {'' if ok else 'paper: ' + r.ffn + ' + ' + r.attention}")
+              f"{plan.totals.mfu * 100:5.0f}%{published_mfu[i] * 100:5.0f}%  {'' if ok else 'paper: ' + r.ffn + ' + ' + r.attention}")
+        if len(plan.runs) > 1:
+            print(f"{'':23}blocks run by run: {plan.family}")
     print("\nlatency: prefill per step; decode for 64 generated tokens. ×: predicted / published.")
 
 

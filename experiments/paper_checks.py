@@ -21,9 +21,10 @@ from .. import api
 from ..ir.hardware import get_hardware
 from ..ir.mesh import Mesh
 from ..models.reference import FFNStack
+from ..planning.program import capture_program
+from ..planning.search import evaluate
 from ..strategies.cost import Precision
 from ..strategies.family import NAMED
-from ..strategies.planner import evaluate
 
 GiB = 1024**3
 
@@ -83,7 +84,7 @@ def table1(batch: int, attention: str, *, multiquery: bool, budget: float = 0.3)
     with torch.device("meta"):
         small = RefDecoder(RefConfig(**{**cfg, "n_layers": 1})).to(torch.bfloat16)
     context = 2048
-    proto = api.capture_program(Step(small, last_only=True),
+    proto = capture_program(Step(small, last_only=True),
                                 phase_inputs(small, "decode", batch=batch, seq=1, context=context), {})
     # heads-split caches use the 1D layout (heads over all 64 chips); batch-split ones split B over all
     cand = evaluate(proto, Mesh.parse("4x4x4"), NAMED["ws1d"], attention, hw=get_hardware("tpu-v4"),

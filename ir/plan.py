@@ -1,23 +1,36 @@
 """Plan: the per-layer decisions for one phase on one mesh, what they communicate and what they cost.
 
-Plain data with a JSON round trip (no pickle). A Plan made by `shardwise.plan` also carries the
-global-view program it was made from (not serialized), so `Plan.emit(rank)` can build a rank's program.
+Plain, typed data with a versioned JSON round trip (no pickle, no code evaluated). A Plan made by
+`shardwise.plan` also carries the global-view program it was made from (not serialized), so
+`Plan.emit(rank)` can build a rank's program.
+
+    runs      the layouts of the blocks, one record per run of consecutive blocks sharing one
+              (`plan.chosen`: "ws2d+batch", or "117×ws2d+batch, 1×ws1d_ar+batch" for a mixed plan)
+    layers    one row per layer (a block's rows stand for every block of its run: `count`)
+    memory    bytes per chip: weights (the 1/n share and what is replicated beyond it), KV cache
+    totals    the step: latency, MFU, chip-ms per token
+    settings  what was asked: objective, precisions, layouts forced by the user
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, NamedTuple
 
-from .collective import format_bytes
+from ..errors import ShardwiseError
+from .collective import Kind, format_bytes
+from .kinds import LayerKind, Objective, Phase
 from .mesh import Mesh
+from .plan_schema import load
+
+FORMAT = 2  # version of the JSON form; 1 had untyped settings/memory/totals and no version field
 
 
 @dataclass
 class CollectiveRecord:
     node: str
-    kind: str  # all_gather | reduce_scatter | all_reduce | all_to_all
+    kind: Kind
     group: str  # mesh axes (or atoms) of the group, e.g. "yz"
     src: str  # layout before, paper notation
     dst: str  # layout after
@@ -25,6 +38,17 @@ class CollectiveRecord:
     wire_bytes: float  # per chip, with the (g−1)/g factor
     axes: list[str] = field(default_factory=list)
     weight: bool = False  # moves a weight (weight-gathered layouts), not an activation
+
+    def __post_init__(self) -> None:
+        _non_negative(self, "bytes", "wire_bytes")
+
+    @classmethod
+    def of(cls, step, mesh: Mesh, dims, *, node: str, weight: bool = False) -> CollectiveRecord:
+        """The record of a redistribution step (an ir.collective.Collective); `dims` names the tensor's
+        dims in the paper's letters ("BLE", or one name per dim)."""
+        return cls(node=node, kind=step.kind, group=mesh.format_atoms(step.atoms), src=step.src.notation(mesh, dims),
+                   dst=step.dst.notation(mesh, dims), bytes=step.bytes, wire_bytes=step.wire_bytes,
+                   axes=list(step.axes), weight=weight)
 
     def line(self) -> str:
         sym = self.kind.replace("_", "-")
@@ -34,9 +58,9 @@ class CollectiveRecord:
 @dataclass
 class LayerPlan:
     name: str
-    kind: str  # embedding | attention | ffn | head | output
+    kind: LayerKind
     block: int | None
-    layout: str
+    choice: str  # the layout chosen for the layer: a family member (ffn), heads/batch (attention), E/vocab
     dims: dict[str, int] = field(default_factory=dict)
     weights: dict[str, dict[str, str]] = field(default_factory=dict)  # role → {"at_rest", "in_use"}
     collectives: list[CollectiveRecord] = field(default_factory=list)
@@ -44,9 +68,101 @@ class LayerPlan:
     cost: dict[str, float] = field(default_factory=dict)  # seconds and bytes per step, from the cost model
     count: int = 1  # identical layers this row stands for (blocks.[0-117].mlp)
 
+    def __post_init__(self) -> None:
+        self.kind = LayerKind.parse(self.kind, "layer kind")
+        _non_negative(self, "count")
+
     @property
     def comm_bytes(self) -> int:
         return sum(c.bytes for c in self.collectives)
+
+
+@dataclass
+class BlockRun:
+    """Consecutive blocks first..last sharing one layout: a family member and an attention split."""
+
+    first: int
+    last: int
+    member: str  # the family member on this mesh ("ws2d", "bx.ey.fz")
+    attention: str  # how the attention core is really split: heads, batch, heads+batch, replicated ("" if none)
+    family: str  # the paper's name of the member ("2D WS", "WG-XYZ", ...)
+
+    def __post_init__(self) -> None:
+        _non_negative(self, "first", "last")
+        for check in _NAME_CHECKS:
+            check(self.member)
+
+    @property
+    def count(self) -> int:
+        return self.last - self.first + 1
+
+    @property
+    def name(self) -> str:
+        return f"{self.member}+{self.attention}" if self.attention else self.member
+
+    def describe(self) -> str:
+        return f"{self.family} + attention by {self.attention}" if self.attention else self.family
+
+
+class ReplicatedWeight(NamedTuple):
+    key: str  # state key
+    extra_bytes: float  # per rank, beyond the 1/n share
+    factor: int  # how many ranks hold each element
+
+
+@dataclass
+class Memory:
+    """Bytes per chip, in the planned precisions."""
+
+    weights_total: float = 0.0  # the whole model's weights (not per chip)
+    weights_per_chip: float = 0.0
+    replicated_per_chip: float = 0.0  # weights held beyond the 1/n share
+    kv_cache_per_chip: float = 0.0
+    hbm_per_chip: float | None = None  # the hardware's capacity
+    replicated: list[ReplicatedWeight] = field(default_factory=list)  # known once the program is built
+
+    def __post_init__(self) -> None:
+        self.replicated = [ReplicatedWeight(*r) for r in self.replicated]
+        _non_negative(self, "weights_total", "weights_per_chip", "kv_cache_per_chip")
+        _as_floats(self, "weights_total", "weights_per_chip", "replicated_per_chip", "kv_cache_per_chip", "hbm_per_chip")
+
+
+@dataclass
+class Totals:
+    """One step of the whole model, as the cost model predicts it."""
+
+    latency: float = 0.0  # seconds per step
+    mfu: float = 0.0  # model FLOPs utilization
+    chip_ms_per_token: float = 0.0
+    tokens_per_step: int = 0
+    params: float = 0.0
+    transitions: float = 0.0  # seconds spent redistributing the residual between runs of blocks
+
+    def __post_init__(self) -> None:
+        _non_negative(self, "latency", "mfu", "chip_ms_per_token", "tokens_per_step", "params", "transitions")
+        _as_floats(self, "latency", "mfu", "chip_ms_per_token", "params", "transitions")
+
+
+@dataclass
+class Settings:
+    """What the plan was asked for."""
+
+    objective: Objective = Objective.LATENCY
+    weights: str = "as captured"  # weight precision planned for (bf16, int8, ...)
+    kv: str = "as captured"
+    overlap: bool = False
+    requested: dict[str, str] = field(default_factory=dict)  # layouts forced by layer kind
+    context: int | None = None  # decode: the KV-cache length planned for
+
+    def __post_init__(self) -> None:
+        self.objective = Objective.parse(self.objective, "objective")
+
+
+@dataclass
+class UnknownOp:
+    node: str
+    target: str
+    module: str
 
 
 @dataclass
@@ -54,16 +170,37 @@ class Plan:
     model: str
     mesh: Mesh
     hardware: str
-    phase: str
+    phase: Phase
     batch: int
     seq: int
     layers: list[LayerPlan]
-    unknown_ops: list[dict[str, str]] = field(default_factory=list)
-    memory: dict[str, Any] = field(default_factory=dict)  # per-rank bytes: weights, replicated parts, KV cache
-    totals: dict[str, float] = field(default_factory=dict)
-    settings: dict[str, Any] = field(default_factory=dict)  # layouts requested, objective, dtypes, ...
+    runs: list[BlockRun] = field(default_factory=list)
+    unknown_ops: list[UnknownOp] = field(default_factory=list)
+    memory: Memory = field(default_factory=Memory)
+    totals: Totals = field(default_factory=Totals)
+    settings: Settings = field(default_factory=Settings)
     explain: list[str] = field(default_factory=list)  # every candidate, its cost and why it lost
-    program: Any = field(default=None, repr=False, compare=False)  # api.Program; not serialized
+    program: Any = field(default=None, repr=False, compare=False)  # planning.program.Program; not serialized
+
+    def __post_init__(self) -> None:
+        self.phase = Phase.parse(self.phase, "phase")
+        _non_negative(self, "batch", "seq")
+
+    # ------------------------------------------------------------------------------------ the choice
+    @property
+    def chosen(self) -> str:
+        """The layouts of the blocks: "ws2d+batch", or run by run "117×ws2d+batch, 1×ws1d_ar+batch"."""
+        return _by_run(self.runs, lambda r: r.name)
+
+    @property
+    def family(self) -> str:
+        """The same in the paper's names: "2D WS + attention by batch"."""
+        return _by_run(self.runs, lambda r: r.describe())
+
+    @property
+    def main(self) -> BlockRun | None:
+        """The run covering the most blocks (the first of equals): the plan's layout in one word."""
+        return max(self.runs, key=lambda r: r.count, default=None)
 
     # ------------------------------------------------------------------------------------ use
     def emit(self, rank: int, *, group_name=None, weights=None, device=None):
@@ -73,7 +210,7 @@ class Plan:
         `device`: where to run, when the plan was captured on the meta device.
         """
         if self.program is None:
-            raise RuntimeError(
+            raise ShardwiseError(
                 "this Plan has no program attached (it was loaded from JSON): re-plan with "
                 "shardwise.plan(model, args, layouts=...) to emit"
             )
@@ -103,7 +240,7 @@ class Plan:
                 cost = (f"  step {l.cost.get('time', 0) * 1e3:8.3f} ms  (compute {l.cost.get('compute', 0) * 1e3:.3f}, "
                         f"memory {l.cost.get('memory', 0) * 1e3:.3f}, comm {l.cost.get('comm', 0) * 1e3:.3f})")
             times = f" ×{l.count}" if l.count > 1 else ""
-            rows.append(f"{l.name:<{w}}  {l.kind:<9} {l.layout:<8}  comm {format_bytes(l.comm_bytes):>10}/chip{cost}{times}")
+            rows.append(f"{l.name:<{w}}  {l.kind:<9} {l.choice:<8}  comm {format_bytes(l.comm_bytes):>10}/chip{cost}{times}")
             for role, wl in l.weights.items():
                 gathered = "" if wl["at_rest"] == wl["in_use"] else f"  (stored {wl['at_rest']})"
                 rows.append(f"{'':<{w}}    weight {role:<7} {wl['in_use']}{gathered}")
@@ -114,15 +251,27 @@ class Plan:
                 rows.append(f"{'':<{w}}    note: {n}")
         if self.unknown_ops:
             rows += ["", "ops with no layout rule (ran on replicated inputs):"]
-            rows += [f"  {u['node']}: {u['target']} in {u['module'] or '(top level)'}" for u in self.unknown_ops]
-        if self.memory:
-            rows += ["", "memory per chip: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in self.memory.items()
-                                                           if isinstance(v, (int, float)))]
-        if self.totals:
-            rows += ["totals: " + ", ".join(f"{k} {_fmt_total(k, v)}" for k, v in self.totals.items())]
-        if self.settings.get("family"):
-            rows += [f"chosen: {self.settings.get('chosen')} ({self.settings['family']}), objective "
-                     f"{self.settings.get('objective')}, weights {self.settings.get('weights')}"]
+            rows += [f"  {u.node}: {u.target} in {u.module or '(top level)'}" for u in self.unknown_ops]
+        m = self.memory
+        mem = [("weights_total", m.weights_total), ("weights_per_chip", m.weights_per_chip),
+               ("replicated_per_chip", m.replicated_per_chip)]
+        if self.totals.latency:
+            mem += [("kv_cache_per_chip", m.kv_cache_per_chip)]
+        if m.hbm_per_chip is not None:
+            mem += [("hbm_per_chip", m.hbm_per_chip)]
+        rows += ["", "memory per chip: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in mem)]
+        if self.totals.latency:
+            t = self.totals
+            parts = [f"latency {t.latency * 1e3:.3f} ms", f"mfu {t.mfu * 100:.1f}%",
+                     f"chip_ms_per_token {t.chip_ms_per_token:.4g} chip-ms/token", f"tokens_per_step {t.tokens_per_step}",
+                     f"params {t.params:.4g}"]
+            if t.transitions:
+                parts.append(f"transitions {t.transitions * 1e3:.3f} ms")
+            rows += ["totals: " + ", ".join(parts)]
+        if self.runs:
+            s = self.settings
+            rows += [f"chosen: {self.chosen} ({self.family}), objective {s.objective}, weights {s.weights}"
+                     + (f", context {s.context}" if s.context is not None else "")]
         return "\n".join(rows)
 
     def __str__(self) -> str:
@@ -130,36 +279,50 @@ class Plan:
 
     # ------------------------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
-        from dataclasses import replace
-
         d = asdict(replace(self, program=None))  # the attached program is not data: never copy it
         d.pop("program")
         d["mesh"] = str(self.mesh)
-        return d
+        d["memory"]["replicated"] = [list(r) for r in self.memory.replicated]
+        return {"format": FORMAT, **d}
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), indent=kw.pop("indent", 2), **kw)
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
-        d = json.loads(text)
-        d["mesh"] = Mesh.parse(d["mesh"])
-        layers = []
-        for l in d.pop("layers"):
-            l["collectives"] = [CollectiveRecord(**c) for c in l["collectives"]]
-            layers.append(LayerPlan(**l))
-        return cls(layers=layers, **d)
+    def from_json(cls, text: str) -> Plan:
+        """A Plan from its JSON form, checked against the schema: a ShardwiseError names what is wrong."""
+        return load(cls, text, version=FORMAT, parts=(CollectiveRecord, LayerPlan, BlockRun, Memory, Totals, Settings,
+                                                      UnknownOp))
 
 
-def _fmt_total(key: str, v: float) -> str:
-    if key.endswith("bytes"):
-        return format_bytes(v)
-    if key.endswith("_s") or key in ("latency", "time"):
-        return f"{v * 1e3:.3f} ms"
-    if key == "mfu":
-        return f"{v * 100:.1f}%"
-    if key == "chip_ms_per_token":
-        return f"{v:.4g} chip-ms/token"
-    if key == "transitions":
-        return f"{v * 1e3:.3f} ms"
-    return f"{v:.4g}"
+# ------------------------------------------------------------------------------------ helpers
+_NAME_CHECKS: list[Callable[[str], None]] = []
+
+
+def check_member_names_with(check: Callable[[str], None]) -> None:
+    """Have every BlockRun check its member name (the layout family registers its parser: ir cannot
+    import it); `check` raises a ShardwiseError for a name that is not a member of the family."""
+    if check not in _NAME_CHECKS:
+        _NAME_CHECKS.append(check)
+
+
+def _non_negative(obj, *names: str) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or v == float("inf"):
+            raise ShardwiseError(f"{type(obj).__name__}.{name} = {v!r}: expected a finite number ≥ 0")
+
+
+def _as_floats(obj, *names: str) -> None:
+    """Numbers that are floats stay floats (a JSON round trip writes what it read)."""
+    for name in names:
+        if (v := getattr(obj, name)) is not None:
+            setattr(obj, name, float(v))
+
+
+def _by_run(runs: list[BlockRun], name: Callable[[BlockRun], str]) -> str:
+    if not runs:
+        return ""
+    if len(runs) == 1:
+        return name(runs[0])
+    return ", ".join(f"{r.count}×{name(r)}" for r in runs)

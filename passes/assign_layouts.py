@@ -6,7 +6,7 @@ Input: `gm.meta["sw_layers"]` and one choice per layer (a feed-forward family me
   `sw_anchor`     on every block's input: the residual layout of that block's member
   `sw_attention`  on every attention core: how its batch and heads are split
 and `gm.meta["sw_assignment"]`: the choices and the notes (heads replicated, ...).
-The cost-driven choice of those layouts lives in `strategies/planner.py`; this pass only applies them.
+The cost-driven choice of those layouts lives in `planning/` (search.py); this pass only applies them.
 """
 
 from __future__ import annotations
@@ -15,74 +15,36 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from ..errors import LayoutError
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
+from ..ir.meta import ANCHOR, ASSIGNMENT, ATTENTION, IO_LAYOUTS, LAYERS, SIGNATURE, WEIGHT
 from ..strategies.family import (
-    ATTENTION_MODES,
-    FFNLayout,
+    Member,
     attention_plan,
     parse_ffn,
     require_divides,
     residual,
     weight_spec,
 )
-from ..strategies.rules import ANCHOR, ATTENTION, WEIGHT, WeightSpec
-from .find_layers import LAYERS, Layer, Layers, block_of
+from ..strategies.request import DEFAULTS
+from ..strategies.rules import WeightSpec
+from .find_layers import Layer, Layers, block_of
 from .graph_utils import shape, signature
-from .propagate import IO_LAYOUTS
-
-ASSIGNMENT = "sw_assignment"
-KINDS = {"ffn": "ffn", "attn": "attention", "attention": "attention", "embed": "embedding",
-         "embedding": "embedding", "head": "head"}
-DEFAULTS = {"ffn": "ws1d", "attention": "heads", "embedding": "auto", "head": "vocab"}
-EMBED_MODES = ("auto", "E", "vocab")
+from .pipeline import graph_pass
 
 
 @dataclass
 class Assignment:
     choices: dict[str, str]  # layer name → layout name
-    members: dict[int, FFNLayout]  # block index → family member (roles of its axes)
+    members: dict[int, Member]  # block index → family member (roles of its axes)
     notes: dict[str, list[str]] = field(default_factory=dict)  # layer name → remarks
 
 
-def parse_layouts(text: str | dict | None) -> dict[str, str]:
-    """`"ffn=ws1d,attn=heads"` or a dict → {kind or layer name: layout}. Checks names, not sizes."""
-    if text is None:
-        return {}
-    if isinstance(text, dict):
-        items = list(text.items())
-    else:
-        items = []
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            if "=" not in part:
-                raise LayoutError(
-                    f"malformed --layouts entry {part!r}: expected KIND=LAYOUT pairs joined by commas, "
-                    f"e.g. 'ffn=ws2d,attn=batch' (kinds: ffn, attn, embed, head)"
-                )
-            k, v = (s.strip() for s in part.split("=", 1))
-            items.append((k, v))
-    out = {}
-    for k, v in items:
-        if k not in KINDS:
-            raise LayoutError(
-                f"--layouts names {k!r}: expected a layer kind, one of ffn, attn, embed, head (e.g. 'ffn=ws2d,attn=batch')"
-            )
-        kind = KINDS[k]
-        if kind == "ffn":
-            parse_ffn(v)
-        elif kind == "attention" and v not in ATTENTION_MODES:
-            raise LayoutError(f"unknown attention layout {v!r}: use one of {', '.join(ATTENTION_MODES)}")
-        elif kind in ("embedding", "head") and v not in EMBED_MODES:
-            raise LayoutError(f"unknown {kind} layout {v!r}: use one of {', '.join(EMBED_MODES)}")
-        out[kind] = v
-    return out
-
-
+@graph_pass(needs=(SIGNATURE, LAYERS), makes=(ASSIGNMENT, IO_LAYOUTS))
 def assign_layouts(gm: fx.GraphModule, mesh: Mesh, choices: dict[str, str]) -> fx.GraphModule:
     layers: Layers = gm.meta[LAYERS]
     nodes = {n.name: n for n in gm.graph.nodes}
-    members: dict[int, FFNLayout] = {}
+    members: dict[int, Member] = {}
     notes: dict[str, list[str]] = {}
     io = gm.meta.setdefault(IO_LAYOUTS, {})
     caches = _cache_inputs(gm)
@@ -128,7 +90,7 @@ def assign_layouts(gm: fx.GraphModule, mesh: Mesh, choices: dict[str, str]) -> f
 
 
 # ------------------------------------------------------------------------------------ per layer
-def _residual_for(node: fx.Node, member: FFNLayout, mesh: Mesh, where: str) -> Layout:
+def _residual_for(node: fx.Node, member: Member, mesh: Mesh, where: str) -> Layout:
     s = shape(node)
     layout = residual(member, mesh, len(s))
     b, e, f = member.atoms(mesh)
@@ -137,7 +99,7 @@ def _residual_for(node: fx.Node, member: FFNLayout, mesh: Mesh, where: str) -> L
     return layout
 
 
-def _assign_ffn(layer: Layer, member: FFNLayout, mesh: Mesh, nodes: dict[str, fx.Node]) -> None:
+def _assign_ffn(layer: Layer, member: Member, mesh: Mesh, nodes: dict[str, fx.Node]) -> None:
     b, e, f = member.atoms(mesh)
     where = f"{member} for {layer.name}"
     require_divides("d_ff (F)", layer.dims["F"], f, mesh, where)
@@ -148,7 +110,7 @@ def _assign_ffn(layer: Layer, member: FFNLayout, mesh: Mesh, nodes: dict[str, fx
         ph.meta[WEIGHT] = weight_spec(out_atoms, in_atoms, b, shape(ph), p.rows_out, mesh)
 
 
-def _assign_attention(layer: Layer, member: FFNLayout, mode: str, mesh: Mesh, nodes) -> list[str]:
+def _assign_attention(layer: Layer, member: Member, mode: str, mesh: Mesh, nodes) -> list[str]:
     d = layer.dims
     B = shape(nodes[layer.core])[0]
     plan = attention_plan(member, mode, mesh, B=B, H=d["H"], K=d["K"])
@@ -175,7 +137,7 @@ def _assign_attention(layer: Layer, member: FFNLayout, mode: str, mesh: Mesh, no
     return notes
 
 
-def _table_spec(layer: Layer, mode: str, member: FFNLayout, mesh: Mesh) -> WeightSpec:
+def _table_spec(layer: Layer, mode: str, member: Member, mesh: Mesh) -> WeightSpec:
     b, e, f = member.atoms(mesh)
     V, E = layer.dims["V"], layer.dims["E"]
     if mode == "auto":
@@ -192,7 +154,7 @@ def _table_spec(layer: Layer, mode: str, member: FFNLayout, mesh: Mesh) -> Weigh
     return WeightSpec(at_rest=layout, in_use=layout)
 
 
-def _head_spec(layer: Layer, mode: str, member: FFNLayout, mesh: Mesh, wshape) -> WeightSpec:
+def _head_spec(layer: Layer, mode: str, member: Member, mesh: Mesh, wshape) -> WeightSpec:
     b, e, f = member.atoms(mesh)
     p = layer.projections["w"]
     if mode == "vocab":
@@ -222,7 +184,7 @@ def _cache_inputs(gm: fx.GraphModule) -> dict[str, list[tuple[str, list[int]]]]:
     return found
 
 
-def _cache_layout(core, member: FFNLayout, mode: str, mesh: Mesh, dims: dict) -> Layout:
+def _cache_layout(core, member: Member, mode: str, mesh: Mesh, dims: dict) -> Layout:
     """[B, K, S, D]: split by KV heads like the attention's K/V projections, or by batch like its core."""
     b, e, f = member.atoms(mesh)
     if mode == "batch":
@@ -233,10 +195,10 @@ def _cache_layout(core, member: FFNLayout, mode: str, mesh: Mesh, dims: dict) ->
     return Layout((b, longest_dividing_prefix(q, dims["K"], mesh), (), ()))
 
 
-def _gather_free_weights(gm: fx.GraphModule, layers: Layers, members: dict[int, FFNLayout], mesh: Mesh) -> None:
+def _gather_free_weights(gm: fx.GraphModule, layers: Layers, members: dict[int, Member], mesh: Mesh) -> None:
     """Weights no layout plans (norms, biases) follow their block's member: under a weight-gathered
     member they are stored split over its batch atoms too (propagate adopts, then splits them)."""
-    from ..strategies.rules import GATHER
+    from ..ir.meta import GATHER
 
     sig = signature(gm)
     index = {b.name: b.index for b in layers.blocks}

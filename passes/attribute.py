@@ -13,11 +13,12 @@ from collections import deque
 
 import torch.fx as fx
 
+from ..ir.kinds import LayerKind
+from ..ir.meta import LAYER_OF as _LAYER
 from .find_layers import Layers, block_of
 from .graph_utils import module_path
 
-OUTPUT = "output"
-_LAYER = "sw_layer_of"  # node.meta cache of Attribution.layer_of
+OUTPUT = LayerKind.OUTPUT  # what no layer owns (the final gather of the logits)
 
 
 class Attribution:

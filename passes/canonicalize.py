@@ -19,10 +19,11 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .graph_utils import STATE, copy_meta, fake_mode_of, fake_run, shape, signature
+from ..ir.meta import FUSED_NORM, SIGNATURE, STATE
+from .graph_utils import PROJECTIONS, copy_meta, fake_mode_of, fake_run, shape, signature
+from .pipeline import graph_pass
 
 aten = torch.ops.aten
-FUSED_NORM = "sw_fused_norm"  # on the last node of a decomposed norm: how to fuse it back
 
 
 @dataclass(frozen=True)
@@ -35,11 +36,10 @@ class FusedNorm:
 
 
 _ASSERTS = {aten._assert_tensor_metadata.default}
-# matmul → (index of the weight argument, whether the weight is [out, in])
-_MATMULS = {aten.linear.default: (1, True), aten.addmm.default: (2, False), aten.mm.default: (1, False)}
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
+@graph_pass(needs=(SIGNATURE, STATE))
 def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     mode = fake_mode_of(gm)
     for node in list(gm.graph.nodes):
@@ -49,7 +49,7 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op == "call_function" and node.target in (aten.layer_norm.default, aten.rms_norm.default):
             _decompose_norm(gm, node, mode)
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in _MATMULS:
+        if node.op == "call_function" and node.target in PROJECTIONS:
             _unfuse(gm, node, mode)
     gm.graph.eliminate_dead_code()
     _drop_unused_weights(gm)
@@ -160,8 +160,8 @@ def _feature_pieces(out: fx.Node, width: int):
 
 def _unfuse(gm: fx.GraphModule, mm: fx.Node, mode) -> None:
     sig = signature(gm)
-    w_pos, w_rows = _MATMULS[mm.target]
-    w = mm.args[w_pos]
+    m = PROJECTIONS[mm.target]
+    w = mm.args[m.w]
     if not (isinstance(w, fx.Node) and w.name in sig.params and len(w.users) == 1):
         return
     width = shape(mm)[-1]
@@ -169,11 +169,9 @@ def _unfuse(gm: fx.GraphModule, mm: fx.Node, mode) -> None:
     if found is None:
         return
     chain, pieces = found
-    bias = mm.args[2] if mm.target is aten.linear.default and len(mm.args) > 2 else (
-        mm.args[0] if mm.target is aten.addmm.default else None
-    )
+    bias = mm.args[m.bias] if m.bias is not None and m.bias < len(mm.args) else None
     g = gm.graph
-    feat_dim = 0 if w_rows else 1
+    feat_dim = 0 if m.rows_out else 1
     first_ph = next(n for n in g.nodes if n.op == "placeholder")
     for start, length, user in pieces:
         new_w = _derived_param(gm, w, feat_dim, start, length, first_ph)

@@ -13,7 +13,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import CaptureError
-from .graph_utils import SIGNATURE, STATE, Signature
+from ..ir.meta import SIGNATURE, STATE
+from .graph_utils import Signature
 
 _HINTS = (
     ("DynamicCache", "HF models: pass use_cache=False when capturing prefill"),

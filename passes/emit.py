@@ -23,12 +23,12 @@ import torch.nn as nn
 
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
+from ..ir.meta import COLLECTIVE, FUSED_NORM, LAYOUT, SIGNATURE, STATE
 from ..runtime.lower import RankEnv, lower_step
 from ..runtime.weights import StateSource, WeightSource, shard_index
-from ..strategies.rules import LAYOUT
-from .canonicalize import FUSED_NORM
-from .graph_utils import STATE, signature
-from .insert_collectives import COLLECTIVE, REDISTRIBUTE_OPS
+from .graph_utils import signature
+from .insert_collectives import REDISTRIBUTE_OPS
+from .pipeline import graph_pass
 
 aten = torch.ops.aten
 _SIZE_ARG = {  # op → index of its size argument (replaced by the local output shape)
@@ -51,6 +51,7 @@ def local_shape(node: fx.Node, mesh: Mesh) -> tuple[int, ...]:
     return node.meta[LAYOUT].local_shape(tuple(node.meta["val"].shape), mesh)
 
 
+@graph_pass(needs=(SIGNATURE, STATE, LAYOUT))
 def emit(
     gm: fx.GraphModule,
     mesh: Mesh,

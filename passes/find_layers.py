@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .graph_utils import module_path, module_paths, shape, signature
+from ..ir.meta import BLOCK, LAYERS, SIGNATURE
+from .graph_utils import PROJECTIONS, module_path, module_paths, shape, signature
+from .pipeline import graph_pass
 
 aten = torch.ops.aten
-LAYERS = "sw_layers"
-_PROJ = {aten.linear.default: (0, 1, True), aten.addmm.default: (1, 2, False), aten.mm.default: (0, 1, False)}
 _BLOCK = re.compile(r"^(.*?)(\d+)$")
 _ACTS = {
     aten.silu.default: "silu",
@@ -80,36 +80,9 @@ class Layers:
     def by_kind(self, kind: str) -> list[Layer]:
         return [l for l in self.layers if l.kind == kind]
 
-    def graph(self):
-        """The chain of layers as a networkx DAG (parallel blocks: attention and ffn side by side)."""
-        import networkx as nx
-
-        g = nx.DiGraph()
-        prev = ["input"]
-        g.add_node("input")
-        for l in self.layers:
-            if l.kind == "embedding":
-                g.add_edge(prev[0], l.name)
-        emb = [l.name for l in self.by_kind("embedding")] or ["input"]
-        prev = emb
-        for b in self.blocks:
-            parts = [l.name for l in (b.attention, b.ffn) if l is not None]
-            if b.parallel:
-                for p in prev:
-                    for q in parts:
-                        g.add_edge(p, q)
-                prev = parts
-            else:
-                for q in parts:
-                    for p in prev:
-                        g.add_edge(p, q)
-                    prev = [q]
-        for h in self.by_kind("head"):
-            for p in prev:
-                g.add_edge(p, h.name)
-        return g
 
 
+@graph_pass(needs=(SIGNATURE,), makes=(LAYERS,))
 def find_layers(gm: fx.GraphModule) -> fx.GraphModule:
     sig = signature(gm)
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -156,19 +129,16 @@ def find_layers(gm: fx.GraphModule) -> fx.GraphModule:
 
 # ------------------------------------------------------------------------------------ pieces
 def _projection(n: fx.Node, params: dict[str, str]) -> Projection | None:
-    if n.op != "call_function" or n.target not in _PROJ:
+    if n.op != "call_function" or n.target not in PROJECTIONS:
         return None
-    x_i, w_i, rows_out = _PROJ[n.target]
-    w = n.args[w_i]
+    m = PROJECTIONS[n.target]
+    w = n.args[m.w]
     if not (isinstance(w, fx.Node) and w.name in params and w.meta["val"].ndim == 2):
         return None
-    bias = None
-    if n.target is aten.linear.default and len(n.args) > 2 and isinstance(n.args[2], fx.Node):
-        bias = n.args[2].name
-    if n.target is aten.addmm.default and isinstance(n.args[0], fx.Node):
-        bias = n.args[0].name
-    out_f, in_f = shape(w) if rows_out else tuple(reversed(shape(w)))
-    return Projection(n.name, w.name, bias, n.args[x_i].name, out_f, in_f, rows_out)
+    b = n.args[m.bias] if m.bias is not None and m.bias < len(n.args) else None
+    bias = b.name if isinstance(b, fx.Node) else None
+    out_f, in_f = shape(w) if m.rows_out else tuple(reversed(shape(w)))
+    return Projection(n.name, w.name, bias, n.args[m.x].name, out_f, in_f, m.rows_out)
 
 
 def _walk(start: fx.Node, projs: dict[str, Projection], forward: bool, limit: int = 64) -> list[str]:
@@ -215,11 +185,11 @@ def _attention(sdpa: fx.Node, projs: dict[str, Projection], claimed: set[str]) -
 
 def block_of(n: fx.Node) -> str | None:
     """The repeated module holding `n`: the outermost module path ending in an index (layers.3)."""
-    if "sw_block" not in n.meta:
-        n.meta["sw_block"] = next(
+    if BLOCK not in n.meta:
+        n.meta[BLOCK] = next(
             (p for p in module_paths(n) if p.rsplit(".", 1)[-1].isdigit() and _BLOCK.match(p)), None
         )
-    return n.meta["sw_block"]
+    return n.meta[BLOCK]
 
 
 def _reaches(src: fx.Node, dst_names: set[str], stop: set[str], within: str | None = None) -> bool:

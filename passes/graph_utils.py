@@ -1,4 +1,4 @@
-"""Small helpers the passes share: fake values for new nodes, module paths, signatures."""
+"""Small helpers the passes share: the matmul table, fake values for new nodes, module paths, signatures."""
 
 from __future__ import annotations
 
@@ -9,8 +9,32 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
-SIGNATURE = "sw_signature"  # gm.meta: Signature
-STATE = "sw_state"  # gm.meta: dict state key → tensor (the full weights, or meta tensors)
+from ..ir.meta import BOUND, LAYERS, SIGNATURE
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class MatmulArgs:
+    """Where a matmul op keeps its operands: positions and schema names of the activation and weight."""
+
+    x: int
+    w: int
+    bias: int | None
+    x_name: str
+    w_name: str
+    rows_out: bool  # the weight is [out, in] (nn.Linear) rather than [in, out] (mm, addmm: GPT-2's Conv1D)
+    projection: bool  # a 2-D weight: can be a layer's projection (bmm multiplies batches of activations)
+
+
+MATMULS = {  # the one table of matmul ops: find_layers, canonicalize and the cost model read it
+    aten.linear.default: MatmulArgs(0, 1, 2, "input", "weight", rows_out=True, projection=True),
+    aten.addmm.default: MatmulArgs(1, 2, 0, "mat1", "mat2", rows_out=False, projection=True),
+    aten.mm.default: MatmulArgs(0, 1, None, "self", "mat2", rows_out=False, projection=True),
+    aten.bmm.default: MatmulArgs(0, 1, None, "self", "mat2", rows_out=False, projection=False),
+}
+PROJECTIONS = {op: m for op, m in MATMULS.items() if m.projection}
+
 
 
 @dataclass
@@ -63,3 +87,23 @@ def copy_meta(dst: fx.Node, src: fx.Node, *keys: str) -> None:
     for k in keys or ("nn_module_stack", "stack_trace"):
         if k in src.meta:
             dst.meta[k] = src.meta[k]
+
+
+def copy_program(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of a captured graph that later passes can annotate and rewrite without touching `gm`:
+    new nodes (same names) with their own meta dicts, the same weights and fake values (never mutated),
+    and copies of the whole-graph records. Planning a copy gives what planning a fresh capture gives."""
+    import copy
+
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    out = g.graph_copy(gm.graph, env)
+    old_out = next(n for n in gm.graph.nodes if n.op == "output")
+    new_out = g.output(out)
+    new_out.meta = dict(old_out.meta)
+    for old, new in env.items():
+        new.meta = {k: v for k, v in old.meta.items() if k != BOUND}  # the cache holds the old arguments
+    copied = fx.GraphModule(gm, g)
+    copied.meta = {k: copy.deepcopy(v) if k in (SIGNATURE, LAYERS) else (dict(v) if isinstance(v, dict) else v)
+                   for k, v in gm.meta.items()}
+    return copied

@@ -21,12 +21,11 @@ import torch.fx as fx
 from ..ir.collective import Collective
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
+from ..ir.meta import COLLECTIVE, CONVERSION, IN_LAYOUTS, LAYOUT, SIGNATURE
 from ..strategies.redistribute import redistribute
-from ..strategies.rules import IN_LAYOUTS, LAYOUT, bind
+from ..strategies.rules import bind
 from .graph_utils import copy_meta
-
-COLLECTIVE = "sw_collective"  # on an inserted node: its Collective step
-CONVERSION = "sw_conversion"  # on an inserted node: (source node, first consumer) of its conversion
+from .pipeline import graph_pass
 
 
 # Global-view collectives: identities on the global tensor (the layout lives in node.meta).
@@ -100,6 +99,7 @@ def plan_conversions(gm: fx.GraphModule, mesh: Mesh) -> list[Conversion]:
     return list(made.values())
 
 
+@graph_pass(needs=(SIGNATURE, LAYOUT), makes=(LAYOUT,))
 def insert_collectives(gm: fx.GraphModule, mesh: Mesh) -> fx.GraphModule:
     for conv in plan_conversions(gm, mesh):
         cur = conv.src

@@ -13,7 +13,6 @@ Weights with no planned layout then adopt the split their uses need, when that i
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,31 +21,23 @@ import torch.fx as fx
 from ..errors import LayoutError
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
-from ..strategies.rules import (
+from ..ir.meta import (
     ANCHOR,
+    ASSIGNMENT,
     GATHER,
     IN_LAYOUTS,
+    IO_LAYOUTS,
+    LAYERS,
     LAYOUT,
     NOTE,
+    SIGNATURE,
+    UNKNOWN,
     WEIGHT,
-    Decision,
-    OpCall,
-    bind,
-    load_rules,
-    rule_for,
-    tensor_positions,
 )
+from ..ir.plan import UnknownOp
+from ..strategies.rules import Decision, OpCall, bind, rule_for, tensor_positions
 from .graph_utils import signature
-
-UNKNOWN = "sw_unknown_ops"
-IO_LAYOUTS = "sw_io_layouts"  # gm.meta: placeholder/output name → Layout of a sharded program input/output
-
-
-@dataclass(frozen=True)
-class UnknownOp:
-    node: str
-    target: str
-    module: str
+from .pipeline import graph_pass
 
 
 def seen(node: fx.Node) -> Any:
@@ -54,10 +45,10 @@ def seen(node: fx.Node) -> Any:
     return node.meta.get(ANCHOR) or node.meta.get(LAYOUT)
 
 
+@graph_pass(needs=(SIGNATURE, LAYERS, ASSIGNMENT, IO_LAYOUTS), makes=(LAYOUT, UNKNOWN))
 def propagate(gm: fx.GraphModule, mesh: Mesh, *, check: bool = True) -> fx.GraphModule:
     """`check=False` skips validating each rule's answer: the planner propagates hundreds of candidates
     with the same rules, and validates the one it chooses when it records the plan."""
-    load_rules()
     io = gm.meta.get(IO_LAYOUTS, {})
     unknown: list[UnknownOp] = []
     for node in gm.graph.nodes:

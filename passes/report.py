@@ -7,9 +7,7 @@ import torch
 import torch.fx as fx
 
 from ..ir.mesh import Mesh
-from ..strategies.rules import LAYOUT, NOTE
-from .find_layers import LAYERS
-from .insert_collectives import COLLECTIVE
+from ..ir.meta import COLLECTIVE, LAYERS, LAYOUT, NOTE
 from .summarize import dim_names
 
 

@@ -7,20 +7,18 @@ Reads `sw_layers`, `sw_assignment`, `sw_layout`, `sw_collective`, `sw_weight`, `
 
 from __future__ import annotations
 
-import math
-import torch
 import torch.fx as fx
 
-from ..ir.layout import Layout
+from ..ir.kinds import LayerKind
 from ..ir.mesh import Mesh
-from ..ir.plan import CollectiveRecord, LayerPlan, Plan
-from ..strategies.rules import LAYOUT, WEIGHT
-from .assign_layouts import ASSIGNMENT
+from ..ir.meta import ASSIGNMENT, LAYERS, LAYOUT, PLAN, SIGNATURE, UNKNOWN, WEIGHT
+from ..ir.plan import CollectiveRecord, LayerPlan, Memory, Plan
 from .attribute import OUTPUT, Attribution
-from .find_layers import LAYERS, Layer, Layers
+from .find_layers import Layer, Layers
 from .graph_utils import signature
 from .insert_collectives import Conversion
-from .propagate import UNKNOWN
+from .pipeline import graph_pass
+from .storage import weight_memory
 
 _PRIORITY = ["B", "L", "H", "K", "E", "F", "D", "V", "S"]
 
@@ -41,9 +39,10 @@ def dim_names(shape, dims: dict[str, int]) -> list[str]:
     return out
 
 
+@graph_pass(needs=(SIGNATURE, LAYERS, ASSIGNMENT, LAYOUT, UNKNOWN), makes=(PLAN,))
 def summarize(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], *, model: str, hardware: str,
-              phase: str) -> Plan:
-    """The Plan of a propagated graph, from the conversions insert_collectives inserts (or would)."""
+              phase: str) -> fx.GraphModule:
+    """The Plan of a propagated graph (into gm.meta["sw_plan"]), from the conversions insert_collectives inserts (or would)."""
     layers: Layers = gm.meta[LAYERS]
     assignment = gm.meta[ASSIGNMENT]
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -52,10 +51,10 @@ def summarize(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], *, 
     for l in layers.layers:
         ldims = {**dims, **l.dims}
         rows[l.name] = LayerPlan(
-            name=l.name, kind=l.kind, block=l.block, layout=assignment.choices.get(l.name, "-"), dims=dict(l.dims),
+            name=l.name, kind=l.kind, block=l.block, choice=assignment.choices.get(l.name, "-"), dims=dict(l.dims),
             weights=_weights(l, nodes, mesh, ldims), notes=list(assignment.notes.get(l.name, [])),
         )
-    rows[OUTPUT] = LayerPlan(name=OUTPUT, kind=OUTPUT, block=None, layout="replicated")
+    rows[OUTPUT] = LayerPlan(name=OUTPUT, kind=LayerKind.OUTPUT, block=None, choice="replicated")
     params = signature(gm).params
     attribution = Attribution(layers)
     for conv in conversions:
@@ -64,15 +63,13 @@ def summarize(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], *, 
         weight = conv.src.op == "placeholder" and conv.src.name in params
         for step in conv.steps:
             if step.communicates:
-                row.collectives.append(CollectiveRecord(
-                    node=f"{conv.src.name}→{step.kind}", kind=step.kind, group=mesh.format_atoms(step.atoms),
-                    src=step.src.notation(mesh, names), dst=step.dst.notation(mesh, names), bytes=step.bytes,
-                    wire_bytes=step.wire_bytes, axes=list(step.axes), weight=weight,
-                ))
-    plan_layers = [r for r in rows.values() if r.kind != OUTPUT or r.collectives]
-    unknown = [{"node": u.node, "target": u.target, "module": u.module} for u in gm.meta.get(UNKNOWN, [])]
-    return Plan(model=model, mesh=mesh, hardware=hardware, phase=phase, batch=dims.get("B", 0), seq=dims.get("L", 0),
-                layers=plan_layers, unknown_ops=unknown, memory=weight_memory(gm, mesh))
+                row.collectives.append(CollectiveRecord.of(step, mesh, names, node=f"{conv.src.name}→{step.kind}",
+                                                           weight=weight))
+    plan_layers = [r for r in rows.values() if r.kind != LayerKind.OUTPUT or r.collectives]
+    unknown = list(gm.meta.get(UNKNOWN, []))
+    gm.meta[PLAN] = Plan(model=model, mesh=mesh, hardware=hardware, phase=phase, batch=dims.get("B", 0),
+                         seq=dims.get("L", 0), layers=plan_layers, unknown_ops=unknown, memory=Memory(**weight_memory(gm, mesh)))
+    return gm
 
 
 _ROLE_DIMS = {  # (out, in) names of each projection's weight
@@ -93,37 +90,4 @@ def _weights(l: Layer, nodes, mesh: Mesh, dims) -> dict[str, dict[str, str]]:
         o, i = _ROLE_DIMS.get(role, ("V", "E"))
         names = [o, i] if rows_out else [i, o]
         out[role] = {"at_rest": spec.at_rest.notation(mesh, names), "in_use": spec.in_use.notation(mesh, names)}
-    return out
-
-
-def weight_memory(gm: fx.GraphModule, mesh: Mesh, *, itemsize: int | None = None) -> dict[str, float]:
-    """Bytes a rank stores: all weights, the ideal 1/n share, and what is replicated beyond it."""
-    sig = signature(gm)
-    total = local = replicated = 0.0
-    for node in gm.graph.nodes:
-        if node.op != "placeholder" or node.name not in sig.params:
-            continue
-        v = node.meta["val"]
-        size = itemsize or v.element_size()
-        layout = node.meta.get(LAYOUT) or Layout.replicated(v.ndim)
-        full = math.prod(v.shape) * size
-        mine = math.prod(layout.local_shape(tuple(v.shape), mesh)) * size
-        total += full
-        local += mine
-        replicated += mine - full / mesh.size
-    return {"weights_total": total, "weights_per_chip": local, "replicated_per_chip": replicated}
-
-
-def replicated_weights(gm: fx.GraphModule, mesh: Mesh) -> list[tuple[str, float, int]]:
-    """(state key, bytes per rank beyond the 1/n share, replication factor) of every weight not split n ways."""
-    sig = signature(gm)
-    out = []
-    for node in gm.graph.nodes:
-        if node.op == "placeholder" and node.name in sig.params and isinstance(node.meta.get("val"), torch.Tensor):
-            v = node.meta["val"]
-            layout = node.meta.get(LAYOUT) or Layout.replicated(v.ndim)
-            factor = mesh.size // mesh.group_size(layout.used)
-            if factor > 1:
-                mine = math.prod(layout.local_shape(tuple(v.shape), mesh)) * v.element_size()
-                out.append((sig.params[node.name], mine - mine / factor, factor))
     return out

@@ -79,7 +79,7 @@ def measure_ranks(ranks: int) -> tuple[float, float, list[tuple[int, float]], li
     each rank's (matmul FLOP/s, copy bytes/s) measured while all ranks run."""
     import torch.multiprocessing as mp
 
-    from .launch import free_port
+    from .distributed import free_port
 
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()

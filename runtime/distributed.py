@@ -7,6 +7,7 @@ same plan on every rank does exactly that.
 from __future__ import annotations
 
 import os
+import socket
 from typing import Callable
 
 import torch
@@ -74,3 +75,9 @@ def init(backend: str | None = None) -> int:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
     return dist.get_rank()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

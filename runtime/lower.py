@@ -19,6 +19,7 @@ import torch.fx as fx
 from ..ir.collective import Collective
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
+from ..ir.meta import GLOBAL, STEP
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
@@ -42,8 +43,6 @@ def shard_tensor(t: torch.Tensor, layout: Layout, mesh: Mesh, rank: int) -> torc
     return out.contiguous().clone()
 
 
-STEP = "sw_step"  # on a lowered collective op: the Collective it runs
-GLOBAL = "sw_global"  # ... and the name of the global-view node it lowers
 
 
 class _Builder:

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from ..ir.mesh import Mesh
+from ..ir.meta import GLOBAL
 from .lower import COLLECTIVE_OPS, c10d
 
 PREFIX = "shardwise-sim:"
@@ -100,7 +101,7 @@ def _collective(graphs, envs, i, mesh: Mesh, trace: Trace | None) -> None:
     if trace is not None:
         x = envs[0][graphs[0][i].args[0]]
         trace.collectives.append(Executed(n0.name, kind, atoms, charged_bytes(kind, x, mesh.group_size(atoms)),
-                                          n0.meta.get("sw_global", "")))
+                                          n0.meta.get(GLOBAL, "")))
 
 
 def _compute(kind: str, xs: list[torch.Tensor], node: fx.Node) -> list[torch.Tensor]:
@@ -144,7 +145,7 @@ class _Recorder(fx.Interpreter):
             kind = COLLECTIVE_OPS[n.target]
             group = n.args[1] if kind == "all_gather" else 1  # all_gather_into_tensor(x, group_size, name)
             self.trace.collectives.append(Executed(n.name, kind, (), charged_bytes(kind, self.env[n.args[0]], group),
-                                                   n.meta.get("sw_global", "")))
+                                                   n.meta.get(GLOBAL, "")))
         return out
 
 

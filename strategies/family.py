@@ -29,13 +29,15 @@ import itertools
 from dataclasses import dataclass
 
 from ..errors import LayoutError
+from ..ir.kinds import AttentionMode
 from ..ir.layout import Layout
 from ..ir.mesh import AXES, Mesh
+from ..ir.plan import check_member_names_with
 from .rules import AttentionSpec, WeightSpec, longest_dividing_prefix
 
 
 @dataclass(frozen=True)
-class FFNLayout:
+class Member:
     """One member of the family: the axes playing batch, E and F (and whether the residual between
     layers is replicated rather than split over E)."""
 
@@ -51,10 +53,14 @@ class FFNLayout:
                 return n
         return f"b{self.batch or '-'}.e{self.e or '-'}.f{self.f or '-'}" + ("_ar" if self.replicated_residual else "")
 
+    def effective(self, mesh: Mesh) -> Member:
+        """The member as it acts on `mesh`: axes of size 1 play no role."""
+        return Member(*("".join(a for a in axes if mesh.shape["xyz".index(a)] > 1) for axes in (self.batch, self.e, self.f)),
+                      self.replicated_residual)
+
     def on(self, mesh: Mesh) -> str:
         """The name on a mesh: axes of size 1 play no role; a named member when the roles match one."""
-        eff = FFNLayout(*("".join(a for a in axes if mesh.shape["xyz".index(a)] > 1) for axes in (self.batch, self.e, self.f)),
-                        self.replicated_residual)
+        eff = self.effective(mesh)
         for n, member in NAMED.items():
             if member.key(mesh) == eff.key(mesh):
                 return n
@@ -67,39 +73,50 @@ class FFNLayout:
         """Members that put the same atoms in the same roles are the same layout on this mesh."""
         return self.atoms(mesh), self.replicated_residual
 
+    @property
+    def family(self) -> str:
+        """The paper's name for the member on any mesh, by which roles have axes."""
+        if self.batch and not self.e and not self.f:
+            return "WG-XYZ"
+        if self.batch:
+            return "WG-X" if len(self.batch) == 1 else "WG-XY"
+        if self.e and self.f:
+            return "2D WS"
+        return "1D WS (all-reduce)" if self.replicated_residual else "1D WS"
+
     def __str__(self) -> str:
         return self.name
 
 
-NAMED: dict[str, FFNLayout] = {
-    "ws1d": FFNLayout("", "", "xyz"),
-    "ws2d": FFNLayout("", "x", "yz"),
-    "wg_x": FFNLayout("x", "", "yz"),
-    "wg_xy": FFNLayout("xy", "", "z"),
-    "wg_xyz": FFNLayout("xyz", "", ""),
-    "ws1d_ar": FFNLayout("", "", "xyz", replicated_residual=True),
+NAMED: dict[str, Member] = {
+    "ws1d": Member("", "", "xyz"),
+    "ws2d": Member("", "x", "yz"),
+    "wg_x": Member("x", "", "yz"),
+    "wg_xy": Member("xy", "", "z"),
+    "wg_xyz": Member("xyz", "", ""),
+    "ws1d_ar": Member("", "", "xyz", replicated_residual=True),
 }
-ATTENTION_MODES = ("heads", "batch")
+ATTENTION_MODES = tuple(AttentionMode)  # heads, batch
 
 
-def all_members() -> list[FFNLayout]:
+def all_members() -> list[Member]:
     """Every assignment of the three axes to roles (27), named members first."""
     out = list(NAMED.values())
     for roles in itertools.product("bef", repeat=3):
-        m = FFNLayout(*("".join(ax for ax, r in zip(AXES, roles) if r == want) for want in "bef"))
+        m = Member(*("".join(ax for ax, r in zip(AXES, roles) if r == want) for want in "bef"))
         if m not in out:
             out.append(m)
     return out
 
 
-def parse_ffn(name: str) -> FFNLayout:
+def parse_ffn(name: str) -> Member:
     if name in NAMED:
         return NAMED[name]
     replicated = name.endswith("_ar")
     roles = name[: -len("_ar")] if replicated else name
     parts = dict(p.split(None, 1) if " " in p else (p[:1], p[1:]) for p in roles.split("."))
     try:
-        m = FFNLayout(*(parts[k].replace("-", "") for k in "bef"), replicated_residual=replicated)
+        m = Member(*(parts[k].replace("-", "") for k in "bef"), replicated_residual=replicated)
     except (KeyError, ValueError):
         raise LayoutError(
             f"unknown feed-forward layout {name!r}: use one of {', '.join(NAMED)} or 'b<axes>.e<axes>.f<axes>' "
@@ -112,7 +129,7 @@ def parse_ffn(name: str) -> FFNLayout:
 
 
 # ------------------------------------------------------------------------------------ layouts of a layer
-def residual(member: FFNLayout, mesh: Mesh, ndim: int = 3) -> Layout:
+def residual(member: Member, mesh: Mesh, ndim: int = 3) -> Layout:
     """The residual stream between layers: B_b L E_(e f), or B_b L E when it is replicated."""
     b, e, f = member.atoms(mesh)
     dims = [()] * ndim
@@ -155,7 +172,7 @@ class AttentionPlan:
     replicated_over: tuple[str, ...]  # F atoms that heads could not use: attention repeats there
 
 
-def attention_plan(member: FFNLayout, mode: str, mesh: Mesh, *, B: int, H: int, K: int) -> AttentionPlan:
+def attention_plan(member: Member, mode: str, mesh: Mesh, *, B: int, H: int, K: int) -> AttentionPlan:
     if mode not in ATTENTION_MODES:
         raise LayoutError(f"unknown attention layout {mode!r}: use one of {', '.join(ATTENTION_MODES)}")
     b, e, f = member.atoms(mesh)
@@ -168,3 +185,10 @@ def attention_plan(member: FFNLayout, mode: str, mesh: Mesh, *, B: int, H: int, 
         core = AttentionSpec(batch=b + longest_dividing_prefix(rest, B // max(1, mesh.group_size(b)), mesh),
                              heads=(), mode=mode)
     return AttentionPlan(q=q, kv=kv, core=core, replicated_over=tuple(a for a in f if a not in q))
+
+
+def _check_member_name(name: str) -> None:
+    parse_ffn(name)
+
+
+check_member_names_with(_check_member_name)  # a plan read from JSON names only members of the family

@@ -16,7 +16,7 @@ with torch.no_grad():
     compiled = torch.compile(model, backend=shardwise.backend(mesh="1x1x2", on_plan=plans.append))
     out = compiled(*args, **kwargs).logits
 assert len(plans) == 1, f"expected one graph, got {len(plans)}"
-held = plans[0].memory["weights_per_chip"]
-total = plans[0].memory["weights_total"]
+held = plans[0].memory.weights_per_chip
+total = plans[0].memory.weights_total
 print(f"RESULT {rank} {(out - eager).abs().max().item():.3e} {int(held)} {int(total)}", flush=True)
 dist.destroy_process_group()

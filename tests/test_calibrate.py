@@ -13,7 +13,7 @@ def test_calibrate_writes_a_profile_the_planner_uses(tmp_path, monkeypatch):
     # measured, so positive and plausible for a CPU: GFLOP/s to TFLOP/s, a loopback link slower than memory
     assert 1e9 < hw.peak_flops < 1e14 and hw.link_bandwidth < hw.hbm_bandwidth and hw.collective_latency >= 0
     plan = shardwise.plan("llama-tiny", mesh="1x1x2", hardware="cpu-local")
-    assert plan.hardware == "cpu-local" and plan.totals["latency"] > 0
+    assert plan.hardware == "cpu-local" and plan.totals.latency > 0
 
 
 def test_missing_cpu_local_profile_says_to_calibrate(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 import shardwise
 from shardwise import CaptureError, LayoutError, MeshError
-from shardwise.runtime.launch import free_port
+from shardwise.runtime.distributed import free_port
 
 
 class DataDependent(nn.Module):
@@ -44,7 +44,7 @@ def test_op_without_rule_runs_replicated_and_is_reported():
     m = WithUnknownOp().eval()
     x = torch.randn(4, 16)
     plan = shardwise.plan(m, (x,), mesh="1x1x4")
-    assert [u["target"] for u in plan.unknown_ops] == ["aten.flip.default"]
+    assert [u.target for u in plan.unknown_ops] == ["aten.flip.default"]
     assert "aten.flip.default" in plan.summary()
     with torch.no_grad():
         torch.testing.assert_close(shardwise.simulate(plan, (x,)), m(x), atol=1e-5, rtol=0)

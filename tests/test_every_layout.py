@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import shardwise
+from shardwise.drivers.accounting import compare, compare_generation
+from shardwise.drivers.generate import generate, reference_generate
 from shardwise.models import build_model, example_inputs
-from shardwise.runtime.accounting import compare, compare_generation
-from shardwise.runtime.generate import generate, reference_generate
 from shardwise.runtime.simulate import Trace, sim_group_name
 from shardwise.strategies.family import NAMED, all_members
 
@@ -46,7 +46,7 @@ def _check_prefill(model, mesh: str, layouts: str):
     assert rows and all(p == m for _, _, p, m in rows), rows
     held = sum(t.numel() * t.element_size()
                for t in plan.program.emit(0, group_name=sim_group_name).state_dict().values())
-    assert held == pytest.approx(plan.memory["weights_total"] / plan.mesh.size + plan.memory["replicated_per_chip"])
+    assert held == pytest.approx(plan.memory.weights_total / plan.mesh.size + plan.memory.replicated_per_chip)
     return plan, args
 
 
@@ -69,7 +69,7 @@ def test_layout_runs(name, mesh, layouts):
     assert all(p == m for _, _, p, m in rows), [r for r in rows if r[2] != r[3]]
     if layouts.startswith("ffn=wg_xyz"):  # weight-gathered: every weight split n ways at rest
         buffers = plan.program.sig.buffers
-        assert all(key in buffers for key, _, _ in plan.memory["replicated"]), plan.memory["replicated"]
+        assert all(key in buffers for key, _, _ in plan.memory.replicated), plan.memory.replicated
 
 
 @pytest.mark.parametrize("member", [m.name for m in all_members()])

@@ -2,9 +2,9 @@
 
 import pytest
 
-from shardwise.api import capture_program
+from shardwise.ir.meta import LAYERS
 from shardwise.models import example_inputs
-from shardwise.passes.find_layers import LAYERS
+from shardwise.planning.program import capture_program
 
 
 def _layers(tiny, name):
@@ -45,10 +45,10 @@ def test_gpt2_fused_qkv_is_unfused(tiny):
     assert len(weights) == 3 and all(attn.projections[r].out_features == 64 for r in "qkv")
 
 
-def test_layer_graph_is_a_chain(tiny):
-    """The networkx layer graph runs embedding → blocks → head with no cycle."""
-    import networkx as nx
-
-    g = _layers(tiny, "llama-tiny").graph()
-    assert nx.is_directed_acyclic_graph(g)
-    assert nx.has_path(g, "model.embed_tokens", "lm_head")
+def test_layers_run_embedding_blocks_head(tiny):
+    """Layers come in program order: the embedding, then each block's attention and ffn, then the head."""
+    layers = _layers(tiny, "llama-tiny")
+    kinds = [l.kind for l in layers.layers]
+    assert kinds[0] == "embedding" and kinds[-1] == "head"
+    assert kinds[1:-1] == ["attention", "ffn"] * len(layers.blocks)
+    assert [l.block for l in layers.layers[1:-1]] == [b.index for b in layers.blocks for _ in (0, 1)]

@@ -42,27 +42,28 @@ def test_palm_540b_published_rows(row):
     """`inspect palm-540b --chips 64` picks the paper's layouts and predicts latency within ±25%."""
     plan = shardwise.plan("palm-540b", chips=64, phase=row.phase, batch=row.batch, seq=row.seq,
                           context=row.context, weight_dtype=row.weights)
-    assert plan.settings["family"] == f"{row.ffn} + attention by {row.attention}"
-    assert plan.totals["latency"] == pytest.approx(row.published, rel=0.25)
+    assert plan.main.describe() == f"{row.ffn} + attention by {row.attention}"
+    assert plan.main.count >= 117 and sum(r.count for r in plan.runs) == 118  # every block, run by run
+    assert plan.totals.latency == pytest.approx(row.published, rel=0.25)
 
 
 def test_8_chips_batch_1_picks_1d():
     """Few chips, one sequence: 2D only pays off above n = 4F/E = 16 chips, so 1D weight-stationary wins."""
     plan = shardwise.plan("palm-62b", chips=8, phase="prefill", batch=1, seq=2048)
-    assert plan.settings["family"].startswith("1D WS")
+    assert plan.main.family.startswith("1D WS")
 
 
 def test_phase_changes_the_plan():
     """One model, one mesh: large-batch prefill gathers weights, decode keeps them stationary."""
     prefill = shardwise.plan("palm-540b", mesh="4x4x4", phase="prefill", batch=512, seq=2048)
     decode = shardwise.plan("palm-540b", mesh="4x4x4", phase="decode", batch=512, seq=1, context=2048)
-    assert prefill.settings["family"].startswith("WG")
-    assert decode.settings["family"].startswith("2D WS")
+    assert prefill.main.family.startswith("WG")
+    assert decode.main.family.startswith("2D WS")
 
 
 def test_forced_layouts_are_respected():
     plan = shardwise.plan("palm-540b", mesh="4x4x4", phase="prefill", batch=1, seq=2048, layouts="ffn=ws1d,attn=heads")
-    assert plan.settings["chosen"] == "ws1d+heads"
+    assert plan.chosen == "ws1d+heads"
 
 
 def test_explain_says_why_each_candidate_lost():
@@ -79,15 +80,15 @@ def test_objective_cost_trades_latency_for_chip_seconds():
     """Cost (chip-seconds per token) may use fewer chips than latency; each objective wins its own metric."""
     lat = shardwise.plan("palm-8b", chips=64, phase="decode", batch=64, seq=1, context=2048)
     cost = shardwise.plan("palm-8b", chips=64, phase="decode", batch=64, seq=1, context=2048, objective="cost")
-    assert cost.totals["chip_ms_per_token"] <= lat.totals["chip_ms_per_token"]
-    assert lat.totals["latency"] <= cost.totals["latency"]
+    assert cost.totals.chip_ms_per_token <= lat.totals.chip_ms_per_token
+    assert lat.totals.latency <= cost.totals.latency
     assert cost.mesh.size < 64  # a 8B model decoding 64 sequences does not need 64 chips for cost
 
 
 def test_int8_halves_weight_bytes():
     bf16 = shardwise.plan("palm-540b", mesh="4x4x4", phase="decode", batch=64, seq=1, context=2048)
     int8 = shardwise.plan("palm-540b", mesh="4x4x4", phase="decode", batch=64, seq=1, context=2048, weight_dtype="int8")
-    assert int8.memory["weights_per_chip"] == pytest.approx(bf16.memory["weights_per_chip"] / 2, rel=1e-3)
+    assert int8.memory.weights_per_chip == pytest.approx(bf16.memory.weights_per_chip / 2, rel=1e-3)
 
 
 def test_batch_sharded_cache_is_n_times_smaller_for_multiquery():
@@ -95,7 +96,7 @@ def test_batch_sharded_cache_is_n_times_smaller_for_multiquery():
     kw = dict(mesh="4x4x4", phase="decode", batch=64, seq=1, context=2048, weight_dtype="int8")
     heads = shardwise.plan("palm-540b", layouts="ffn=ws1d,attn=heads", **kw)
     batch = shardwise.plan("palm-540b", layouts="ffn=ws1d,attn=batch", **kw)
-    assert heads.memory["kv_cache_per_chip"] == pytest.approx(64 * batch.memory["kv_cache_per_chip"])
+    assert heads.memory.kv_cache_per_chip == pytest.approx(64 * batch.memory.kv_cache_per_chip)
 
 
 def test_planned_collectives_are_the_inserted_ones():

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import shardwise
-from shardwise.runtime.launch import free_port
+from shardwise.runtime.distributed import free_port
 
 HERE = Path(__file__).parent
 

@@ -5,8 +5,6 @@ to _c10d_functional ops) and runs them in the lockstep simulator: so it checks r
 lowering (including the block reordering for non-mesh-order atoms) and the simulator together.
 """
 
-import itertools
-import math
 
 import pytest
 import torch
@@ -15,14 +13,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shardwise import Layout, Mesh
-from shardwise.ir.collective import Collective
+from shardwise.ir.meta import IN_LAYOUTS, LAYOUT, SIGNATURE, STATE
 from shardwise.passes.emit import emit
-from shardwise.passes.graph_utils import SIGNATURE, STATE, Signature
+from shardwise.passes.graph_utils import Signature
 from shardwise.passes.insert_collectives import insert_collectives
 from shardwise.runtime.lower import shard_tensor
 from shardwise.runtime.simulate import run_lockstep, sim_group_name
 from shardwise.strategies.redistribute import redistribute
-from shardwise.strategies.rules import IN_LAYOUTS, LAYOUT
 
 
 def test_paper_2d_weight_stationary_chain():

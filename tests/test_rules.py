@@ -5,7 +5,7 @@ import torch
 
 from shardwise import Layout, Mesh
 from shardwise.strategies.rules import register
-from shardwise.strategies.rules_shape import view_layout
+from shardwise.strategies.rules.shape_rules import view_layout
 
 M = Mesh.parse("2x2x2")
 

@@ -5,14 +5,13 @@ launches N workers. Each worker captures the model *on the meta device*, plans i
 did, emits its own program reading only its shards from the file, runs it on real process groups and
 reports its output and the bytes it holds; rank 0 gathers the reports.
 
-    python -m shardwise.runtime.launch JOB.json      (what each worker runs, under torchrun)
+    python -m shardwise.drivers.launch JOB.json      (what each worker runs, under torchrun)
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import ShardwiseError
+from ..runtime.distributed import free_port
 
 
 @dataclass
@@ -36,16 +36,10 @@ class RealRun:
     bytes_rows: list = field(default_factory=list)  # (layer, kind, predicted, measured) on rank 0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_real(*, model: str, mesh: str, layouts: str | dict | None, args: tuple, kwargs: dict, state: dict,
              nproc: int, phase: str = "prefill", timeout: float = 600, extra: dict | None = None) -> RealRun:
     """Launch `nproc` workers with torchrun and return what rank 0 gathered."""
-    from .weights import save_state
+    from ..runtime.weights import save_state
 
     with tempfile.TemporaryDirectory(prefix="shardwise-") as tmp:
         tmp = Path(tmp)
@@ -56,7 +50,7 @@ def run_real(*, model: str, mesh: str, layouts: str | dict | None, args: tuple, 
         (tmp / "job.json").write_text(json.dumps(job))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               "-m", "shardwise.runtime.launch", str(tmp / "job.json")]
+               "-m", "shardwise.drivers.launch", str(tmp / "job.json")]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         log = proc.stdout + proc.stderr
@@ -70,13 +64,14 @@ def run_real(*, model: str, mesh: str, layouts: str | dict | None, args: tuple, 
 def _worker(job_path: str) -> None:
     import torch.distributed as dist
 
-    from .. import api
     from ..models import presets
+    from ..planning.planner import plan as make_plan
+    from ..planning.program import emit_rank
+    from ..runtime.distributed import init
+    from ..runtime.simulate import Trace, run_recorded
+    from ..runtime.weights import SafetensorsSource
     from .accounting import compare, compare_generation
-    from .distributed import init
     from .generate import generate
-    from .simulate import Trace, run_recorded
-    from .weights import SafetensorsSource
 
     job = json.loads(Path(job_path).read_text())
     rank = init()
@@ -100,14 +95,14 @@ def _worker(job_path: str) -> None:
             if job.get("record"):
                 result["bytes_rows"] = compare_generation(gen, job["tokens"])
             held = sum(t.numel() * t.element_size() for t in
-                       api.emit(gen.decode.program.gm, gen.decode.mesh, rank, group_name=_no_groups,
+                       emit_rank(gen.decode.program.gm, gen.decode.mesh, rank, group_name=_no_groups,
                                 weights=weights, device=device).state_dict().values())
             seconds = 0.0
         else:
             def to_meta(t):
                 return t.to("meta") if isinstance(t, torch.Tensor) else t
 
-            plan = api.plan(meta, tuple(to_meta(a) for a in args), {k: to_meta(v) for k, v in kwargs.items()},
+            plan = make_plan(meta, tuple(to_meta(a) for a in args), {k: to_meta(v) for k, v in kwargs.items()},
                             mesh=job["mesh"], layouts=job["layouts"], phase=job["phase"])
             program = plan.emit(rank, weights=weights, device=device)
             flat = plan.program.flat_inputs(args, kwargs)

@@ -5,35 +5,25 @@ A rule sees an `OpCall` (the node, its inputs' current layouts, shapes, the mesh
 that get it there) and the layout of the output. Rules live in a registry keyed by ATen overload that
 refuses duplicates; an op without a rule runs on replicated inputs and is reported.
 
-Rules are in `rules_shape.py` (views, slicing, joining, factories) and `rules_math.py` (pointwise,
-reductions, matmuls, attention, embedding).
+Rules are in `shape_rules.py` (views, slicing, joining, factories) and `math_rules.py` (pointwise,
+reductions, matmuls, attention, embedding); the package's `__init__` imports both, so importing
+`shardwise.strategies.rules` registers every rule.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
 
-from ..ir.layout import Layout
-from ..ir.mesh import Mesh
+from ...ir.layout import Layout
+from ...ir.mesh import Mesh
+from ...ir.meta import BOUND, WEIGHT
 
 aten = torch.ops.aten
-
-# ------------------------------------------------------------------------------------ node meta keys
-# written by assign_layouts, read by rules
-WEIGHT = "sw_weight"  # on a param placeholder: WeightSpec
-ATTENTION = "sw_attention"  # on an sdpa node: AttentionSpec
-ANCHOR = "sw_anchor"  # on any node: the layout all its consumers must see
-GATHER = "sw_gather_over"  # on a weight no rule plans: atoms to store it split over (weight-gathered layouts)
-# written by propagate
-LAYOUT = "sw_layout"  # the layout of the node's output (a tuple of layouts for tuple outputs)
-IN_LAYOUTS = "sw_in_layouts"  # per tensor argument (flattened), the layout the op needs
-NOTE = "sw_note"  # why an op ran replicated, when it had to
-
 
 @dataclass(frozen=True)
 class WeightSpec:
@@ -122,7 +112,7 @@ def bind(node: fx.Node) -> dict[str, Any]:
 
     Cached on the node while its arguments stay the same objects (passes that rewire a node replace them)."""
     args, kwargs = node.args, node.kwargs
-    cached = node.meta.get("sw_bound")
+    cached = node.meta.get(BOUND)
     if cached is not None and cached[0] is args and cached[1] is kwargs:
         return cached[2]
     out: dict[str, Any] = {}
@@ -131,7 +121,7 @@ def bind(node: fx.Node) -> dict[str, Any]:
             out[name] = args[i]
         else:
             out[name] = kwargs.get(name, default)
-    node.meta["sw_bound"] = (args, kwargs, out)
+    node.meta[BOUND] = (args, kwargs, out)
     return out
 
 
@@ -217,14 +207,3 @@ def project(out_layout: Layout, in_shape: Sequence[int], out_shape: Sequence[int
     dims = tuple(() if j is None else out_layout.dims[j] for j in broadcast_map(in_shape, out_shape))
     return Layout(dims, frozenset(partial))
 
-
-_loaded = False
-
-
-def load_rules() -> None:
-    """Import the rule modules (they register themselves)."""
-    global _loaded
-    if not _loaded:
-        from . import rules_math, rules_shape  # noqa: F401  (registration side effect)
-
-        _loaded = True

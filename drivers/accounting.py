@@ -13,11 +13,10 @@ from collections import defaultdict
 
 import torch.fx as fx
 
+from ..ir.meta import CONVERSION, LAYERS
 from ..ir.plan import Plan
 from ..passes.attribute import Attribution
-from ..passes.find_layers import LAYERS
-from ..passes.insert_collectives import CONVERSION
-from .simulate import Executed
+from ..runtime.simulate import Executed
 
 
 def predicted(plan: Plan) -> dict[tuple[str, str], int]:

@@ -21,14 +21,17 @@ import torch.nn as nn
 
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
+from ..ir.meta import IN_LAYOUTS, LAYOUT, SIGNATURE, STATE
 from ..ir.plan import CollectiveRecord, Plan
 from ..models.steps import Step, empty_cache, step_inputs
-from ..passes.emit import emit
-from ..passes.graph_utils import SIGNATURE, STATE, Signature
+from ..passes.graph_utils import Signature
 from ..passes.insert_collectives import collectives, insert_collectives
-from ..strategies.rules import IN_LAYOUTS, LAYOUT
-from .lower import shard_tensor
-from .simulate import Trace, run_lockstep, run_recorded, sim_group_name
+from ..passes.pipeline import run
+from ..planning.planner import plan
+from ..planning.program import emit_rank
+from ..runtime.distributed import mesh_groups
+from ..runtime.lower import shard_tensor
+from ..runtime.simulate import Trace, run_lockstep, run_recorded, sim_group_name
 
 
 @dataclass
@@ -55,8 +58,6 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, 
     A model on the meta device is planned there and run with its shards read from `weights` (a
     WeightSource such as SafetensorsSource), on the device of `input_ids`. `record=True` records
     every collective each phase executes (Generation.traces)."""
-    from .. import api
-
     mesh = Mesh.parse(mesh)
     B, P = input_ids.shape
     S = P + max_new_tokens
@@ -69,8 +70,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, 
     def to_model(args: tuple) -> tuple:  # capture where the model lives, run on real tensors
         return tuple(tuple(t.to(where) for t in a) if isinstance(a, tuple) else a.to(where) for a in args)
     common = dict(mesh=mesh, hardware=hardware, weight_dtype=weight_dtype)
-    prefill = api.plan(step, to_model(pre_args), {}, layouts=prefill_layouts or layouts, phase="prefill", **common)
-    decode = api.plan(step, to_model(dec_args), {}, layouts=decode_layouts or layouts, phase="decode", **common)
+    prefill = plan(step, to_model(pre_args), {}, layouts=prefill_layouts or layouts, phase="prefill", **common)
+    decode = plan(step, to_model(dec_args), {}, layouts=decode_layouts or layouts, phase="decode", **common)
     bridge = CacheBridge(prefill.program, decode.program, mesh)
     run_on = input_ids.device if where.type == "meta" else None
     runner = (SimulatedRanks(mesh, weights=weights, device=run_on) if simulate
@@ -100,56 +101,55 @@ def _next_token(outs: list[list[Any]]) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ runners
-class SimulatedRanks:
-    """Every rank's program in this process (emitted once per phase)."""
+class _Ranks:
+    """The ranks this process runs: each phase's programs emitted once, inputs split per rank."""
 
-    def __init__(self, mesh: Mesh, *, weights=None, device=None):
-        self.mesh, self.weights, self.device = mesh, weights, device
+    def __init__(self, mesh: Mesh, ranks: list[int], group_name, *, weights=None, device=None):
+        self.mesh, self.ranks, self.group_name = mesh, ranks, group_name
+        self.weights, self.device = weights, device
         self.programs: dict[str, list[fx.GraphModule]] = {}
         self.traces: dict[str, Trace] = {}
 
-    def run(self, phase: str, program, flat_or_per_rank, layouts: dict[int, Layout] | None) -> list[list[Any]]:
+    def run(self, phase: str, program, inputs: list, layouts: dict[int, Layout] | None) -> list[list[Any]]:
+        """Run `phase` on every rank held here. `inputs`: one flat input list shared by all ranks, split
+        per rank by `layouts`; or (layouts None) a list of per-rank input lists."""
         if phase not in self.programs:
             gm = program.gm if hasattr(program, "gm") else program
-            self.programs[phase] = [emit(gm, self.mesh, r, group_name=sim_group_name, weights=self.weights,
-                                         device=self.device) for r in range(self.mesh.size)]
-        if layouts is not None:  # one flat input list, shared: split the sharded ones per rank
-            inputs = [[shard_tensor(x, layouts[i], self.mesh, r) if i in layouts else x
-                       for i, x in enumerate(flat_or_per_rank)] for r in range(self.mesh.size)]
-        else:
-            inputs = flat_or_per_rank
-        trace = self.traces.setdefault(phase, Trace())
-        return [list(o) for o in run_lockstep(self.programs[phase], inputs, self.mesh, trace=trace)]
+            self.programs[phase] = [emit_rank(gm, self.mesh, r, group_name=self.group_name, weights=self.weights,
+                                              device=self.device) for r in self.ranks]
+        if layouts is not None:
+            inputs = [[shard_tensor(x, layouts[i], self.mesh, r) if i in layouts else x for i, x in enumerate(inputs)]
+                      for r in self.ranks]
+        with torch.no_grad():
+            return self._execute(self.programs[phase], inputs, self.traces.setdefault(phase, Trace()))
+
+    def _execute(self, programs, inputs, trace: Trace) -> list[list[Any]]:
+        raise NotImplementedError
 
 
-class ThisRank:
-    """This process's rank of the current torch.distributed world."""
+class SimulatedRanks(_Ranks):
+    """Every rank's program in this process, run in lockstep."""
+
+    def __init__(self, mesh: Mesh, *, weights=None, device=None):
+        super().__init__(mesh, list(range(mesh.size)), sim_group_name, weights=weights, device=device)
+
+    def _execute(self, programs, inputs, trace):
+        return [list(o) for o in run_lockstep(programs, inputs, self.mesh, trace=trace)]
+
+
+class ThisRank(_Ranks):
+    """This process's rank of the current torch.distributed world (`record`: trace its collectives)."""
 
     def __init__(self, mesh: Mesh, *, weights=None, device=None, record: bool = False):
         import torch.distributed as dist
 
-        from .distributed import mesh_groups
+        super().__init__(mesh, [dist.get_rank()], mesh_groups(mesh), weights=weights, device=device)
+        self.record = record
 
-        self.mesh, self.rank = mesh, dist.get_rank()
-        self.groups = mesh_groups(mesh)
-        self.weights, self.device, self.record = weights, device, record
-        self.programs: dict[str, fx.GraphModule] = {}
-        self.traces: dict[str, Trace] = {}
-
-    def run(self, phase: str, program, flat_or_per_rank, layouts: dict[int, Layout] | None) -> list[list[Any]]:
-        if phase not in self.programs:
-            gm = program.gm if hasattr(program, "gm") else program
-            self.programs[phase] = emit(gm, self.mesh, self.rank, group_name=self.groups, weights=self.weights,
-                                        device=self.device)
-        if layouts is not None:
-            flat = [shard_tensor(x, layouts[i], self.mesh, self.rank) if i in layouts else x
-                    for i, x in enumerate(flat_or_per_rank)]
-        else:
-            flat = flat_or_per_rank[0]
-        with torch.no_grad():
-            if self.record:
-                return [list(run_recorded(self.programs[phase], flat, self.traces.setdefault(phase, Trace())))]
-            return [list(self.programs[phase](*flat))]
+    def _execute(self, programs, inputs, trace):
+        if self.record:
+            return [list(run_recorded(programs[0], inputs[0], trace))]
+        return [list(programs[0](*inputs[0]))]
 
 
 # ------------------------------------------------------------------------------------ the cache bridge
@@ -164,11 +164,8 @@ class CacheBridge:
         self.records: list[CollectiveRecord] = []
         self.gm = _bridge_graph(self.pairs, decode.gm, mesh) if self.needed else None
         if self.gm is not None:
-            for node, c in collectives(self.gm):
-                if c.communicates:
-                    self.records.append(CollectiveRecord(
-                        node=node.name, kind=c.kind, group=mesh.format_atoms(c.atoms), src=c.src.notation(mesh, "BKSD"),
-                        dst=c.dst.notation(mesh, "BKSD"), bytes=c.bytes, wire_bytes=c.wire_bytes, axes=list(c.axes)))
+            self.records = [CollectiveRecord.of(c, mesh, "BKSD", node=node.name)
+                            for node, c in collectives(self.gm) if c.communicates]
 
     def __call__(self, runner, caches: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
         if not self.needed:
@@ -191,7 +188,7 @@ def _bridge_graph(pairs: list[tuple[Layout, Layout]], decode_gm: fx.GraphModule,
     gm = fx.GraphModule(nn.Module(), g)
     gm.meta[SIGNATURE] = Signature(params={}, inputs=list(cache_names), in_spec=None, out_spec=None)
     gm.meta[STATE] = {}
-    return insert_collectives(gm, mesh)
+    return run(gm, insert_collectives, mesh)
 
 
 def reference_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:

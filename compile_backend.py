@@ -21,7 +21,13 @@ import torch.fx as fx
 from torch.utils._pytree import tree_unflatten
 
 from .ir.mesh import Mesh
-from .passes.graph_utils import STATE, signature
+from .ir.meta import STATE
+from .passes.capture import capture
+from .passes.graph_utils import signature
+from .planning.planner import plan_graph
+from .planning.program import emit_rank, prepare
+from .runtime.distributed import check_world, mesh_groups
+from .strategies.request import parse_layouts
 
 
 def _weight_source(node: fx.Node) -> str | None:
@@ -43,9 +49,6 @@ def backend(*, mesh: Mesh | str, layouts: str | dict | None = None, hardware: st
     """The backend function for `torch.compile(model, backend=...)`; requires torch.distributed with
     world size = mesh size. `inductor=True` compiles each rank's program with inductor; `on_plan(plan)`
     is called with every plan made (for inspection and tests)."""
-    from . import api
-    from .passes.assign_layouts import parse_layouts
-    from .runtime.distributed import check_world, mesh_groups
 
     mesh = Mesh.parse(mesh)
     request = parse_layouts(layouts)
@@ -57,7 +60,7 @@ def backend(*, mesh: Mesh | str, layouts: str | dict | None = None, hardware: st
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         weights = {i: key for i, n in enumerate(placeholders) if (key := _weight_source(n))}
         with torch.fx.traceback.preserve_node_meta():
-            captured = api.capture(gm, tuple(example_inputs), {})
+            captured = capture(gm, tuple(example_inputs), {})
         sig = signature(captured)
         for i, key in weights.items():
             name = sig.inputs[i]
@@ -66,11 +69,11 @@ def backend(*, mesh: Mesh | str, layouts: str | dict | None = None, hardware: st
             if "._buffers[" in str(placeholders[i].meta["grapharg"].source):
                 sig.buffers.add(key)
         sig.inputs = [n for i, n in enumerate(sig.inputs) if i not in weights]
-        captured = api.prepare(captured)
-        plan = api.plan_graph(captured, [mesh], request, model=type(gm).__name__, hardware=hardware, phase=phase)
+        captured = prepare(captured)
+        plan = plan_graph(captured, [mesh], request, model=type(gm).__name__, hardware=hardware, phase=phase)
         if on_plan is not None:
             on_plan(plan)
-        program = api.emit(plan.program.gm, mesh, dist.get_rank(), group_name=mesh_groups(mesh))
+        program = emit_rank(plan.program.gm, mesh, dist.get_rank(), group_name=mesh_groups(mesh))
         runner = torch.compile(program, backend="inductor") if inductor else program
         user = [i for i in range(len(placeholders)) if i not in weights]
         out_spec = sig.out_spec

@@ -12,10 +12,10 @@ F_yz {Σx}); its input is brought to the weight's split of the contracted dim.
 
 from __future__ import annotations
 
-from ..errors import LayoutError
-from ..ir.layout import Layout
-from .rules import (
-    ATTENTION,
+from ...errors import LayoutError
+from ...ir.layout import Layout
+from ...ir.meta import ATTENTION
+from .registry import (
     Decision,
     OpCall,
     aten,

@@ -9,17 +9,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..ir.layout import Layout
-from ..ir.mesh import Mesh
-from .rules import (
-    Decision,
-    OpCall,
-    aten,
-    broadcast_map,
-    clear_dims,
-    register,
-    replicated_like,
-)
+from ...ir.layout import Layout
+from ...ir.mesh import Mesh
+from .registry import Decision, OpCall, aten, broadcast_map, clear_dims, register, replicated_like
 
 INT_MAX = 2**63 - 1
 
@@ -185,8 +177,9 @@ def _slice(c: OpCall) -> Decision:
     return Decision({"self": req}, req)
 
 
-@register(aten.narrow.default)
-def _narrow(c: OpCall) -> Decision:
+@register(aten.narrow.default, aten.cumsum.default)
+def _whole_along_dim(c: OpCall) -> Decision:
+    """narrow, cumsum: each output element depends on the whole of `dim`, so it must not be split."""
     x = c.layouts["self"]
     req = clear_dims(x, [c.args["dim"]])
     return Decision({"self": req}, req)
@@ -336,13 +329,6 @@ def _copy(c: OpCall) -> Decision:
 def _tri(c: OpCall) -> Decision:
     x = c.layouts["self"].without_partial()
     req = clear_dims(x, [x.ndim - 2, x.ndim - 1])
-    return Decision({"self": req}, req)
-
-
-@register(aten.cumsum.default)
-def _cumsum(c: OpCall) -> Decision:
-    x = c.layouts["self"]
-    req = clear_dims(x, [c.args["dim"]])
     return Decision({"self": req}, req)
 
 

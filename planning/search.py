@@ -19,60 +19,23 @@ that put the same atoms in the same roles on a mesh are costed once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch.fx as fx
 
 from ..errors import LayoutError, PlanError
 from ..ir.hardware import Hardware
-from ..ir.layout import Layout
 from ..ir.mesh import Mesh
-from ..passes.assign_layouts import assign_layouts
+from ..ir.meta import ATTENTION, LAYERS
 from ..passes.attribute import OUTPUT
-from ..passes.find_layers import LAYERS, Layers
-from ..passes.insert_collectives import plan_conversions
-from ..passes.propagate import IO_LAYOUTS, propagate
-from .cost import Comm, LayerCost, Precision, layer_costs, stored_bytes
-from .family import ATTENTION_MODES, FFNLayout, all_members, residual
-from .redistribute import redistribute
-from .rules import ANCHOR, ATTENTION, IN_LAYOUTS, LAYOUT, NOTE, WEIGHT
-
-_KEYS = (WEIGHT, ANCHOR, ATTENTION, LAYOUT, IN_LAYOUTS, NOTE)
-
-
-@dataclass
-class Candidate:
-    member: FFNLayout
-    attention: str
-    mesh: Mesh
-    refused: str | None = None
-    parts: dict[str, LayerCost] = field(default_factory=dict)  # embedding / attention / ffn / head / output
-    times: dict[str, dict[str, float]] = field(default_factory=dict)
-    memory: dict[str, float] = field(default_factory=dict)  # per chip, whole model
-    core: str = ""  # how the attention core is really split: "heads", "batch" or "heads+batch"
-
-    @property
-    def name(self) -> str:
-        return f"{self.member.on(self.mesh)}+{self.attention}"
-
-    def block_time(self) -> float:
-        return sum(self.times[k]["time"] for k in ("attention", "ffn") if k in self.times)
-
-
-@dataclass
-class Choice:
-    """The planner's answer for one mesh: a candidate per block, the total and its parts."""
-
-    mesh: Mesh
-    blocks: list[Candidate]
-    total: float  # seconds per step
-    candidates: list[Candidate]
-    transitions: list[float]  # seconds, between consecutive blocks
-
-    @property
-    def first(self) -> Candidate:
-        return self.blocks[0]
+from ..passes.find_layers import Layers
+from ..strategies.cost import Comm, LayerCost, Precision
+from ..strategies.family import ATTENTION_MODES, Member, all_members, residual
+from ..strategies.redistribute import redistribute
+from .apply import apply, choices_for
+from .candidate import Candidate, Choice
+from .costing import layer_costs, memory_per_chip
+from .question import Question
 
 
 def factorizations(n: int) -> list[tuple[int, int, int]]:
@@ -80,35 +43,13 @@ def factorizations(n: int) -> list[tuple[int, int, int]]:
             if (n // x) % y == 0]
 
 
-def reset(gm: fx.GraphModule) -> None:
-    """Forget the previous candidate's decisions (the prototype graph is reused for every candidate)."""
-    for n in gm.graph.nodes:
-        for k in _KEYS:
-            n.meta.pop(k, None)
-    gm.meta.pop(IO_LAYOUTS, None)
-
-
-def _choices(layers: Layers, member: FFNLayout, attention: str, forced: dict[str, str]) -> dict[str, str]:
-    out = {}
-    for l in layers.layers:
-        if l.kind == "ffn":
-            out[l.name] = member.name
-        elif l.kind == "attention":
-            out[l.name] = attention
-        else:
-            out[l.name] = forced.get(l.kind, "auto" if l.kind == "embedding" else "vocab")
-    return out
-
-
-def evaluate(proto: fx.GraphModule, mesh: Mesh, member: FFNLayout, attention: str, *, hw: Hardware,
+def evaluate(proto: fx.GraphModule, mesh: Mesh, member: Member, attention: str, *, hw: Hardware,
              precision: Precision, n_blocks: int, overlap: bool, forced: dict[str, str]) -> Candidate:
     """Cost one candidate on the prototype graph (one block), scaled to n_blocks for memory."""
     cand = Candidate(member, attention, mesh)
     layers: Layers = proto.meta[LAYERS]
-    reset(proto)
-    try:
-        assign_layouts(proto, mesh, _choices(layers, member, attention, forced))
-        propagate(proto, mesh, check=False)  # the chosen candidate is propagated again, checked, by record()
+    try:  # the chosen candidate is propagated again, checked, by record()
+        conversions = apply(proto, mesh, choices_for(layers, [cand], forced), check=False)
     except LayoutError as e:
         cand.refused = f"does not divide: {e}"
         return cand
@@ -116,13 +57,13 @@ def evaluate(proto: fx.GraphModule, mesh: Mesh, member: FFNLayout, attention: st
     if cores:
         split = [w for w, atoms in (("heads", cores[0].heads), ("batch", cores[0].batch)) if atoms]
         cand.core = "+".join(split) or "replicated"
-    per_layer = layer_costs(proto, mesh, plan_conversions(proto, mesh), precision)
+    per_layer = layer_costs(proto, mesh, conversions, precision)
     kinds = {l.name: l.kind for l in layers.layers}
     for name, cost in per_layer.items():
         kind = kinds.get(name, OUTPUT)
         cand.parts[kind] = cand.parts.get(kind, LayerCost()).add(cost)
     cand.times = {k: v.times(hw, overlap=overlap) for k, v in cand.parts.items()}
-    cand.memory = _memory(proto, mesh, precision, n_blocks)
+    cand.memory = memory_per_chip(proto, mesh, precision, n_blocks)
     if cand.memory["total"] > hw.hbm_bytes:
         gib = 1024**3
         cand.refused = (f"exceeds HBM: needs {cand.memory['total'] / gib:.1f} GiB per chip "
@@ -131,49 +72,20 @@ def evaluate(proto: fx.GraphModule, mesh: Mesh, member: FFNLayout, attention: st
     return cand
 
 
-def _memory(proto: fx.GraphModule, mesh: Mesh, precision: Precision, n_blocks: int) -> dict[str, float]:
-    """Per chip for the whole model: the prototype's block counted n_blocks times."""
-    from ..passes.find_layers import block_of
-
-    sig_params = proto.meta["sw_signature"].params
-    io = proto.meta.get(IO_LAYOUTS, {})
-    whole = stored_bytes(proto, mesh, precision)
-    in_block = {"weights": 0.0, "kv_cache": 0.0}
-    for n in proto.graph.nodes:
-        if n.op != "placeholder" or not n.users or block_of(next(iter(n.users))) is None:
-            continue
-        kind = "weights" if n.name in sig_params else ("kv_cache" if n.name in io else None)
-        if kind:
-            one = stored_bytes_of(n, mesh, precision, kind)
-            in_block[kind] += one
-    out = {k: whole[k] + (n_blocks - 1) * in_block[k] for k in whole}
-    out["total"] = out["weights"] + out["kv_cache"]
-    out.update(block_weights=in_block["weights"], block_kv_cache=in_block["kv_cache"])
-    return out
-
-
-def stored_bytes_of(n: fx.Node, mesh: Mesh, precision: Precision, kind: str) -> float:
-    import math
-
-    layout = n.meta.get(LAYOUT) or Layout.replicated(n.meta["val"].ndim)
-    size = precision.nbytes("weights" if kind == "weights" else "kv", n.meta["val"].element_size())
-    return math.prod(layout.local_shape(tuple(n.meta["val"].shape), mesh)) * size
-
-
-def transition(a: FFNLayout, b: FFNLayout, mesh: Mesh, shape: tuple[int, ...], hw: Hardware,
+def transition(a: Member, b: Member, mesh: Mesh, shape: tuple[int, ...], hw: Hardware,
                precision: Precision, itemsize: int = 2) -> float:
     """Seconds to move the residual stream from a's layout to b's (0 when they are the same member)."""
     if a == b:
         return 0.0
     item = precision.nbytes("activations", itemsize)
-    steps = _transition_steps(a, b, mesh, tuple(shape), item)
+    steps = transition_steps(a, b, mesh, tuple(shape), item)
     if steps is None:
         return float("inf")
     return LayerCost(comm=[Comm(s, item) for s in steps]).times(hw)["comm"]
 
 
 @lru_cache(maxsize=65536)
-def _transition_steps(a: FFNLayout, b: FFNLayout, mesh: Mesh, shape: tuple[int, ...], itemsize: int):
+def transition_steps(a: Member, b: Member, mesh: Mesh, shape: tuple[int, ...], itemsize: int):
     src, dst = residual(a, mesh, len(shape)), residual(b, mesh, len(shape))
     try:
         return tuple(redistribute(src, dst, shape, mesh, itemsize=itemsize))
@@ -182,7 +94,7 @@ def _transition_steps(a: FFNLayout, b: FFNLayout, mesh: Mesh, shape: tuple[int, 
 
 
 def plan_mesh(proto: fx.GraphModule, mesh: Mesh, *, hw: Hardware, precision: Precision, n_blocks: int,
-              overlap: bool = False, members: list[FFNLayout] | None = None,
+              overlap: bool = False, members: list[Member] | None = None,
               attention: tuple[str, ...] = ATTENTION_MODES, forced: dict[str, str] | None = None,
               cache: dict | None = None) -> Choice:
     """The best chain of candidates on one mesh."""
@@ -211,11 +123,11 @@ def plan_mesh(proto: fx.GraphModule, mesh: Mesh, *, hw: Hardware, precision: Pre
         raise PlanError(_no_plan_message(cands, mesh))
     layers: Layers = proto.meta[LAYERS]
     shape = (layers.dims.get("B", 1), layers.dims.get("L", 1), layers.dims.get("E", 1))
-    blocks, total, trans = _chain(ok, n_blocks, mesh, shape, hw, precision, _residual_itemsize(proto))
+    blocks, total, trans = _chain(ok, n_blocks, mesh, shape, hw, precision, residual_itemsize(proto))
     return Choice(mesh, blocks, total, cands, trans)
 
 
-def _canonical(m: FFNLayout, mesh: Mesh, hw: Hardware) -> tuple:
+def _canonical(m: Member, mesh: Mesh, hw: Hardware) -> tuple:
     """Candidates equal up to renaming atoms cost the same. Every algorithm here uses atom names only as
     labels: what matters is mesh order, sizes, roles and, when links per axis limit bandwidth, which
     atoms share an axis. So the key is the sequence, in mesh order, of (atom size, role[, axis ordinal])."""
@@ -227,7 +139,7 @@ def _canonical(m: FFNLayout, mesh: Mesh, hw: Hardware) -> tuple:
     return m.replicated_residual, tuple((a.size, role.get(a.name), present.index(a.axis)) for a in mesh.atoms)
 
 
-def _residual_itemsize(proto: fx.GraphModule) -> int:
+def residual_itemsize(proto: fx.GraphModule) -> int:
     layers: Layers = proto.meta[LAYERS]
     if not layers.blocks:
         return 2
@@ -317,3 +229,9 @@ def meshes_for(chips: int) -> list[Mesh]:
     shapes.sort(key=lambda s: (max(s) / min(s), s))
     return [Mesh(s) for s in shapes]
 
+
+
+def choose(proto: fx.GraphModule, q: Question, n_blocks: int) -> tuple[Choice, list[tuple[Mesh, Choice | str]]]:
+    """The best plan for question `q` on the prototype (n_blocks identical blocks), and every mesh's result."""
+    return search(proto, q.meshes, objective=q.objective, hw=q.hw, precision=q.precision, n_blocks=n_blocks,
+                  overlap=q.overlap, members=q.members, attention=q.attention, forced=q.forced)

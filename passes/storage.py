@@ -1,0 +1,79 @@
+"""What a rank stores: one walk over the weight placeholders and the sharded program inputs (KV caches).
+
+Every count of bytes or parameters — the plan's memory per chip, what stays replicated, the model's
+parameter count, the planner's HBM check — is a sum over `stored_tensors`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..ir.layout import Layout
+from ..ir.mesh import Mesh
+from ..ir.meta import IO_LAYOUTS, LAYOUT
+from ..ir.plan import ReplicatedWeight
+from .find_layers import block_of
+from .graph_utils import signature
+
+
+@dataclass(frozen=True)
+class Stored:
+    node: fx.Node
+    key: str | None  # state key of a weight; None for a sharded program input (a KV cache)
+    is_parameter: bool  # a parameter, not a buffer or a lifted constant (weights only)
+    in_block: bool  # read by ops of a repeated block (counted once per block by the planner)
+    numel: int  # the whole tensor
+    local_numel: int  # one rank's piece under the node's layout
+    itemsize: int  # bytes per element as captured
+    factor: int  # how many ranks hold each element (1: split over every chip)
+
+    @property
+    def kind(self) -> str:
+        return "kv_cache" if self.key is None else "weights"
+
+    def local_bytes(self, itemsize: int | None = None) -> float:
+        return self.local_numel * (itemsize or self.itemsize)
+
+
+def stored_tensors(gm: fx.GraphModule, mesh: Mesh | None = None) -> list[Stored]:
+    """Every weight placeholder and every sharded program input, with its size on one rank of `mesh`
+    under its planned layout (replicated when it has none; whole when `mesh` is None)."""
+    sig = signature(gm)
+    io = gm.meta.get(IO_LAYOUTS, {})
+    out = []
+    for n in gm.graph.nodes:
+        if n.op != "placeholder" or not isinstance(n.meta.get("val"), torch.Tensor):
+            continue
+        key = sig.params.get(n.name)
+        if key is None and n.name not in io:
+            continue
+        v = n.meta["val"]
+        layout = n.meta.get(LAYOUT) or Layout.replicated(v.ndim)
+        local = math.prod(layout.local_shape(tuple(v.shape), mesh)) if mesh is not None else v.numel()
+        factor = mesh.size // mesh.group_size(layout.used) if mesh is not None else 1
+        in_block = bool(n.users) and block_of(next(iter(n.users))) is not None
+        out.append(Stored(n, key, key is not None and key not in sig.buffers, in_block, v.numel(), local,
+                          v.element_size(), factor))
+    return out
+
+
+def weights(gm: fx.GraphModule, mesh: Mesh | None = None) -> list[Stored]:
+    return [s for s in stored_tensors(gm, mesh) if s.key is not None]
+
+
+def weight_memory(gm: fx.GraphModule, mesh: Mesh) -> dict[str, float]:
+    """Bytes a rank stores as captured: all weights, its share, and what is replicated beyond 1/n."""
+    ws = weights(gm, mesh)
+    total = sum(s.numel * s.itemsize for s in ws)
+    local = sum(s.local_bytes() for s in ws)
+    return {"weights_total": total, "weights_per_chip": local, "replicated_per_chip": local - total / mesh.size}
+
+
+def replicated_weights(gm: fx.GraphModule, mesh: Mesh) -> list[ReplicatedWeight]:
+    """Every weight not split n ways: its key, bytes per rank beyond the 1/n share, replication factor."""
+    return [ReplicatedWeight(s.key, s.local_bytes() * (1 - 1 / s.factor), s.factor)
+            for s in weights(gm, mesh) if s.factor > 1]

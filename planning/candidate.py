@@ -1,0 +1,50 @@
+"""A candidate (a family member and an attention split on a mesh, with its costs) and a choice (a
+candidate per block on one mesh): what the search produces and the recorder reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..ir.mesh import Mesh
+from ..ir.plan import BlockRun
+from ..strategies.cost import LayerCost
+from ..strategies.family import Member
+
+
+@dataclass
+class Candidate:
+    member: Member
+    attention: str
+    mesh: Mesh
+    refused: str | None = None
+    parts: dict[str, LayerCost] = field(default_factory=dict)  # embedding / attention / ffn / head / output
+    times: dict[str, dict[str, float]] = field(default_factory=dict)
+    memory: dict[str, float] = field(default_factory=dict)  # per chip, whole model
+    core: str = ""  # how the attention core is really split: "heads", "batch" or "heads+batch"
+
+    @property
+    def name(self) -> str:
+        return f"{self.member.on(self.mesh)}+{self.attention}"
+
+    def run(self, first: int, last: int) -> BlockRun:
+        """The plan's record of blocks first..last laid out as this candidate."""
+        return BlockRun(first=first, last=last, member=self.member.on(self.mesh), attention=self.core,
+                        family=self.member.effective(self.mesh).family)
+
+    def block_time(self) -> float:
+        return sum(self.times[k]["time"] for k in ("attention", "ffn") if k in self.times)
+
+
+@dataclass
+class Choice:
+    """The planner's answer for one mesh: a candidate per block, the total and its parts."""
+
+    mesh: Mesh
+    blocks: list[Candidate]
+    total: float  # seconds per step
+    candidates: list[Candidate]
+    transitions: list[float]  # seconds, between consecutive blocks
+
+    @property
+    def first(self) -> Candidate:
+        return self.blocks[0]

@@ -1,0 +1,107 @@
+"""Reading the cost model's ingredients off a propagated graph: FLOPs, bytes read, collectives, memory.
+
+The formulas (time from FLOPs and bytes on a `Hardware` profile) are strategies/cost.py; here each
+layer's FLOPs come from the *local* shapes of its matmuls (2·M·N·K) and attention cores (4·B·H·Lq·Lk·D),
+its weight bytes from the layout each matmul reads its weight in, its KV-cache bytes from the caches it
+updates, and its collectives from `plan_conversions` — what insert_collectives inserts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+from ..ir.layout import Layout
+from ..ir.mesh import Mesh
+from ..ir.meta import IN_LAYOUTS, LAYERS, LAYOUT
+from ..passes.attribute import OUTPUT, Attribution
+from ..passes.graph_utils import MATMULS, signature
+from ..passes.insert_collectives import Conversion
+from ..passes.storage import stored_tensors
+from ..strategies.cost import Comm, LayerCost, Precision
+
+aten = torch.ops.aten
+
+
+def _local_numel(node: fx.Node, layout: Layout, mesh: Mesh) -> int:
+    return math.prod(layout.local_shape(tuple(node.meta["val"].shape), mesh))
+
+
+def op_flops(node: fx.Node, mesh: Mesh) -> float:
+    """FLOPs one chip spends on `node` (matmuls and attention; pointwise work is neglected)."""
+    if node.target in MATMULS:
+        m = MATMULS[node.target]
+        x = node.args[m.x]
+        k_local = node.meta[IN_LAYOUTS][m.x_name].local_shape(tuple(x.meta["val"].shape), mesh)[-1]
+        return 2.0 * _local_numel(node, node.meta[LAYOUT], mesh) * k_local
+    if node.target is aten.scaled_dot_product_attention.default:
+        q, k = node.args[0], node.args[1]
+        B, H, Lq, D = node.meta[IN_LAYOUTS]["query"].local_shape(tuple(q.meta["val"].shape), mesh)
+        Lk = k.meta["val"].shape[2]
+        return 4.0 * B * H * Lq * Lk * D
+    return 0.0
+
+
+def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], precision: Precision) -> dict[str, LayerCost]:
+    """Cost ingredients of every layer of a propagated graph (plus "output" for what no layer owns)."""
+    layers = gm.meta[LAYERS]
+    attribution = Attribution(layers)
+    sig = signature(gm)
+    costs: dict[str, LayerCost] = {l.name: LayerCost() for l in layers.layers}
+    costs[OUTPUT] = LayerCost()
+    io_inputs = set(sig.inputs)
+
+    def size(kind: str, n: fx.Node) -> int:
+        return precision.nbytes(kind, n.meta["val"].element_size())
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        owner = attribution.layer_of(node)
+        if owner is None:
+            continue
+        c = costs[owner]
+        c.flops += op_flops(node, mesh)
+        if node.target in MATMULS:
+            m = MATMULS[node.target]
+            w = node.args[m.w]
+            if w.op == "placeholder" and w.name in sig.params:
+                c.weight_bytes += _local_numel(w, node.meta[IN_LAYOUTS][m.w_name], mesh) * size("weights", w)
+        if node.target is aten.index_copy.default and node.args[0].op == "placeholder" and node.args[0].name in io_inputs:
+            cache = node.args[0]  # the step reads the whole cache it attends over
+            c.kv_bytes += _local_numel(cache, cache.meta[LAYOUT], mesh) * size("kv", cache)
+    for conv in conversions:
+        owner = attribution.owner(conv.src, conv.first_consumer)
+        is_weight = conv.src.op == "placeholder" and conv.src.name in sig.params
+        itemsize = size("weights" if is_weight else "activations", conv.src)
+        costs[owner].comm.extend(Comm(s, itemsize, is_weight) for s in conv.steps)
+    return costs
+
+
+def memory_per_chip(proto: fx.GraphModule, mesh: Mesh, precision: Precision, n_blocks: int) -> dict[str, float]:
+    """What one chip stores for the whole model in the planned precisions: the prototype with its
+    block counted n_blocks times (weights at rest, KV caches, their sum, and one block's share)."""
+    whole = {"weights": 0.0, "kv_cache": 0.0}
+    block = {"weights": 0.0, "kv_cache": 0.0}
+    for s in stored_tensors(proto, mesh):
+        b = s.local_bytes(precision.nbytes("weights" if s.kind == "weights" else "kv", s.itemsize))
+        whole[s.kind] += b
+        block[s.kind] += b if s.in_block else 0.0
+    out = {k: whole[k] + (n_blocks - 1) * block[k] for k in whole}
+    out["total"] = out["weights"] + out["kv_cache"]
+    out.update(block_weights=block["weights"], block_kv_cache=block["kv_cache"])
+    return out
+
+
+def param_count(proto: fx.GraphModule, n_blocks: int, precision: Precision | None = None) -> tuple[float, float]:
+    """(parameters, weight bytes) of the whole model from its prototype: the block counted n_blocks times."""
+    scale = n_blocks - 1 if len(proto.meta[LAYERS].blocks) == 1 else 0
+    params = nbytes = 0.0
+    for s in stored_tensors(proto):
+        if s.key is None:
+            continue
+        times = 1 + (scale if s.in_block else 0)
+        nbytes += times * s.numel * (precision or Precision()).nbytes("weights", s.itemsize)
+        params += times * s.numel if s.is_parameter else 0
+    return params, nbytes

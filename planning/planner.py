@@ -1,0 +1,141 @@
+"""`plan`: from a model (or a preset name, or a captured graph) and a question to a Plan with costs.
+
+    with example inputs   the call is captured whole, its blocks costed in place, collectives inserted
+    without               the model's step for the phase is built and one block of it captured (the
+                          prototype); the search costs every candidate on it; the whole program is
+                          captured only when a rank program is asked for (LazyProgram)
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+import torch.nn as nn
+
+from ..errors import ShardwiseError
+from ..ir.hardware import get_hardware
+from ..ir.kinds import Objective, Phase
+from ..ir.mesh import Mesh
+from ..ir.meta import LAYERS
+from ..ir.plan import Plan
+from ..models import presets
+from ..models.steps import Step, phase_inputs
+from ..passes.capture import one_block
+from ..passes.insert_collectives import insert_collectives
+from ..passes.pipeline import run
+from ..passes.storage import replicated_weights
+from ..strategies.cost import Precision
+from ..strategies.request import parse_layouts
+from .apply import apply, choices_for
+from .program import LazyProgram, Program, capture_program
+from .question import Question
+from .record import record
+from .search import choose, meshes_for
+
+
+def model_and_inputs(model, args, kwargs, batch: int, seq: int):
+    if isinstance(model, str):
+        name = model
+        model = presets.build_model(name)
+        if args is None:
+            args, kwargs = presets.example_inputs(model, batch, seq)
+        return model, tuple(args), dict(kwargs or {}), name
+    if args is None:
+        raise ShardwiseError("plan(model, args, ...): example inputs are needed to capture a model object")
+    args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
+    return model, args, dict(kwargs or {}), type(model).__name__
+
+
+def _meshes(mesh, chips, objective: str) -> list[Mesh]:
+    if mesh is not None:
+        return [Mesh.parse(mesh)]
+    if chips is None:
+        raise ShardwiseError("plan needs a mesh (mesh='2x2x1') or a chip count (chips=8) to search meshes over")
+    if not isinstance(chips, int) or chips < 1:
+        raise ShardwiseError(f"chips={chips!r}: expected a positive number of chips")
+    if objective == "cost":  # fewer chips may cost less per token: consider every divisor
+        return [m for n in range(1, chips + 1) if chips % n == 0 for m in meshes_for(n)]
+    return meshes_for(chips)
+
+
+def plan(
+    model: nn.Module | str,
+    args: tuple | None = None,
+    kwargs: dict | None = None,
+    *,
+    mesh: Mesh | str | None = None,
+    chips: int | None = None,
+    hardware: str = "tpu-v4",
+    phase: str = "prefill",
+    layouts: str | dict | None = None,
+    batch: int = 8,
+    seq: int = 16,
+    context: int | None = None,
+    weight_dtype: str | None = None,
+    kv_dtype: str | None = None,
+    objective: str = "latency",
+    overlap: bool = False,
+) -> Plan:
+    """Plan `model` on `mesh` (or the best mesh of `chips`): a layout per layer, chosen by cost.
+
+    With `args`, the call `model(*args, **kwargs)` is captured as is. Without, the model's step for
+    `phase` is built (prefill: `seq` tokens into a KV cache of `context` positions; decode: one token at
+    the end of a `context`-long cache, logits of the last token), and planned from one captured block.
+    `layouts` forces layouts by layer kind ({"ffn": "ws2d", "attn": "batch"} or "ffn=ws2d,attn=batch");
+    the rest is chosen by the cost model on `hardware` with `weight_dtype` weights ("bf16", "int8"; by
+    default as captured) for the `objective` latency (seconds per step) or cost (chip-seconds per token).
+    `model` may be a preset name (see shardwise.models.PRESETS).
+    """
+    phase, objective = Phase.parse(phase, "phase"), Objective.parse(objective, "objective")
+    q = Question(meshes=_meshes(mesh, chips, objective), hw=get_hardware(hardware),
+                 precision=Precision(weights=weight_dtype, kv=kv_dtype), objective=objective, overlap=overlap,
+                 request=parse_layouts(layouts), phase=phase)
+    if args is not None:
+        model, args, kwargs, q.model = model_and_inputs(model, args, kwargs, batch, seq)
+        return _plan_full(capture_program(model, args, kwargs), q)
+    q.context = context or seq  # the KV-cache length the step is built for (stated in the report)
+    proto, n_blocks, q.model, build_full = _prototype(model, phase, batch, seq, context)
+    choice, results = choose(proto, q, n_blocks)
+    result = record(proto, choice, results, q, n_blocks)
+    result.program = LazyProgram(lambda: _full_program(build_full, choice, q))  # replicated: known once built
+    return result
+
+
+def _plan_full(gm: fx.GraphModule, q: Question) -> Plan:
+    """Plan a whole captured graph (its blocks costed in place), insert the collectives, keep the program."""
+    choice, results = choose(gm, q, n_blocks=1)
+    result = record(gm, choice, results, q, 1)
+    run(gm, insert_collectives, choice.mesh)
+    result.memory.replicated = replicated_weights(gm, choice.mesh)
+    result.program = Program(gm, choice.mesh)
+    return result
+
+
+def _prototype(model, phase: str, batch: int, seq: int, context: int | None):
+    """(one-block step graph, number of blocks, name, builder of the full step model)."""
+    if isinstance(model, str):
+        name = model
+        full_layers = presets.get(name).config[presets._LAYERS_KEY[presets.get(name).family]]
+        small = presets.build_model(name, layers=1)
+        step = Step(small, last_only=True)
+        proto = capture_program(step, phase_inputs(small, phase, batch=batch, seq=seq, context=context), {})
+        return proto, full_layers, name, lambda: (presets.build_model(name), phase, batch, seq, context)
+    with one_block(model) as n:
+        step = Step(model, last_only=True)
+        proto = capture_program(step, phase_inputs(model, phase, batch=batch, seq=seq, context=context), {})
+    return proto, n, type(model).__name__, lambda: (model, phase, batch, seq, context)
+
+
+def _full_program(build_full, choice, q) -> "Program":
+    model, phase, batch, seq, context = build_full()
+    gm = capture_program(Step(model, last_only=True), phase_inputs(model, phase, batch=batch, seq=seq,
+                                                                   context=context), {})
+    apply(gm, choice.mesh, choices_for(gm.meta[LAYERS], choice.blocks, q.forced), insert=True)
+    return Program(gm, choice.mesh)
+
+
+def plan_graph(gm: fx.GraphModule, meshes: list[Mesh], request: dict[str, str], *, model: str, hardware: str,
+               phase: str, weight_dtype: str | None = None, objective: str = "latency") -> Plan:
+    """Choose layouts for a captured and prepared graph (layouts not in `request` by cost), insert them."""
+    q = Question(meshes=meshes, hw=get_hardware(hardware), precision=Precision(weights=weight_dtype),
+                 objective=objective, request=request, phase=phase, model=model)
+    return _plan_full(gm, q)

@@ -1,0 +1,149 @@
+"""The planned global-view program: the graph every rank's program is emitted from.
+
+    capture_program   capture → canonicalize → find_layers: the graph every plan of a model starts from
+    Program           a planned graph (collectives inserted): emits rank programs, simulates all ranks
+    ShardedModule     one rank's program behind the model's own call signature
+    LazyProgram       a Program built on first use (planning needs one block; emitting, the whole model)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.fx._pytree as fx_pytree
+import torch.nn as nn
+from torch.utils._pytree import tree_unflatten
+
+from ..errors import ShardwiseError
+from ..ir.layout import Layout
+from ..ir.mesh import Mesh
+from ..ir.meta import IO_LAYOUTS, STATE
+from ..passes.canonicalize import canonicalize
+from ..passes.capture import capture
+from ..passes.emit import emit
+from ..passes.find_layers import find_layers
+from ..passes.graph_utils import signature
+from ..passes.pipeline import Pass, run_pipeline
+from ..runtime.lower import shard_tensor
+from ..runtime.simulate import Trace, run_lockstep, sim_group_name
+from ..runtime.weights import shard_index
+
+
+def capture_program(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+    """capture, canonicalize and find_layers: the graph every plan of this model starts from."""
+    return prepare(capture(model, args, kwargs))
+
+
+def prepare(gm: fx.GraphModule) -> fx.GraphModule:
+    return run_pipeline(gm, [Pass(canonicalize), Pass(find_layers)])
+
+
+def emit_rank(gm: fx.GraphModule, mesh: Mesh, rank: int, **kw) -> fx.GraphModule:
+    """Rank `rank`'s program of a planned graph, through the pipeline (`emit`'s keyword arguments)."""
+    return run_pipeline(gm, [Pass(emit, mesh, rank, **kw)])
+
+
+class ShardedModule(nn.Module):
+    """One rank's program behind the original call signature: same inputs, same outputs."""
+
+    def __init__(self, program: fx.GraphModule, in_spec, out_spec, input_layouts: dict[int, Layout], mesh: Mesh,
+                 rank: int):
+        super().__init__()
+        self.program = program
+        self.in_spec, self.out_spec = in_spec, out_spec
+        self.input_layouts, self.mesh, self.rank = input_layouts, mesh, rank
+
+    def forward(self, *args, **kwargs):
+        flat = fx_pytree.tree_flatten_spec((args, kwargs), self.in_spec)
+        return tree_unflatten(list(self.program(*flat)), self.out_spec)
+
+
+class Program:
+    """The planned global-view graph: emits rank programs and runs all of them in one process."""
+
+    def __init__(self, gm: fx.GraphModule, mesh: Mesh):
+        self.gm, self.mesh = gm, mesh
+        self.sig = signature(gm)
+
+    def emit(self, rank: int, *, group_name: Callable | None = None, weights=None, device=None) -> ShardedModule:
+        """Rank `rank`'s program; by default on the real process groups of the current world."""
+        if group_name is None:
+            from ..runtime.distributed import mesh_groups
+
+            group_name = mesh_groups(self.mesh)
+        prog = emit_rank(self.gm, self.mesh, rank, group_name=group_name, weights=weights, device=device)
+        return ShardedModule(prog, self.sig.in_spec, self.sig.out_spec, self.input_layouts(), self.mesh, rank)
+
+    @property
+    def state(self) -> dict:
+        """State key → tensor: the whole model's weights the rank programs are sliced from."""
+        return self.gm.meta[STATE]
+
+    def input_layouts(self) -> dict[int, Layout]:
+        io = self.gm.meta.get(IO_LAYOUTS, {})
+        return {i: io[name] for i, name in enumerate(self.sig.inputs) if name in io}
+
+    def output_layouts(self) -> dict[int, Layout]:
+        io = self.gm.meta.get(IO_LAYOUTS, {})
+        return {int(k.split(":")[1]): v for k, v in io.items() if k.startswith("output:")}
+
+    def flat_inputs(self, args: tuple, kwargs: dict | None) -> list[Any]:
+        try:
+            return list(fx_pytree.tree_flatten_spec((tuple(args), dict(kwargs or {})), self.sig.in_spec))
+        except Exception as e:
+            raise ShardwiseError(f"inputs do not match the captured call ({self.sig.in_spec}): {e}") from None
+
+    def simulate(self, args: tuple, kwargs: dict | None = None, *, trace: Trace | None = None) -> Any:
+        flat = self.flat_inputs(args, kwargs)
+        layouts = self.input_layouts()
+        programs = [emit_rank(self.gm, self.mesh, r, group_name=sim_group_name) for r in range(self.mesh.size)]
+        inputs = [
+            [shard_tensor(x, layouts[i], self.mesh, r) if i in layouts else x for i, x in enumerate(flat)]
+            for r in range(self.mesh.size)
+        ]
+        outs = run_lockstep(programs, inputs, self.mesh, trace=trace)
+        return tree_unflatten(self.gather_outputs(outs), self.sig.out_spec)
+
+    def gather_outputs(self, outs: list[list[Any]]) -> list[Any]:
+        """Global outputs from every rank's: replicated ones must agree, split ones are reassembled."""
+        split = self.output_layouts()
+        return [unshard([o[j] for o in outs], split[j], self.mesh) if j in split else _agree([o[j] for o in outs], j)
+                for j in range(len(outs[0]))]
+
+
+def _agree(values: list, j: int):
+    """A replicated output must be identical on every rank; a difference is a bug, never averaged away."""
+    for r, v in enumerate(values[1:], 1):
+        if isinstance(v, torch.Tensor) and not torch.equal(v, values[0]):
+            raise RuntimeError(f"rank {r} returned a different output {j} from rank 0 for a replicated output")
+    return values[0]
+
+
+def unshard(pieces: list[torch.Tensor], layout: Layout, mesh: Mesh) -> torch.Tensor:
+    """The global tensor from each rank's piece under `layout` (copies over replicated atoms must agree)."""
+    shape = [p * mesh.group_size(d) for p, d in zip(pieces[0].shape, layout.dims)]
+    out = torch.empty(shape, dtype=pieces[0].dtype, device=pieces[0].device)
+    written = torch.zeros(shape, dtype=torch.bool)
+    for r, piece in enumerate(pieces):
+        idx = shard_index(shape, layout, mesh, r)
+        if written[idx].any() and not torch.equal(out[idx], piece):
+            raise RuntimeError(f"rank {r}'s piece of a split output disagrees with another rank holding it")
+        out[idx] = piece
+        written[idx] = True
+    return out
+
+
+class LazyProgram:
+    """A Program built on first use: planning needs only one block; emit needs the whole model."""
+
+    def __init__(self, build: Callable[[], Program]):
+        self._build, self._program = build, None
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._program is None:
+            self._program = self._build()
+        return getattr(self._program, name)

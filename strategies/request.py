@@ -1,0 +1,48 @@
+"""What a user may force: `layouts="ffn=ws2d,attn=batch"` (or a dict) → {layer kind: layout name}.
+
+The names are checked here (family members, attention splits, embedding and head splits); whether a
+layout divides the model is checked when it is applied to a graph.
+"""
+
+from __future__ import annotations
+
+from ..errors import LayoutError
+from .family import ATTENTION_MODES, parse_ffn
+
+KINDS = {"ffn": "ffn", "attn": "attention", "attention": "attention", "embed": "embedding",
+         "embedding": "embedding", "head": "head"}
+DEFAULTS = {"ffn": "ws1d", "attention": "heads", "embedding": "auto", "head": "vocab"}
+EMBED_MODES = ("auto", "E", "vocab")
+
+
+def parse_layouts(text: str | dict | None) -> dict[str, str]:
+    """`"ffn=ws1d,attn=heads"` or a dict → {kind or layer name: layout}. Checks names, not sizes."""
+    if text is None:
+        return {}
+    if isinstance(text, dict):
+        items = list(text.items())
+    else:
+        items = []
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            if "=" not in part:
+                raise LayoutError(
+                    f"malformed --layouts entry {part!r}: expected KIND=LAYOUT pairs joined by commas, "
+                    f"e.g. 'ffn=ws2d,attn=batch' (kinds: ffn, attn, embed, head)"
+                )
+            k, v = (s.strip() for s in part.split("=", 1))
+            items.append((k, v))
+    out = {}
+    for k, v in items:
+        if k not in KINDS:
+            raise LayoutError(
+                f"--layouts names {k!r}: expected a layer kind, one of ffn, attn, embed, head (e.g. 'ffn=ws2d,attn=batch')"
+            )
+        kind = KINDS[k]
+        if kind == "ffn":
+            parse_ffn(v)
+        elif kind == "attention" and v not in ATTENTION_MODES:
+            raise LayoutError(f"unknown attention layout {v!r}: use one of {', '.join(ATTENTION_MODES)}")
+        elif kind in ("embedding", "head") and v not in EMBED_MODES:
+            raise LayoutError(f"unknown {kind} layout {v!r}: use one of {', '.join(EMBED_MODES)}")
+        out[kind] = v
+    return out
