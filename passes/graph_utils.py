@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -104,6 +104,10 @@ def copy_program(gm: fx.GraphModule) -> fx.GraphModule:
     for old, new in env.items():
         new.meta = {k: v for k, v in old.meta.items() if k != BOUND}  # the cache holds the old arguments
     copied = fx.GraphModule(gm, g)
-    copied.meta = {k: copy.deepcopy(v) if k in (SIGNATURE, LAYERS) else (dict(v) if isinstance(v, dict) else v)
-                   for k, v in gm.meta.items()}
+    copied.meta = {k: dict(v) if isinstance(v, dict) else v for k, v in gm.meta.items()}
+    sig = gm.meta[SIGNATURE]  # its specs are immutable; its tables are copied
+    copied.meta[SIGNATURE] = replace(sig, params=dict(sig.params), inputs=list(sig.inputs), buffers=set(sig.buffers),
+                                     derived=dict(sig.derived))
+    if LAYERS in gm.meta:
+        copied.meta[LAYERS] = copy.deepcopy(gm.meta[LAYERS])
     return copied

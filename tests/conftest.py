@@ -1,4 +1,11 @@
-"""Shared fixtures: seeded tiny models, kept per session (building HF models takes a moment)."""
+"""Shared fixtures: seeded tiny models, and captures cached for the session.
+
+Capturing a model (torch.export, canonicalize, find_layers) is most of what planning a tiny model
+costs, and the suite plans the same few models with the same shapes hundreds of times (every layout ×
+mesh × phase). `_cached_captures` keeps one capture per (module, call signature) and hands each plan a
+copy (`copy_program`): the plan annotates and rewrites its copy exactly as it would a fresh capture.
+Set SHARDWISE_TEST_FRESH_CAPTURES=1 to capture every time instead.
+"""
 
 import os
 
@@ -22,3 +29,39 @@ def tiny():
         return cache[name]
 
     return get
+
+
+def _call_key(module: torch.nn.Module, args: tuple, kwargs: dict):
+    """What a capture depends on: the module's code and weights (by identity) and the call's structure:
+    tensor shapes and dtypes, every other value as is."""
+    from torch.utils._pytree import tree_flatten
+
+    leaves, spec = tree_flatten((tuple(args), dict(kwargs or {})))
+    call = tuple((tuple(x.shape), x.dtype, x.device.type) if isinstance(x, torch.Tensor) else ("value", repr(x))
+                 for x in leaves)
+    flags = tuple(sorted((k, repr(v)) for k, v in vars(module).items()
+                         if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))))
+    weights = tuple((k, id(t)) for k, t in module.state_dict(keep_vars=True).items())
+    return type(module).__qualname__, flags, weights, str(spec), call
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cached_captures():
+    if os.environ.get("SHARDWISE_TEST_FRESH_CAPTURES"):
+        yield
+        return
+    from shardwise.passes.graph_utils import copy_program
+    from shardwise.planning import planner
+
+    original = planner.capture_program
+    cache: dict = {}
+
+    def capture_program(module, args, kwargs):
+        key = _call_key(module, args, kwargs)
+        if key not in cache:
+            cache[key] = (module, original(module, args, kwargs))  # the module kept: its ids stay unique
+        return copy_program(cache[key][1])
+
+    planner.capture_program = capture_program
+    yield
+    planner.capture_program = original
