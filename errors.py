@@ -21,3 +21,11 @@ class LayoutError(ShardwiseError, ValueError):
 
 class PlanError(ShardwiseError):
     """No plan satisfies the constraints (memory, divisibility, ...)."""
+
+
+class InputError(ShardwiseError, ValueError):
+    """A call of a sharded program that differs from the call it was planned for."""
+
+
+class TokenIdError(InputError, IndexError):
+    """Token ids outside the vocabulary (an IndexError, as the unsharded model's embedding raises)."""

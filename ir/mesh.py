@@ -70,8 +70,13 @@ class Mesh:
         if isinstance(text, Mesh):
             return text
         if not isinstance(text, str):
-            dims = tuple(int(s) for s in text)
-            return cls(tuple(dims) + (1,) * (3 - len(dims)))  # type: ignore[arg-type]
+            if not isinstance(text, (tuple, list)) or not 1 <= len(text) <= 3 or not all(
+                    isinstance(d, int) and not isinstance(d, bool) for d in text):
+                raise MeshError(
+                    f"mesh={text!r}: expected a string 'XxYxZ' (e.g. '1x1x4'), a Mesh, or up to three axis "
+                    f"sizes such as (1, 1, 4); to let shardwise pick the mesh for N chips, pass chips=N instead"
+                )
+            text = "x".join(str(d) for d in text)
         spec = text.strip().lower()
         if not re.fullmatch(r"\d+(x\d+){0,2}", spec):
             raise MeshError(

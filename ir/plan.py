@@ -180,6 +180,7 @@ class Plan:
     totals: Totals = field(default_factory=Totals)
     settings: Settings = field(default_factory=Settings)
     explain: list[str] = field(default_factory=list)  # every candidate, its cost and why it lost
+    notes: list[str] = field(default_factory=list)  # how the plan was made: defaults used, meshes skipped
     program: Any = field(default=None, repr=False, compare=False)  # planning.program.Program; not serialized
 
     def __post_init__(self) -> None:
@@ -268,6 +269,7 @@ class Plan:
             if t.transitions:
                 parts.append(f"transitions {t.transitions * 1e3:.3f} ms")
             rows += ["totals: " + ", ".join(parts)]
+        rows += [f"note: {n}" for n in self.notes]
         if self.runs:
             s = self.settings
             rows += [f"chosen: {self.chosen} ({self.family}), objective {s.objective}, weights {s.weights}"

@@ -131,6 +131,7 @@ def _construct(family: str, cfg: dict[str, Any]) -> nn.Module:
 
 def example_inputs(model: nn.Module, batch: int, seq: int, *, seed: int = 0) -> tuple[tuple, dict]:
     """(args, kwargs) for one prefill step of a preset model: random token ids [batch, seq]."""
+    check_shape(model, batch=batch, seq=seq)
     device = next(model.parameters()).device
     vocab = model.cfg.vocab if isinstance(model, RefDecoder) else model.config.vocab_size
     if device.type == "meta":
@@ -140,6 +141,29 @@ def example_inputs(model: nn.Module, batch: int, seq: int, *, seed: int = 0) -> 
         ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
     kwargs = {} if isinstance(model, RefDecoder) else {"use_cache": False}
     return (ids,), kwargs
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings hold (None: no limit it states)."""
+    cfg = model.cfg if isinstance(model, RefDecoder) else getattr(model, "config", None)
+    for name in ("max_seq", "n_positions", "max_position_embeddings"):
+        if isinstance(getattr(cfg, name, None), int):
+            return getattr(cfg, name)
+    return None
+
+
+def check_shape(model: nn.Module, *, batch: int, seq: int, context: int | None = None) -> None:
+    """Batch, sequence and cache length: positive whole numbers the model can hold, or a ShardwiseError."""
+    for name, v in (("batch", batch), ("seq", seq), ("context", context)):
+        if v is None and name == "context":
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ShardwiseError(f"{name}={v!r}: expected a whole number ≥ 1")
+    longest = max_positions(model)
+    need = max(seq, context or 0)
+    if longest is not None and need > longest:
+        raise ShardwiseError(f"{type(model).__name__} holds at most {longest} positions (its position embeddings), "
+                             f"but {need} were asked for (seq={seq}, context={context}); use seq and context ≤ {longest}")
 
 
 def with_layers(p: Preset, layers: int) -> Preset:

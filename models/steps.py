@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..errors import ShardwiseError
+from .presets import check_shape
 from .reference import RefDecoder
 
 
@@ -120,11 +122,13 @@ def phase_inputs(model: nn.Module, phase: str, *, batch: int, seq: int, context:
     decode:  one token at the last position of a cache of `context` (default `seq`) positions.
     """
     if phase not in ("prefill", "decode"):
-        raise ValueError(f"unknown phase {phase!r}: use 'prefill' or 'decode'")
+        raise ShardwiseError(f"unknown phase {phase!r}: use 'prefill' or 'decode'")
+    check_shape(model, batch=batch, seq=seq, context=context)
     S = context or seq
     L = seq if phase == "prefill" else 1
     if phase == "prefill" and S < seq:
-        raise ValueError(f"context {S} is shorter than the {seq} prompt tokens it must hold")
+        raise ShardwiseError(f"context {S} is shorter than the {seq} prompt tokens it must hold: "
+                             f"give context ≥ seq")
     p = next(model.parameters())
     vocab = model.cfg.vocab if isinstance(model, RefDecoder) else model.config.vocab_size
     if p.device.type == "meta":

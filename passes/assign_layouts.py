@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
+from ..errors import LayoutError
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..ir.meta import ANCHOR, ASSIGNMENT, ATTENTION, IO_LAYOUTS, LAYERS, SIGNATURE, WEIGHT
@@ -70,12 +71,14 @@ def assign_layouts(gm: fx.GraphModule, mesh: Mesh, choices: dict[str, str]) -> f
     _gather_free_weights(gm, layers, members, mesh)
     first = members.get(0, parse_ffn(DEFAULTS["ffn"]))
     table_specs: dict[str, WeightSpec] = {}
+    resolved = dict(choices)  # "auto" embeddings and heads: the split they got
     for layer in layers.by_kind("embedding"):
         mode = choices.get(layer.name, DEFAULTS["embedding"])
         if mode == "auto" and layer is not layers.by_kind("embedding")[0]:
             mode = "E"  # position tables are small and added to the token rows: keep them as the residual
         ph = nodes[layer.params["table"]]
-        ph.meta[WEIGHT] = table_specs[ph.name] = _table_spec(layer, mode, first, mesh)
+        resolved[layer.name], ph.meta[WEIGHT] = _table_spec(layer, mode, first, mesh)
+        table_specs[ph.name] = ph.meta[WEIGHT]
     last = members.get(len(layers.blocks) - 1, first)
     for layer in layers.by_kind("head"):
         mode = choices.get(layer.name, DEFAULTS["head"])
@@ -84,8 +87,8 @@ def assign_layouts(gm: fx.GraphModule, mesh: Mesh, choices: dict[str, str]) -> f
         if ph.name in table_specs:  # tied to the embedding: one stored copy, used as the table is split
             notes[layer.name] = [f"weight tied to the embedding: uses its layout ({table_specs[ph.name].in_use})"]
             continue
-        ph.meta[WEIGHT] = _head_spec(layer, mode, last, mesh, shape(ph))
-    gm.meta[ASSIGNMENT] = Assignment(dict(choices), members, notes)
+        resolved[layer.name], ph.meta[WEIGHT] = _head_spec(layer, mode, last, mesh, shape(ph))
+    gm.meta[ASSIGNMENT] = Assignment(resolved, members, notes)
     return gm
 
 
@@ -137,7 +140,8 @@ def _assign_attention(layer: Layer, member: Member, mode: str, mesh: Mesh, nodes
     return notes
 
 
-def _table_spec(layer: Layer, mode: str, member: Member, mesh: Mesh) -> WeightSpec:
+def _table_spec(layer: Layer, mode: str, member: Member, mesh: Mesh) -> tuple[str, WeightSpec]:
+    """The embedding table's split (an "auto" mode resolved) and its weight spec."""
     b, e, f = member.atoms(mesh)
     V, E = layer.dims["V"], layer.dims["E"]
     if mode == "auto":
@@ -148,20 +152,29 @@ def _table_spec(layer: Layer, mode: str, member: Member, mesh: Mesh) -> WeightSp
         atoms = mesh.mesh_order(b + e + f)
         require_divides("the vocabulary (V)", V, atoms, mesh, f"embed=vocab for {layer.name}")
         layout = Layout.sharded(2, 0, atoms)
-    else:  # split E like the residual; under a weight-gathered member also stored split over batch
-        require_divides("d_model (E)", E, e + f, mesh, f"embed=E for {layer.name}")
-        return weight_spec((), e + f, b, (V, E), True, mesh)
-    return WeightSpec(at_rest=layout, in_use=layout)
+        return mode, WeightSpec(at_rest=layout, in_use=layout)
+    # split E like the residual; under a weight-gathered member also stored split over batch
+    require_divides("d_model (E)", E, e + f, mesh, f"embed=E for {layer.name}")
+    return mode, weight_spec((), e + f, b, (V, E), True, mesh)
 
 
-def _head_spec(layer: Layer, mode: str, member: Member, mesh: Mesh, wshape) -> WeightSpec:
+def _head_spec(layer: Layer, mode: str, member: Member, mesh: Mesh, wshape) -> tuple[str, WeightSpec]:
+    """The head's split (an "auto" mode resolved) and its weight spec."""
     b, e, f = member.atoms(mesh)
     p = layer.projections["w"]
+    if mode == "auto":  # the vocabulary where it divides (logits split, no reduction), else d_model
+        V, E, n = layer.dims["V"], layer.dims["E"], mesh.group_size(e + f)
+        mode = "vocab" if V % n == 0 else "E" if E % n == 0 else None
+        if mode is None:
+            raise LayoutError(
+                f"{member} for {layer.name} splits the head over {mesh.format_atoms(e + f)} = {n} chips, which "
+                f"divides neither the vocabulary V = {V} (head=vocab) nor d_model E = {E} (head=E); choose a "
+                f"mesh whose F and E axes divide one of them, or another layout")
     if mode == "vocab":
         require_divides("the vocabulary (V)", layer.dims["V"], e + f, mesh, f"head=vocab for {layer.name}")
-        return weight_spec(e + f, (), b, wshape, p.rows_out, mesh)
+        return mode, weight_spec(e + f, (), b, wshape, p.rows_out, mesh)
     require_divides("d_model (E)", layer.dims["E"], e + f, mesh, f"head=E for {layer.name}")
-    return weight_spec((), e + f, b, wshape, p.rows_out, mesh)
+    return mode, weight_spec((), e + f, b, wshape, p.rows_out, mesh)
 
 
 # ------------------------------------------------------------------------------------ KV caches

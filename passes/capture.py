@@ -32,6 +32,12 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None) -> fx.Gra
         raise CaptureError(f"capture expects a torch.nn.Module, got {type(model).__name__}")
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
     kwargs = dict(kwargs or {})
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    empty = [tuple(t.shape) for t in leaves if isinstance(t, torch.Tensor) and t.numel() == 0]
+    if empty:
+        raise CaptureError(f"an example input of {type(model).__name__} is empty (shape {empty[0]}): shardwise "
+                           f"plans a program for inputs with at least one batch row and one token; give a batch "
+                           f"and a sequence length ≥ 1")
     was_training = model.training
     model.eval()
     try:

@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..errors import TokenIdError
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..ir.meta import COLLECTIVE, FUSED_NORM, LAYOUT, SIGNATURE, STATE
@@ -82,6 +83,7 @@ def emit(
                 attr = _attr_name(key)
                 layout = node.meta.get(LAYOUT) or Layout.replicated(node.meta["val"].ndim)
                 index = shard_index(tuple(node.meta["val"].shape), layout, mesh, rank)
+                source.check(key, tuple(node.meta["val"].shape), node.meta["val"].dtype)
                 local = source.read(key, index).contiguous().clone()
                 if env.device is not None:
                     local = local.to(env.device)
@@ -191,6 +193,14 @@ def _mean(g: fx.Graph, node: fx.Node, args, kwargs, mesh: Mesh) -> fx.Node:
     return g.create_node("call_function", aten.div.Tensor, (m, float(split)), name=f"{node.name}_partial")
 
 
+def check_token_ids(ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Ids outside [0, vocab) raise, as the unsharded embedding does (a split table would only see zeros)."""
+    if ids.numel() and (bool((ids < 0).any()) or bool((ids >= vocab).any())):
+        raise TokenIdError(f"index out of range in self: token ids must lie in [0, {vocab}) for this model's "
+                           f"vocabulary, found ids from {int(ids.min())} to {int(ids.max())}")
+    return ids
+
+
 def _embedding(g: fx.Graph, node: fx.Node, args, env: RankEnv) -> fx.Node:
     """V split over atoms S: look up ids in [lo, lo + V/|S|), zero for the others (a partial over S)."""
     weight = node.args[0]
@@ -204,6 +214,7 @@ def _embedding(g: fx.Graph, node: fx.Node, args, env: RankEnv) -> fx.Node:
     def op(target, *a):
         return g.create_node("call_function", target, a, name=f"{node.name}_vocab")
 
+    ids = op(check_token_ids, ids, weight.meta["val"].shape[0])  # the masked lookup would hide them
     shifted = op(aten.sub.Tensor, ids, lo)
     outside = op(aten.logical_or.default, op(aten.lt.Scalar, shifted, 0), op(aten.ge.Scalar, shifted, rows))
     safe = op(aten.masked_fill.Scalar, shifted, outside, 0)

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..errors import ShardwiseError
 from ..ir.hardware import get_hardware
-from ..ir.kinds import Objective, Phase
+from ..ir.kinds import LayerKind, Objective, Phase
 from ..ir.mesh import Mesh
 from ..ir.meta import LAYERS
 from ..ir.plan import Plan
@@ -24,6 +24,7 @@ from ..passes.insert_collectives import insert_collectives
 from ..passes.pipeline import run
 from ..passes.storage import replicated_weights
 from ..strategies.cost import Precision
+from ..strategies.family import parse_ffn
 from ..strategies.request import parse_layouts
 from .apply import apply, choices_for
 from .program import LazyProgram, Program, capture_program
@@ -45,16 +46,36 @@ def model_and_inputs(model, args, kwargs, batch: int, seq: int):
     return model, args, dict(kwargs or {}), type(model).__name__
 
 
-def _meshes(mesh, chips, objective: str) -> list[Mesh]:
+def _meshes(mesh, chips, objective: Objective, request: dict[str, str], notes: list[str]) -> list[Mesh]:
+    """The meshes to search: the one given, or every factorization of `chips` on which a forced
+    feed-forward layout stays itself (the others are skipped, and `notes` says so)."""
+    forced = parse_ffn(request[LayerKind.FFN]) if LayerKind.FFN in request else None
     if mesh is not None:
-        return [Mesh.parse(mesh)]
+        mesh = Mesh.parse(mesh)
+        if forced is not None and forced.on(mesh) != request[LayerKind.FFN]:
+            idle = forced.idle_roles(mesh)
+            why = f": {', '.join(idle)} {'has' if len(idle) == 1 else 'have'} size 1" if idle else ""
+            notes.append(f"{request[LayerKind.FFN]} acts as {forced.on(mesh)} on mesh {mesh}{why}")
+        return [mesh]
     if chips is None:
         raise ShardwiseError("plan needs a mesh (mesh='2x2x1') or a chip count (chips=8) to search meshes over")
-    if not isinstance(chips, int) or chips < 1:
+    if not isinstance(chips, int) or isinstance(chips, bool) or chips < 1:
         raise ShardwiseError(f"chips={chips!r}: expected a positive number of chips")
-    if objective == "cost":  # fewer chips may cost less per token: consider every divisor
-        return [m for n in range(1, chips + 1) if chips % n == 0 for m in meshes_for(n)]
-    return meshes_for(chips)
+    if objective == Objective.COST:  # fewer chips may cost less per token: consider every divisor
+        meshes = [m for n in range(1, chips + 1) if chips % n == 0 for m in meshes_for(n)]
+    else:
+        meshes = meshes_for(chips)
+    if forced is None:
+        return meshes
+    kept = [m for m in meshes if not forced.idle_roles(m)]
+    if not kept:
+        raise ShardwiseError(f"layouts ffn={request[LayerKind.FFN]} on {chips} chips: every mesh leaves one of its "
+                             f"roles without an axis larger than 1; give more chips or another layout")
+    if len(kept) < len(meshes):
+        skipped = ", ".join(str(m) for m in meshes if m not in kept)
+        notes.append(f"ffn={request[LayerKind.FFN]} forced: meshes on which it would act as another layout were "
+                     f"not searched ({skipped})")
+    return kept
 
 
 def plan(
@@ -86,13 +107,17 @@ def plan(
     `model` may be a preset name (see shardwise.models.PRESETS).
     """
     phase, objective = Phase.parse(phase, "phase"), Objective.parse(objective, "objective")
-    q = Question(meshes=_meshes(mesh, chips, objective), hw=get_hardware(hardware),
+    request, notes = parse_layouts(layouts), []
+    q = Question(meshes=_meshes(mesh, chips, objective, request, notes), hw=get_hardware(hardware),
                  precision=Precision(weights=weight_dtype, kv=kv_dtype), objective=objective, overlap=overlap,
-                 request=parse_layouts(layouts), phase=phase)
+                 request=request, phase=phase, notes=notes)
     if args is not None:
         model, args, kwargs, q.model = model_and_inputs(model, args, kwargs, batch, seq)
         return _plan_full(capture_program(model, args, kwargs), q)
     q.context = context or seq  # the KV-cache length the step is built for (stated in the report)
+    if phase == Phase.DECODE and context is None:
+        notes.append(f"decode planned for a KV cache of {q.context} positions (no context given: seq = {seq}); "
+                     f"pass context=N (--context N) for the length you serve")
     proto, n_blocks, q.model, build_full = _prototype(model, phase, batch, seq, context)
     choice, results = choose(proto, q, n_blocks)
     result = record(proto, choice, results, q, n_blocks)

@@ -12,11 +12,10 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
-import torch.fx._pytree as fx_pytree
 import torch.nn as nn
-from torch.utils._pytree import tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..errors import ShardwiseError
+from ..errors import InputError
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..ir.meta import IO_LAYOUTS, STATE
@@ -45,18 +44,70 @@ def emit_rank(gm: fx.GraphModule, mesh: Mesh, rank: int, **kw) -> fx.GraphModule
     return run_pipeline(gm, [Pass(emit, mesh, rank, **kw)])
 
 
+class PlannedCall:
+    """The call a program was planned for: its structure (positional arguments, keywords), each tensor's
+    shape and dtype, each other value. A sharded program runs exactly that call; any other is refused
+    with an InputError naming what was planned and what was given (never flattened into the planned
+    one: a keyword not planned for would be dropped, another shape would fail deep inside torch)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        sig = signature(gm)
+        vals = {n.name: n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"}
+        self.spec, self.names = sig.in_spec, list(sig.inputs)
+        self.planned = [vals[n] for n in self.names]
+
+    def flatten(self, args: tuple, kwargs: dict | None) -> list[Any]:
+        """The flat inputs of `model(*args, **kwargs)`, checked against the planned call."""
+        leaves, spec = tree_flatten((tuple(args), dict(kwargs or {})))
+        if spec != self.spec:
+            self._refuse("its arguments differ", leaves, spec)
+        for name, got, want in zip(self.names, leaves, self.planned):
+            if isinstance(want, torch.Tensor):
+                if not isinstance(got, torch.Tensor):
+                    self._refuse(f"{name} is a {type(got).__name__}, not a tensor", leaves, spec)
+                if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+                    self._refuse(f"{name} is {_tensor(got)}, planned {_tensor(want)}", leaves, spec)
+            elif type(got) is not type(want) or got != want:
+                self._refuse(f"{name} = {got!r}, planned {want!r}", leaves, spec)
+        return leaves
+
+    def describe(self, leaves: list | None = None, spec=None) -> str:
+        leaves = self.planned if leaves is None else leaves
+        spec = spec or self.spec
+        names = self.names if spec == self.spec else None
+        args, kwargs = tree_unflatten([_value(x) for x in leaves], spec)
+        shown = [names[i] + ": " + a if names else a for i, a in enumerate(args)]
+        return "(" + ", ".join(shown + [f"{k}={v}" for k, v in kwargs.items()]) + ")"
+
+    def _refuse(self, what: str, leaves: list, spec) -> None:
+        raise InputError(
+            f"this sharded program was planned for the call {self.describe()}, but was called with "
+            f"{self.describe(leaves, spec)}: {what}. A sharded program runs only the call it was planned for: "
+            f"plan again with these inputs (shardwise.plan(model, args, kwargs, ...)) to run them.")
+
+
+def _tensor(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')}[{', '.join(map(str, t.shape))}]"
+
+
+def _value(x) -> str:
+    return _tensor(x) if isinstance(x, torch.Tensor) else repr(x)
+
+
 class ShardedModule(nn.Module):
     """One rank's program behind the original call signature: same inputs, same outputs."""
 
-    def __init__(self, program: fx.GraphModule, in_spec, out_spec, input_layouts: dict[int, Layout], mesh: Mesh,
-                 rank: int):
+    def __init__(self, program: fx.GraphModule, call: PlannedCall, out_spec, input_layouts: dict[int, Layout],
+                 mesh: Mesh, rank: int):
         super().__init__()
         self.program = program
-        self.in_spec, self.out_spec = in_spec, out_spec
+        self.call, self.out_spec = call, out_spec
         self.input_layouts, self.mesh, self.rank = input_layouts, mesh, rank
 
     def forward(self, *args, **kwargs):
-        flat = fx_pytree.tree_flatten_spec((args, kwargs), self.in_spec)
+        flat = self.call.flatten(args, kwargs)
+        flat = [shard_tensor(x, self.input_layouts[i], self.mesh, self.rank) if i in self.input_layouts else x
+                for i, x in enumerate(flat)]
         return tree_unflatten(list(self.program(*flat)), self.out_spec)
 
 
@@ -66,6 +117,7 @@ class Program:
     def __init__(self, gm: fx.GraphModule, mesh: Mesh):
         self.gm, self.mesh = gm, mesh
         self.sig = signature(gm)
+        self.call = PlannedCall(gm)
 
     def emit(self, rank: int, *, group_name: Callable | None = None, weights=None, device=None) -> ShardedModule:
         """Rank `rank`'s program; by default on the real process groups of the current world."""
@@ -74,7 +126,7 @@ class Program:
 
             group_name = mesh_groups(self.mesh)
         prog = emit_rank(self.gm, self.mesh, rank, group_name=group_name, weights=weights, device=device)
-        return ShardedModule(prog, self.sig.in_spec, self.sig.out_spec, self.input_layouts(), self.mesh, rank)
+        return ShardedModule(prog, self.call, self.sig.out_spec, self.input_layouts(), self.mesh, rank)
 
     @property
     def state(self) -> dict:
@@ -90,10 +142,8 @@ class Program:
         return {int(k.split(":")[1]): v for k, v in io.items() if k.startswith("output:")}
 
     def flat_inputs(self, args: tuple, kwargs: dict | None) -> list[Any]:
-        try:
-            return list(fx_pytree.tree_flatten_spec((tuple(args), dict(kwargs or {})), self.sig.in_spec))
-        except Exception as e:
-            raise ShardwiseError(f"inputs do not match the captured call ({self.sig.in_spec}): {e}") from None
+        """The flat inputs of a call, refused unless it is the call the program was planned for."""
+        return self.call.flatten(args, kwargs)
 
     def simulate(self, args: tuple, kwargs: dict | None = None, *, trace: Trace | None = None) -> Any:
         flat = self.flat_inputs(args, kwargs)

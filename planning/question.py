@@ -22,6 +22,7 @@ class Question:
     phase: Phase = Phase.PREFILL
     model: str = ""
     context: int | None = None  # decode: the KV-cache length planned for
+    notes: list[str] = field(default_factory=list)  # what the plan should say about how it was made
 
     @property
     def members(self) -> list[Member]:

@@ -61,6 +61,7 @@ def record(proto: fx.GraphModule, choice: Choice, results: list, q: Question, n_
     _totals(plan, choice, q, params=params, weight_bytes=weight_bytes,
             tokens=max(1, dims.get("B", 1) * dims.get("L", 1)))
     plan.explain = explain(choice, results, n_blocks)
+    plan.notes = list(q.notes)
     return plan
 
 

@@ -19,6 +19,9 @@ _DERIVED = re.compile(r"^(?P<base>.*)\[(?P<dim>\d+):(?P<start>\d+)\+(?P<length>\
 
 
 class WeightSource(Protocol):
+    def check(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """Raise a ShardwiseError unless `key` holds a tensor of `shape` and `dtype` (what the graph expects)."""
+
     def read(self, key: str, index: tuple[slice, ...]) -> torch.Tensor: ...
 
 
@@ -53,6 +56,9 @@ class StateSource:
     def __init__(self, state: dict[str, torch.Tensor]):
         self.state = state
 
+    def check(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        pass  # the captured model's own tensors: the graph was made from them
+
     def read(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
         if key in self.state:
             return self.state[key][index]
@@ -67,6 +73,9 @@ class SafetensorsSource:
         from safetensors import safe_open
 
         self._file = safe_open(path, framework="pt")
+
+    def check(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        pass  # not checked yet: the next commit checks key, shape and dtype against the file's header
 
     def read(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
         base, idx = _resolve(key, index)

@@ -58,6 +58,12 @@ class Member:
         return Member(*("".join(a for a in axes if mesh.shape["xyz".index(a)] > 1) for axes in (self.batch, self.e, self.f)),
                       self.replicated_residual)
 
+    def idle_roles(self, mesh: Mesh) -> list[str]:
+        """Roles the member gives axes that all have size 1 on `mesh` (ws2d's E on mesh 1x2x4): there the
+        member acts as another one (ws1d)."""
+        roles = (("batch", self.batch), ("E", self.e), ("F", self.f))
+        return [f"{role} ({axes})" for role, axes in roles if axes and all(mesh.shape["xyz".index(a)] == 1 for a in axes)]
+
     def on(self, mesh: Mesh) -> str:
         """The name on a mesh: axes of size 1 play no role; a named member when the roles match one."""
         eff = self.effective(mesh)

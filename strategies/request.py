@@ -11,7 +11,7 @@ from .family import ATTENTION_MODES, parse_ffn
 
 KINDS = {"ffn": "ffn", "attn": "attention", "attention": "attention", "embed": "embedding",
          "embedding": "embedding", "head": "head"}
-DEFAULTS = {"ffn": "ws1d", "attention": "heads", "embedding": "auto", "head": "vocab"}
+DEFAULTS = {"ffn": "ws1d", "attention": "heads", "embedding": "auto", "head": "auto"}  # auto: whatever divides
 EMBED_MODES = ("auto", "E", "vocab")
 
 
