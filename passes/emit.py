@@ -84,6 +84,9 @@ def emit(
                 layout = node.meta.get(LAYOUT) or Layout.replicated(node.meta["val"].ndim)
                 index = shard_index(tuple(node.meta["val"].shape), layout, mesh, rank)
                 source.check(key, tuple(node.meta["val"].shape), node.meta["val"].dtype)
+                if key in sig.derived:  # a slice of a fused weight: the whole of it must match too
+                    base = gm.meta[STATE][sig.derived[key][0]]
+                    source.check(sig.derived[key][0], tuple(base.shape), base.dtype)
                 local = source.read(key, index).contiguous().clone()
                 if env.device is not None:
                     local = local.to(env.device)

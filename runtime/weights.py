@@ -3,19 +3,38 @@ slice by slice (so a rank never materializes a weight it does not hold).
 
 A state key may be derived from another by a slice (canonicalize unfuses GPT-2's [E, 3E] c_attn into
 three [E, E] pieces: `...c_attn.weight[1:64+64]` is columns 64..127); sources resolve those too.
+
+Every weight is checked before it is read (`WeightSource.check`, called by emit with the shape and
+dtype the captured graph expects): a missing key, another dtype, or another shape raises a
+ShardwiseError. Reading a slice of a tensor of the wrong size would otherwise succeed quietly (a wider
+tensor or extra leading rows are simply cut) and give wrong numbers.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import torch
 
+from ..errors import ShardwiseError
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 
 _DERIVED = re.compile(r"^(?P<base>.*)\[(?P<dim>\d+):(?P<start>\d+)\+(?P<length>\d+)\]$")
+
+# safetensors' names for dtypes in a file's header
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "C64": torch.complex64,
+}
+
+Shape = tuple[int, ...]
+Header = Callable[[str], "tuple[Shape, torch.dtype | str] | None"]  # key → (shape, dtype); None if absent
 
 
 class WeightSource(Protocol):
@@ -38,8 +57,8 @@ def shard_index(shape, layout: Layout, mesh: Mesh, rank: int) -> tuple[slice, ..
     return tuple(out)
 
 
-def _resolve(key: str, index: tuple[slice, ...]) -> tuple[str, tuple[slice, ...]]:
-    """Map a slice of a derived key onto its base key."""
+def resolve(key: str, index: tuple[slice, ...]) -> tuple[str, tuple[slice, ...]]:
+    """Map a slice of a (possibly derived) key onto its base key: (base key, slices of the base)."""
     m = _DERIVED.match(key)
     if not m:
         return key, index
@@ -47,38 +66,154 @@ def _resolve(key: str, index: tuple[slice, ...]) -> tuple[str, tuple[slice, ...]
     index = list(index)
     s = index[dim]
     index[dim] = slice(start + s.start, start + s.stop)
-    return _resolve(m["base"], tuple(index))
+    return resolve(m["base"], tuple(index))
+
+
+def _derivation(key: str) -> tuple[str, list[tuple[int, int, int]]]:
+    """The base key of `key` and the slices (dim, start, length) that make `key` from it, in the order
+    they apply (`w[1:0+128][1:64+64]`: columns 0..127 of w, then columns 64..127 of those)."""
+    steps = []
+    while m := _DERIVED.match(key):
+        steps.append((int(m["dim"]), int(m["start"]), int(m["length"])))
+        key = m["base"]
+    return key, steps[::-1]
+
+
+def check_weight(key: str, shape: Shape, dtype: torch.dtype, header: Header, names: Iterable[str], *,
+                 origin: str, fix: str) -> None:
+    """Raise a ShardwiseError unless `key` (a stored tensor, or a slice of one) has `shape` and `dtype`.
+
+    `header(name)` gives a stored tensor's (shape, dtype), or None; `names` are the stored keys; `origin`
+    names where they are (a file, a state dict) and `fix` says how to get the right ones.
+    """
+    shape = tuple(shape)
+    expected = f"a {_shape(shape)} {_dtype(dtype)} tensor"
+    base, steps = (key, []) if header(key) is not None else _derivation(key)
+    found = header(base)
+    what = f"weight {key!r}" if not steps else f"weight {base!r} (sliced into {key!r} by canonicalize)"
+    if found is None:
+        raise ShardwiseError(f"{what} is missing from {origin}{_closest(base, names)}; the graph expects {expected} "
+                             f"there. {fix}")
+    have_shape, have_dtype = tuple(found[0]), found[1]
+    if have_dtype != dtype:
+        raise ShardwiseError(
+            f"{what} in {origin} is {_dtype(have_dtype)}, but the graph expects {_dtype(dtype)} (a "
+            f"{_shape(have_shape)} tensor was found). Convert the checkpoint to {_dtype(dtype)} (e.g. "
+            f"{{k: t.to({dtype}) for k, t in state.items()}}, then save_state), or capture and plan the model in "
+            f"{_dtype(have_dtype)} so the graph expects what the file holds."
+        )
+    sliced = list(have_shape)
+    for dim, start, length in steps:
+        if dim >= len(sliced) or start + length > sliced[dim]:
+            raise ShardwiseError(
+                f"{key!r} is elements {start}..{start + length - 1} along dim {dim} of {base!r}, but {base!r} in "
+                f"{origin} has shape {_shape(have_shape)}, which does not reach that far: the graph expects "
+                f"{expected} for this slice, cut from the fused tensor of the captured model. {fix}"
+            )
+        sliced[dim] = length
+    if tuple(sliced) != shape:
+        found_as = f"{_shape(have_shape)}" + (f", whose slice {key!r} is {_shape(tuple(sliced))}" if steps else "")
+        raise ShardwiseError(f"{what} in {origin} has shape {found_as}, but the graph expects "
+                             f"{expected}{_shape_hint(tuple(sliced), shape)}. {fix}")
+
+
+def _shape(shape: Shape) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def _dtype(dtype: torch.dtype | str) -> str:
+    return str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else f"safetensors dtype {dtype}"
+
+
+def _closest(key: str, names: Iterable[str]) -> str:
+    near = difflib.get_close_matches(key, list(names), n=3)
+    return f" (closest names there: {', '.join(near)})" if near else ""
+
+
+def _shape_hint(found: Shape, expected: Shape) -> str:
+    """What the difference looks like: a transposed tensor, extra or missing rows, another width."""
+    if len(found) != len(expected):
+        return f" ({len(found)} dims instead of {len(expected)})"
+    if len(found) == 2 and found == expected[::-1]:
+        return " (it looks transposed: nn.Linear stores [out, in], GPT-2's Conv1D [in, out]; transpose it when converting)"
+    differ = [d for d in range(len(found)) if found[d] != expected[d]]
+    if len(differ) == 1:
+        d = differ[0]
+        more = found[d] - expected[d]
+        if d == 0 and more > 0:
+            return f" ({more} extra leading rows: a padded vocabulary, or another model's table?)"
+        return f" ({abs(more)} {'more' if more > 0 else 'fewer'} elements along dim {d}: another model size?)"
+    return ""
 
 
 class StateSource:
-    """Full tensors already in memory (e.g. the model's own parameters)."""
+    """Full tensors already in memory (e.g. the model's own parameters).
+
+    The default source of emit is the state captured with the model, which matches the graph by
+    construction; a state dict passed by the user (another checkpoint, a model changed since capture)
+    need not, so every key is checked like a file's.
+    """
 
     def __init__(self, state: dict[str, torch.Tensor]):
         self.state = state
 
     def check(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        pass  # the captured model's own tensors: the graph was made from them
+        check_weight(key, shape, dtype, self._header, self.state, origin="the state dict",
+                     fix="Pass the state of the model the plan was made from (same configuration and dtype).")
+
+    def _header(self, key: str) -> tuple[Shape, torch.dtype] | None:
+        t = self.state.get(key)
+        return None if t is None else (tuple(t.shape), t.dtype)
 
     def read(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
         if key in self.state:
             return self.state[key][index]
-        base, idx = _resolve(key, index)
+        base, idx = resolve(key, index)
         return self.state[base][idx]
 
 
 class SafetensorsSource:
-    """Tensors in a safetensors file, read one slice at a time."""
+    """Tensors in a safetensors file, read one slice at a time.
+
+    Opening checks the file's header (a missing, truncated or foreign file raises a ShardwiseError);
+    `check` compares a key's shape and dtype in the header with the graph's before any data is read.
+    """
 
     def __init__(self, path: str):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        self._file = safe_open(path, framework="pt")
+        self.path = str(path)
+        make = "Write one with shardwise.runtime.weights.save_state or safetensors.torch.save_file."
+        if not os.path.isfile(self.path):
+            raise ShardwiseError(f"no weights file at {self.path}: expected a safetensors checkpoint there. {make}")
+        try:
+            self._file = safe_open(self.path, framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise ShardwiseError(
+                f"{self.path} is not a readable safetensors file ({e}): expected a complete safetensors checkpoint. "
+                f"It may be truncated (an interrupted download or copy) or another format (torch.save's .pt/.bin); "
+                f"download or save it again. {make}"
+            ) from None
+        self._keys = set(self._file.keys())
+
+    def _header(self, key: str) -> tuple[Shape, torch.dtype | str] | None:
+        if key not in self._keys:
+            return None
+        sl = self._file.get_slice(key)
+        code = sl.get_dtype()
+        return tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(code, code)
 
     def check(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        pass  # not checked yet: the next commit checks key, shape and dtype against the file's header
+        check_weight(key, shape, dtype, self._header, self._keys, origin=f"the safetensors file {self.path}",
+                     fix="Use the checkpoint of the model the plan was made from (same configuration and dtype), "
+                         "e.g. one written by shardwise.runtime.weights.save_state.")
 
     def read(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
-        base, idx = _resolve(key, index)
+        base, idx = resolve(key, index)
+        if base not in self._keys:
+            raise ShardwiseError(f"weight {base!r} (read for {key!r}) is missing from the safetensors file "
+                                 f"{self.path}, which holds {len(self._keys)} other tensors: use the checkpoint of "
+                                 f"the model the plan was made from (check(key, shape, dtype) says what is expected)")
         sl = self._file.get_slice(base)
         return sl[idx] if idx else sl[:]
 
