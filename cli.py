@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="prefill: compare logits; decode: compare --tokens greedy tokens")
     p.add_argument("--tokens", type=int, default=16, help="tokens to generate for --phase decode")
     p.add_argument("--bytes", action="store_true", help="compare executed collective bytes with the plan, per layer")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="with --nproc: how long a rank may wait for the others, or stay stopped (default 300)")
 
     p = sub.add_parser("generate", help="greedy generation with sharded prefill and decode (simulated ranks)")
     _common(p)
@@ -69,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill-layouts", default=None)
     p.add_argument("--decode-layouts", default=None)
 
-    sub.add_parser("demo", help="plan llama-tiny for 4 ranks, run it on 4 real ranks, check the numbers")
+    p = sub.add_parser("demo", help="plan llama-tiny for 4 ranks, run it on 4 real ranks, check the numbers")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="how long a rank may wait for the others, or stay stopped (default 300)")
 
     p = sub.add_parser("calibrate", help="measure this machine and save the cpu-local hardware profile")
     p.add_argument("--ranks", type=int, default=4, help="gloo ranks for the collective measurements")
@@ -111,7 +115,7 @@ def _verify(a) -> int:
     from . import api
 
     report = api.verify(a.model, mesh=a.mesh, layouts=a.layouts, batch=a.batch, seq=a.seq, nproc=a.nproc, atol=a.atol,
-                        phase=a.phase, tokens=a.tokens, bytes=a.bytes)
+                        phase=a.phase, tokens=a.tokens, bytes=a.bytes, timeout=a.timeout)
     print(report)
     return 0 if report.ok else 1
 
@@ -159,7 +163,7 @@ def _demo(a) -> int:
     print(f"\n== 2. run {nproc} real ranks (torchrun, gloo on 127.0.0.1): each captures the model on the meta "
           f"device,\n      emits its program and reads only its shards from a safetensors file")
     run = run_real(model=model_name, mesh=mesh, layouts=None, args=args, kwargs=kwargs,
-                   state=plan.program.state, nproc=nproc)
+                   state=plan.program.state, nproc=nproc, timeout=a.timeout)
     with torch.no_grad():
         want = model(*args, **kwargs)
     diff = max_abs_diff(run.output, want)

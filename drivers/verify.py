@@ -87,6 +87,7 @@ def verify(
     phase: str = "prefill",
     tokens: int = 16,
     bytes: bool = False,
+    timeout: float | None = None,
 ) -> VerifyReport:
     """Plan, run every rank, and compare with the unsharded model.
 
@@ -94,13 +95,14 @@ def verify(
     tokens generated with sharded prefill and decode steps (must be identical). `bytes=True` also
     compares the collective bytes each layer executed with the plan's prediction. Ranks are simulated
     in this process, or, with `nproc`, real torch.distributed processes launched with torchrun
-    (`model` must then be a preset name, so each worker can rebuild it on the meta device).
+    (`model` must then be a preset name, so each worker can rebuild it on the meta device); `timeout`
+    (seconds, drivers.launch.DEFAULT_TIMEOUT when None) bounds how long a real rank waits for the others.
     """
     mesh = Mesh.parse(mesh)
     phase = Phase.parse(phase, "phase")
     if nproc is not None:
         return _verify_real(model, args, kwargs, mesh=mesh, layouts=layouts, atol=atol, batch=batch, seq=seq,
-                            nproc=nproc, phase=phase, tokens=tokens, record=bytes)
+                            nproc=nproc, phase=phase, tokens=tokens, record=bytes, timeout=timeout)
     model, args, kwargs, name = model_and_inputs(model, args, kwargs, batch, seq)
     p = plan(model, args, kwargs, mesh=mesh, layouts=layouts)
     trace = Trace()
@@ -132,7 +134,7 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def _verify_real(model, args, kwargs, *, mesh: Mesh, layouts, atol, batch, seq, nproc, phase, tokens,
-                 record) -> VerifyReport:
+                 record, timeout) -> VerifyReport:
     if not isinstance(model, str):
         raise ShardwiseError("verify(..., nproc=N) launches fresh processes: pass a preset name as the model")
     if nproc != mesh.size:
@@ -142,7 +144,7 @@ def _verify_real(model, args, kwargs, *, mesh: Mesh, layouts, atol, batch, seq, 
     p = plan(model, args, kwargs, mesh=mesh, layouts=layouts)
     state = p.program.state
     run = run_real(model=name, mesh=str(mesh), layouts=layouts, args=args, kwargs=kwargs, state=state, nproc=nproc,
-                   phase=phase, extra={"tokens": tokens, "record": record})
+                   phase=phase, timeout=timeout, extra={"tokens": tokens, "record": record})
     report = VerifyReport(model=name, mesh=str(mesh), layouts=p.settings.requested, max_abs_diff=None, atol=atol,
                           ranks=run.backend, param_bytes_per_rank=run.param_bytes, param_bytes_total=model_bytes(model),
                           replicated=p.memory.replicated, phase=phase, bytes_rows=run.bytes_rows)

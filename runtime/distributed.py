@@ -2,21 +2,26 @@
 
 All ranks must ask for groups in the same order (DeviceMesh creates them collectively); emitting the
 same plan on every rank does exactly that.
+
+`init` joins the default process group from torchrun's environment, with a timeout on every collective;
+`loopback_store` is the rendezvous store a launcher on this machine hosts for its workers, listening on
+127.0.0.1 only (torchrun's own store listens on every interface).
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from typing import Callable
+from collections.abc import Callable
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from ..errors import MeshError
+from ..errors import MeshError, ShardwiseError
 from ..ir.mesh import Mesh
 
-_CACHE: dict[tuple, "MeshGroups"] = {}
+_CACHE: dict[tuple, MeshGroups] = {}
 
 
 class MeshGroups:
@@ -65,19 +70,68 @@ def mesh_groups(mesh: Mesh, device_type: str | None = None) -> Callable[[tuple[s
     return _CACHE[key]
 
 
-def init(backend: str | None = None) -> int:
-    """Initialize torch.distributed from torchrun's environment (gloo on CPU, NCCL on GPUs); returns the rank."""
+def init(backend: str | None = None, timeout: float | None = None) -> int:
+    """Initialize torch.distributed from torchrun's environment (gloo on CPU, NCCL on GPUs); returns the rank.
+
+    `timeout` (seconds) bounds how long the rendezvous and every collective of the process group wait
+    for the other ranks before raising (None: torch's default, 10 minutes)."""
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             raise MeshError("shardwise.init() expects torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR)")
+        if timeout is not None and not timeout > 0:
+            raise ShardwiseError(f"shardwise.init(timeout={timeout!r}): the collective timeout must be a positive "
+                                 f"number of seconds; pass one, or None for torch's default")
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, **({} if timeout is None else {"timeout": timedelta(seconds=timeout)}))
     return dist.get_rank()
+
+
+LOOPBACK = "127.0.0.1"
+
+
+def loopback_store(timeout: float) -> dist.TCPStore:
+    """A rendezvous store server listening on 127.0.0.1 only, on a free port (`store.port`).
+
+    The socket is bound here, to loopback, and handed to the store (`master_listen_fd`): a TCPStore
+    given only a host name listens on every interface, and a port picked first and bound later could be
+    taken in between. Workers join it as torchrun's workers join torchrun's store: MASTER_ADDR and
+    MASTER_PORT name it and TORCHELASTIC_USE_AGENT_STORE=True makes every rank a client (see
+    `loopback_env`). The store closes its socket when it is deleted."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((LOOPBACK, 0))
+    port = sock.getsockname()[1]
+    fd = sock.detach()  # the store owns the socket from here on (and closes it)
+    # the libuv backend listens on a socket handed to it from torch 2.8 on (pytorch#150215); the older one always
+    use_libuv = torch.__version__ >= (2, 8)
+    try:
+        return dist.TCPStore(LOOPBACK, port, None, True, timedelta(seconds=timeout), wait_for_workers=False,
+                             master_listen_fd=fd, use_libuv=use_libuv)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def loopback_env(store: dist.TCPStore, rank: int, world_size: int) -> dict[str, str]:
+    """The environment of worker `rank` of `world_size` on this machine joining `store` (torchrun's
+    variables), with gloo's and NCCL's own sockets on the loopback interface as well."""
+    env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+           "LOCAL_WORLD_SIZE": str(world_size), "GROUP_RANK": "0", "MASTER_ADDR": LOOPBACK,
+           "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    lo = loopback_interface()
+    if lo is not None:
+        env.update(GLOO_SOCKET_IFNAME=lo, NCCL_SOCKET_IFNAME=lo)
+    return env
+
+
+def loopback_interface() -> str | None:
+    """The name of this machine's loopback interface (`lo` on Linux, `lo0` elsewhere), None if neither."""
+    names = {name for _, name in socket.if_nameindex()}
+    return next((n for n in ("lo", "lo0") if n in names), None)
 
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
