@@ -11,10 +11,33 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
 from .errors import ShardwiseError
+
+
+def _whole(text: str) -> int:
+    """A whole number ≥ 1 (batch, seq, tokens, chips, ranks)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
+
+
+def _amount(text: str) -> float:
+    """A finite number ≥ 0 (a tolerance, seconds)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number ≥ 0")
+    return v
 
 
 def _common(p: argparse.ArgumentParser, *, chips: bool = False) -> None:
@@ -22,12 +45,12 @@ def _common(p: argparse.ArgumentParser, *, chips: bool = False) -> None:
     if chips:
         where = p.add_mutually_exclusive_group(required=True)
         where.add_argument("--mesh", help="logical mesh XxYxZ, e.g. 1x1x4 or 4x4x4")
-        where.add_argument("--chips", type=int, help="a chip count: every mesh X·Y·Z = N is searched")
+        where.add_argument("--chips", type=_whole, help="a chip count: every mesh X·Y·Z = N is searched")
     else:
         p.add_argument("--mesh", required=True, help="logical mesh XxYxZ, e.g. 1x1x4 or 4x4x4")
     p.add_argument("--layouts", default=None, help="force layouts per layer kind, e.g. ffn=ws2d,attn=batch")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=16)
+    p.add_argument("--batch", type=_whole, default=8)
+    p.add_argument("--seq", type=_whole, default=16)
 
 
 def _preset_names() -> list[str]:
@@ -44,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     _common(p, chips=True)
     p.add_argument("--phase", choices=("prefill", "decode"), default="prefill",
                    help="prefill: --seq prompt tokens; decode: one token after --context (default --seq) tokens")
-    p.add_argument("--context", type=int, default=None, help="KV-cache length (default: --seq)")
+    p.add_argument("--context", type=_whole, default=None, help="KV-cache length (default: --seq)")
     p.add_argument("--hardware", default="tpu-v4", help="tpu-v4, a100-80g, h100, h200 or cpu-local (calibrated)")
     p.add_argument("--weights", choices=("bf16", "int8", "fp32"), default=None,
                    help="weight precision (default: as the model is built; PaLM/Llama-2 presets are bf16)")
@@ -56,27 +79,27 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("verify", help="check a plan's numbers against the unsharded model")
     _common(p)
-    p.add_argument("--nproc", type=int, default=None, help="run on N real gloo ranks (torchrun on loopback)")
-    p.add_argument("--atol", type=float, default=1e-5)
+    p.add_argument("--nproc", type=_whole, default=None, help="run on N real gloo ranks (worker processes on loopback)")
+    p.add_argument("--atol", type=_amount, default=1e-5)
     p.add_argument("--phase", choices=("prefill", "decode"), default="prefill",
                    help="prefill: compare logits; decode: compare --tokens greedy tokens")
-    p.add_argument("--tokens", type=int, default=16, help="tokens to generate for --phase decode")
+    p.add_argument("--tokens", type=_whole, default=16, help="tokens to generate for --phase decode")
     p.add_argument("--bytes", action="store_true", help="compare executed collective bytes with the plan, per layer")
-    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--timeout", type=_amount, default=None, metavar="SECONDS",
                    help="with --nproc: how long a rank may wait for the others, or stay stopped (default 300)")
 
     p = sub.add_parser("generate", help="greedy generation with sharded prefill and decode (simulated ranks)")
     _common(p)
-    p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--tokens", type=_whole, default=16)
     p.add_argument("--prefill-layouts", default=None)
     p.add_argument("--decode-layouts", default=None)
 
     p = sub.add_parser("demo", help="plan llama-tiny for 4 ranks, run it on 4 real ranks, check the numbers")
-    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--timeout", type=_amount, default=None, metavar="SECONDS",
                    help="how long a rank may wait for the others, or stay stopped (default 300)")
 
     p = sub.add_parser("calibrate", help="measure this machine and save the cpu-local hardware profile")
-    p.add_argument("--ranks", type=int, default=4, help="gloo ranks for the collective measurements")
+    p.add_argument("--ranks", type=_whole, default=4, help="gloo ranks for the collective measurements")
 
     args = parser.parse_args(argv)
     try:
@@ -160,7 +183,7 @@ def _demo(a) -> int:
     print(f"== 1. plan {model_name} (8 heads, 2 KV heads) for {nproc} ranks, mesh {mesh}\n")
     plan = api.plan(model, args, kwargs, mesh=mesh)
     print(plan.summary())
-    print(f"\n== 2. run {nproc} real ranks (torchrun, gloo on 127.0.0.1): each captures the model on the meta "
+    print(f"\n== 2. run {nproc} real ranks (worker processes, gloo on 127.0.0.1): each captures the model on the meta "
           f"device,\n      emits its program and reads only its shards from a safetensors file")
     run = run_real(model=model_name, mesh=mesh, layouts=None, args=args, kwargs=kwargs,
                    state=plan.program.state, nproc=nproc, timeout=a.timeout)

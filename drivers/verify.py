@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,7 @@ from ..errors import MeshError, ShardwiseError
 from ..ir.kinds import Phase
 from ..ir.mesh import Mesh
 from ..ir.plan import Plan, ReplicatedWeight
+from ..models import presets
 from ..planning.planner import model_and_inputs, plan
 from ..runtime.simulate import Trace, sim_group_name
 from .accounting import compare, compare_generation, format_comparison
@@ -94,12 +96,13 @@ def verify(
     prefill: the outputs of `model(*args, **kwargs)` (max abs difference); decode: `tokens` greedy
     tokens generated with sharded prefill and decode steps (must be identical). `bytes=True` also
     compares the collective bytes each layer executed with the plan's prediction. Ranks are simulated
-    in this process, or, with `nproc`, real torch.distributed processes launched with torchrun
+    in this process, or, with `nproc`, real torch.distributed worker processes on loopback
     (`model` must then be a preset name, so each worker can rebuild it on the meta device); `timeout`
     (seconds, drivers.launch.DEFAULT_TIMEOUT when None) bounds how long a real rank waits for the others.
     """
     mesh = Mesh.parse(mesh)
     phase = Phase.parse(phase, "phase")
+    _check_request(model, atol=atol, tokens=tokens, nproc=nproc)
     if nproc is not None:
         return _verify_real(model, args, kwargs, mesh=mesh, layouts=layouts, atol=atol, batch=batch, seq=seq,
                             nproc=nproc, phase=phase, tokens=tokens, record=bytes, timeout=timeout)
@@ -126,6 +129,19 @@ def verify(
 
 def _held(p: Plan, rank: int) -> int:
     return sum(t.numel() * t.element_size() for t in p.program.emit(rank, group_name=sim_group_name).state_dict().values())
+
+
+def _check_request(model, *, atol: float, tokens: int, nproc: int | None) -> None:
+    """What verify can check: a model with weights, a finite tolerance, at least one token, ranks."""
+    if isinstance(model, str) and presets.get(model).shape_only:
+        raise ShardwiseError(f"{model} is a shapes-only preset (built on the meta device, no weights): there are "
+                             f"no numbers to compare; plan it with `shardwise inspect {model} ...`, or verify a "
+                             f"tiny preset ({', '.join(n for n, p in presets.PRESETS.items() if not p.shape_only)})")
+    if not isinstance(atol, (int, float)) or isinstance(atol, bool) or not math.isfinite(atol) or atol < 0:
+        raise ShardwiseError(f"atol={atol!r}: expected a finite tolerance ≥ 0 (e.g. 1e-5 for float32)")
+    for name, v in (("tokens", tokens), ("nproc", nproc)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ShardwiseError(f"{name}={v!r}: expected a whole number ≥ 1")
 
 
 def model_bytes(model: nn.Module) -> int:

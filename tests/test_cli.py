@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def run(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "shardwise", *args], capture_output=True, text=True, timeout=timeout)
@@ -39,3 +41,25 @@ def test_demo_runs_real_ranks():
     p = run("demo", timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "OK, bound 1e-5" in p.stdout and "rank 3:" in p.stdout
+
+
+@pytest.mark.parametrize("argv, said", [
+    ("verify llama-tiny --mesh 1x1x2 --atol nan", "--atol: nan must be a finite number"),
+    ("verify llama-tiny --mesh 1x1x2 --atol -1", "--atol: -1 must be a finite number"),
+    ("verify llama-tiny --mesh 1x1x2 --batch -1", "--batch: -1 must be at least 1"),
+    ("verify llama-tiny --mesh 1x1x2 --seq 0", "--seq: 0 must be at least 1"),
+    ("generate llama-tiny --mesh 1x1x2 --tokens -1", "--tokens: -1 must be at least 1"),
+    ("inspect llama-tiny --chips 0", "--chips: 0 must be at least 1"),
+    ("verify llama-tiny --mesh 1x1x2 --nproc 2 --timeout inf", "--timeout: inf must be a finite number"),
+    ("verify palm-8b --mesh 1x1x2", "palm-8b is a shapes-only preset"),
+    ("verify llama-tiny --mesh 1x1x2 --layouts ffn", "malformed --layouts entry 'ffn'"),
+])
+def test_bad_numbers_and_names_exit_2_with_a_message(argv, said, capsys):
+    from shardwise.cli import main
+
+    try:
+        code = main(argv.split())
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    assert code == 2
+    assert said in capsys.readouterr().err
