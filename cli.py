@@ -11,9 +11,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
+from pathlib import Path
 
 from .errors import ShardwiseError
 
@@ -65,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("inspect", help="plan a model and print the per-layer layouts, costs and collectives")
     _common(p, chips=True)
-    p.add_argument("--phase", choices=("prefill", "decode"), default="prefill",
-                   help="prefill: --seq prompt tokens; decode: one token after --context (default --seq) tokens")
+    p.add_argument("--phase", choices=("prefill", "decode", "both"), default="prefill",
+                   help="prefill: --seq prompt tokens; decode: one token after --context (default --seq) tokens; "
+                        "both: the two on one mesh and the KV cache moved between them")
     p.add_argument("--context", type=_whole, default=None, help="KV-cache length (default: --seq)")
     p.add_argument("--hardware", default="tpu-v4", help="tpu-v4, a100-80g, h100, h200 or cpu-local (calibrated)")
     p.add_argument("--weights", choices=("bf16", "int8", "fp32"), default=None,
@@ -76,6 +79,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--explain", action="store_true", help="list every candidate, its cost and why it lost")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--graph", action="store_true", help="also print the annotated global-view graph")
+    p.add_argument("--html", metavar="PATH", help="write the plan as one self-contained HTML page")
+    p.add_argument("--trace", metavar="PATH",
+                   help="write the predicted timeline (Chrome trace JSON: open it in ui.perfetto.dev)")
+    p.add_argument("--trace-ranks", type=_whole, default=None, metavar="N", help="lanes for ranks 0..N-1 only")
+    p.add_argument("--explorer", metavar="DIR", help="write Model Explorer graphs and overlays into DIR "
+                                                    "(pip install 'shardwise[explorer]')")
+
+    p = sub.add_parser("sweep", help="plan models × chips × batches × phases × weights × objectives: a table, "
+                                     "a figure")
+    p.add_argument("models", nargs="+", help="presets, e.g. palm-8b palm-540b")
+    p.add_argument("--chips", type=_whole, nargs="+", required=True)
+    p.add_argument("--batches", type=_whole, nargs="+", required=True)
+    p.add_argument("--phases", nargs="+", choices=("prefill", "decode"), default=["prefill", "decode"])
+    p.add_argument("--weights", nargs="+", choices=("bf16", "int8", "fp32"), default=["bf16"])
+    p.add_argument("--objectives", nargs="+", choices=("latency", "cost"), default=["latency"])
+    p.add_argument("--seq", type=_whole, default=2048, help="prefill tokens per sequence")
+    p.add_argument("--context", type=_whole, default=2048, help="KV-cache length")
+    p.add_argument("--hardware", default="tpu-v4")
+    p.add_argument("--search", action="store_true", help="every mesh and layout (default: the paper's meshes and "
+                                                         "layouts)")
+    p.add_argument("--workers", type=_whole, default=1, help="processes to plan in")
+    p.add_argument("--csv", metavar="PATH")
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--figure", metavar="PATH", help="cost vs latency with each model's frontier (PATH.png, PATH.svg)")
 
     p = sub.add_parser("verify", help="check a plan's numbers against the unsharded model")
     _common(p)
@@ -104,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         commands = {"inspect": _inspect, "verify": _verify, "demo": _demo, "calibrate": _calibrate,
-                    "generate": _generate}
+                    "generate": _generate, "sweep": _sweep}
         return commands[args.command](args)
     except ShardwiseError as e:
         print(f"shardwise: error: {e}", file=sys.stderr)
@@ -115,6 +142,8 @@ def _inspect(a) -> int:
     from . import api
 
     t0 = time.perf_counter()
+    if a.phase == "both":
+        return _inspect_both(a, t0)
     plan = api.plan(a.model, mesh=a.mesh, chips=a.chips, layouts=a.layouts, batch=a.batch,
                     seq=a.seq if a.phase == "prefill" else 1, context=a.context or (None if a.phase == "prefill" else a.seq),
                     hardware=a.hardware, phase=a.phase, weight_dtype=a.weights, objective=a.objective,
@@ -131,6 +160,73 @@ def _inspect(a) -> int:
         from .passes.report import format_graph
 
         print("\n" + format_graph(plan.program.gm, plan.mesh))
+    _write_views(a, plan)
+    return 0
+
+
+def _inspect_both(a, t0: float) -> int:
+    from .report.phases import plan_pair
+
+    pair = plan_pair(a.model, mesh=a.mesh, chips=a.chips, batch=a.batch, prompt=a.seq, context=a.context,
+                     hardware=a.hardware, weight_dtype=a.weights, objective=a.objective, overlap=a.overlap,
+                     layouts=a.layouts)
+    if a.format == "json":
+        print(json.dumps({"prefill": pair.prefill.to_dict(), "decode": pair.decode.to_dict(),
+                          "bridge": [{"first": s.first, "last": s.last, "line": s.record.line(), "bytes": s.bytes}
+                                     for s in pair.bridge]}, indent=2))
+        return 0
+    for p in pair.plans:
+        print(p.summary() + "\n")
+    print("KV cache between the phases:")
+    print("\n".join("  " + s.line() for s in pair.bridge) or "  nothing moves (same layout, or a local slice)")
+    print(*pair.notes, f"planned in {time.perf_counter() - t0:.2f} s", sep="\n")
+    _write_views(a, pair)
+    return 0
+
+
+def _write_views(a, plan_or_pair) -> None:
+    """--html, --trace, --explorer: the plan (or both phases) as a page, a timeline, graph overlays."""
+    plans = getattr(plan_or_pair, "plans", [plan_or_pair])
+    if a.html:
+        from .report.html import write_html
+
+        print(f"report written to {write_html(plan_or_pair, a.html)}")
+    if a.trace:
+        from .report.trace import predicted_trace, write_trace
+
+        for p in plans:
+            path = Path(a.trace) if len(plans) == 1 else Path(a.trace).with_name(f"{p.phase}-{Path(a.trace).name}")
+            ranks = None if a.trace_ranks is None else range(min(a.trace_ranks, p.mesh.size))
+            print(f"predicted timeline written to {write_trace(predicted_trace(p, ranks=ranks), path)} "
+                  f"(open it in ui.perfetto.dev)")
+    if a.explorer:
+        from .report.explorer import write_explorer
+
+        for p in plans:
+            files = write_explorer(p, Path(a.explorer) / str(p.phase) if len(plans) > 1 else a.explorer)
+            print(f"Model Explorer: {files.command()}")
+
+
+def _sweep(a) -> int:
+    from .report.figures import cost_vs_latency
+    from .report.sweep import run_sweep
+
+    sweep = run_sweep(a.models, chips=a.chips, batches=a.batches, phases=a.phases, weights=a.weights,
+                      objectives=a.objectives, seq=a.seq, context=a.context, hardware=a.hardware,
+                      meshes="search" if a.search else "paper", members="all" if a.search else "paper",
+                      workers=a.workers)
+    for path, write in ((a.csv, sweep.to_csv), (a.json, sweep.to_json)):
+        if path:
+            print(f"wrote {write(path)}")
+    if a.figure:
+        print("wrote " + ", ".join(str(p) for p in cost_vs_latency(sweep, a.figure)))
+    print(f"{len(sweep.rows)} points, {sum(r.ok for r in sweep.rows)} planned, in {sweep.seconds:.1f} s")
+    for model in dict.fromkeys(r.model for r in sweep.rows):
+        for phase in a.phases:
+            front = sweep.frontier(model, phase)
+            if front:
+                print(f"{model} {phase} frontier: " + "; ".join(
+                    f"{r.label} {r.latency_ms:.3g} ms {r.cost_chip_ms_per_token:.3g} chip-ms/token" for r in front))
     return 0
 
 

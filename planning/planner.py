@@ -118,10 +118,10 @@ def plan(
     if phase == Phase.DECODE and context is None:
         notes.append(f"decode planned for a KV cache of {q.context} positions (no context given: seq = {seq}); "
                      f"pass context=N (--context N) for the length you serve")
-    proto, n_blocks, q.model, build_full = _prototype(model, phase, batch, seq, context)
+    proto, n_blocks, q.model, build_full = prototype(model, phase, batch, seq, context)
     choice, results = choose(proto, q, n_blocks)
     result = record(proto, choice, results, q, n_blocks)
-    result.program = LazyProgram(lambda: _full_program(build_full, choice, q))  # replicated: known once built
+    result.program = LazyProgram(lambda: full_program(build_full, choice, q))  # replicated: known once built
     return result
 
 
@@ -135,7 +135,7 @@ def _plan_full(gm: fx.GraphModule, q: Question) -> Plan:
     return result
 
 
-def _prototype(model, phase: str, batch: int, seq: int, context: int | None):
+def prototype(model, phase: str, batch: int, seq: int, context: int | None):
     """(one-block step graph, number of blocks, name, builder of the full step model)."""
     if isinstance(model, str):
         name = model
@@ -150,7 +150,7 @@ def _prototype(model, phase: str, batch: int, seq: int, context: int | None):
     return proto, n, type(model).__name__, lambda: (model, phase, batch, seq, context)
 
 
-def _full_program(build_full, choice, q) -> "Program":
+def full_program(build_full, choice, q) -> "Program":
     model, phase, batch, seq, context = build_full()
     gm = capture_program(Step(model, last_only=True), phase_inputs(model, phase, batch=batch, seq=seq,
                                                                    context=context), {})

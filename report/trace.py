@@ -1,0 +1,237 @@
+"""Timelines in the Chrome trace-event format (JSON that Perfetto and chrome://tracing open).
+
+    trace = predicted_trace(plan)              # the cost model's step, one lane per rank
+    write_trace(trace, "plan.trace.json")      # open it at ui.perfetto.dev
+    check_trace(trace)                         # the structure Perfetto needs, or a ShardwiseError
+
+Every rank is a process (`pid` = rank, named "rank r") with one lane (`tid` 0, "predicted"). Along it,
+each layer of the plan, block by block, is a slice holding what the cost model charges it:
+
+    busy         the largest of compute, memory traffic and the communication that overlaps them
+                 (weight all-gathers, prefetched ahead of use where the hardware does; every collective
+                 with `overlap`), named for whichever is largest; the overlapped collectives are its
+                 children, so nothing on the lane overlaps without nesting
+    collectives  the ones on the critical path (activations), one after another
+
+so a layer's slice lasts exactly the time the plan gives it, and a step the plan's latency. Every
+collective slice carries its kind, group, layouts, bytes per chip and the ranks of this rank's group in
+`args`. A collective's share of its layer's communication time is its own time on the hardware
+(latency, ring steps, bytes over bandwidth) scaled so the shares add up to the layer's.
+
+Times are in microseconds (`ts`, `dur`), as the format wants; a step starts at 0.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from ..errors import ShardwiseError
+from ..ir.hardware import Hardware, get_hardware
+from ..ir.mesh import Mesh
+from ..ir.plan import CollectiveRecord, LayerPlan, Plan
+from .views import block_names
+
+PREDICTED_TID = 0
+
+
+def predicted_trace(plan: Plan, *, ranks: Iterable[int] | None = None, steps: int = 1) -> dict[str, Any]:
+    """The plan's predicted timeline for `ranks` (default: every rank of the mesh), `steps` steps long."""
+    mesh = plan.mesh
+    ranks = list(range(mesh.size)) if ranks is None else list(ranks)
+    if not ranks:
+        raise ShardwiseError(f"ranks=[]: expected at least one rank of mesh {mesh} to draw a lane for")
+    for r in ranks:
+        if not isinstance(r, int) or not 0 <= r < mesh.size:
+            raise ShardwiseError(f"rank {r!r}: expected a rank of mesh {mesh}, 0 … {mesh.size - 1}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ShardwiseError(f"steps={steps!r}: expected a positive number of steps to lay out")
+    hw = _hardware(plan.hardware)
+    timeline = _timeline(plan, hw)
+    events: list[dict] = []
+    for r in ranks:
+        events += _lane_names(r, "predicted (cost model)", PREDICTED_TID)
+        groups: dict[str, list[int]] = {}
+        for step in range(steps):
+            t0 = step * plan.totals.latency * 1e6
+            if steps > 1:
+                events.append(_slice(f"step {step}", "step", t0, plan.totals.latency * 1e6, r,
+                                     {"phase": str(plan.phase), "latency_ms": plan.totals.latency * 1e3}))
+            for name, cat, start, dur, args, record in timeline:
+                if record is not None:
+                    if record.group not in groups:
+                        groups[record.group] = mesh.group(_group_atoms(record.group, mesh), r)
+                    args = {**args, "ranks": groups[record.group]}
+                events.append(_slice(name, cat, t0 + start, dur, r, args))
+    return {"traceEvents": events, "displayTimeUnit": "ms",
+            "otherData": {"source": "shardwise predicted trace", "model": plan.model, "phase": str(plan.phase),
+                          "mesh": str(mesh), "hardware": plan.hardware, "chosen": plan.chosen,
+                          "latency_ms": plan.totals.latency * 1e3}}
+
+
+def write_trace(trace: dict, path: str | Path) -> Path:
+    """Write a trace as JSON (checked first)."""
+    check_trace(trace)
+    path = Path(path)
+    try:
+        path.write_text(json.dumps(trace))
+    except OSError as e:
+        raise ShardwiseError(f"cannot write the trace to {str(path)!r}: {e.strerror}; expected a writable file in an "
+                             f"existing folder: choose another path") from None
+    return path
+
+
+# ------------------------------------------------------------------------------------ the schedule
+def _timeline(plan: Plan, hw: Hardware | None) -> list[tuple[str, str, float, float, dict, CollectiveRecord | None]]:
+    """One step of one rank as (name, category, start µs, duration µs, args, collective or None)."""
+    out = []
+    t = 0.0
+    for layer in plan.layers:
+        for name in block_names(layer):
+            out += _layer(layer, name, t, hw, plan)
+            t += layer.cost.get("time", 0.0) * 1e6
+    return out
+
+
+def _layer(layer: LayerPlan, name: str, t: float, hw: Hardware | None, plan: Plan) -> list[tuple]:
+    c = {k: layer.cost.get(k, 0.0) * 1e6 for k in ("compute", "memory", "comm", "time")}
+    prefetch = hw is None or hw.weight_prefetch
+    overlapped = [plan.settings.overlap or (prefetch and rec.weight) for rec in layer.collectives]
+    shares = _comm_shares(layer.collectives, overlapped, c, hw, plan.mesh)
+    hidden = sum(d for d, o in zip(shares, overlapped) if o)
+    busy = max(c["compute"], c["memory"], hidden)
+    what = ("compute" if busy == c["compute"] else "memory" if busy == c["memory"] else "overlapped collectives")
+    out = [(name, str(layer.kind), t, c["time"],
+            {"layout": layer.choice, "count": layer.count, **{f"{k}_ms": c[k] / 1e3 for k in c}}, None)]
+    if busy > 0:
+        out.append((what, "busy", t, busy,
+                    {"compute_ms": c["compute"] / 1e3, "memory_ms": c["memory"] / 1e3,
+                     "flops": layer.cost.get("flops", 0.0), "weight_bytes": layer.cost.get("weight_bytes", 0.0),
+                     "kv_bytes": layer.cost.get("kv_bytes", 0.0)}, None))
+    inner, after = t, t + busy
+    for rec, d, o in zip(layer.collectives, shares, overlapped):
+        args = {"kind": rec.kind, "group": rec.group, "src": rec.src, "dst": rec.dst, "bytes": rec.bytes,
+                "wire_bytes": rec.wire_bytes, "weight": rec.weight, "overlapped": o}
+        if o:
+            out.append((_collective_name(rec), "collective", inner, d, args, rec))
+            inner += d
+        else:
+            out.append((_collective_name(rec), "collective", after, d, args, rec))
+            after += d
+    return sorted(out, key=lambda e: (e[2], -e[3]))  # by start, enclosing slices first (a stable sort)
+
+
+def _comm_shares(records: list[CollectiveRecord], overlapped: list[bool], c: dict[str, float], hw: Hardware | None,
+                 mesh: Mesh) -> list[float]:
+    """Each collective's part (µs) of the layer's communication time `c["comm"]`.
+
+    The plan gives a layer's compute, memory, comm and time, with time = max(compute, memory, H) + E for
+    the overlapped communication H and the exposed E (H + E = comm). When both kinds occur, E = time −
+    max(compute, memory) and H the rest; within each kind, a collective's part is in proportion to its own
+    time on `hw` (strategies.cost.collective_time's latency + ring steps + wire bytes over bandwidth, here
+    from the record; without a profile, its wire bytes).
+    Records count bytes in the captured dtype, the layer's times are in the planned one: solving for the
+    parts is what keeps every layer's slices equal to the plan's time."""
+    if not records:
+        return []
+    own = []
+    for r in records:
+        if hw is None:
+            own.append(r.wire_bytes)
+            continue
+        g = mesh.group_size(_group_atoms(r.group, mesh))
+        rings = 2 if r.kind == "all_reduce" else 1
+        own.append(hw.collective_latency + rings * (g - 1) * hw.hop_latency + r.wire_bytes / hw.collective_bandwidth(r.axes))
+    comm, busy = c["comm"], max(c["compute"], c["memory"])
+    est_h = sum(o for o, h in zip(own, overlapped) if h)
+    est_e = sum(own) - est_h
+    if not est_e or not est_h:
+        hidden, exposed = (comm, 0.0) if est_h else (0.0, comm)
+    else:  # time = busy + exposed (when H > busy, time = comm and H = busy is the split that shows it)
+        exposed = min(comm, max(0.0, c["time"] - busy))
+        hidden = comm - exposed
+    return [(hidden if h else exposed) * o / (est_h if h else est_e) for o, h in zip(own, overlapped)]
+
+
+def _hardware(name: str) -> Hardware | None:
+    """The plan's hardware profile, or None when it cannot be read here (cpu-local not calibrated)."""
+    try:
+        return get_hardware(name)
+    except ShardwiseError:
+        return None
+
+
+def _group_atoms(group: str, mesh: Mesh) -> tuple[str, ...]:
+    """The atoms of a collective's group as a record writes it: "yz" (whole axes) or "{x,z0}" (parts)."""
+    parts = group[1:-1].split(",") if group.startswith("{") else list(group)
+    atoms: list[str] = []
+    for p in parts:
+        atoms += mesh.axis_atoms(p) if p in ("x", "y", "z") else [p]
+    return tuple(atoms)
+
+
+def _collective_name(rec: CollectiveRecord) -> str:
+    return f"{rec.kind.replace('_', '-')}({rec.group})"
+
+
+def _slice(name: str, cat: str, ts: float, dur: float, pid: int, args: dict, tid: int = PREDICTED_TID) -> dict:
+    return {"name": name, "cat": cat, "ph": "X", "ts": round(ts, 3), "dur": round(dur, 3), "pid": pid, "tid": tid,
+            "args": args}
+
+
+def _lane_names(rank: int, lane: str, tid: int) -> list[dict]:
+    return [{"name": "process_name", "ph": "M", "pid": rank, "tid": tid, "args": {"name": f"rank {rank}"}},
+            {"name": "process_sort_index", "ph": "M", "pid": rank, "tid": tid, "args": {"sort_index": rank}},
+            {"name": "thread_name", "ph": "M", "pid": rank, "tid": tid, "args": {"name": lane}}]
+
+
+# ------------------------------------------------------------------------------------ checking
+def check_trace(trace: Any) -> None:
+    """Raise a ShardwiseError unless `trace` is a trace Perfetto reads as intended: a dict with a
+    `traceEvents` list; every complete slice (ph "X") with a name, numeric ts ≥ 0 and dur ≥ 0, pid and
+    tid; on every lane (pid, tid) slices in order of start and properly nested (each one either inside
+    the slice still open before it, or after it)."""
+    if not isinstance(trace, dict) or not isinstance(trace.get("traceEvents"), list):
+        raise ShardwiseError(f"a trace must be a dict with a 'traceEvents' list; found {type(trace).__name__} "
+                             f"with keys {sorted(trace) if isinstance(trace, dict) else '-'}")
+    open_slices: dict[tuple, list[tuple[float, float, str]]] = defaultdict(list)
+    last_start: dict[tuple, float] = {}
+    for i, e in enumerate(trace["traceEvents"]):
+        missing = [k for k in ("name", "ph", "pid", "tid") if k not in e]
+        if missing:
+            raise ShardwiseError(f"trace event {i} ({e!r:.120}) lacks {', '.join(missing)}: every event needs a name, "
+                                 f"ph, pid and tid")
+        if e["ph"] != "X":
+            continue
+        ts, dur = e.get("ts"), e.get("dur")
+        if not all(isinstance(v, (int, float)) and v >= 0 for v in (ts, dur)):
+            raise ShardwiseError(f"slice {e['name']!r} (event {i}) has ts={ts!r}, dur={dur!r}: expected numbers ≥ 0")
+        lane = (e["pid"], e["tid"])
+        if ts < last_start.get(lane, 0.0):
+            raise ShardwiseError(f"slice {e['name']!r} (event {i}) starts at {ts} µs on lane pid {lane[0]} tid {lane[1]}, "
+                                 f"before the slice before it ({last_start[lane]} µs): a lane's slices must come in "
+                                 f"order of start")
+        last_start[lane] = ts
+        stack = open_slices[lane]
+        while stack and ts >= stack[-1][1] - _EPS:
+            stack.pop()
+        if stack and ts + dur > stack[-1][1] + _EPS:
+            raise ShardwiseError(f"slice {e['name']!r} (event {i}, {ts}–{ts + dur} µs) starts inside "
+                                 f"{stack[-1][2]!r} (until {stack[-1][1]} µs) and ends after it on lane pid {lane[0]} "
+                                 f"tid {lane[1]}: slices on one lane must nest")
+        stack.append((ts, ts + dur, e["name"]))
+
+
+_EPS = 0.01  # µs: rounding of ts and dur to nanoseconds
+
+
+def lanes(trace: dict) -> dict[tuple[int, int], list[dict]]:
+    """The complete slices of each lane (pid, tid), in order."""
+    out: dict[tuple[int, int], list[dict]] = defaultdict(list)
+    for e in trace["traceEvents"]:
+        if e.get("ph") == "X":
+            out[(e["pid"], e["tid"])].append(e)
+    return dict(out)
