@@ -114,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bytes", action="store_true", help="compare executed collective bytes with the plan, per layer")
     p.add_argument("--timeout", type=_amount, default=None, metavar="SECONDS",
                    help="with --nproc: how long a rank may wait for the others, or stay stopped (default 300)")
+    p.add_argument("--trace", metavar="DIR", help="with --nproc: each rank's profiled step, merged with the plan's "
+                                                 "predicted timeline into DIR/merged.trace.json (Perfetto)")
+    p.add_argument("--hardware", default="tpu-v4", help="the profile the predicted timeline uses (cpu-local: "
+                                                        "this machine, after `shardwise calibrate`)")
 
     p = sub.add_parser("generate", help="greedy generation with sharded prefill and decode (simulated ranks)")
     _common(p)
@@ -233,10 +237,33 @@ def _sweep(a) -> int:
 def _verify(a) -> int:
     from . import api
 
+    if a.trace and not a.nproc:
+        raise ShardwiseError("--trace DIR records each real rank's step: give --nproc N too")
+    if a.trace:
+        Path(a.trace).mkdir(parents=True, exist_ok=True)
     report = api.verify(a.model, mesh=a.mesh, layouts=a.layouts, batch=a.batch, seq=a.seq, nproc=a.nproc, atol=a.atol,
-                        phase=a.phase, tokens=a.tokens, bytes=a.bytes, timeout=a.timeout)
+                        phase=a.phase, tokens=a.tokens, bytes=a.bytes, timeout=a.timeout, trace_dir=a.trace)
     print(report)
+    if a.trace:
+        _merge_measured(a)
     return 0 if report.ok else 1
+
+
+def _merge_measured(a) -> None:
+    """The ranks' profiled steps beside the plan's predicted lanes, in one Perfetto trace."""
+    from . import api
+    from .models import build_model, example_inputs
+    from .report.measure import merge_traces, step_times
+    from .report.trace import predicted_trace, write_trace
+
+    model = build_model(a.model)
+    args, kwargs = example_inputs(model, a.batch, a.seq)
+    plan = api.plan(model, args, kwargs, mesh=a.mesh, layouts=a.layouts, hardware=a.hardware)  # the workers' call
+    merged = merge_traces({r: Path(a.trace) / f"rank{r}.json" for r in range(a.nproc)}, predicted_trace(plan))
+    path = write_trace(merged, Path(a.trace) / "merged.trace.json")
+    print(f"measured and predicted timelines written to {path} (open it in ui.perfetto.dev)")
+    for rank, t in step_times(merged).items():
+        print(f"  rank {rank}: " + ", ".join(f"{k.removesuffix('_ms')} {v:.2f} ms" for k, v in t.items()))
 
 
 def _generate(a) -> int:

@@ -484,6 +484,11 @@ def _worker(job_path: str) -> None:
             t0 = time.perf_counter()
             program(*args, **kwargs)
             seconds = time.perf_counter() - t0
+            if job.get("trace_dir"):  # one more step, profiled: this rank's measured timeline
+                from .profile import profile_step
+
+                profile_step(lambda: program(*args, **kwargs), Path(job["trace_dir"]) / f"rank{rank}.json",
+                             rank=rank, warmup=0)
             held = sum(t.numel() * t.element_size() for t in program.state_dict().values())
             result["output"] = plain(out, "the model's outputs")  # a ModelOutput becomes a dict of its fields
     reports = [None] * dist.get_world_size()

@@ -90,6 +90,7 @@ def verify(
     tokens: int = 16,
     bytes: bool = False,
     timeout: float | None = None,
+    trace_dir: str | None = None,
 ) -> VerifyReport:
     """Plan, run every rank, and compare with the unsharded model.
 
@@ -98,14 +99,16 @@ def verify(
     compares the collective bytes each layer executed with the plan's prediction. Ranks are simulated
     in this process, or, with `nproc`, real torch.distributed worker processes on loopback
     (`model` must then be a preset name, so each worker can rebuild it on the meta device); `timeout`
-    (seconds, drivers.launch.DEFAULT_TIMEOUT when None) bounds how long a real rank waits for the others.
+    (seconds, drivers.launch.DEFAULT_TIMEOUT when None) bounds how long a real rank waits for the others;
+    `trace_dir`: with `nproc`, each rank profiles one more prefill step into `trace_dir/rank{r}.json`.
     """
     mesh = Mesh.parse(mesh)
     phase = Phase.parse(phase, "phase")
     _check_request(model, atol=atol, tokens=tokens, nproc=nproc)
     if nproc is not None:
         return _verify_real(model, args, kwargs, mesh=mesh, layouts=layouts, atol=atol, batch=batch, seq=seq,
-                            nproc=nproc, phase=phase, tokens=tokens, record=bytes, timeout=timeout)
+                            nproc=nproc, phase=phase, tokens=tokens, record=bytes, timeout=timeout,
+                            trace_dir=trace_dir)
     model, args, kwargs, name = model_and_inputs(model, args, kwargs, batch, seq)
     p = plan(model, args, kwargs, mesh=mesh, layouts=layouts)
     trace = Trace()
@@ -149,7 +152,7 @@ def model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in unique.values())
 
 
-def _verify_real(model, args, kwargs, *, mesh: Mesh, layouts, atol, batch, seq, nproc, phase, tokens,
+def _verify_real(model, args, kwargs, *, mesh: Mesh, layouts, atol, batch, seq, nproc, phase, tokens, trace_dir,
                  record, timeout) -> VerifyReport:
     if not isinstance(model, str):
         raise ShardwiseError("verify(..., nproc=N) launches fresh processes: pass a preset name as the model")
@@ -160,7 +163,8 @@ def _verify_real(model, args, kwargs, *, mesh: Mesh, layouts, atol, batch, seq, 
     p = plan(model, args, kwargs, mesh=mesh, layouts=layouts)
     state = p.program.state
     run = run_real(model=name, mesh=str(mesh), layouts=layouts, args=args, kwargs=kwargs, state=state, nproc=nproc,
-                   phase=phase, timeout=timeout, extra={"tokens": tokens, "record": record})
+                   phase=phase, timeout=timeout, extra={"tokens": tokens, "record": record,
+                                                                   "trace_dir": trace_dir})
     report = VerifyReport(model=name, mesh=str(mesh), layouts=p.settings.requested, max_abs_diff=None, atol=atol,
                           ranks=run.backend, param_bytes_per_rank=run.param_bytes, param_bytes_total=model_bytes(model),
                           replicated=p.memory.replicated, phase=phase, bytes_rows=run.bytes_rows)

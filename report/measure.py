@@ -21,44 +21,11 @@ so the two read side by side lane by lane.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+from ..drivers.profile import STEP, profile_step  # noqa: F401  (part of this module's face)
 from ..errors import ShardwiseError
 from .trace import PREDICTED_TID, check_trace, lanes
-
-STEP = "shardwise step"  # the name of each profiled step's slice (torch.profiler.record_function)
-
-
-def profile_step(step: Callable[[], Any], path: str | Path, *, rank: int, steps: int = 1, warmup: int = 1) -> Path:
-    """Run `step()` `warmup` times, then `steps` times under torch.profiler (CPU, and CUDA when there is a
-    GPU), each call a slice named "shardwise step i"; export this rank's Chrome trace to `path`."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    for name, v in (("steps", steps), ("warmup", warmup), ("rank", rank)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < (1 if name == "steps" else 0):
-            raise ShardwiseError(f"{name}={v!r}: expected a whole number ≥ {1 if name == 'steps' else 0}")
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise ShardwiseError(f"cannot write the trace of rank {rank} to {str(path)!r}: its folder does not exist; "
-                             f"create it first, or choose another path")
-    cuda = torch.cuda.is_available()
-    with torch.no_grad():
-        for _ in range(warmup):
-            step()
-        if cuda:
-            torch.cuda.synchronize()
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=activities) as prof:
-            for i in range(steps):
-                with record_function(f"{STEP} {i}"):
-                    step()
-                if cuda:
-                    torch.cuda.synchronize()
-    prof.export_chrome_trace(str(path))
-    return path
 
 
 def load_trace(source: str | Path | dict) -> dict:

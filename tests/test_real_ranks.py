@@ -15,14 +15,27 @@ from shardwise.runtime.distributed import free_port
 HERE = Path(__file__).parent
 
 
-def test_verify_llama_tiny_on_4_gloo_ranks():
-    """Issue 2 acceptance: real ranks, each capturing on meta and reading only its shards, match the model."""
-    report = shardwise.verify("llama-tiny", mesh="1x1x4", nproc=4)
+def test_verify_llama_tiny_on_4_gloo_ranks(tmp_path):
+    """Issue 2 acceptance: real ranks, each capturing on meta and reading only its shards, match the model.
+    Each rank also profiles a step: its measured lane sits beside its predicted lane in one Perfetto trace."""
+    report = shardwise.verify("llama-tiny", mesh="1x1x4", nproc=4, trace_dir=str(tmp_path))
     assert report.ranks == "gloo"
     assert report.max_abs_diff <= 1e-5, report
     # each rank holds a quarter of the weights plus the KV projections replicated ×2
     assert all(b == report.param_bytes_per_rank[0] for b in report.param_bytes_per_rank)
     assert report.param_bytes_per_rank[0] < 0.27 * report.param_bytes_total
+    from shardwise.models import build_model, example_inputs
+    from shardwise.report.measure import merge_traces, step_times
+    from shardwise.report.trace import check_trace, predicted_trace
+
+    model = build_model("llama-tiny")
+    args, kwargs = example_inputs(model, 8, 16)
+    plan = shardwise.plan(model, args, kwargs, mesh="1x1x4")
+    merged = merge_traces({r: tmp_path / f"rank{r}.json" for r in range(4)}, predicted_trace(plan))
+    check_trace(merged)
+    times = step_times(merged)
+    assert sorted(times) == [0, 1, 2, 3]
+    assert all(t["predicted_ms"] > 0 and t["measured_ms"] > 0 for t in times.values()), times
 
 
 def test_torch_compile_backend_under_torchrun():
