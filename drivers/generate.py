@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..errors import ShardwiseError
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..ir.meta import IN_LAYOUTS, LAYOUT, SIGNATURE, STATE
@@ -59,6 +60,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, 
     WeightSource such as SafetensorsSource), on the device of `input_ids`. `record=True` records
     every collective each phase executes (Generation.traces)."""
     mesh = Mesh.parse(mesh)
+    _check_call(model, input_ids, max_new_tokens, weights)
     B, P = input_ids.shape
     S = P + max_new_tokens
     step = Step(model, last_only=True).eval()
@@ -93,6 +95,23 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, 
     if not details:
         return tokens
     return Generation(tokens, prefill, decode, bridge.records, runner.traces)
+
+
+def _check_call(model, input_ids, max_new_tokens: int, weights) -> None:
+    """What generation needs: a model with weights (or a source of them), [batch, prompt] integer ids, and a
+    whole number of new tokens."""
+    if not isinstance(model, nn.Module):
+        raise ShardwiseError(f"generate(model, ...): expected a torch.nn.Module, got {type(model).__name__}")
+    if weights is None and any(p.device.type == "meta" for p in model.parameters()):
+        raise ShardwiseError("the model is on the meta device (shapes only, no weights): give its weights, "
+                             "e.g. weights=SafetensorsSource('model.safetensors'), or build it with weights")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point() \
+            or input_ids.numel() == 0:
+        found = (f"{input_ids.dtype} {list(input_ids.shape)}" if isinstance(input_ids, torch.Tensor)
+                 else type(input_ids).__name__)
+        raise ShardwiseError(f"input_ids: expected a non-empty [batch, prompt] tensor of token ids, got {found}")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ShardwiseError(f"max_new_tokens={max_new_tokens!r}: expected a whole number ≥ 1")
 
 
 def _next_token(outs: list[list[Any]]) -> torch.Tensor:

@@ -15,12 +15,13 @@ Plain, typed data with a versioned JSON round trip (no pickle, no code evaluated
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, NamedTuple
 
 from ..errors import ShardwiseError
 from .collective import Kind, format_bytes
-from .kinds import LayerKind, Objective, Phase
+from .kinds import AttentionMode, LayerKind, Objective, Phase
 from .mesh import Mesh
 from .plan_schema import load
 
@@ -71,6 +72,10 @@ class LayerPlan:
     def __post_init__(self) -> None:
         self.kind = LayerKind.parse(self.kind, "layer kind")
         _non_negative(self, "count")
+        for name, size in self.dims.items():
+            if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+                raise ShardwiseError(f"layer {self.name}: dim {name} = {size!r}: expected a whole number ≥ 1")
+        _check_choice(self.kind, self.choice, f"layer {self.name}")
 
     @property
     def comm_bytes(self) -> int:
@@ -89,8 +94,12 @@ class BlockRun:
 
     def __post_init__(self) -> None:
         _non_negative(self, "first", "last")
-        for check in _NAME_CHECKS:
-            check(self.member)
+        if self.last < self.first:
+            raise ShardwiseError(f"blocks {self.first}..{self.last}: the last block comes before the first")
+        if self.attention not in _CORE_SPLITS:
+            raise ShardwiseError(f"blocks {self.first}..{self.last}: attention split {self.attention!r}: expected one "
+                                 f"of {', '.join(repr(a) for a in _CORE_SPLITS)}")
+        _check_choice(LayerKind.FFN, self.member, f"blocks {self.first}..{self.last}")
 
     @property
     def count(self) -> int:
@@ -156,6 +165,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         self.objective = Objective.parse(self.objective, "objective")
+        for kind, choice in self.requested.items():
+            _check_choice(LayerKind.parse(kind, "layer kind"), choice, "the requested layouts")
 
 
 @dataclass
@@ -186,6 +197,14 @@ class Plan:
     def __post_init__(self) -> None:
         self.phase = Phase.parse(self.phase, "phase")
         _non_negative(self, "batch", "seq")
+        for layer in self.layers:
+            for c in layer.collectives:
+                axes = set(re.sub(r"[^a-z]", "", c.group)) | set(c.axes)
+                idle = sorted(a for a in axes if a not in "xyz" or self.mesh.shape["xyz".index(a)] == 1)
+                if idle:
+                    raise ShardwiseError(f"layer {layer.name}: a {c.kind} over {c.group!r} (axes {c.axes}) uses "
+                                         f"{', '.join(idle)}, which {'is' if len(idle) == 1 else 'are'} no axis larger "
+                                         f"than 1 of mesh {self.mesh}: the collectives do not belong to this mesh")
 
     # ------------------------------------------------------------------------------------ the choice
     @property
@@ -306,6 +325,21 @@ def check_member_names_with(check: Callable[[str], None]) -> None:
     import it); `check` raises a ShardwiseError for a name that is not a member of the family."""
     if check not in _NAME_CHECKS:
         _NAME_CHECKS.append(check)
+
+
+_CORE_SPLITS = ("", "heads", "batch", "heads+batch", "replicated")
+_TABLE_SPLITS = ("auto", "E", "vocab")
+
+
+def _check_choice(kind: LayerKind, choice: str, where: str) -> None:
+    """A layer's layout name must be one its kind has (family members are checked by the family)."""
+    if kind == LayerKind.FFN:
+        for check in _NAME_CHECKS:
+            check(choice)
+    elif kind == LayerKind.ATTENTION:
+        AttentionMode.parse(choice, f"attention layout of {where}")
+    elif kind in (LayerKind.EMBEDDING, LayerKind.HEAD) and choice not in _TABLE_SPLITS:
+        raise ShardwiseError(f"{where}: {kind} layout {choice!r}: expected one of {', '.join(_TABLE_SPLITS)}")
 
 
 def _non_negative(obj, *names: str) -> None:

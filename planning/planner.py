@@ -34,6 +34,7 @@ from .search import choose, meshes_for
 
 
 def model_and_inputs(model, args, kwargs, batch: int, seq: int):
+    _check_model(model)
     if isinstance(model, str):
         name = model
         model = presets.build_model(name)
@@ -46,10 +47,19 @@ def model_and_inputs(model, args, kwargs, batch: int, seq: int):
     return model, args, dict(kwargs or {}), type(model).__name__
 
 
+def _check_model(model) -> None:
+    if not isinstance(model, (str, nn.Module)):
+        raise ShardwiseError(f"model={model!r}: expected a torch.nn.Module (with example inputs) or a preset name "
+                             f"({', '.join(presets.PRESETS)})")
+
+
 def _meshes(mesh, chips, objective: Objective, request: dict[str, str], notes: list[str]) -> list[Mesh]:
     """The meshes to search: the one given, or every factorization of `chips` on which a forced
     feed-forward layout stays itself (the others are skipped, and `notes` says so)."""
     forced = parse_ffn(request[LayerKind.FFN]) if LayerKind.FFN in request else None
+    if mesh is not None and chips is not None:
+        raise ShardwiseError(f"mesh={mesh!r} and chips={chips!r}: give one — a mesh to plan on, or a chip count "
+                             f"to search every mesh of")
     if mesh is not None:
         mesh = Mesh.parse(mesh)
         if forced is not None and forced.on(mesh) != request[LayerKind.FFN]:
@@ -118,6 +128,7 @@ def plan(
     if phase == Phase.DECODE and context is None:
         notes.append(f"decode planned for a KV cache of {q.context} positions (no context given: seq = {seq}); "
                      f"pass context=N (--context N) for the length you serve")
+    _check_model(model)
     proto, n_blocks, q.model, build_full = prototype(model, phase, batch, seq, context)
     choice, results = choose(proto, q, n_blocks)
     result = record(proto, choice, results, q, n_blocks)

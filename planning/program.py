@@ -76,8 +76,10 @@ class PlannedCall:
         spec = spec or self.spec
         names = self.names if spec == self.spec else None
         args, kwargs = tree_unflatten([_value(x) for x in leaves], spec)
-        shown = [names[i] + ": " + a if names else a for i, a in enumerate(args)]
-        return "(" + ", ".join(shown + [f"{k}={v}" for k, v in kwargs.items()]) + ")"
+        shown = [_show(a) for a in args]
+        if names and len(names) >= len(shown):
+            shown = [f"{n}: {a}" for n, a in zip(names, shown)]
+        return "(" + ", ".join(shown + [f"{k}={_show(v)}" for k, v in kwargs.items()]) + ")"
 
     def _refuse(self, what: str, leaves: list, spec) -> None:
         raise InputError(
@@ -88,6 +90,17 @@ class PlannedCall:
 
 def _tensor(t: torch.Tensor) -> str:
     return f"{str(t.dtype).removeprefix('torch.')}[{', '.join(map(str, t.shape))}]"
+
+
+def _show(x) -> str:
+    """A described argument: a leaf's text, or a container of them (a list of ids, say), abridged."""
+    if isinstance(x, str):
+        return x
+    if isinstance(x, (list, tuple)):
+        return "[" + ", ".join(_show(i) for i in x[:4]) + (", ..." if len(x) > 4 else "") + "]"
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in list(x.items())[:4]) + "}"
+    return repr(x)
 
 
 def _value(x) -> str:

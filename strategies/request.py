@@ -19,6 +19,9 @@ def parse_layouts(text: str | dict | None) -> dict[str, str]:
     """`"ffn=ws1d,attn=heads"` or a dict → {kind or layer name: layout}. Checks names, not sizes."""
     if text is None:
         return {}
+    if not isinstance(text, (str, dict)):
+        raise LayoutError(f"layouts={text!r}: expected a string such as 'ffn=ws2d,attn=batch' or a dict "
+                          f"{{'ffn': 'ws2d', 'attn': 'batch'}}")
     if isinstance(text, dict):
         items = list(text.items())
     else:
@@ -33,6 +36,8 @@ def parse_layouts(text: str | dict | None) -> dict[str, str]:
             items.append((k, v))
     out = {}
     for k, v in items:
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise LayoutError(f"layouts entry {k!r}: {v!r}: expected a layer kind and a layout name, both strings")
         if k not in KINDS:
             raise LayoutError(
                 f"--layouts names {k!r}: expected a layer kind, one of ffn, attn, embed, head (e.g. 'ffn=ws2d,attn=batch')"
@@ -44,5 +49,7 @@ def parse_layouts(text: str | dict | None) -> dict[str, str]:
             raise LayoutError(f"unknown attention layout {v!r}: use one of {', '.join(ATTENTION_MODES)}")
         elif kind in ("embedding", "head") and v not in EMBED_MODES:
             raise LayoutError(f"unknown {kind} layout {v!r}: use one of {', '.join(EMBED_MODES)}")
+        if kind in out:
+            raise LayoutError(f"layouts names the {kind} layout twice ({out[kind]!r} and {v!r}): give one")
         out[kind] = v
     return out

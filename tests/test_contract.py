@@ -112,10 +112,26 @@ def _tampered(d):
     yield "wrong type", json.dumps({**d, "batch": "eight"}), "batch"
     yield "unknown field", json.dumps({**d, "exec": "import os"}), "exec"
     yield "layer kind", json.dumps({**d, "layers": [dict(d["layers"][0], kind="mlp")]}), "mlp"
+    yield "mesh without the collectives' axes", json.dumps({**d, "mesh": "1x1x1"}), "do not belong to this mesh"
+    ffn = next(i for i, l in enumerate(d["layers"]) if l["kind"] == "ffn")
+    layers = json.loads(json.dumps(d["layers"]))
+    layers[ffn]["choice"] = "ws9"
+    yield "layer layout ws9", json.dumps({**d, "layers": layers}), "ws9"
+    layers = json.loads(json.dumps(d["layers"]))
+    layers[ffn]["dims"]["E"] = -64
+    yield "negative dim", json.dumps({**d, "layers": layers}), "dim E = -64"
+    layers = json.loads(json.dumps(d["layers"]))
+    next(l for l in layers if l["collectives"])["collectives"][0]["group"] = "w"
+    yield "group w", json.dumps({**d, "layers": layers}), "do not belong"
+    yield "runs backwards", json.dumps({**d, "runs": [dict(d["runs"][0], first=1, last=0)]}), "comes before"
+    yield "attention rows", json.dumps({**d, "runs": [dict(d["runs"][0], attention="rows")]}), "'rows'"
+    yield "requested ws9", json.dumps({**d, "settings": dict(d["settings"], requested={"ffn": "ws9"})}), "ws9"
 
 
 @pytest.mark.parametrize("case", ["truncated", "empty", "a list", "no version", "mesh", "mesh type", "layout ws9",
-                                  "kind teleport", "negative bytes", "wrong type", "unknown field", "layer kind"])
+                                  "kind teleport", "negative bytes", "wrong type", "unknown field", "layer kind",
+                                  "mesh without the collectives' axes", "layer layout ws9", "negative dim", "group w",
+                                  "runs backwards", "attention rows", "requested ws9"])
 def test_a_tampered_plan_is_refused(plan_json, case):
     _, text, named = next(t for t in _tampered(plan_json) if t[0] == case)
     with pytest.raises(shardwise.ShardwiseError) as e:
@@ -158,3 +174,31 @@ def test_empty_inputs_are_refused_with_the_right_hint():
     model = RefDecoder(RefConfig()).eval()
     with pytest.raises(shardwise.CaptureError, match="is empty"):
         shardwise.plan(model, (torch.zeros(0, 8, dtype=torch.long),), mesh="1x1x2")
+
+
+@pytest.mark.parametrize("call, named", [
+    (lambda: shardwise.plan("llama-tiny", mesh="1x1x2", layouts=5), "layouts=5"),
+    (lambda: shardwise.plan("llama-tiny", mesh="1x1x2", layouts={"ffn": 3}), "both strings"),
+    (lambda: shardwise.plan("llama-tiny", mesh="1x1x2", layouts="ffn=ws2d,ffn=ws1d"), "twice"),
+    (lambda: shardwise.plan(None, mesh="1x1x2"), "model=None"),
+    (lambda: shardwise.plan(42, (torch.zeros(1),), mesh="1x1x2"), "model=42"),
+    (lambda: shardwise.plan("llama-tiny", mesh="1x1x2", chips=8), "give one"),
+])
+def test_bad_api_arguments_are_clear_errors(call, named):
+    with pytest.raises(shardwise.ShardwiseError, match=named):
+        call()
+
+
+def test_ids_as_a_list_are_refused_with_the_call_described(llama_plan):
+    model, args, kwargs, plan = llama_plan
+    with pytest.raises(InputError, match=r"called with \(\[\["):
+        shardwise.simulate(plan, (args[0].tolist(),), kwargs)
+
+
+def test_generate_refuses_what_it_cannot_run(tiny):
+    model = tiny("llama-tiny")
+    (ids,), _ = example_inputs(model, 2, 4)
+    with pytest.raises(shardwise.ShardwiseError, match="max_new_tokens=-1"):
+        shardwise.generate(model, ids, -1, mesh="1x1x2", simulate=True)
+    with pytest.raises(shardwise.ShardwiseError, match="meta device"):
+        shardwise.generate(shardwise.models.build_model("palm-8b"), ids, 2, mesh="1x1x2", simulate=True)
