@@ -16,6 +16,7 @@ configuration its latency figures describe.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -133,7 +134,7 @@ def example_inputs(model: nn.Module, batch: int, seq: int, *, seed: int = 0) -> 
     """(args, kwargs) for one prefill step of a preset model: random token ids [batch, seq]."""
     check_shape(model, batch=batch, seq=seq)
     device = next(model.parameters()).device
-    vocab = model.cfg.vocab if isinstance(model, RefDecoder) else model.config.vocab_size
+    vocab = vocab_size(model)
     if device.type == "meta":
         ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
     else:
@@ -141,6 +142,15 @@ def example_inputs(model: nn.Module, batch: int, seq: int, *, seed: int = 0) -> 
         ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
     kwargs = {} if isinstance(model, RefDecoder) else {"use_cache": False}
     return (ids,), kwargs
+
+
+def vocab_size(model: nn.Module) -> int:
+    """The number of token ids the model embeds (an HF model's input table: its config may name it in a
+    sub-configuration, as multimodal ones do)."""
+    if isinstance(model, RefDecoder):
+        return model.cfg.vocab
+    table = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return table.num_embeddings if isinstance(table, nn.Embedding) else model.config.vocab_size
 
 
 def max_positions(model: nn.Module) -> int | None:
@@ -170,3 +180,163 @@ def with_layers(p: Preset, layers: int) -> Preset:
     cfg = dict(p.config)
     cfg[_LAYERS_KEY[p.family]] = layers
     return replace(p, config=cfg)
+
+
+# ------------------------------------------------------------------------------------ any HF architecture
+@dataclass(frozen=True)
+class Small:
+    """The sizes a Hugging Face configuration is shrunk to (`tiny_hf_config`).
+
+    4 query heads divide a mesh of 4 chips; 2 KV heads (where the family has grouped KV heads) do not,
+    so those are split as far as they go and replicated over the rest. The intermediate size is 4 × E,
+    so attention, feed-forward and the tables keep the proportions of a real model.
+    """
+
+    layers: int = 2
+    hidden: int = 64
+    heads: int = 4
+    kv_heads: int = 2
+    ffn: int = 256
+    expert_ffn: int = 64
+    vocab: int = 256
+    positions: int = 128
+    experts: int = 4
+    experts_per_token: int = 2
+    rank: int = 32  # low-rank projections (MLA's q/kv LoRA ranks)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+# what each size is called across families (config attribute names, sub-configurations included)
+_HF_NAMES = {
+    "layers": {"num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers", "encoder_layers"},
+    "hidden": {"hidden_size", "n_embd", "d_model", "emb_dim", "embed_dim", "n_embed", "model_dim", "dim",
+               "word_embed_proj_dim", "embedding_size"},
+    "heads": {"num_attention_heads", "n_head", "n_heads", "num_heads", "attention_heads", "decoder_attention_heads",
+              "encoder_attention_heads", "swa_num_attention_heads"},
+    "kv_heads": {"num_key_value_heads", "num_kv_heads", "n_kv_heads", "kv_n_heads", "multi_query_group_num",
+                 "swa_num_key_value_heads"},
+    "vocab": {"vocab_size", "n_words"},
+    "positions": {"max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"},
+    "experts": {"num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"},
+    "experts_per_token": {"num_experts_per_tok", "moe_k", "moe_topk", "moe_top_k", "num_experts_per_token"},
+    "rank": {"q_lora_rank", "kv_lora_rank", "o_lora_rank"},
+}
+_LAYER_LISTS = ("layer_types", "layers_block_type", "block_types")
+# constraints of a family's configuration the generic shrinking cannot see (checked by its validator)
+_HF_QUIRKS: dict[str, dict[str, Any]] = {
+    "mamba2": {"num_heads": 8},  # its SSM heads: hidden · expand = heads · head_dim
+    "zaya": {"num_experts_per_tok": 1},  # routes every token to one expert only
+    "gemma3n_text": {"num_kv_shared_layers": 0},  # 2 layers leave none to share another's cache
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},  # its default leaves them unset
+}
+
+
+def tiny_hf_config(arch: str, small: Small | None = None, **overrides):
+    """The default configuration of Hugging Face architecture `arch` (a key of the installed
+    transformers' auto mappings, e.g. "llama", "falcon"), shrunk to `small`'s sizes.
+
+    The shrinking is generic: every attribute (in sub-configurations too) whose name is one of the
+    spellings of a size (`_HF_NAMES`) takes the small value; every intermediate size (a name with
+    "intermediate", "ffn" or "inner") the small feed-forward width; every head dimension (rotary and
+    value parts included) is scaled so the head dim becomes E / heads, keeping their ratios; sizes
+    given per layer keep the first layer's, per-layer tables keep the first layers' entries, and lists
+    of per-layer types keep one layer of each kind, in order; a head dim or KV head count the default
+    leaves unset (None) is set; special token ids outside the small vocabulary move inside it. `overrides`
+    are set last, as given (e.g. `multi_query=False` for Falcon).
+    """
+    from transformers import AutoConfig
+
+    small = small or Small()
+    default = AutoConfig.for_model(arch)
+    kwargs = _shrink(default.to_dict(), small, _had_gqa(default.to_dict()))
+    kwargs["is_decoder"] = True  # a causal-LM head on an encoder family (BERT, RoBERTa) attends causally only so
+    kwargs.update(_HF_QUIRKS.get(arch, {}))
+    kwargs.update(overrides)
+    return AutoConfig.for_model(arch, **kwargs)
+
+
+def _had_gqa(cfg: dict) -> bool | None:
+    """Whether the default configuration has fewer KV heads than query heads (None: it names no KV heads)."""
+    heads = next((cfg[k] for k in _HF_NAMES["heads"] if isinstance(cfg.get(k), int)), None)
+    kv = next((cfg[k] for k in _HF_NAMES["kv_heads"] if isinstance(cfg.get(k), int)), None)
+    return None if kv is None or heads is None else kv < heads
+
+
+def _shrink(cfg: dict, small: Small, gqa: bool | None) -> dict:
+    """The attributes of one (sub-)configuration that change, by the rules of `tiny_hf_config`."""
+    out: dict[str, Any] = {}
+    # head dims keep their ratios (MLA: rope, no-rope and value parts), scaled by a power of two so sums stay sums
+    per_head = 2.0 ** round(math.log2(small.head_dim / _head_dim(cfg)))
+    n_layers = next((cfg[k] for k in _HF_NAMES["layers"] if isinstance(cfg.get(k), int)), None)
+    for key, value in cfg.items():
+        if isinstance(value, dict) and value and all(str(k).isdigit() for k in value):  # per layer index
+            out[key] = {k: v for k, v in value.items() if int(k) < small.layers}
+        elif isinstance(value, dict) and key.endswith("config"):
+            out[key] = {**value, **_shrink(value, small, _had_gqa(value) if gqa is None else gqa)}
+        elif key in _LAYER_LISTS and isinstance(value, list) and value:
+            kinds = list(dict.fromkeys(value))  # one layer of each kind, in order
+            out[key] = (kinds * small.layers)[:small.layers]
+        elif isinstance(value, list) and value and len(value) == n_layers:  # a value per layer: the first ones
+            first = [_shrunk_size(key, v, small, gqa, per_head) if isinstance(v, int) else None for v in value]
+            out[key] = [v if f is None else f for v, f in zip(value, first)][:small.layers]
+        elif value is None or (isinstance(value, int) and not isinstance(value, bool)):
+            new = _shrunk_size(key, value, small, gqa, per_head)
+            if new is not None:
+                out[key] = new
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if isinstance(cfg.get(key), list):
+            out[key] = [t for t in cfg[key] if t < small.vocab] or None
+    return out
+
+
+def _head_dim(cfg: dict) -> float:
+    """The default head dim: `head_dim` if set, else hidden / heads."""
+    if isinstance(cfg.get("head_dim"), int) and cfg["head_dim"] > 0:
+        return cfg["head_dim"]
+    hidden = next((cfg[k] for k in _HF_NAMES["hidden"] if isinstance(cfg.get(k), int)), None)
+    heads = next((cfg[k] for k in _HF_NAMES["heads"] if isinstance(cfg.get(k), int)), None)
+    return hidden / heads if hidden and heads else Small().head_dim
+
+
+def _shrunk_size(key: str, value: int | None, small: Small, gqa: bool | None, per_head: float) -> int | None:
+    """The small value of one integer attribute (None: keep it). An unset (None) size the model would
+    divide by gets the small value too; other unset attributes stay unset."""
+    size = next((s for s, names in _HF_NAMES.items() if key in names), None)
+    if size == "kv_heads":
+        return small.heads if value is None else 1 if value == 1 else small.kv_heads if gqa else small.heads
+    if size is None and key.endswith("embedding_size") and value is not None:  # RemBERT's input/output widths
+        size = "hidden"
+    if size is not None:
+        return getattr(small, size) if value is not None or size in ("experts", "experts_per_token") else None
+    if key.endswith("head_dim") or key in ("kv_channels", "dim_head", "rotary_dim"):
+        if value is None:
+            return small.head_dim if key == "head_dim" else None
+        return max(2, round(value * per_head))
+    if value is None:
+        return None
+    if ("intermediate" in key or "ffn" in key or key in ("n_inner", "d_ff", "dim_ff", "dff")) and value > 1:
+        return small.expert_ffn if ("moe" in key or "expert" in key) else small.ffn
+    if key in ("n_group", "topk_group", "num_expert_group"):
+        return 1
+    if key == "first_k_dense_replace":
+        return min(value, 1)
+    if key.endswith(("_token_id", "_token_index")) and value >= small.vocab:
+        return small.vocab - 1
+    return None
+
+
+def build_hf(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, small: Small | None = None,
+             **overrides) -> nn.Module:
+    """A Hugging Face causal LM of architecture `arch` with `tiny_hf_config`'s sizes and random weights
+    from `seed` (no weights are downloaded), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_hf_config(arch, small, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    if hasattr(model, "set_default_language") and getattr(config, "languages", None):
+        model.set_default_language(config.languages[0])  # X-MOD's adapters are per language: pick one
+    return model.to(dtype).eval()

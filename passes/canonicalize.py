@@ -5,9 +5,21 @@
 - decomposes `layer_norm` / `rms_norm` into mean, rsqrt and pointwise ops, so a norm over a split E
   costs a tiny all-reduce of the statistics rather than a gather of the activations (emit fuses it
   back where E turns out whole: `sw_fused_norm` on the decomposition's last node);
+- drops casts to a tensor's own dtype, and writes every matmul with a weight operand in the matmul
+  table's forms (graph_utils.MATMULS): `x @ W.T` (Falcon's `input @ self.weight.T`: `numpy_T`, `t`,
+  `transpose` or `permute`, then `matmul`) becomes `linear(x, W)`, `x @ W` becomes `mm` on the rows,
+  `addmm(b, x, W.T)` becomes `linear(x, W, b)`: every projection, however written, is the same
+  canonical op on its weight placeholder;
+- writes attention spelled out with matmuls (softmax(scale·q·kᵀ + mask)·v, the `eager` implementations,
+  ALiBi and masked_fill included) as `scaled_dot_product_attention(q, k, v, attn_mask, scale)`: the
+  same numbers up to the order of float sums; soft-capped scores (tanh) cannot be, and stay as written;
 - unfuses projections whose output is immediately split along features (GPT-2's `c_attn` computes
-  q, k and v with one [E, 3E] matmul): each piece becomes its own matmul on a slice of the weight, so
-  q, k and v can each be split over heads.
+  q, k and v with one [E, 3E] matmul; Falcon's multiquery one is viewed as [.., H + 2, D] and sliced
+  by heads): each piece becomes its own matmul on a slice of the weight, so q, k and v can each be
+  split over heads; pieces interleaved per head ([.., H, 3, D]) stay fused, split by heads whole;
+- refuses a call that leaves part of the model's parameters unread (cross-attention over an encoder's
+  states, a vision or audio tower): that model takes inputs a decoder-only step does not give.
+Regions export wraps for `torch.no_grad()` are inlined first (they are plain ops at inference).
 Reads `val`, writes new placeholders into `sw_signature` (derived weights) and `sw_state`.
 """
 
@@ -19,8 +31,21 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from ..errors import ShardwiseError
 from ..ir.meta import FUSED_NORM, SIGNATURE, STATE
-from .graph_utils import PROJECTIONS, copy_meta, fake_mode_of, fake_run, shape, signature
+from .graph_utils import (
+    PROJECTIONS,
+    VIEWS,
+    WEIGHT_MATMULS,
+    ExplicitAttention,
+    copy_meta,
+    explicit_attention,
+    fake_mode_of,
+    fake_run,
+    shape,
+    signature,
+    transposed_2d,
+)
 from .pipeline import graph_pass
 
 aten = torch.ops.aten
@@ -36,21 +61,32 @@ class FusedNorm:
 
 
 _ASSERTS = {aten._assert_tensor_metadata.default}
-_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+UNREAD_LIMIT = 0.05  # of the parameter bytes: more than this left unread by the call is refused (a pooler is less)
 
 
 @graph_pass(needs=(SIGNATURE, STATE))
 def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     mode = fake_mode_of(gm)
+    _inline_grad_regions(gm)
+    _refuse_data_dependent_shapes(gm)
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _ASSERTS and not node.users:
             gm.graph.erase_node(node)
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in (aten.layer_norm.default, aten.rms_norm.default):
             _decompose_norm(gm, node, mode)
+    _skip_noop_casts(gm)
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in WEIGHT_MATMULS:
+            _linearize(gm, node, mode)
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and (att := explicit_attention(node)) is not None and att.affine:
+            _to_sdpa(gm, att, mode)
+    gm.graph.eliminate_dead_code()
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in PROJECTIONS:
             _unfuse(gm, node, mode)
+    _fold_views(gm)
     gm.graph.eliminate_dead_code()
     _drop_unused_weights(gm)
     gm.graph.lint()
@@ -58,13 +94,281 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _drop_unused_weights(gm: fx.GraphModule) -> None:
-    """A weight no op reads (the alias of a tied weight) is neither planned nor emitted."""
-    sig = signature(gm)
+def _inline_grad_regions(gm: fx.GraphModule) -> None:
+    """Regions run under `torch.no_grad()` (export wraps them in `wrap_with_set_grad_enabled` with a
+    subgraph; a router's bookkeeping, a recurrence's early cycles) are plain ops at inference: their
+    subgraph's nodes take their place, so every pass and rule sees the ops themselves."""
     for node in list(gm.graph.nodes):
-        if node.op == "placeholder" and node.name in sig.params and not node.users:
+        if node.op != "call_function" or getattr(node.target, "__name__", "") != "wrap_with_set_grad_enabled":
+            continue
+        holder = node.args[1]
+        sub = getattr(gm, holder.target)
+        env = dict(zip([n for n in sub.graph.nodes if n.op == "placeholder"], node.args[2:]))
+        outputs = None
+        with gm.graph.inserting_before(node):
+            for n in sub.graph.nodes:
+                if n.op == "call_function":
+                    env[n] = gm.graph.node_copy(n, env.__getitem__)
+                elif n.op == "output":
+                    outputs = fx.node.map_arg(n.args[0], env.__getitem__)
+        for user in list(node.users):
+            user.replace_all_uses_with(outputs[user.args[1]])
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
+        if not holder.users:
+            gm.graph.erase_node(holder)
+            delattr(gm, holder.target)
+
+
+def _refuse_data_dependent_shapes(gm: fx.GraphModule) -> None:
+    """A tensor whose shape depends on the values computed (tokens split per expert by a router's choice,
+    JetMoE; tokens picked per language, X-MOD) cannot be planned: layouts and collectives are chosen for
+    shapes known before the run."""
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and not all(_static(d) for d in val.shape):
+            where = next((p for p in reversed([v[0] for v in (node.meta.get("nn_module_stack") or {}).values()]) if p),
+                         "the model")
+            raise ShardwiseError(
+                f"{signature(gm).model} computes shapes from values: {node.name} in {where} has shape "
+                f"{tuple(val.shape)}, which depends on the values computed (tokens picked by a computed index: a "
+                f"router's choice of experts, a per-language adapter's selection): shardwise plans layouts and "
+                f"collectives for shapes known before the run. Select with fixed-size groups (padded expert "
+                f"capacity, a grouped matmul over all tokens, masks instead of indices) to shard this model")
+
+
+def _static(d) -> bool:
+    """Whether a size is known before the run: an int, or a symbol whose range pins it to one value
+    (MPT's `1 - max(0, -pos - 7)` is 1 for every position)."""
+    if isinstance(d, int):
+        return True
+    node = getattr(d, "node", None)
+    if node is None or getattr(node, "shape_env", None) is None:
+        return False
+    bounds = node.shape_env.bound_sympy(node.expr)
+    return bounds.lower == bounds.upper
+
+
+def _drop_unused_weights(gm: fx.GraphModule) -> None:
+    """A weight no op reads (the alias of a tied weight) is neither planned nor emitted.
+
+    Parameters the call leaves unread that are no alias of a read one, more than UNREAD_LIMIT of the
+    parameter bytes, are refused: they serve inputs this call does not give (an encoder's states for
+    cross-attention, images or audio for a vision or audio tower), which a decoder-only step never will.
+    """
+    sig = signature(gm)
+    state = gm.meta[STATE]
+    params = [n for n in gm.graph.nodes if n.op == "placeholder" and n.name in sig.params]
+    read = {_storage(state[sig.params[n.name]]) for n in params if n.users}
+    unread = [sig.params[n.name] for n in params if not n.users and sig.params[n.name] not in sig.buffers
+              and _storage(state[sig.params[n.name]]) not in read]
+    total = sum(_nbytes(state[sig.params[n.name]]) for n in params if sig.params[n.name] not in sig.buffers)
+    lost = sum(_nbytes(state[k]) for k in unread)
+    if total and lost > UNREAD_LIMIT * total:
+        modules = sorted({k.rsplit(".", 1)[0] for k in unread})
+        shown = ", ".join(modules[:4]) + (f" and {len(modules) - 4} more" if len(modules) > 4 else "")
+        raise ShardwiseError(
+            f"{sig.model} is not a decoder-only model: the captured call reads none of {len(unread)} parameters "
+            f"({lost / total:.0%} of the parameter bytes), in {shown}; they take inputs this call does not give (an "
+            f"encoder's states for cross-attention, images or audio for an encoder tower). shardwise shards "
+            f"decoder-only attention transformers called on token ids: shard the decoder alone (a model whose "
+            f"every parameter the call reads), or call it with every input it needs")
+    for node in params:
+        if not node.users:
             del sig.params[node.name]
             gm.graph.erase_node(node)
+
+
+def _storage(t: torch.Tensor) -> int:
+    """Identity of a tensor's storage: tied weights share one (on the meta device too)."""
+    return t.untyped_storage()._cdata
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+# ------------------------------------------------------------------------------------ matmuls with a weight
+_NOOPS = {aten.to.dtype, aten.to.dtype_layout, aten.alias.default, aten.detach.default}  # return their input as is
+_COPIES = {aten._to_copy.default, aten.clone.default, aten.contiguous.default}  # a contiguous copy: only of weights
+
+
+def _skip_noop_casts(gm: fx.GraphModule) -> None:
+    """A cast to a tensor's own dtype and device, or a copy, is the tensor itself: a weight read through
+    one (a router's `self.weight.to(x.dtype)`) is read directly, so the op reading it is seen to read a
+    weight; a KV cache returned through one (GPT-Neo's `key.to(float32)` after the update) is returned
+    as updated, so the step's output is the cache it carries."""
+    params = signature(gm).params
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not node.args:
+            continue
+        src, val = node.args[0], node.meta.get("val")
+        if node.target not in _NOOPS and not (node.target in _COPIES and isinstance(src, fx.Node) and src.name in params):
+            continue
+        if isinstance(src, fx.Node) and isinstance(val, torch.Tensor) and isinstance(src.meta.get("val"), torch.Tensor) \
+                and src.meta["val"].dtype == val.dtype and src.meta["val"].device == val.device \
+                and tuple(src.meta["val"].shape) == tuple(val.shape) and not node.kwargs.get("memory_format"):
+            node.replace_all_uses_with(src)
+
+
+def _linearize(gm: fx.GraphModule, mm: fx.Node, mode) -> None:
+    """`x @ W.T` → linear(x, W); `x @ W` → mm on the rows of x; `addmm(b, x, W.T)` → linear(x, W, b)."""
+    params = signature(gm).params
+
+    def weight(n) -> bool:
+        return isinstance(n, fx.Node) and n.name in params and n.meta["val"].ndim == 2
+
+    g = gm.graph
+    if mm.target is aten.addmm.default:
+        bias, x, w = mm.args[:3]
+        W = transposed_2d(w)
+        if not weight(W) or mm.kwargs.get("beta", 1) != 1 or mm.kwargs.get("alpha", 1) != 1 or \
+                not isinstance(bias, fx.Node) or bias.meta["val"].ndim != 1:
+            return
+        new = [(aten.linear.default, (x, W, bias))]
+    else:
+        x, w = mm.args[:2]
+        W = transposed_2d(w)
+        if weight(W):
+            new = [(aten.linear.default, (x, W))]
+        elif mm.target is aten.matmul.default and weight(w) and x.meta["val"].ndim >= 2:
+            rows = [-1, shape(w)[0]]
+            new = [(aten.mm.default, (x, w))] if x.meta["val"].ndim == 2 else \
+                [(aten.reshape.default, (x, rows)), (aten.mm.default, (None, w)), (aten.reshape.default, (None, list(shape(mm))))]
+        else:
+            return
+    with g.inserting_before(mm):
+        prev = None
+        for target, args in new:
+            args = tuple(prev if a is None else a for a in args)
+            prev = g.call_function(target, args)
+            copy_meta(prev, mm)
+            fake_run(prev, mode)
+    mm.replace_all_uses_with(prev)
+    g.erase_node(mm)
+
+
+# ------------------------------------------------------------------------------------ explicit attention
+def _to_sdpa(gm: fx.GraphModule, att: ExplicitAttention, mode) -> None:
+    """Replace softmax(scale·q·kᵀ + Σ terms)·v by scaled_dot_product_attention (see ExplicitAttention)."""
+    heads = _batch_heads(att)
+    if heads is None:
+        return
+    B, H = heads
+    g = gm.graph
+    made: list[fx.Node] = []
+
+    def add(target, args, kwargs=None):
+        n = g.call_function(target, tuple(args), kwargs or {})
+        copy_meta(n, att.softmax)
+        fake_run(n, mode)
+        made.append(n)
+        return n
+
+    dtype = att.q.meta["val"].dtype
+    with g.inserting_before(att.out):
+        q = _as_4d(att.q, B, add)
+        k = _untransposed(att.kt, add)
+        k = _as_4d(k, B, add) if k is not None else None
+        v = _as_4d(att.v, B, add)
+        mask = _mask(att, B, H, dtype, add)
+        if q is None or k is None or v is None or mask is False or shape(q)[1] != H or shape(q)[0] != B:
+            for n in reversed(made):
+                g.erase_node(n)
+            return
+        kv_shape = [B, H, shape(k)[2], shape(k)[3]]
+        if shape(k)[1] != H:  # the matmul broadcast one KV head over the query heads: so does expand
+            k = add(aten.expand.default, (k, kv_shape))
+            v = add(aten.expand.default, (v, [B, H, shape(v)[2], shape(v)[3]]))
+        kwargs = {"scale": att.scale} | ({"attn_mask": mask} if mask is not None else {})
+        out = add(aten.scaled_dot_product_attention.default, (q, k, v), kwargs)
+        if shape(out) != shape(att.out):
+            out = add(aten.reshape.default, (out, list(shape(att.out))))
+    att.out.replace_all_uses_with(out)
+
+
+def _batch_heads(att: ExplicitAttention) -> tuple[int, int] | None:
+    """(B, H) of an explicit attention: from the first 4-D tensor among q, the scores and the output's view."""
+    around = [att.q, att.scores, att.softmax, *att.softmax.all_input_nodes, *att.out.users]
+    for n in around:
+        s = shape(n) if isinstance(n.meta.get("val"), torch.Tensor) else ()
+        if len(s) == 4:
+            return s[0], s[1]
+    return None
+
+
+def _as_4d(x: fx.Node, B: int, add) -> fx.Node | None:
+    """`x` as [B, heads, rows, cols]: itself, the 4-D tensor a [B·heads, rows, cols] view was made from, or a view."""
+    s = shape(x)
+    if len(s) == 4:
+        return x if s[0] == B else None
+    if len(s) != 3 or s[0] % B:
+        return None
+    want = (B, s[0] // B, s[1], s[2])
+    src = x
+    while src.op == "call_function" and src.target in VIEWS:
+        src = src.args[0]
+        if shape(src) == want:
+            return src
+    return add(aten.reshape.default, (x, list(want)))
+
+
+def _untransposed(kt: fx.Node, add) -> fx.Node:
+    """k from the kᵀ the scores read: the tensor a swap of the last two dims was taken of, else that swap."""
+    nd = len(shape(kt))
+    if kt.op == "call_function":
+        if kt.target is aten.transpose.int and sorted(d % nd for d in kt.args[1:3]) == [nd - 2, nd - 1]:
+            return kt.args[0]
+        if kt.target is aten.permute.default and [d % nd for d in kt.args[1]] == list(range(nd - 2)) + [nd - 1, nd - 2]:
+            return kt.args[0]
+    return add(aten.transpose.int, (kt, -2, -1))
+
+
+def _mask(att: ExplicitAttention, B: int, H: int, dtype, add):
+    """The sum of the scores' additive terms as one [B, H, L, S]-broadcastable mask (None: no terms;
+    False: a term that cannot be brought to that shape)."""
+    parts = []
+    for coef, t, space in att.terms:
+        parts.append((coef, t, space))
+    for coef, m, fill, fills_where_true, space in att.masks:
+        fill_at = (fill, 0.0) if fills_where_true else (0.0, fill)
+        t = add(aten.where.Scalar, (m, *fill_at))
+        if t.meta["val"].dtype != dtype:
+            t = add(aten.to.dtype, (t, dtype))
+        parts.append((coef, t, space))
+    mask = None
+    for coef, t, space in parts:
+        if t.meta["val"].dtype != dtype:
+            return False
+        t4 = _term_4d(t, space, B, H, add)
+        if t4 is None:
+            return False
+        if coef != 1:
+            t4 = add(aten.mul.Tensor, (t4, coef))
+        mask = t4 if mask is None else add(aten.add.Tensor, (mask, t4))
+    return mask
+
+
+def _term_4d(t: fx.Node, space: tuple[int, ...], B: int, H: int, add) -> fx.Node | None:
+    """A term added to scores of shape `space` ([B, H, L, S] or [B·H, L, S]), as a 4-D broadcastable tensor."""
+    s = [1] * (len(space) - len(shape(t))) + list(shape(t))
+    if len(space) == 4:
+        return t if len(shape(t)) == 4 else add(aten.reshape.default, (t, s))
+    if len(space) != 3 or s[0] not in (1, B * H):
+        return None
+    return add(aten.reshape.default, (t, [B, H, *s[1:]] if s[0] == B * H else [1, 1, *s[1:]]))
+
+
+def _fold_views(gm: fx.GraphModule) -> None:
+    """A view of a view that gives back the first one's input is that input (left by the rewrites above)."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in VIEWS:
+            src = node.args[0]
+            while isinstance(src, fx.Node) and src.op == "call_function" and src.target in VIEWS:
+                src = src.args[0]
+                if shape(src) == shape(node) and src.meta["val"].dtype == node.meta["val"].dtype:
+                    node.replace_all_uses_with(src)
+                    break
 
 
 # ------------------------------------------------------------------------------------ norms
@@ -117,45 +421,87 @@ def _decompose_norm(gm: fx.GraphModule, node: fx.Node, mode) -> None:
 
 
 # ------------------------------------------------------------------------------------ fused projections
-def _feature_pieces(out: fx.Node, width: int):
-    """If every use of `out` (through feature-preserving views) splits its last dim, the pieces.
+def _feature_pieces(gm: fx.GraphModule, out: fx.Node, width: int):
+    """If every use of `out` takes a contiguous range of its last dim (features), the pieces.
 
-    Returns (view chain, [(start, length, user node to replace)]) or None.
+    The uses are read through views that keep the features (`[B, L, W]` → `[B·L, W]`) and one view
+    that splits them into groups of whole heads (`[.., W]` → `[.., G, D]`, Falcon's multiquery
+    `[.., H + 2, D]`): a `split`, `chunk`, `slice`, `select` or `index` by a constant along the features, or
+    along the groups of such a view (`chunk` as a `split`). Returns [(start, length, user node to replace)]
+    or None.
     """
-    chain = []
     cur = out
     while len(cur.users) == 1:
         (u,) = cur.users
-        if u.target in _VIEWS and shape(u)[-1] == width:
-            chain.append(u)
+        if u.target in VIEWS and shape(u)[-1] == width:
             cur = u
         else:
             break
-    pieces = []
     nd = len(shape(cur))
+    unit = 1  # features per index along the dim the pieces are cut from
+    if len(cur.users) == 1 and (u := next(iter(cur.users))).target in VIEWS:
+        s = shape(u)
+        if len(s) == nd + 1 and s[:nd - 1] == shape(cur)[:-1] and s[-2] * s[-1] == width:
+            cur, nd, unit = u, nd + 1, s[-1]  # [.., G, D]: pieces are whole groups
+    along = nd - 1 if unit == 1 else nd - 2
+    size = width // unit
+    pieces = []
     for u in cur.users:
-        if u.target in (aten.split.Tensor, aten.split_with_sizes.default):
-            dim = (u.args[2] if len(u.args) > 2 else u.kwargs.get("dim", 0)) % nd
-            if dim != nd - 1:
-                return None
-            sizes = u.args[1]
-            sizes = [sizes] * (width // sizes) + ([width % sizes] if width % sizes else []) if isinstance(sizes, int) else list(sizes)
-            starts = [sum(sizes[:i]) for i in range(len(sizes))]
-            for get in u.users:
-                if get.target is not operator.getitem:
-                    return None
-                i = get.args[1]
-                pieces.append((starts[i], sizes[i], get))
-        elif u.target is aten.slice.Tensor:
-            dim = u.args[1] % nd
-            start, end = (u.args[2] if len(u.args) > 2 else 0) or 0, u.args[3] if len(u.args) > 3 else width
-            if dim != nd - 1 or (len(u.args) > 4 and u.args[4] != 1):
-                return None
-            end = min(end, width)
-            pieces.append((start, end - start, u))
-        else:
+        got = _piece(gm, u, along, nd, size)
+        if got is None:
             return None
-    return (chain, pieces) if len(pieces) > 1 else None
+        for start, length, user in got:
+            pieces.append((start * unit, length * unit, user))
+    return pieces if len(pieces) > 1 else None
+
+
+def _piece(gm: fx.GraphModule, u: fx.Node, along: int, nd: int, size: int):
+    """The ranges (start, length, node) one use takes along dim `along` (of `size`), or None."""
+    if u.target in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
+        dim = (u.args[2] if len(u.args) > 2 else u.kwargs.get("dim", 0)) % nd
+        if dim != along:
+            return None
+        sizes = u.args[1] if u.target is not aten.chunk.default else -(-size // u.args[1])  # chunk: ceil(size / n)
+        sizes = [sizes] * (size // sizes) + ([size % sizes] if size % sizes else []) if isinstance(sizes, int) else list(sizes)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        if any(get.target is not operator.getitem for get in u.users):
+            return None
+        return [(starts[get.args[1]], sizes[get.args[1]], get) for get in u.users]
+    if u.target is aten.slice.Tensor:
+        dim = (u.args[1] if len(u.args) > 1 else 0) % nd
+        start = (u.args[2] if len(u.args) > 2 else 0) or 0
+        end = u.args[3] if len(u.args) > 3 and u.args[3] is not None else size
+        if dim != along or (len(u.args) > 4 and u.args[4] != 1):
+            return None
+        start, end = start % size if start < 0 else start, min(end + size if end < 0 else end, size)
+        return [(start, end - start, u)]
+    if u.target is aten.select.int:
+        dim, i = u.args[1] % nd, u.args[2] % size
+        return [(i, 1, u)] if dim == along else None
+    if u.target is aten.index.Tensor:
+        index = list(u.args[1])
+        if len(index) != along + 1 or any(i is not None for i in index[:-1]):
+            return None
+        values = _constant(gm, index[-1])
+        if values is None or values.ndim != 1 or not len(values):
+            return None
+        picks = [int(v) % size for v in values.tolist()]
+        if picks != list(range(picks[0], picks[0] + len(picks))):
+            return None
+        return [(picks[0], len(picks), u)]
+    return None
+
+
+def _constant(gm: fx.GraphModule, n) -> torch.Tensor | None:
+    """The value of a lifted constant tensor (through lift_fresh_copy / clone / detach), else None."""
+    sig = signature(gm)
+    while isinstance(n, fx.Node) and n.op == "call_function" and n.target in (
+            aten.lift_fresh_copy.default, aten.clone.default, aten.detach.default, aten.alias.default):
+        n = n.args[0]
+    if isinstance(n, fx.Node) and n.op == "placeholder" and n.name in sig.params and sig.params[n.name] in sig.buffers:
+        value = gm.meta[STATE][sig.params[n.name]]
+        return None if value.device.type == "meta" else value
+    return None
 
 
 def _unfuse(gm: fx.GraphModule, mm: fx.Node, mode) -> None:
@@ -165,10 +511,9 @@ def _unfuse(gm: fx.GraphModule, mm: fx.Node, mode) -> None:
     if not (isinstance(w, fx.Node) and w.name in sig.params and len(w.users) == 1):
         return
     width = shape(mm)[-1]
-    found = _feature_pieces(mm, width)
-    if found is None:
+    pieces = _feature_pieces(gm, mm, width)
+    if pieces is None:
         return
-    chain, pieces = found
     bias = mm.args[m.bias] if m.bias is not None and m.bias < len(mm.args) else None
     g = gm.graph
     feat_dim = 0 if m.rows_out else 1
@@ -188,13 +533,11 @@ def _unfuse(gm: fx.GraphModule, mm: fx.Node, mode) -> None:
             piece = g.call_function(mm.target, args, dict(mm.kwargs))
             copy_meta(piece, mm)
             fake_run(piece, mode)
-            for v in chain:
-                size = list(v.args[1])
-                size[-1] = length
-                nv = g.call_function(v.target, (piece, size))
-                copy_meta(nv, v)
-                fake_run(nv, mode)
-                piece = nv
+            if shape(piece) != shape(user):  # the features it took, in the shape the use had them
+                view = g.call_function(aten.reshape.default, (piece, list(shape(user))))
+                copy_meta(view, user)
+                fake_run(view, mode)
+                piece = view
         user.replace_all_uses_with(piece)
     g.eliminate_dead_code()
     for p in (w, bias):

@@ -1,9 +1,14 @@
 """find_layers: the layer regions of a captured transformer, from dataflow and `nn_module_stack`.
 
-A *projection* is a matmul (`linear`, `addmm`, `mm`) whose weight is a parameter. From there:
-  attention   an `scaled_dot_product_attention` core; q/k/v are the projections found walking back from
-              its inputs (through views, RoPE, repeat_kv), o the first projection walking forward;
-              H, D from the core's query, K = k features / D (MHA when K = H, MQA when K = 1, else GQA)
+A *projection* is a matmul (`linear`, `addmm`, `mm`) whose weight is a parameter (canonicalize has
+written every other spelling, `x @ W.T` included, as one of these). From there:
+  attention   a core that computes softmax(q·kᵀ)·v: `scaled_dot_product_attention` (canonicalize writes
+              explicit attention as one), or the softmax of an explicit attention it could not rewrite
+              (soft-capped scores); q/k/v are the projections found walking back from its inputs
+              (through views, RoPE, repeat_kv), o the first projection walking forward, gate a projection
+              of the same input that gates the output before o (Qwen3-Next, Beam); H, D from the
+              core's query, K = k features / D (MHA when K = H, MQA when K = 1, else GQA), or, when k
+              shares a fused projection split per head with q or v (BLOOM, MLA), the KV heads the core reads
   ffn         the other projections of a block: inputs (one, or two multiplied together: gated,
               SwiGLU) and the output projection that consumes them
   embedding   `aten.embedding` on a parameter (token and position tables)
@@ -11,6 +16,12 @@ A *projection* is a matmul (`linear`, `addmm`, `mm`) whose weight is a parameter
   block       the repeated module (`layers.3`, `h.3`, `blocks.3`) holding an attention and an ffn;
               its input is the residual stream entering it; *parallel* when attention and ffn read
               the same tensor (PaLM, GPT-J)
+  experts     a mixture of experts: a projection (the router) whose scores pick experts (`topk`, `max`,
+              `argmax`, `sort`); its experts are not planned (they run replicated) and `Layers.experts`
+              names the modules holding them
+A block whose projections feed no attention (a state-space scan, a convolution, linear attention) is
+refused with a ShardwiseError: the model is not a decoder-only attention transformer; so is a model that
+runs one layer's weights several times in a call (recurrent depth).
 Writes `gm.meta["sw_layers"]`: a `Layers` record. Reads `val`, `nn_module_stack`, `sw_signature`.
 """
 
@@ -23,8 +34,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from ..errors import ShardwiseError
 from ..ir.meta import BLOCK, LAYERS, SIGNATURE
-from .graph_utils import PROJECTIONS, module_path, module_paths, shape, signature
+from .graph_utils import PROJECTIONS, explicit_attention, module_path, module_paths, shape, signature
 from .pipeline import graph_pass
 
 aten = torch.ops.aten
@@ -58,7 +70,7 @@ class Layer:
     params: dict[str, str] = field(default_factory=dict)  # role → placeholder (embedding tables)
     dims: dict[str, int] = field(default_factory=dict)
     info: dict[str, object] = field(default_factory=dict)
-    core: str | None = None  # sdpa node (attention) or embedding node
+    core: str | None = None  # sdpa node or explicit attention's softmax (attention), or embedding node
 
 
 @dataclass
@@ -76,6 +88,7 @@ class Layers:
     layers: list[Layer]
     blocks: list[Block]
     dims: dict[str, int]  # model-level: B, L, E, V
+    experts: list[str] = field(default_factory=list)  # mixture-of-experts modules, run replicated (not planned)
 
     def by_kind(self, kind: str) -> list[Layer]:
         return [l for l in self.layers if l.kind == kind]
@@ -96,11 +109,20 @@ def find_layers(gm: fx.GraphModule) -> fx.GraphModule:
             layers.append(Layer(module_path(n) or n.name, "embedding", None, params={"table": n.args[0].name},
                                 dims={"V": V, "E": E}, core=n.name))
 
+    experts = _experts(gm, projs, claimed)  # routers first: a mixture of attention heads (JetMoE) is no q/o
     for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target is aten.scaled_dot_product_attention.default:
-            layer = _attention(n, projs, claimed)
-            if layer is not None:
-                layers.append(layer)
+        if n.op != "call_function":
+            continue
+        if n.target is aten.scaled_dot_product_attention.default:
+            q, k, v = n.args[:3]
+            layer = _attention(n, q, k, v, n, projs, claimed)
+        elif (att := explicit_attention(n)) is not None:
+            layer = _attention(n, att.q, att.kt, att.v, att.out, projs, claimed)
+        else:
+            continue
+        if layer is not None:
+            layers.append(layer)
+    _refuse_repeated_weights(gm, projs, layers)
 
     by_block: dict[str, list[Projection]] = {}
     for name, p in projs.items():
@@ -110,20 +132,22 @@ def find_layers(gm: fx.GraphModule) -> fx.GraphModule:
     for block, ps in by_block.items():
         ps = [p for p in ps if head is None or p.node != head.projections["w"].node]
         if block and ps:
-            ffn = _ffn(ps, nodes)
+            ffn = _ffn(ps, nodes, claimed)
             if ffn is not None:
                 layers.append(ffn)
     if head is not None:
         layers.append(head)
 
+    _refuse_other_mixers(gm, projs, claimed, layers, experts, nodes, head)
     blocks = _blocks(gm, layers, nodes)
     for l in layers:
         if l.kind in ("attention", "ffn"):
             l.block = next((b.index for b in blocks if l in (b.attention, b.ffn)), None)
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     layers.sort(key=lambda l: order[l.core or next(iter(l.projections.values())).node])
+    _unique_names(layers)
     dims = _model_dims(layers, blocks, nodes)
-    gm.meta[LAYERS] = Layers(layers, blocks, dims)
+    gm.meta[LAYERS] = Layers(layers, blocks, dims, sorted(experts))
     return gm
 
 
@@ -162,25 +186,131 @@ def _walk(start: fx.Node, projs: dict[str, Projection], forward: bool, limit: in
     return found
 
 
-def _attention(sdpa: fx.Node, projs: dict[str, Projection], claimed: set[str]) -> Layer | None:
-    q_arg, k_arg, v_arg = sdpa.args[:3]
+def _attention(core: fx.Node, q_arg: fx.Node, k_arg: fx.Node, v_arg: fx.Node, out: fx.Node,
+               projs: dict[str, Projection], claimed: set[str]) -> Layer | None:
+    """The attention layer around `core` (its q, k and v inputs as the core reads them; `out` the
+    tensor it produces): q/k/v projections walking back, o walking forward, heads from the shapes."""
     found = {}
     for role, arg in (("q", q_arg), ("k", k_arg), ("v", v_arg)):
         hits = [h for h in _walk(arg, projs, forward=False) if h not in claimed]
         if len(hits) != 1:
             return None
         found[role] = projs[hits[0]]
-    outs = _walk(sdpa, projs, forward=True)
+    outs = _walk(out, projs, forward=True)
     if outs:
         found["o"] = projs[outs[0]]
-    B, H, L, D = shape(q_arg)
-    K = found["k"].out_features // D
+        gate = _output_gate(core, found, projs, claimed)
+        if gate is not None:
+            found["gate"] = gate
+    qs, ks = shape(q_arg), shape(k_arg)
+    D = qs[-1]
+    H = qs[1] if len(qs) == 4 else found["q"].out_features // D
+    if found["k"].node in (found["q"].node, found["v"].node):  # fused and split per head: the KV heads read
+        K = ks[1] if len(ks) == 4 else H
+    else:
+        K = found["k"].out_features // D
     kind = "MHA" if K == H else ("MQA" if K == 1 else "GQA")
     for p in found.values():
         claimed.add(p.node)
-    name = module_path(sdpa) or sdpa.name
-    return Layer(name, "attention", None, projections=found, dims={"H": H, "K": K, "D": D, "E": found["q"].in_features},
-                 info={"variant": kind, "fused_qkv": len({p.weight for p in found.values()}) < len(found)}, core=sdpa.name)
+    name = module_path(core) or core.name
+    E = found["o"].out_features if "o" in found else found["q"].in_features  # q may read a low-rank code (MLA)
+    return Layer(name, "attention", None, projections=found, dims={"H": H, "K": K, "D": D, "E": E},
+                 info={"variant": kind, "fused_qkv": len({p.weight for p in found.values()}) < len(found)}, core=core.name)
+
+
+def _output_gate(core: fx.Node, found: dict[str, Projection], projs: dict[str, Projection],
+                 claimed: set[str]) -> Projection | None:
+    """A projection of the attention's input that gates its output (o_proj(attn · σ(gate(x))), Qwen3-Next,
+    Beam): it reads what q reads and reaches o's input without passing another projection or the core."""
+    nodes = {n.name: n for n in core.graph.nodes}
+    o, q = found["o"], found["q"]
+    block = block_of(core)
+    taken = claimed | {p.node for p in found.values()}
+    for name, p in projs.items():
+        if name in taken or block_of(nodes[name]) != block or p.out_features != q.out_features:
+            continue
+        if _strip_views(nodes[p.input]) == _strip_views(nodes[q.input]) and \
+                _reaches(nodes[name], {o.input}, set(projs) | {core.name}, block):
+            return p
+    return None
+
+
+_SELECT = {aten.topk.default, aten.max.dim, aten.argmax.default, aten.sort.default}  # picking experts per token
+_ROUTING = {aten.softmax.int, aten._softmax.default, aten.sigmoid.default, aten.to.dtype, aten._to_copy.default,
+            aten.view.default, aten.reshape.default, aten.add.Tensor, aten.mul.Tensor, aten.div.Tensor}
+
+
+def _experts(gm: fx.GraphModule, projs: dict[str, Projection], claimed: set[str]) -> set[str]:
+    """Mixture-of-experts modules: a projection (the router) in a block whose scores reach a selection
+    (`topk`, `max`, `argmax`, `sort`) through softmax, sigmoid, casts and scalings. The router is
+    claimed; the block's child holding it (its mlp, or its attention for a mixture of attention heads)
+    is returned by path."""
+    found = set()
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target not in _SELECT:
+            continue
+        seen, todo = set(), [n.args[0]]
+        while todo:
+            m = todo.pop()
+            if not isinstance(m, fx.Node) or m.name in seen or len(seen) > 16:
+                continue
+            seen.add(m.name)
+            if m.name in projs and m.name not in claimed and block_of(m):
+                claimed.add(m.name)
+                path, block = module_path(m), block_of(m)
+                if block and path.startswith(block + "."):  # the block's child that holds the router (its mlp)
+                    path = block + "." + path[len(block) + 1:].split(".")[0]
+                found.add(path or m.name)
+            elif m.op == "call_function" and m.target in _ROUTING:
+                todo.extend(m.all_input_nodes)
+    return found
+
+
+def _refuse_repeated_weights(gm: fx.GraphModule, projs: dict[str, Projection], layers: list[Layer]) -> None:
+    """Refuse a model that runs the same layer several times in one call (recurrent depth, a block shared
+    across positions in the stack): one weight read by the projections of several attention layers."""
+    readers: dict[str, set[str]] = {}
+    for l in layers:
+        for p in l.projections.values():
+            readers.setdefault(p.weight, set()).add(l.core or l.name)
+    again = {w: r for w, r in readers.items() if len(r) > 1}
+    if again:
+        w, r = next(iter(again.items()))
+        key = signature(gm).params[w]
+        raise ShardwiseError(
+            f"{signature(gm).model} runs its layers more than once per call: weight {key} is read by {len(r)} attention "
+            f"layers (recurrent depth, or one block shared by several positions of the stack). shardwise plans "
+            f"every layer once, so it does not shard such a model; unroll it into distinct layers, or shard a "
+            f"model whose every layer has weights of its own")
+
+
+def _refuse_other_mixers(gm: fx.GraphModule, projs: dict[str, Projection], claimed: set[str], layers: list[Layer],
+                         experts: set[str], nodes: dict[str, fx.Node], head: Layer | None) -> None:
+    """Refuse a block whose projections feed no attention (and that no feed-forward or router explains):
+    it mixes tokens another way (a state-space scan, a convolution, linear attention, a recurrence)."""
+    attended = {block_of(nodes[l.core]) for l in layers if l.kind == "attention"}
+    used = set(claimed) | {p.node for l in layers for p in l.projections.values()}
+    if head is not None:
+        used.add(head.projections["w"].node)
+    loose: dict[str, list[Projection]] = {}
+    for name, p in projs.items():
+        block = block_of(nodes[name])
+        if block and name not in used and block not in attended and not any(
+                e == block or e.startswith(block + ".") for e in experts):
+            loose.setdefault(block, []).append(p)
+    loose = {b: ps for b, ps in loose.items() if len(ps) > 1}  # a list of lone projections (AltUp's) is no block
+    if not loose:
+        return
+    block, ps = next(iter(loose.items()))
+    keys = list(dict.fromkeys(signature(gm).params[p.weight].split("[")[0] for p in ps))  # derived: their base
+    weights = ", ".join(keys[:4]) + (" …" if len(keys) > 4 else "")
+    raise ShardwiseError(
+        f"{signature(gm).model} is not a decoder-only attention transformer: block {block} has {len(ps)} projections "
+        f"({weights}) that feed no attention: no scaled_dot_product_attention and no softmax(q·kᵀ)·v reads "
+        f"them, and they are not a feed-forward "
+        f"(in → activation → out). The block mixes tokens another way (a state-space scan, a convolution, linear "
+        f"attention or a recurrence; {len(loose)} such block{'s' if len(loose) > 1 else ''}), which shardwise does not "
+        f"shard; hybrids of attention and such blocks are not supported either")
 
 
 def block_of(n: fx.Node) -> str | None:
@@ -207,16 +337,30 @@ def _reaches(src: fx.Node, dst_names: set[str], stop: set[str], within: str | No
     return False
 
 
-def _ffn(ps: list[Projection], nodes: dict[str, fx.Node]) -> Layer | None:
+def _ffn(ps: list[Projection], nodes: dict[str, fx.Node], claimed: set[str]) -> Layer | None:
+    """The feed-forward among a block's unclaimed projections: an output projection fed directly by one
+    or two input projections (two: gated, SwiGLU) of its output width, with nothing between them that
+    mixes positions, and whose output does not feed a router (a router's own MLP is no feed-forward).
+    Other projections of the block (an attention's extra gates, a router's parts) are left out of it."""
     names = {p.node for p in ps}
     block = block_of(nodes[ps[0].node])
+    routers = {n for n in claimed if n in nodes and block_of(nodes[n]) == block and n not in names}
+    ps = [p for p in ps if not _reaches(nodes[p.node], routers, set(), block)] if routers else ps
+    if not ps:
+        return None
+    names = {p.node for p in ps}
     feeds = {p.node: {q.node for q in ps if q.node != p.node and _reaches(nodes[p.node], {q.node}, names, block)}
              for p in ps}
-    outs = [p for p in ps if not feeds[p.node]]
-    ins = [p for p in ps if feeds[p.node]]
-    if len(outs) != 1 or not 1 <= len(ins) <= 2:
+    candidates = []
+    for out in ps:
+        ins = [p for p in ps if out.node in feeds[p.node] and p.in_features == out.out_features]
+        if not feeds[out.node] and 1 <= len(ins) <= 2 and len(ins) == sum(out.node in f for f in feeds.values()):
+            candidates.append((out, ins))
+    if len(candidates) != 1:
         return None
-    out = outs[0]
+    out, ins = candidates[0]
+    if _mixes_tokens([nodes[p.node] for p in ins], nodes[out.node]):
+        return None
     roles = {"w_out": out}
     if len(ins) == 2:
         gate, up = _gate_and_up(ins, nodes)
@@ -224,10 +368,40 @@ def _ffn(ps: list[Projection], nodes: dict[str, fx.Node]) -> Layer | None:
     else:
         roles["w_in"] = ins[0]
     act = _activation(nodes[ins[0].node], nodes[out.node])
-    name = _common_module([nodes[p.node] for p in ps])
+    name = _common_module([nodes[p.node] for p in [*ins, out]])
     return Layer(name, "ffn", None, projections=roles,
                  dims={"E": out.out_features, "F": out.in_features},
                  info={"gated": len(ins) == 2, "activation": act})
+
+
+_TOKEN_MIXERS = {  # ops that combine positions: between a feed-forward's projections, a sequence mixer
+    aten.cumsum.default, aten.cumprod.default, aten.logcumsumexp.default, aten.convolution.default,
+    aten.conv1d.default, aten.bmm.default, aten.matmul.default, aten.baddbmm.default, aten.roll.default,
+    aten.flip.default, aten.constant_pad_nd.default, aten.scaled_dot_product_attention.default,
+}
+
+
+def _mixes_tokens(ins: list[fx.Node], out: fx.Node, limit: int = 256) -> bool:
+    """Whether an op between the input projections and the output projection (downstream of the first,
+    upstream of the second) combines positions: a running sum, a convolution, a matmul over the
+    sequence. Then they are no feed-forward, but a sequence mixer."""
+    after: set[str] = set()
+    q = deque(ins)
+    while q and len(after) < limit:
+        for u in q.popleft().users:
+            if u is not out and u.name not in after:
+                after.add(u.name)
+                q.append(u)
+    q, seen = deque([a for a in out.all_input_nodes if a.name in after]), set()
+    while q:
+        n = q.popleft()
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        if n.op == "call_function" and (n.target in _TOKEN_MIXERS or isinstance(n.target, torch._ops.HigherOrderOperator)):
+            return True
+        q.extend(m for m in n.all_input_nodes if m.name in after)
+    return False
 
 
 def _gate_and_up(ins: list[Projection], nodes: dict[str, fx.Node]) -> tuple[Projection, Projection]:
@@ -317,7 +491,11 @@ def _block_input(cands: list[fx.Node], path: str, E: int, order: dict[str, int])
     cands = [m for m in cands if m.meta["val"].ndim >= 2 and m.meta["val"].shape[-1] == E
              and m.meta["val"].is_floating_point()]
     if not cands:
-        raise ValueError(f"block {path}: found no [.., {E}] activation entering it")
+        raise ShardwiseError(
+            f"block {path}: found no activation of width {E} (its layers' d_model) entering it, so its residual "
+            f"stream is unknown: the layers found in it do not read the stream that enters the block (the "
+            f"block is not a pre- or post-norm residual block of attention and feed-forward); shardwise "
+            f"cannot shard this model's blocks")
     return max(cands, key=lambda m: order[m.name]).name
 
 
@@ -331,6 +509,16 @@ def _strip_views(n: fx.Node) -> str:
     while n.op == "call_function" and n.target in (aten.view.default, aten.reshape.default, aten.alias.default):
         n = n.args[0]
     return n.name
+
+
+def _unique_names(layers: list[Layer]) -> None:
+    """Layers are named by module path; where two share one (attention and feed-forward written inline in
+    one block module), the later is told apart by its kind (`blocks.0.ffn`): plans key layouts by name."""
+    seen: set[str] = set()
+    for l in layers:
+        if l.name in seen:
+            l.name = f"{l.name}.{l.kind}"
+        seen.add(l.name)
 
 
 def _model_dims(layers: list[Layer], blocks: list[Block], nodes: dict[str, fx.Node]) -> dict[str, int]:
