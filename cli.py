@@ -4,6 +4,9 @@
     shardwise inspect palm-540b --mesh 4x4x4 --batch 512 --seq 2048
     shardwise inspect llama-tiny --mesh 2x2x1 --layouts ffn=ws2d,attn=batch --graph
     shardwise verify llama-tiny --mesh 1x1x4 [--nproc 4]
+    shardwise inspect path/to/checkpoint --mesh 1x1x4          (a save_pretrained directory: every command)
+    shardwise verify path/to/checkpoint --mesh 1x1x4 [--nproc 4]
+    shardwise generate path/to/checkpoint --mesh 1x1x4 [--nproc 4] --prompt "text" (or --ids 1,2,3)
     shardwise calibrate
     shardwise demo
 """
@@ -43,7 +46,8 @@ def _amount(text: str) -> float:
 
 
 def _common(p: argparse.ArgumentParser, *, chips: bool = False) -> None:
-    p.add_argument("model", help="a preset: " + ", ".join(_preset_names()))
+    p.add_argument("model", help="a preset (" + ", ".join(_preset_names()) + ") or a Hugging Face checkpoint "
+                                 "directory (config.json and model.safetensors, as save_pretrained writes)")
     if chips:
         where = p.add_mutually_exclusive_group(required=True)
         where.add_argument("--mesh", help="logical mesh XxYxZ, e.g. 1x1x4 or 4x4x4")
@@ -53,6 +57,17 @@ def _common(p: argparse.ArgumentParser, *, chips: bool = False) -> None:
     p.add_argument("--layouts", default=None, help="force layouts per layer kind, e.g. ffn=ws2d,attn=batch")
     p.add_argument("--batch", type=_whole, default=8)
     p.add_argument("--seq", type=_whole, default=16)
+
+
+def _ids(text: str) -> list[int]:
+    """Token ids: whole numbers ≥ 0 separated by commas."""
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected token ids separated by commas, e.g. 1,2,3") from None
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected at least one token id, each ≥ 0")
+    return ids
 
 
 def _preset_names() -> list[str]:
@@ -88,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("sweep", help="plan models × chips × batches × phases × weights × objectives: a table, "
                                      "a figure")
-    p.add_argument("models", nargs="+", help="presets, e.g. palm-8b palm-540b")
+    p.add_argument("models", nargs="+", help="presets or checkpoint directories, e.g. palm-8b palm-540b")
     p.add_argument("--chips", type=_whole, nargs="+", required=True)
     p.add_argument("--batches", type=_whole, nargs="+", required=True)
     p.add_argument("--phases", nargs="+", choices=("prefill", "decode"), default=["prefill", "decode"])
@@ -107,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("verify", help="check a plan's numbers against the unsharded model")
     _common(p)
     p.add_argument("--nproc", type=_whole, default=None, help="run on N real gloo ranks (worker processes on loopback)")
-    p.add_argument("--atol", type=_amount, default=1e-5)
+    p.add_argument("--atol", type=_amount, default=None,
+                   help="bound on |sharded − unsharded| (default 1e-5; a bf16/fp16 checkpoint: 8 ulps of the logits)")
     p.add_argument("--phase", choices=("prefill", "decode"), default="prefill",
                    help="prefill: compare logits; decode: compare --tokens greedy tokens")
     p.add_argument("--tokens", type=_whole, default=16, help="tokens to generate for --phase decode")
@@ -119,11 +135,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hardware", default="tpu-v4", help="the profile the predicted timeline uses (cpu-local: "
                                                         "this machine, after `shardwise calibrate`)")
 
-    p = sub.add_parser("generate", help="greedy generation with sharded prefill and decode (simulated ranks)")
+    p = sub.add_parser("generate", help="greedy generation with sharded prefill and decode (simulated or real ranks)")
     _common(p)
     p.add_argument("--tokens", type=_whole, default=16)
     p.add_argument("--prefill-layouts", default=None)
     p.add_argument("--decode-layouts", default=None)
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="the prompt as text (a checkpoint with a tokenizer); the output is decoded")
+    prompt.add_argument("--ids", type=_ids, help="the prompt as token ids, e.g. 1,2,3 (default: --batch × --seq "
+                                                 "random ids)")
+    p.add_argument("--nproc", type=_whole, default=None, help="run on N real gloo ranks (worker processes on "
+                                                              "loopback; a checkpoint directory's ranks read its files)")
+    p.add_argument("--timeout", type=_amount, default=None, metavar="SECONDS",
+                   help="with --nproc: how long a rank may wait for the others, or stay stopped (default 300)")
+    p.add_argument("--check", action="store_true", help="a checkpoint: also load it whole and compare the tokens "
+                                                        "with the unsharded model's (presets always are)")
 
     p = sub.add_parser("demo", help="plan llama-tiny for 4 ranks, run it on 4 real ranks, check the numbers")
     p.add_argument("--timeout", type=_amount, default=None, metavar="SECONDS",
@@ -249,6 +275,19 @@ def _verify(a) -> int:
     return 0 if report.ok else 1
 
 
+def _print_read(read: list[int], total: int, *, simulated: bool = False, both: bool = False) -> None:
+    """Bytes each rank read from the checkpoint, beside the checkpoint's size (`both`: a generation, whose
+    prefill and decode programs each read their shards: each slice counted once)."""
+    if simulated:  # one source shared by every simulated rank and both phases' programs
+        print(f"  checkpoint bytes read by all simulated ranks (prefill and decode programs, each slice counted "
+              f"once): {read[0]:,} of {total:,} B in the checkpoint")
+        return
+    what = " (prefill and decode programs, each slice counted once)" if both else ""
+    print(f"  checkpoint bytes read per rank{what}, of {total:,} B in the checkpoint:")
+    for r, b in enumerate(read):
+        print(f"    rank {r}: {b:>12,} B  ({b / max(1, total):.3f} of the checkpoint)")
+
+
 def _merge_measured(a) -> None:
     """The ranks' profiled steps beside the plan's predicted lanes, in one Perfetto trace."""
     from . import api
@@ -271,23 +310,131 @@ def _generate(a) -> int:
 
     from .drivers.generate import generate, reference_generate
     from .models import build_model, example_inputs
+    from .models.checkpoint import Checkpoint, is_checkpoint
 
+    if is_checkpoint(a.model):
+        return _generate_checkpoint(a, Checkpoint.open(a.model))
+    if a.prompt is not None:
+        raise ShardwiseError(f"--prompt needs a tokenizer, and preset {a.model} has none: give token ids with --ids "
+                             f"1,2,3 (or none, for random ones)")
     model = build_model(a.model)
-    (ids,), _ = example_inputs(model, a.batch, a.seq)
-    gen = generate(model, ids, a.tokens, mesh=a.mesh, layouts=a.layouts, prefill_layouts=a.prefill_layouts,
-                   decode_layouts=a.decode_layouts, simulate=True, details=True)
-    same = torch.equal(gen.tokens, reference_generate(model, ids, a.tokens))
-    print(f"prefill: {gen.prefill.chosen} ({gen.prefill.family})")
-    print(f"decode:  {gen.decode.chosen} ({gen.decode.family})")
-    if gen.bridge:
-        print("KV cache redistributed between the phases:")
-        for c in gen.bridge:
-            print("  " + c.line())
+    if a.ids is not None:
+        ids = _checked_ids(a.ids, model, a.model)
     else:
-        print("KV cache: the same layout in both phases (nothing to move between them)")
+        (ids,), _ = example_inputs(model, a.batch, a.seq)
+    if a.nproc is not None:
+        tokens = _generate_real(a, a.model, ids, state=_whole_state(model)).output
+    else:
+        gen = generate(model, ids, a.tokens, mesh=a.mesh, layouts=a.layouts, prefill_layouts=a.prefill_layouts,
+                       decode_layouts=a.decode_layouts, simulate=True, details=True)
+        tokens = gen.tokens
+        print(f"prefill: {gen.prefill.chosen} ({gen.prefill.family})")
+        print(f"decode:  {gen.decode.chosen} ({gen.decode.family})")
+        if gen.bridge:
+            print("KV cache redistributed between the phases:")
+            for c in gen.bridge:
+                print("  " + c.line())
+        else:
+            print("KV cache: the same layout in both phases (nothing to move between them)")
+    same = torch.equal(tokens, reference_generate(model, ids, a.tokens))
     for b in range(min(2, ids.shape[0])):
-        print(f"sequence {b}: {gen.tokens[b, a.seq:].tolist()}")
+        print(f"sequence {b}: {tokens[b, ids.shape[1]:].tolist()}")
     print(f"greedy tokens {'identical to' if same else 'DIFFER from'} the unsharded model's")
+    return 0 if same else 1
+
+
+def _whole_state(model) -> dict:
+    """Every tensor a worker may read by its state key: parameters under every name (tied ones too) and
+    buffers, persistent or not (a preset built on the meta device has none of their values)."""
+    return {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
+
+
+def _checked_ids(ids: list[int], model, name: str):
+    """The prompt's ids as a [1, P] tensor, refused when an id is outside the model's vocabulary."""
+    import torch
+
+    from .models.presets import vocab_size
+
+    vocab = vocab_size(model)
+    if max(ids) >= vocab:
+        raise ShardwiseError(f"token id {max(ids)} is outside the vocabulary of {name} (ids 0..{vocab - 1}): give "
+                             f"ids below {vocab}, or a prompt its tokenizer encodes within the model's vocabulary")
+    return torch.tensor([ids])
+
+
+def _generate_real(a, name: str, ids, *, state=None, checkpoint=None):
+    """Greedy generation on --nproc real ranks (the launcher's decode job: prefill, then decode steps)."""
+    from .drivers.launch import run_real
+    from .errors import MeshError
+    from .ir.mesh import Mesh
+
+    mesh = Mesh.parse(a.mesh)
+    if a.nproc != mesh.size:
+        raise MeshError(f"mesh {mesh} has {mesh.size} chips but --nproc is {a.nproc}: they must be equal")
+    run = run_real(model=name, state=state, checkpoint=checkpoint, mesh=str(mesh), layouts=a.layouts, args=(ids,),
+                   kwargs={}, nproc=a.nproc, phase="decode", timeout=a.timeout,
+                   extra={"tokens": a.tokens, "prefill_layouts": a.prefill_layouts,
+                          "decode_layouts": a.decode_layouts})
+    print(f"{name} on mesh {mesh}: {a.nproc} real {run.backend} ranks, prefill and decode sharded")
+    return run
+
+
+def _generate_checkpoint(a, ckpt) -> int:
+    """generate for a checkpoint directory: the prompt (text through its tokenizer, or ids), greedy tokens
+    from sharded prefill and decode on simulated ranks or --nproc real ones, each reading its slices of
+    the checkpoint's files; the decoded text when there is a tokenizer."""
+    import torch
+
+    from .drivers.generate import generate
+    from .ir.mesh import Mesh
+    from .models.presets import check_shape, vocab_size
+    from .runtime.weights import CheckpointSource
+
+    mesh = Mesh.parse(a.mesh)
+    tok = ckpt.tokenizer()
+    if a.prompt is not None:
+        if tok is None:
+            raise ShardwiseError(f"--prompt needs a tokenizer, and {ckpt.path} has none (no tokenizer.json, "
+                                 f"tokenizer.model or tokenizer_config.json): give token ids with --ids 1,2,3, or "
+                                 f"save the tokenizer into the directory (tokenizer.save_pretrained)")
+        ids = tok(a.prompt, return_tensors="pt")["input_ids"]
+        if ids.numel() == 0:
+            raise ShardwiseError(f"--prompt {a.prompt!r} encodes to no tokens: give a longer prompt")
+    source = CheckpointSource(ckpt)
+    meta = source.model
+    if a.prompt is None and a.ids is None:  # random ids, as for a preset
+        check_shape(meta, batch=a.batch, seq=a.seq)
+        ids = torch.randint(0, vocab_size(meta), (a.batch, a.seq), generator=torch.Generator().manual_seed(0))
+    else:
+        ids = _checked_ids(a.ids or ids[0].tolist(), meta, ckpt.name)
+    if a.nproc is not None:
+        run = _generate_real(a, ckpt.name, ids, checkpoint=ckpt.path)
+        tokens = run.output
+    else:
+        gen = generate(meta, ids, a.tokens, mesh=mesh, layouts=a.layouts, simulate=True, weights=source,
+                       details=True, prefill_layouts=a.prefill_layouts, decode_layouts=a.decode_layouts)
+        tokens = gen.tokens
+        print(f"{ckpt.name} on mesh {mesh} (simulated ranks): prefill {gen.prefill.chosen}, decode {gen.decode.chosen}")
+    P = ids.shape[1]
+    for b in range(min(2, ids.shape[0])):
+        print(f"sequence {b}: {tokens[b, P:].tolist()}")
+        if tok is not None:
+            print(f"text {b}: {tok.decode(tokens[b].tolist(), skip_special_tokens=True)}")
+    if a.nproc is not None:
+        print("checkpoint bytes read per rank (prefill and decode programs; each slice counted once), of "
+              f"{ckpt.nbytes:,} B in the checkpoint:")
+        for r, (b, once) in enumerate(zip(run.bytes_read, run.bytes_distinct)):
+            print(f"  rank {r}: {once:>12,} B  ({once / max(1, ckpt.nbytes):.3f} of the checkpoint; {b:,} B read "
+                  f"in all)")
+    else:
+        print(f"checkpoint bytes read by all {mesh.size} simulated ranks: {source.bytes_distinct:,} B (each slice "
+              f"counted once) of {ckpt.nbytes:,} B in the checkpoint")
+    if not a.check:
+        return 0
+    from .drivers.verify import greedy_agrees
+
+    same, said = greedy_agrees(ckpt.load(), tokens, ids.shape[1])
+    print(f"greedy tokens {said}")
     return 0 if same else 1
 
 

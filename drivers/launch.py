@@ -3,7 +3,12 @@
 The parent writes a job (model preset, mesh, layouts, the inputs, the weights as safetensors) and
 launches N workers. Each worker captures the model *on the meta device*, plans it exactly as the parent
 did, emits its own program reading only its shards from the file, runs it on real process groups and
-reports its output and the bytes it holds; rank 0 gathers the reports.
+reports its output, the bytes it holds and the bytes it read; rank 0 gathers the reports.
+
+A job may name a Hugging Face checkpoint directory instead (`run_real(checkpoint=DIR)`): nothing is
+written by the parent then; each worker builds the model from the directory's config.json with its
+parameters on the meta device (models/checkpoint.py) and reads only its slices from the checkpoint's
+own safetensors files (runtime/weights.CheckpointSource).
 
     python -m shardwise.drivers.launch JOB.json      (a worker, with RANK and WORLD_SIZE set)
 
@@ -62,12 +67,21 @@ class RealRun:
     backend: str
     log: str  # every rank's output, rank by rank
     bytes_rows: list = field(default_factory=list)  # (layer, kind, predicted, measured) on rank 0
+    bytes_read: list[int] = field(default_factory=list)  # per rank, bytes of weights it read from the files
+    bytes_distinct: list[int] = field(default_factory=list)  # the same, a slice read twice counted once
+    weights_bytes: int = 0  # the bytes of every tensor in the weights file(s): what reading all would read
 
 
-def run_real(*, model: str, mesh: str, layouts: str | dict | None, args: tuple, kwargs: dict, state: dict,
-             nproc: int, phase: str = "prefill", timeout: float | None = None, extra: dict | None = None) -> RealRun:
+def run_real(*, model: str, mesh: str, layouts: str | dict | None, args: tuple, kwargs: dict,
+             state: dict | None = None, nproc: int, phase: str = "prefill", timeout: float | None = None,
+             extra: dict | None = None, checkpoint: str | os.PathLike | None = None) -> RealRun:
     """Launch `nproc` workers on this machine and return what rank 0 gathered.
 
+    The workers build preset `model` and read their shards from `state`, written to a safetensors file;
+    or, with `checkpoint` (a Hugging Face checkpoint directory), build the model from it and read their
+    shards from its files (`model` is then only its name). phase "decode": greedy generation of
+    `extra["tokens"]` tokens after `args[0]` (prefill and decode steps; `extra` may force
+    "prefill_layouts" and "decode_layouts"), its tokens the output.
     `timeout` (seconds, DEFAULT_TIMEOUT when None) bounds every wait of a worker for the others (the
     rendezvous, each collective) and how long a worker may stay stopped. A rank that fails ends the run
     with a ShardwiseError, every worker killed and the temporary folder removed."""
@@ -80,14 +94,23 @@ def run_real(*, model: str, mesh: str, layouts: str | dict | None, args: tuple, 
                              f"wait for the others); pass one, e.g. timeout={DEFAULT_TIMEOUT:g} (--timeout "
                              f"{DEFAULT_TIMEOUT:g})")
     Fault.from_env()  # a malformed fault is refused here, before any worker starts
+    if checkpoint is not None:
+        from ..models.checkpoint import Checkpoint
+
+        checkpoint = str(Path(Checkpoint.open(checkpoint).path).resolve())  # refused here if it is not one
+    elif state is None:
+        raise ShardwiseError("run_real needs the weights: state= (a state dict, written for the workers) or "
+                             "checkpoint= (a Hugging Face checkpoint directory the workers read)")
     with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX) as tmp:
         tmp = Path(tmp)
-        save_state(state, str(tmp / "weights.safetensors"))
+        if checkpoint is None:
+            save_state(state, str(tmp / "weights.safetensors"))
         torch.save({"args": plain(tuple(args), "the inputs"), "kwargs": plain(dict(kwargs), "the inputs")},
                    tmp / "inputs.pt")
         job = {"model": model, "mesh": mesh, "layouts": layouts, "phase": phase,
-               "weights": str(tmp / "weights.safetensors"), "inputs": str(tmp / "inputs.pt"),
-               "output": str(tmp / "out.pt"), "timeout": float(timeout), **(extra or {})}
+               "weights": None if checkpoint else str(tmp / "weights.safetensors"), "checkpoint": checkpoint,
+               "inputs": str(tmp / "inputs.pt"), "output": str(tmp / "out.pt"), "timeout": float(timeout),
+               **(extra or {})}
         (tmp / "job.json").write_text(json.dumps(job))
         store = loopback_store(timeout)
         try:
@@ -105,7 +128,9 @@ def run_real(*, model: str, mesh: str, layouts: str | dict | None, args: tuple, 
                 f"output, bytes and timings there. This is a bug in shardwise's worker: please report it with "
                 f"the log:\n{_tail(log, 25)}")
         res = torch.load(tmp / "out.pt", weights_only=True)
-    return RealRun(res["output"], res["param_bytes"], res["seconds"], res["backend"], log, res.get("bytes_rows", []))
+    return RealRun(res["output"], res["param_bytes"], res["seconds"], res["backend"], log, res.get("bytes_rows", []),
+                   bytes_read=res.get("bytes_read", []), bytes_distinct=res.get("bytes_distinct", []),
+                   weights_bytes=res.get("weights_bytes", 0))
 
 
 # ------------------------------------------------------------------------------------ the workers
@@ -431,11 +456,12 @@ def _worker(job_path: str) -> None:
     import torch.distributed as dist
 
     from ..models import presets
+    from ..models.checkpoint import Checkpoint
     from ..planning.planner import plan as make_plan
     from ..planning.program import emit_rank
     from ..runtime.distributed import init
     from ..runtime.simulate import Trace, run_recorded
-    from ..runtime.weights import SafetensorsSource
+    from ..runtime.weights import CheckpointSource, SafetensorsSource
     from .accounting import compare, compare_generation
     from .generate import generate
 
@@ -453,19 +479,29 @@ def _worker(job_path: str) -> None:
 
     args = tuple(on_device(a) for a in inputs["args"])
     kwargs = {k: on_device(v) for k, v in inputs["kwargs"].items()}
-    meta = presets.build_model(job["model"], device="meta")  # this rank never holds the whole model
-    weights = SafetensorsSource(job["weights"])
-    result: dict = {"backend": dist.get_backend()}
+    if job.get("checkpoint"):  # parameters on the meta device, buffers computed; shards read from its files
+        ckpt = Checkpoint.open(job["checkpoint"])
+        meta = ckpt.build_meta()
+        weights = CheckpointSource(ckpt, model=meta)
+        total = ckpt.nbytes
+    else:
+        meta = presets.build_model(job["model"], device="meta")  # this rank never holds the whole model
+        weights = SafetensorsSource(job["weights"])
+        total = os.path.getsize(job["weights"])
+    result: dict = {"backend": dist.get_backend(), "weights_bytes": total}
     with torch.no_grad():
         if job["phase"] == "decode":
             gen = generate(meta, args[0], job["tokens"], mesh=job["mesh"], layouts=job["layouts"], weights=weights,
+                           prefill_layouts=job.get("prefill_layouts"), decode_layouts=job.get("decode_layouts"),
                            record=job.get("record", False), details=True)
             result["output"] = gen.tokens.cpu()
             if job.get("record"):
                 result["bytes_rows"] = plain(compare_generation(gen, job["tokens"]), "the bytes report")
+            read = _read(weights)
+            counter = weights.fresh() if hasattr(weights, "fresh") else weights  # counting held bytes reads again
             held = sum(t.numel() * t.element_size() for t in
                        emit_rank(gen.decode.program.gm, gen.decode.mesh, rank, group_name=_no_groups,
-                                weights=weights, device=device).state_dict().values())
+                                weights=counter, device=device).state_dict().values())
             seconds = 0.0
         else:
             def to_meta(t):
@@ -474,6 +510,7 @@ def _worker(job_path: str) -> None:
             plan = make_plan(meta, tuple(to_meta(a) for a in args), {k: to_meta(v) for k, v in kwargs.items()},
                             mesh=job["mesh"], layouts=job["layouts"], phase=job["phase"])
             program = plan.emit(rank, weights=weights, device=device)
+            read = _read(weights)
             flat = plan.program.flat_inputs(args, kwargs)
             trace = Trace()
             out = run_recorded(program.program, flat, trace) if job.get("record") else program(*args, **kwargs)
@@ -492,12 +529,19 @@ def _worker(job_path: str) -> None:
             held = sum(t.numel() * t.element_size() for t in program.state_dict().values())
             result["output"] = plain(out, "the model's outputs")  # a ModelOutput becomes a dict of its fields
     reports = [None] * dist.get_world_size()
-    dist.all_gather_object(reports, (held, seconds))
+    dist.all_gather_object(reports, (held, seconds, *read))
     if rank == 0:
-        result.update(param_bytes=[r[0] for r in reports], seconds=[r[1] for r in reports])
+        result.update(param_bytes=[r[0] for r in reports], seconds=[r[1] for r in reports],
+                      bytes_read=[r[2] for r in reports], bytes_distinct=[r[3] for r in reports])
         torch.save(result, job["output"])
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _read(weights) -> tuple[int, int]:
+    """(bytes read, bytes read counting each slice once) of a weight source so far."""
+    n = getattr(weights, "bytes_read", 0)
+    return n, getattr(weights, "bytes_distinct", n)
 
 
 def _no_groups(atoms):  # emitting only to count a program's bytes: its collectives never run

@@ -10,6 +10,8 @@ Plain, typed data with a versioned JSON round trip (no pickle, no code evaluated
     memory    bytes per chip: weights (the 1/n share and what is replicated beyond it), KV cache
     totals    the step: latency, MFU, chip-ms per token
     settings  what was asked: objective, precisions, layouts forced by the user
+    sharding  how much of the model is split over the chips: the fraction of parameter bytes and of
+              matmul FLOPs, what stays replicated, a block's matmuls every chip computes whole
 """
 
 from __future__ import annotations
@@ -176,6 +178,113 @@ class UnknownOp:
     module: str
 
 
+class NotShardedWarning(UserWarning):
+    """A plan leaves some of a block's matmuls unsharded: every chip computes them whole
+    (`plan(..., strict=True)` makes it a ShardwiseError)."""
+
+
+@dataclass
+class ReplicatedParam:
+    """A parameter every chip holds whole (not split over any mesh axis)."""
+
+    name: str  # state key; a block's parameter standing for a run of blocks: model.layers.[0-31].mlp.gate.weight
+    bytes: float  # the whole model's bytes of it (every block it stands for), as captured
+    share: float  # of the model's parameter bytes
+
+    def __post_init__(self) -> None:
+        _non_negative(self, "bytes", "share")
+        _as_floats(self, "bytes", "share")
+
+
+@dataclass
+class UnshardedOp:
+    """A matmul of a block that is not sharded: every chip computes it whole, or holds its weight whole."""
+
+    node: str  # the op (of one block where the row stands for a run of blocks: `count`)
+    target: str  # aten.linear, aten.scaled_dot_product_attention, ...
+    module: str  # module path (blocks as a range: model.layers.[0-31].mixer)
+    weight: str = ""  # state key of the weight it reads ("" for a matmul of activations)
+    why: str = ""  # "every chip computes it whole", "every chip holds its weight whole"
+    flops: float = 0.0  # per step, the whole model (all `count` copies)
+    share: float = 0.0  # of the model's matmul FLOPs per step
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        _non_negative(self, "flops", "share", "count")
+        _as_floats(self, "flops", "share")
+
+    def describe(self) -> str:
+        reads = f" reading {self.weight}" if self.weight else ""
+        times = f" ×{self.count}" if self.count > 1 else ""
+        why = f"{self.why}; " if self.why else ""
+        return (f"{self.module or '(top level)'}: {self.target} {self.node}{reads}{times} "
+                f"({why}{self.share * 100:.1f}% of the matmul FLOPs)")
+
+
+@dataclass
+class Sharding:
+    """How much of the model the plan splits over the chips, rather than replicating it on every chip.
+
+    A parameter is sharded when its layout splits it over more than one chip; a matmul (projections,
+    attention cores, other matmul-like ops) when each chip computes a part of it. Both are exact sums
+    over the planned graph (a prototype's block counted once per block it stands for)."""
+
+    chips: int = 1
+    param_bytes: float = 0.0  # every parameter of the model, bytes as captured
+    sharded_param_bytes: float = 0.0  # those split over more than one chip
+    flops: float = 0.0  # matmul FLOPs of one step, the whole model
+    sharded_flops: float = 0.0  # those each chip computes only a part of
+    replicated: list[ReplicatedParam] = field(default_factory=list)  # parameters held whole, largest first
+    unsharded: list[UnshardedOp] = field(default_factory=list)  # a block's matmuls not sharded, most FLOPs first
+    experts: list[str] = field(default_factory=list)  # mixture-of-experts modules, run replicated
+    expert_param_bytes: float = 0.0  # their parameters (the routers' included), bytes as captured
+    experts_per_block: int | None = None  # experts in each of those modules, where known
+
+    def __post_init__(self) -> None:
+        _non_negative(self, "chips", "param_bytes", "sharded_param_bytes", "flops", "sharded_flops",
+                      "expert_param_bytes")
+        _as_floats(self, "param_bytes", "sharded_param_bytes", "flops", "sharded_flops", "expert_param_bytes")
+
+    @property
+    def param_fraction(self) -> float:
+        return self.sharded_param_bytes / self.param_bytes if self.param_bytes else 0.0
+
+    @property
+    def flops_fraction(self) -> float:
+        return self.sharded_flops / self.flops if self.flops else 0.0
+
+    def line(self, shown: int = 3) -> str:
+        """"sharded: 96.3% of parameter bytes, 98.1% of matmul FLOPs (replicated: lm_head.weight 2.1%, ...)"."""
+        head = (f"sharded: {self.param_fraction * 100:.1f}% of parameter bytes, {self.flops_fraction * 100:.1f}% of "
+                f"matmul FLOPs")
+        if self.chips <= 1:
+            return head + " (one chip: nothing is split)"
+        if not self.replicated:
+            return head + " (no parameter replicated)"
+        rest = self.replicated[shown:]
+        names = [f"{r.name} {_percent(r.share)}" for r in self.replicated[:shown]]
+        if rest:
+            names.append(f"{len(rest)} more {_percent(sum(r.share for r in rest))}")
+        return head + f" (replicated: {', '.join(names)})"
+
+    def experts_note(self) -> str:
+        """"experts run replicated (4 experts per block: 61.2% of the parameters): model.layers.[0-1].mlp"."""
+        if not self.experts:
+            return ""
+        per = f"{self.experts_per_block} experts per block: " if self.experts_per_block else ""
+        share = self.expert_param_bytes / self.param_bytes if self.param_bytes else 0.0
+        return (f"experts run replicated ({per}{share * 100:.1f}% of the parameters): "
+                + ", ".join(self.experts[:4]) + (" …" if len(self.experts) > 4 else ""))
+
+    def unsharded_lines(self, shown: int = 6) -> list[str]:
+        """One line per unsharded matmul of a block (the first `shown`, then how many more)."""
+        out = [u.describe() for u in self.unsharded[:shown]]
+        if len(self.unsharded) > shown:
+            rest = self.unsharded[shown:]
+            out.append(f"… and {len(rest)} more ({sum(u.share for u in rest) * 100:.1f}% of the matmul FLOPs)")
+        return out
+
+
 @dataclass
 class Plan:
     model: str
@@ -192,6 +301,7 @@ class Plan:
     settings: Settings = field(default_factory=Settings)
     explain: list[str] = field(default_factory=list)  # every candidate, its cost and why it lost
     notes: list[str] = field(default_factory=list)  # how the plan was made: defaults used, meshes skipped
+    sharding: Sharding | None = None  # how much is split over the chips (None: not recorded, older plans)
     program: Any = field(default=None, repr=False, compare=False)  # planning.program.Program; not serialized
 
     def __post_init__(self) -> None:
@@ -280,6 +390,11 @@ class Plan:
         if m.hbm_per_chip is not None:
             mem += [("hbm_per_chip", m.hbm_per_chip)]
         rows += ["", "memory per chip: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in mem)]
+        if self.sharding is not None:
+            rows.append(self.sharding.line())
+            if self.sharding.unsharded:
+                rows.append("matmuls of the blocks not sharded:")
+                rows += [f"  {line}" for line in self.sharding.unsharded_lines()]
         if self.totals.latency:
             t = self.totals
             parts = [f"latency {t.latency * 1e3:.3f} ms", f"mfu {t.mfu * 100:.1f}%",
@@ -313,7 +428,7 @@ class Plan:
     def from_json(cls, text: str) -> Plan:
         """A Plan from its JSON form, checked against the schema: a ShardwiseError names what is wrong."""
         return load(cls, text, version=FORMAT, parts=(CollectiveRecord, LayerPlan, BlockRun, Memory, Totals, Settings,
-                                                      UnknownOp))
+                                                      UnknownOp, Sharding, ReplicatedParam, UnshardedOp))
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -354,6 +469,10 @@ def _as_floats(obj, *names: str) -> None:
     for name in names:
         if (v := getattr(obj, name)) is not None:
             setattr(obj, name, float(v))
+
+
+def _percent(share: float) -> str:
+    return f"{share * 100:.1f}%" if share >= 0.0005 or share == 0 else "<0.1%"
 
 
 def _by_run(runs: list[BlockRun], name: Callable[[BlockRun], str]) -> str:

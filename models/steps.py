@@ -3,6 +3,7 @@
     step = as_step(model)                         # RefDecoder: itself; HF models: HFStep(model)
     k, v = empty_cache(model, batch, length)      # per layer a [B, K, S, D] zero tensor (cache_shapes)
     logits, k, v = step(ids, pos, k, v)           # ids [B, L] written at positions pos .. pos+L-1
+    logits, k, v = step(ids, pos, k, v, mask)     # left-padded prompts: mask [B, S] over the whole cache
 
 The same step serves prefill (L = prompt length, pos = 0) and decode (L = 1, pos = tokens so far), so
 torch.export captures each phase as a pure function whose cache layout the planner can choose.
@@ -12,6 +13,12 @@ functional static layer instead (`index_copy`, not `index_copy_`), so the new ca
 cache's shapes (KV heads, head dims, per layer) are read from the model's own cache after one token
 (`cache_shapes`), never guessed from configuration names; a model whose cache holds anything but keys
 and values (a recurrent state, an indexer) is refused there.
+
+Padding: a batch of prompts of different lengths is left-padded, and `mask` (1 = token, 0 = padding)
+covers every cache position (the prompt's mask, then ones for the tokens to come). As in Hugging Face
+generation, the tokens' positions are `cumsum(mask) - 1` (0 at padding), computed inside the step (so
+they are part of the captured graph, row by row), and the mask hides the padded cache positions from
+every later query. The step without a mask is unchanged (all-ones mask, positions pos + arange(L)).
 """
 
 from __future__ import annotations
@@ -59,11 +66,14 @@ def _functional_layer_class():
 
 
 class Step(nn.Module):
-    """Any supported causal LM as a pure step function of (ids, pos, k_cache, v_cache).
+    """Any supported causal LM as a pure step function of (ids, pos, k_cache, v_cache[, attention_mask]).
 
     `last_only`: return logits for the last position only ([B, 1, V]), as serving does. HF models get
     the cache positions, an all-ones mask of the cache's length (the causal mask hides what is not
     written yet) and, unless they number positions themselves, the positions of their tokens.
+    With `attention_mask` ([B, S] long, left padding: 0 at padded cache positions, then 1s) the model gets
+    that mask instead, and the positions Hugging Face generation gives (`padded_positions`) whenever its
+    forward takes `position_ids` (as `generate` passes them); a model that does not derives them itself.
     """
 
     shardwise_root = "model"  # capture names layers and weights as the model does, without "model."
@@ -73,8 +83,10 @@ class Step(nn.Module):
         self.model = model
         self.last_only = last_only
 
-    def forward(self, input_ids, pos, k_cache, v_cache):
+    def forward(self, input_ids, pos, k_cache, v_cache, attention_mask=None):
         if isinstance(self.model, RefDecoder):
+            if attention_mask is not None:
+                check_takes_mask(self.model)
             return self.model(input_ids, pos, k_cache, v_cache, last_only=self.last_only)
         from transformers.cache_utils import Cache
 
@@ -83,10 +95,14 @@ class Step(nn.Module):
         B, L = input_ids.shape
         S = k_cache[0].shape[2]
         positions = torch.arange(L, device=input_ids.device) + pos  # [L]
-        # every cache position may be attended (the causal mask hides those not written yet): a mask of the
-        # static cache length, so no model sizes its mask from the position (a data-dependent shape)
-        mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
-        extra = {} if _counts_own_positions(self.model) else {"position_ids": positions[None].expand(B, L)}
+        if attention_mask is None:
+            # every cache position may be attended (the causal mask hides those not written yet): a mask of the
+            # static cache length, so no model sizes its mask from the position (a data-dependent shape)
+            mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
+            extra = {} if _counts_own_positions(self.model) else {"position_ids": positions[None].expand(B, L)}
+        else:
+            mask = attention_mask  # [B, S]: padding hidden from every query, the causal mask hides the future
+            extra = {"position_ids": padded_positions(mask, positions)} if _takes_positions(self.model) else {}
         out = self.model(input_ids=input_ids, **{_cache_kwarg(self.model): cache}, cache_position=positions,
                          attention_mask=mask, use_cache=True, logits_to_keep=1 if self.last_only else 0, **extra)
         return out.logits, tuple(l.keys for l in cache.layers), tuple(l.values for l in cache.layers)
@@ -110,6 +126,30 @@ def _counts_own_positions(model: nn.Module) -> bool:
 
 
 _OWN_POSITIONS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def check_takes_mask(model: nn.Module) -> None:
+    """Refuse a padding mask for a model whose step takes none: the reference decoder numbers positions once
+    for the whole batch (its rotary tables are [L, D], not per row)."""
+    if isinstance(model, RefDecoder):
+        raise ShardwiseError("attention_mask: the reference decoder (RefDecoder) numbers positions once for the "
+                             "whole batch and takes no padding mask; generate padded prompts with a Hugging Face "
+                             "model, or give prompts of one length without attention_mask")
+
+
+def padded_positions(mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[B, L] positions of the tokens at cache indices `positions` ([L]) of left-padded rows, as Hugging Face
+    generation numbers them: `cumsum(mask) - 1` (the count of real tokens before), 0 at padding."""
+    counted = (mask.cumsum(-1) - 1).index_select(1, positions)
+    return counted.masked_fill(mask.index_select(1, positions) == 0, 0)
+
+
+def _takes_positions(model: nn.Module) -> bool:
+    """Whether Hugging Face generation hands the model `position_ids` (its forward accepts them); a model
+    that does not (BLOOM's ALiBi) derives positions from the mask itself."""
+    import inspect
+
+    return "position_ids" in inspect.signature(model.forward).parameters
 
 
 def as_step(model: nn.Module, *, last_only: bool = False) -> nn.Module:
@@ -156,7 +196,7 @@ def _probe_cache(model: nn.Module) -> list[CacheShape]:
         raise ShardwiseError(f"{name} does not run with its own cache: one token through model(input_ids, "
                              f"use_cache=True) failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}), so the "
                              f"shape of its KV cache is unknown; check that the model generates with its cache") from e
-    cache = getattr(out, "past_key_values", None)
+    cache = out.get("cache") if "cache" in out else out.get("past_key_values")  # `cache` since transformers 5
     cache = getattr(cache, "self_attention_cache", cache)  # a decoder's cache beside its (empty) cross-attention one
     if cache is not None and type(cache).__name__ not in ("DynamicCache", "StaticCache"):
         raise ShardwiseError(f"{name} is not a decoder-only attention transformer: it keeps a {type(cache).__name__} as "
@@ -219,9 +259,11 @@ def empty_cache(model: nn.Module, batch: int, length: int, *, dtype=None, device
     return zeros(0), zeros(1)
 
 
-def step_inputs(model: nn.Module, ids: torch.Tensor, pos: int, cache: tuple) -> tuple:
-    """Positional arguments of one step."""
-    return (ids, torch.tensor(pos, dtype=torch.long, device=ids.device), cache[0], cache[1])
+def step_inputs(model: nn.Module, ids: torch.Tensor, pos: int, cache: tuple,
+                mask: torch.Tensor | None = None) -> tuple:
+    """Positional arguments of one step (`mask` [B, S], the padding mask over the cache, last when given)."""
+    args = (ids, torch.tensor(pos, dtype=torch.long, device=ids.device), cache[0], cache[1])
+    return args if mask is None else (*args, mask)
 
 
 def phase_inputs(model: nn.Module, phase: str, *, batch: int, seq: int, context: int | None = None,

@@ -124,7 +124,8 @@ def _assign_attention(layer: Layer, member: Member, mode: str, mesh: Mesh, nodes
         if role == "o":
             spec = weight_spec(e, plan.q, b, shape(ph), p.rows_out, mesh)
         else:
-            spec = weight_spec(plan.q if role == "q" else plan.kv, e, b, shape(ph), p.rows_out, mesh)
+            # an output gate (find_layers' "gate") has q's features and multiplies the heads q splits: split like q
+            spec = weight_spec(plan.q if role in ("q", "gate") else plan.kv, e, b, shape(ph), p.rows_out, mesh)
         ph.meta[WEIGHT] = spec
     nodes[layer.core].meta[ATTENTION] = plan.core
     notes = []

@@ -73,7 +73,7 @@ def summarize(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], *, 
 
 
 _ROLE_DIMS = {  # (out, in) names of each projection's weight
-    "q": ("(HD)", "E"), "k": ("(KD)", "E"), "v": ("(KD)", "E"), "o": ("E", "(HD)"),
+    "q": ("(HD)", "E"), "gate": ("(HD)", "E"), "k": ("(KD)", "E"), "v": ("(KD)", "E"), "o": ("E", "(HD)"),
     "w_in": ("F", "E"), "w_gate": ("F", "E"), "w_out": ("E", "F"), "w": ("V", "E"),
 }
 

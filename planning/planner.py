@@ -4,12 +4,19 @@
     without               the model's step for the phase is built and one block of it captured (the
                           prototype); the search costs every candidate on it; the whole program is
                           captured only when a rank program is asked for (LazyProgram)
+
+`model` may also be a Hugging Face checkpoint directory (config.json + safetensors, as save_pretrained
+writes it): the model is built with its parameters on the meta device (models/checkpoint.py), planned
+like a module, and its program's ranks read their shards from the checkpoint's files
+(runtime/weights.CheckpointSource, the program's default weights).
 """
 
 from __future__ import annotations
 
-import torch.fx as fx
-import torch.nn as nn
+import os
+
+import torch
+from torch import fx, nn
 
 from ..errors import ShardwiseError
 from ..ir.hardware import get_hardware
@@ -18,11 +25,13 @@ from ..ir.mesh import Mesh
 from ..ir.meta import LAYERS
 from ..ir.plan import Plan
 from ..models import presets
+from ..models.checkpoint import Checkpoint, is_checkpoint, missing
 from ..models.steps import Step, phase_inputs
 from ..passes.capture import one_block
 from ..passes.insert_collectives import insert_collectives
 from ..passes.pipeline import run
 from ..passes.storage import replicated_weights
+from ..runtime.weights import CheckpointSource
 from ..strategies.cost import Precision
 from ..strategies.family import parse_ffn
 from ..strategies.request import parse_layouts
@@ -31,10 +40,20 @@ from .program import LazyProgram, Program, capture_program
 from .question import Question
 from .record import record
 from .search import choose, meshes_for
+from .sharding import check_sharded
 
 
 def model_and_inputs(model, args, kwargs, batch: int, seq: int):
-    _check_model(model)
+    """(a model with weights, args, kwargs, its name): a preset or checkpoint directory is built (a
+    checkpoint loaded whole, as transformers loads it) and given example inputs when none are given."""
+    check_model(model)
+    if is_checkpoint(model):
+        ckpt = Checkpoint.open(model)
+        model = ckpt.load()
+        if args is None:
+            args, kwargs = presets.example_inputs(model, batch, seq)
+        args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
+        return model, args, dict(kwargs or {}), ckpt.name
     if isinstance(model, str):
         name = model
         model = presets.build_model(name)
@@ -47,10 +66,21 @@ def model_and_inputs(model, args, kwargs, batch: int, seq: int):
     return model, args, dict(kwargs or {}), type(model).__name__
 
 
-def _check_model(model) -> None:
-    if not isinstance(model, (str, nn.Module)):
-        raise ShardwiseError(f"model={model!r}: expected a torch.nn.Module (with example inputs) or a preset name "
-                             f"({', '.join(presets.PRESETS)})")
+def check_model(model) -> None:
+    if isinstance(model, nn.Module) or is_checkpoint(model) or (isinstance(model, str) and model in presets.PRESETS):
+        return
+    if isinstance(model, os.PathLike) or (isinstance(model, str) and (os.path.exists(model) or os.sep in model
+                                                                       or model.startswith("."))):
+        raise ShardwiseError(f"model={str(model)!r} is neither a preset nor a Hugging Face checkpoint directory: "
+                             f"{missing(model)}. Expected a directory written by save_pretrained (config.json and "
+                             f"model.safetensors, or model-0000X-of-0000N.safetensors with "
+                             f"model.safetensors.index.json), or a preset name ({', '.join(presets.PRESETS)})")
+    if isinstance(model, str):
+        raise ShardwiseError(f"unknown model {model!r}: neither a preset ({', '.join(presets.PRESETS)}) nor a "
+                             f"checkpoint directory (there is no directory {model!r}); give a preset name or the "
+                             f"path of a directory written by save_pretrained")
+    raise ShardwiseError(f"model={model!r}: expected a torch.nn.Module (with example inputs), a preset name "
+                         f"({', '.join(presets.PRESETS)}) or a Hugging Face checkpoint directory")
 
 
 def _meshes(mesh, chips, objective: Objective, request: dict[str, str], notes: list[str]) -> list[Mesh]:
@@ -105,6 +135,7 @@ def plan(
     kv_dtype: str | None = None,
     objective: str = "latency",
     overlap: bool = False,
+    strict: bool = False,
 ) -> Plan:
     """Plan `model` on `mesh` (or the best mesh of `chips`): a layout per layer, chosen by cost.
 
@@ -114,40 +145,64 @@ def plan(
     `layouts` forces layouts by layer kind ({"ffn": "ws2d", "attn": "batch"} or "ffn=ws2d,attn=batch");
     the rest is chosen by the cost model on `hardware` with `weight_dtype` weights ("bf16", "int8"; by
     default as captured) for the `objective` latency (seconds per step) or cost (chip-seconds per token).
-    `model` may be a preset name (see shardwise.models.PRESETS).
+    `model` may be a preset name (see shardwise.models.PRESETS), or the path of a Hugging Face checkpoint
+    directory: planned on the meta device, in the checkpoint's dtype, its program reading each rank's
+    shards from the checkpoint's files (`plan.program.bytes_read` says how many bytes each rank read).
     """
     phase, objective = Phase.parse(phase, "phase"), Objective.parse(objective, "objective")
     request, notes = parse_layouts(layouts), []
     q = Question(meshes=_meshes(mesh, chips, objective, request, notes), hw=get_hardware(hardware),
                  precision=Precision(weights=weight_dtype, kv=kv_dtype), objective=objective, overlap=overlap,
                  request=request, phase=phase, notes=notes)
+    check_model(model)
+    source = None
+    if is_checkpoint(model):  # parameters on the meta device; the ranks read their shards from the files
+        ckpt = Checkpoint.open(model)
+        model = ckpt.build_meta()
+        source = CheckpointSource(ckpt, model=model)
+        if args is not None:  # captured on the meta device too
+            args = _to_meta(tuple(args) if isinstance(args, (tuple, list)) else (args,))
+            kwargs = _to_meta(dict(kwargs or {}))
     if args is not None:
-        model, args, kwargs, q.model = model_and_inputs(model, args, kwargs, batch, seq)
-        return _plan_full(capture_program(model, args, kwargs), q)
+        if source is None:
+            model, args, kwargs, q.model = model_and_inputs(model, args, kwargs, batch, seq)
+        else:
+            q.model = source.checkpoint.name
+        return check_sharded(_plan_full(capture_program(model, args, kwargs), q, weights=source), strict)
     q.context = context or seq  # the KV-cache length the step is built for (stated in the report)
     if phase == Phase.DECODE and context is None:
         notes.append(f"decode planned for a KV cache of {q.context} positions (no context given: seq = {seq}); "
                      f"pass context=N (--context N) for the length you serve")
-    _check_model(model)
     proto, n_blocks, q.model, build_full = prototype(model, phase, batch, seq, context)
+    if source is not None:
+        q.model = source.checkpoint.name
     choice, results = choose(proto, q, n_blocks)
     result = record(proto, choice, results, q, n_blocks)
-    result.program = LazyProgram(lambda: full_program(build_full, choice, q))  # replicated: known once built
-    return result
+    # the whole program is captured on first use (replicated weights: known once built)
+    result.program = LazyProgram(lambda: full_program(build_full, choice, q, weights=source))
+    return check_sharded(result, strict)
 
 
-def _plan_full(gm: fx.GraphModule, q: Question) -> Plan:
+def _to_meta(x):
+    return torch.utils._pytree.tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, x)
+
+
+def _plan_full(gm: fx.GraphModule, q: Question, weights: CheckpointSource | None = None) -> Plan:
     """Plan a whole captured graph (its blocks costed in place), insert the collectives, keep the program."""
     choice, results = choose(gm, q, n_blocks=1)
     result = record(gm, choice, results, q, 1)
     run(gm, insert_collectives, choice.mesh)
     result.memory.replicated = replicated_weights(gm, choice.mesh)
-    result.program = Program(gm, choice.mesh)
+    result.program = Program(gm, choice.mesh, weights)
     return result
 
 
 def prototype(model, phase: str, batch: int, seq: int, context: int | None):
     """(one-block step graph, number of blocks, name, builder of the full step model)."""
+    if is_checkpoint(model):  # built with its parameters on the meta device
+        ckpt = Checkpoint.open(model)
+        proto, n_blocks, _, build_full = prototype(ckpt.build_meta(), phase, batch, seq, context)
+        return proto, n_blocks, ckpt.name, build_full
     if isinstance(model, str):
         name = model
         full_layers = presets.get(name).config[presets._LAYERS_KEY[presets.get(name).family]]
@@ -161,12 +216,12 @@ def prototype(model, phase: str, batch: int, seq: int, context: int | None):
     return proto, n, type(model).__name__, lambda: (model, phase, batch, seq, context)
 
 
-def full_program(build_full, choice, q) -> "Program":
+def full_program(build_full, choice, q, weights: CheckpointSource | None = None) -> Program:
     model, phase, batch, seq, context = build_full()
     gm = capture_program(Step(model, last_only=True), phase_inputs(model, phase, batch=batch, seq=seq,
                                                                    context=context), {})
     apply(gm, choice.mesh, choices_for(gm.meta[LAYERS], choice.blocks, q.forced), insert=True)
-    return Program(gm, choice.mesh)
+    return Program(gm, choice.mesh, weights)
 
 
 def plan_graph(gm: fx.GraphModule, meshes: list[Mesh], request: dict[str, str], *, model: str, hardware: str,

@@ -125,12 +125,19 @@ class ShardedModule(nn.Module):
 
 
 class Program:
-    """The planned global-view graph: emits rank programs and runs all of them in one process."""
+    """The planned global-view graph: emits rank programs and runs all of them in one process.
 
-    def __init__(self, gm: fx.GraphModule, mesh: Mesh):
+    `weights`: where ranks read their shards by default (a source with `fresh()`, such as a
+    CheckpointSource: the model was captured on the meta device); each rank emitted reads through a
+    source of its own, and `bytes_read[rank]` is what it read. Without, the tensors captured with the
+    model are sliced."""
+
+    def __init__(self, gm: fx.GraphModule, mesh: Mesh, weights=None):
         self.gm, self.mesh = gm, mesh
         self.sig = signature(gm)
         self.call = PlannedCall(gm)
+        self.weights = weights
+        self.bytes_read: dict[int, int] = {}
 
     def emit(self, rank: int, *, group_name: Callable | None = None, weights=None, device=None) -> ShardedModule:
         """Rank `rank`'s program; by default on the real process groups of the current world."""
@@ -138,8 +145,17 @@ class Program:
             from ..runtime.distributed import mesh_groups
 
             group_name = mesh_groups(self.mesh)
-        prog = emit_rank(self.gm, self.mesh, rank, group_name=group_name, weights=weights, device=device)
+        prog = self._emit(rank, group_name, weights, device)
         return ShardedModule(prog, self.call, self.sig.out_spec, self.input_layouts(), self.mesh, rank)
+
+    def _emit(self, rank: int, group_name, weights, device) -> fx.GraphModule:
+        """Rank `rank`'s graph, its shards read from `weights`, else from the program's own source (counted)."""
+        if weights is not None or self.weights is None:
+            return emit_rank(self.gm, self.mesh, rank, group_name=group_name, weights=weights, device=device)
+        source = self.weights.fresh()
+        prog = emit_rank(self.gm, self.mesh, rank, group_name=group_name, weights=source, device=device or "cpu")
+        self.bytes_read[rank] = source.bytes_read
+        return prog
 
     @property
     def state(self) -> dict:
@@ -158,10 +174,15 @@ class Program:
         """The flat inputs of a call, refused unless it is the call the program was planned for."""
         return self.call.flatten(args, kwargs)
 
-    def simulate(self, args: tuple, kwargs: dict | None = None, *, trace: Trace | None = None) -> Any:
+    def simulate(self, args: tuple, kwargs: dict | None = None, *, trace: Trace | None = None,
+                 programs: list[fx.GraphModule] | None = None) -> Any:
+        """Every rank's program run in this process on its shards of the call; the global outputs.
+        `programs`: the rank programs, already emitted for simulated groups (else emitted here)."""
         flat = self.flat_inputs(args, kwargs)
         layouts = self.input_layouts()
-        programs = [emit_rank(self.gm, self.mesh, r, group_name=sim_group_name) for r in range(self.mesh.size)]
+        if programs is None:
+            device = next((x.device for x in flat if isinstance(x, torch.Tensor)), None) if self.weights else None
+            programs = [self._emit(r, sim_group_name, None, device) for r in range(self.mesh.size)]
         inputs = [
             [shard_tensor(x, layouts[i], self.mesh, r) if i in layouts else x for i, x in enumerate(flat)]
             for r in range(self.mesh.size)

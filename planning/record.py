@@ -11,7 +11,14 @@ import torch.fx as fx
 
 from ..ir.kinds import LayerKind
 from ..ir.meta import LAYERS, PLAN
-from ..ir.plan import CollectiveRecord, LayerPlan, Memory, Plan, Settings, Totals
+from ..ir.plan import (
+    CollectiveRecord,
+    LayerPlan,
+    Memory,
+    Plan,
+    Settings,
+    Totals,
+)
 from ..passes.attribute import OUTPUT
 from ..passes.find_layers import Layers
 from ..passes.pipeline import run
@@ -22,6 +29,7 @@ from .candidate import Candidate, Choice
 from .costing import layer_costs, param_count
 from .question import Question
 from .search import residual_itemsize, transition_steps
+from .sharding import Tally, blocks_named
 
 
 def record(proto: fx.GraphModule, choice: Choice, results: list, q: Question, n_blocks: int) -> Plan:
@@ -34,10 +42,15 @@ def record(proto: fx.GraphModule, choice: Choice, results: list, q: Question, n_
     plan: Plan | None = None
     rows: list[LayerPlan] = []
     in_block = {l.name for l in layers.layers if l.block is not None}
+    tally = Tally(mesh)
     for k, (cand, start, end) in enumerate(runs):
         conversions = apply(proto, mesh, choices_for(layers, [cand], q.forced))
         run(proto, summarize, mesh, conversions, model=q.model, hardware=q.hw.name, phase=q.phase)
         part = proto.meta[PLAN]
+        if len(layers.blocks) == 1:  # a prototype: its block stands for blocks start..end of this run
+            tally.add(proto, start, end, first=k == 0, last=k == len(runs) - 1)
+        elif k == len(runs) - 1:  # the whole graph, as it is left planned
+            tally.add(proto, 0, 0, first=True, last=True)
         costs = layer_costs(proto, mesh, conversions, q.precision)
         plan = plan or part
         for row in part.layers:
@@ -50,7 +63,7 @@ def record(proto: fx.GraphModule, choice: Choice, results: list, q: Question, n_
                             "kv_bytes": c.kv_bytes, "comm_bytes": c.comm_bytes()}
             if row.name in in_block and len(layers.blocks) == 1 and n_blocks > 1:
                 row.count = end - start + 1
-                row.name = _blocks_named(row.name, layers.blocks[0].name, start, end)
+                row.name = blocks_named(row.name, layers.blocks[0].name, start, end)
             rows.append(row)
         if k < len(runs) - 1:
             rows.append(_transition_row(cand, runs[k + 1][0], end, proto, q))
@@ -61,7 +74,8 @@ def record(proto: fx.GraphModule, choice: Choice, results: list, q: Question, n_
     _totals(plan, choice, q, params=params, weight_bytes=weight_bytes,
             tokens=max(1, dims.get("B", 1) * dims.get("L", 1)))
     plan.explain = explain(choice, results, n_blocks)
-    plan.notes = list(q.notes)
+    plan.sharding = tally.sharding()
+    plan.notes = list(q.notes) + ([note] if (note := plan.sharding.experts_note()) else [])
     return plan
 
 
@@ -97,13 +111,6 @@ def _transition_row(a: Candidate, b: Candidate, after: int, proto: fx.GraphModul
     cost = LayerCost(comm=[Comm(s, item) for s in steps])
     row.cost = {**cost.times(q.hw), "comm_bytes": cost.comm_bytes()}
     return row
-
-
-def _blocks_named(name: str, block: str, start: int, end: int) -> str:
-    head, _, idx = block.rpartition(".")
-    if not idx.isdigit():
-        return name
-    return name.replace(block, f"{head}.[{start}-{end}]" if end > start else f"{head}.{start}", 1)
 
 
 def _totals(plan: Plan, choice: Choice, q: Question, *, params: float, weight_bytes: float, tokens: int) -> None:

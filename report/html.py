@@ -8,9 +8,10 @@ script from the network. For each plan it draws the mesh with its axes, their si
 plays; one table row per layer row of the plan (a run of identical blocks is one row with its count),
 with its layout in the paper's notation, the weight bytes it reads per chip, its collectives and bytes,
 and its time split into compute, memory and communication (a row expands into every weight layout,
-collective and note); memory per chip against the chip's capacity; and every candidate the planner
-weighed with its time and why it lost. With two phases, buttons switch between them or show them side
-by side, and the KV-cache redistribution between them is listed.
+collective and note); memory per chip against the chip's capacity; the fractions of the parameter bytes
+and matmul FLOPs split over the chips, with what stays whole (a block's unsharded matmuls warned of); and
+every candidate the planner weighed with its time and why it lost. With two phases, buttons switch
+between them or show them side by side, and the KV-cache redistribution between them is listed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..ir.plan import LayerPlan, Plan
 from ..strategies.family import parse_ffn
 from . import svg
 from .phases import PlanPair
-from .views import PART_NAMES, PARTS, axis_roles, explained, memory_parts, step_label, time_parts
+from .views import PART_NAMES, PARTS, axis_roles, explained, memory_parts, sharded_parts, step_label, time_parts
 
 SHOWN_CANDIDATES = 12  # candidates drawn before "show all"
 
@@ -96,6 +97,8 @@ def _plan_section(p: Plan) -> str:
              ("mesh", f"{p.mesh} = {p.mesh.size} chips")]
     if t.transitions:
         cards.append(("between runs of blocks", _ms(t.transitions)))
+    if (sp := sharded_parts(p)) is not None:
+        cards.append(("sharded: parameters · matmul FLOPs", f"{sp.params * 100:.1f}% · {sp.flops * 100:.1f}%"))
     parts = [f"<section class='plan' data-phase='{escape(str(p.phase))}' id='plan-{escape(str(p.phase))}'>",
              f"<h2><span class='phase'>{escape(str(p.phase))}</span> {escape(p.family or p.chosen or '')}</h2>",
              f"<p class='what'>{escape(step_label(p))}. Chosen, run by run: <code>{escape(p.chosen)}</code>.</p>",
@@ -103,7 +106,7 @@ def _plan_section(p: Plan) -> str:
                                              f"<div class='v'>{escape(v)}</div></div>" for k, v in cards) + "</div>",
              "<h3>The mesh</h3>", svg.mesh_svg(p.mesh, axis_roles(p)),
              "<h3>Layers</h3>", _layer_table(p),
-             "<h3>Memory per chip</h3>", _memory(p),
+             "<h3>Memory per chip</h3>", _memory(p), *_sharded(p),
              "<h3>Candidates and why each lost</h3>", _candidates(p)]
     if p.unknown_ops:
         parts.append("<h3>Ops without a layout rule (run on replicated inputs)</h3><ul>" + "".join(
@@ -181,6 +184,27 @@ def _memory(p: Plan) -> str:
     fill = f"{m['total'] / cap * 100:.0f}% of its {format_bytes(cap)}" if cap else "capacity unknown"
     return (svg.memory_svg(m) + f"<p class='what'>Each chip holds {format_bytes(m['total'])}: {fill}. The whole "
             f"model's weights are {format_bytes(p.memory.weights_total)}.</p>")
+
+
+def _sharded(p: Plan) -> list[str]:
+    """What the plan splits over the chips and what it leaves whole (nothing for a plan that records none)."""
+    sp = sharded_parts(p)
+    if sp is None:
+        return []
+    out = ["<h3>What is sharded</h3>", f"<p class='what sharded'>{escape(sp.line)}.</p>"]
+    if sp.unsharded:
+        out.append("<div class='warn'><b>Matmuls of the blocks not sharded</b> (every chip computes them or holds "
+                   "their weights whole):<ul>" + "".join(f"<li><code>{escape(u)}</code></li>" for u in sp.unsharded)
+                   + "</ul></div>")
+    if sp.experts:
+        out.append(f"<p class='note'>{escape(sp.experts)}</p>")
+    if sp.replicated:
+        out.append(f"<details><summary>{len(sp.replicated)} parameter{'s' * (len(sp.replicated) > 1)} held whole "
+                   f"by every chip ({sum(s for _, s in sp.replicated) * 100:.1f}% of the parameter bytes)</summary>"
+                   "<table class='inner'><tr><th>parameter</th><th class='num'>share of the bytes</th></tr>" + "".join(
+                       f"<tr><td><code>{escape(name)}</code></td><td class='num'>{share * 100:.2f}%</td></tr>"
+                       for name, share in sp.replicated) + "</table></details>")
+    return out
 
 
 def _candidates(p: Plan) -> str:
@@ -264,6 +288,7 @@ svg text{font-family:system-ui,sans-serif;fill:#1d2733}svg text.muted{fill:#6676
 .show-all{font:inherit;font-size:12px;margin:4px 0;padding:2px 10px;border:1px solid #9fb0c3;background:#fff;border-radius:12px;cursor:pointer}
 details{margin:6px 0}summary{cursor:pointer;color:#2f5d8c}footer{padding:4px 28px 24px;color:#4a5a6c;font-size:13px}
 tr.kind-transition td{background:#fff8ec}
+.warn{background:#fff4e5;border:1px solid #f0c36d;border-radius:6px;padding:6px 10px;margin:6px 0;font-size:13px}
 """
 
 SCRIPT = """

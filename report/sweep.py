@@ -149,11 +149,11 @@ def run_sweep(models: Iterable[str], *, chips: Iterable[int], batches: Iterable[
     are spread over that many processes."""
     import time
 
-    from ..models.presets import get
+    from ..planning.planner import check_model
 
-    models = list(models)
+    models = [str(m) for m in models]
     for m in models:
-        get(m)  # an unknown model fails here, naming the presets, before any point is planned
+        check_model(m)  # neither a preset nor a checkpoint directory: fails here, before any point is planned
     chips, batches = _positive("chips", chips), _positive("batches", batches)
     phases = _names("phases", phases, Phase.parse)
     objectives = _names("objectives", objectives, Objective.parse)

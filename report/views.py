@@ -8,6 +8,8 @@
     block_names(layer)  the layer names a row standing for a run of blocks stands for
     memory_parts(plan)  bytes per chip: the 1/n share of the weights, what is replicated beyond it, the
                         KV cache, and the hardware's capacity
+    sharded_parts(plan) the fractions of parameter bytes and matmul FLOPs split over the chips, and what
+                        is not (parameters held whole, a block's matmuls left unsharded)
 """
 
 from __future__ import annotations
@@ -127,3 +129,25 @@ def step_label(plan: Plan) -> str:
     ctx = f", KV cache {plan.settings.context}" if plan.settings.context else ""
     tokens = "token" if plan.seq == 1 else "tokens"
     return f"{plan.phase}: {plan.batch} sequence{'s' if plan.batch != 1 else ''}, {plan.seq} {tokens} each{ctx}"
+
+
+@dataclass(frozen=True)
+class ShardedParts:
+    """How much of the model a plan splits over the chips (`Plan.sharding`, as a report shows it)."""
+
+    params: float  # fraction of the parameter bytes split over more than one chip
+    flops: float  # fraction of the matmul FLOPs each chip computes only a part of
+    line: str  # "sharded: 96.3% of parameter bytes, 98.1% of matmul FLOPs (replicated: ...)"
+    replicated: list[tuple[str, float]]  # (parameter, share of the parameter bytes), largest first
+    unsharded: list[str]  # a block's matmuls left unsharded, one line each
+    experts: str  # "experts run replicated (...)", or ""
+
+
+def sharded_parts(plan: Plan) -> ShardedParts | None:
+    """The plan's sharded fractions and what stays whole (None: the plan records none, an older plan)."""
+    s = plan.sharding
+    if s is None:
+        return None
+    return ShardedParts(params=s.param_fraction, flops=s.flops_fraction, line=s.line(),
+                        replicated=[(r.name, r.share) for r in s.replicated],
+                        unsharded=[u.describe() for u in s.unsharded], experts=s.experts_note())

@@ -115,7 +115,7 @@ def _compute(kind: str, xs: list[torch.Tensor], node: fx.Node) -> list[torch.Ten
     if kind == "reduce_scatter":
         return [c.clone() for c in _sum(xs).chunk(G, 0)]
     if kind == "all_to_all":
-        out_splits, in_splits = node.args[1], node.args[2]
+        in_splits = node.args[2]
         pieces = [x.split(list(in_splits), 0) for x in xs]
         return [torch.cat([pieces[src][dst] for src in range(G)], 0) for dst in range(G)]
     raise AssertionError(kind)

@@ -1,5 +1,6 @@
-"""Where a rank's weight shards come from: the full tensors in memory, or a safetensors file read
-slice by slice (so a rank never materializes a weight it does not hold).
+"""Where a rank's weight shards come from: the full tensors in memory, a safetensors file, or a Hugging
+Face checkpoint directory (one file or shards with an index), read slice by slice (so a rank never
+materializes a weight it does not hold; file sources count the bytes they read, `bytes_read`).
 
 A state key may be derived from another by a slice (canonicalize unfuses GPT-2's [E, 3E] c_attn into
 three [E, E] pieces: `...c_attn.weight[1:64+64]` is columns 64..127); sources resolve those too.
@@ -23,15 +24,10 @@ import torch
 from ..errors import ShardwiseError
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
+from ..models.checkpoint import SAFETENSORS_DTYPES as _SAFETENSORS_DTYPES
+from ..models.checkpoint import Checkpoint, aliases
 
 _DERIVED = re.compile(r"^(?P<base>.*)\[(?P<dim>\d+):(?P<start>\d+)\+(?P<length>\d+)\]$")
-
-# safetensors' names for dtypes in a file's header
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "C64": torch.complex64,
-}
 
 Shape = tuple[int, ...]
 Header = Callable[[str], "tuple[Shape, torch.dtype | str] | None"]  # key → (shape, dtype); None if absent
@@ -195,6 +191,7 @@ class SafetensorsSource:
                 f"download or save it again. {make}"
             ) from None
         self._keys = set(self._file.keys())
+        self.bytes_read = 0  # bytes of tensor data read so far
 
     def _header(self, key: str) -> tuple[Shape, torch.dtype | str] | None:
         if key not in self._keys:
@@ -215,7 +212,9 @@ class SafetensorsSource:
                                  f"{self.path}, which holds {len(self._keys)} other tensors: use the checkpoint of "
                                  f"the model the plan was made from (check(key, shape, dtype) says what is expected)")
         sl = self._file.get_slice(base)
-        return sl[idx] if idx else sl[:]
+        out = sl[idx] if idx else sl[:]
+        self.bytes_read += out.numel() * out.element_size()
+        return out
 
 
 def save_state(state: dict[str, torch.Tensor], path: str) -> None:
@@ -224,3 +223,110 @@ def save_state(state: dict[str, torch.Tensor], path: str) -> None:
 
     base = {k: v.detach().contiguous().clone() for k, v in state.items() if not _DERIVED.match(k)}
     save_file(base, path)
+
+
+class CheckpointSource:
+    """The tensors of a Hugging Face checkpoint directory (`save_pretrained`), read one slice at a time.
+
+    One `model.safetensors`, or shards named by `model.safetensors.index.json`; only the slices asked
+    for are read (`safe_open(...).get_slice(name)[index]`), and `bytes_read` counts them, so a rank
+    can show what it read beside the checkpoint's size (`nbytes`).
+
+    A state key of the captured graph is the model's own state-dict name (`model.layers.0.mlp.up_proj.
+    weight`, `lm_head.weight`), found in the files under that name; else, for tied weights, under the
+    name of the tensor it is tied to (save_pretrained writes one of `lm_head.weight` and
+    `model.embed_tokens.weight`); else under the name with or without the model's base prefix (a base
+    model's checkpoint); else, for a buffer the files do not hold (Llama's non-persistent
+    `rotary_emb.inv_freq`), the buffer the model computed when it was built (`model`, built with
+    models.checkpoint.Checkpoint.build_meta; built here when not given). Derived keys (canonicalize's
+    slices, `key[dim:start+length]`) are read as slices of their base.
+    """
+
+    def __init__(self, path, model=None):
+        self.checkpoint = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
+        self.path = self.checkpoint.path
+        self._model = model
+        self._aliases: dict[str, list[str]] | None = None
+        self._handles: dict = {}
+        self._found: dict[str, tuple[str, object] | None] = {}
+        self.bytes_read = 0  # bytes of tensor data read from the files so far (every read)
+        self._regions: set[tuple] = set()  # (stored name, slices) read so far
+        self.bytes_distinct = 0  # the same, each region counted once (a slice read again is not counted again)
+
+    def fresh(self) -> CheckpointSource:
+        """A source over the same checkpoint and model with its own counts (one per rank emitted here)."""
+        return CheckpointSource(self.checkpoint, model=self._model)
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of every tensor in the checkpoint: what a rank reading all of it would read."""
+        return self.checkpoint.nbytes
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = self.checkpoint.build_meta()
+        return self._model
+
+    def _locate(self, key: str) -> tuple[str, object] | None:
+        """("file", stored name) or ("buffer", the model's tensor) for a base key; None if neither holds it."""
+        if key in self._found:
+            return self._found[key]
+        stored = self.checkpoint.shapes
+        found = ("file", key) if key in stored else None
+        if found is None and not _DERIVED.match(key):  # a derived key is found through its base (resolve)
+            model = self.model
+            if self._aliases is None:
+                self._aliases = aliases(model)
+            names = list(self._aliases.get(key, []))
+            prefix = getattr(model, "base_model_prefix", "") or ""
+            if prefix:
+                names += [key.removeprefix(prefix + ".")] if key.startswith(prefix + ".") else [f"{prefix}.{key}"]
+            found = next((("file", n) for n in names if n in stored), None)
+            if found is None:
+                buffers = dict(model.named_buffers(remove_duplicate=False))
+                b = buffers.get(key)
+                if b is not None and b.device.type != "meta":
+                    found = ("buffer", b)
+        self._found[key] = found
+        return found
+
+    def _header(self, key: str) -> tuple[Shape, torch.dtype | str] | None:
+        found = self._locate(key)
+        if found is None:
+            return None
+        kind, what = found
+        if kind == "file":
+            return self.checkpoint.shapes[what]
+        return tuple(what.shape), what.dtype
+
+    def check(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        check_weight(key, shape, dtype, self._header, self.checkpoint.shapes,
+                     origin=f"the checkpoint {self.path}",
+                     fix="Plan the model from this checkpoint directory (shardwise.plan(path, ...)), or use the "
+                         "checkpoint of the model the plan was made from (same configuration and dtype).")
+
+    def read(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
+        base, idx = resolve(key, index)
+        found = self._locate(base)
+        if found is None:
+            raise ShardwiseError(f"weight {base!r} (read for {key!r}) is in neither the checkpoint {self.path} nor the "
+                                 f"model's buffers: use the checkpoint of the model the plan was made from "
+                                 f"(check(key, shape, dtype) says what is expected)")
+        kind, what = found
+        if kind == "buffer":
+            return what[idx] if idx else what
+        file = self.checkpoint.files[what]
+        if file not in self._handles:
+            from safetensors import safe_open
+
+            self._handles[file] = safe_open(str(file), framework="pt")
+        sl = self._handles[file].get_slice(what)
+        out = sl[idx] if idx else sl[:]
+        n = out.numel() * out.element_size()
+        self.bytes_read += n
+        region = (what, tuple((s.start, s.stop, s.step) for s in idx))
+        if region not in self._regions:
+            self._regions.add(region)
+            self.bytes_distinct += n
+        return out
