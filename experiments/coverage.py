@@ -2,7 +2,7 @@
 
     python -m shardwise.experiments.coverage                        # every architecture: the table, the counts
     python -m shardwise.experiments.coverage llama falcon gpt2       # some of them
-    python -m shardwise.experiments.coverage --markdown coverage.md  # also write the README table
+    python -m shardwise.experiments.coverage --readme README.md      # also rewrite the README's table
 
 Each architecture of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` is built with random weights from its own
 default configuration shrunk by `models.presets.tiny_hf_config` (2 layers, E 64, 4 query heads and 2 KV
@@ -43,6 +43,7 @@ from ..drivers.generate import reference_generate
 from ..errors import ShardwiseError
 from ..ir.meta import LAYERS
 from ..models.presets import build_hf, vocab_size
+from ..models.steps import Step
 from ..passes.graph_utils import copy_program
 from ..passes.storage import weights
 from ..planning import planner
@@ -74,6 +75,7 @@ class Result:
     seconds: float = 0.0
     replicated: float | None = None  # the largest fraction of weight bytes not split n ways, over the cases
     model: str = ""  # the class built
+    flops: float | None = None  # the smallest fraction of matmul FLOPs each chip computes only part of
 
 
 @dataclass
@@ -88,6 +90,7 @@ class Case:
     held_ok: bool = True
     held: str = ""
     replicated: float = 0.0
+    flops: float = 1.0
     experts: list[str] = field(default_factory=list)
 
     @property
@@ -120,7 +123,7 @@ def _verdict(result: Result, model, meshes, layouts, tokens: int) -> Result:
     vocab = vocab_size(model)
     ids = torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
     # the model as called first (captured once, reused by the cases): what it computes decides a refusal
-    api.plan(model, (ids,), {"use_cache": False}, mesh=meshes[0], layouts=layouts[0])
+    api.plan(model, (ids,), {"use_cache": False}, mesh=meshes[0], layouts=layouts[-1])
     want_tokens = reference_generate(model, ids, tokens)
     own = _greedy_without_cache(model, ids, tokens)
     if not torch.equal(want_tokens, own):
@@ -129,6 +132,7 @@ def _verdict(result: Result, model, meshes, layouts, tokens: int) -> Result:
         return result
     cases = [_case(model, ids, want_tokens, mesh, request, tokens) for mesh in meshes for request in layouts]
     result.replicated = max(c.replicated for c in cases)
+    result.flops = min(c.flops for c in cases)
     wrong = [c for c in cases if c.max_abs_diff > ATOL or not c.tokens_equal]
     if wrong:
         c = wrong[0]
@@ -155,8 +159,10 @@ def _case(model, ids: torch.Tensor, want_tokens: torch.Tensor, mesh: str, reques
     kwargs = {"use_cache": False}
     plan = api.plan(model, (ids,), kwargs, mesh=mesh, layouts=request)
     case.chosen = plan.chosen
-    with torch.no_grad():
-        got = api.simulate(plan, (ids,), kwargs).logits
+    case.flops = plan.sharding.flops_fraction
+    ranks = [plan.program.emit(rank, group_name=sim_group_name) for rank in range(plan.mesh.size)]
+    with torch.no_grad():  # the programs whose holdings are checked below are the ones that ran
+        got = plan.program.simulate((ids,), kwargs, programs=[r.program for r in ranks]).logits
         want = model(ids, **kwargs).logits
     case.max_abs_diff = (got - want).abs().max().item()
     gm = plan.program.gm
@@ -165,8 +171,7 @@ def _case(model, ids: torch.Tensor, want_tokens: torch.Tensor, mesh: str, reques
     total = sum(s.numel * s.itemsize for s in stored)
     case.replicated = sum(s.numel * s.itemsize for s in stored if s.factor > 1) / total
     bound = plan.memory.weights_total / plan.mesh.size + sum(r.extra_bytes for r in plan.memory.replicated)
-    for rank in range(plan.mesh.size):
-        program = plan.program.emit(rank, group_name=sim_group_name)
+    for rank, program in enumerate(ranks):
         held = sum(t.numel() * t.element_size() for t in program.state_dict().values())
         if held > bound * (1 + 1e-9):
             case.held_ok, case.held = False, f"rank {rank} holds {held} bytes, more than 1/n + replicated = {bound:.0f}"
@@ -204,7 +209,7 @@ def reused_captures() -> Iterator[None]:
     def capture_program(module, args, kwargs):
         leaves, spec = torch.utils._pytree.tree_flatten((tuple(args), dict(kwargs or {})))
         call = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else repr(x) for x in leaves)
-        key = (id(module), str(spec), call)
+        key = (_identity(module), str(spec), call)
         if key not in cache:
             cache[key] = (module, original(module, args, kwargs))  # the module kept alive: its id stays unique
         return copy_program(cache[key][1])
@@ -214,6 +219,14 @@ def reused_captures() -> Iterator[None]:
         yield
     finally:
         planner.capture_program = original
+
+
+def _identity(module) -> tuple:
+    """What a capture of `module` depends on: the module, or for a generation step (a new `Step` wraps the
+    model on every generate call) the model it wraps and how it returns logits."""
+    if isinstance(module, Step):
+        return type(module), id(module.model), module.last_only
+    return (id(module),)
 
 
 @contextlib.contextmanager
@@ -251,16 +264,39 @@ def architectures() -> list[str]:
     return list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
-def sweep(archs: list[str] | None = None, *, progress=None, **kw) -> list[Result]:
-    """`check` every architecture (all of `architectures()` by default), in order."""
+def sweep(archs: list[str] | None = None, *, progress=None, jobs: int = 1, **kw) -> list[Result]:
+    """`check` every architecture (all of `architectures()` by default); with `jobs` > 1 in that many worker
+    processes (one thread each), results in the order of `archs`."""
     _quiet()
-    results = []
-    for arch in archs or architectures():
-        r = check(arch, **kw)
-        results.append(r)
-        if progress is not None:
-            progress(r)
-    return results
+    archs = list(archs or architectures())
+    if jobs <= 1:
+        results = []
+        for arch in archs:
+            results.append(check(arch, **kw))
+            if progress is not None:
+                progress(results[-1])
+        return results
+    import concurrent.futures as cf
+    import functools
+    import multiprocessing
+
+    done: dict[str, Result] = {}
+    with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init) as pool:
+        futures = {pool.submit(functools.partial(check, **kw), arch): arch for arch in archs}
+        for f in cf.as_completed(futures):
+            arch = futures[f]
+            try:
+                done[arch] = f.result()
+            except Exception as e:  # noqa: BLE001 — the worker process itself died (a segfault, out of memory)
+                done[arch] = Result(arch, Status.CRASH, f"the checking process died: {_one_line(e)}")
+            if progress is not None:
+                progress(done[arch])
+    return [done[a] for a in archs]
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+    _quiet()
 
 
 def counts(results: list[Result]) -> dict[Status, int]:
@@ -270,7 +306,7 @@ def counts(results: list[Result]) -> dict[Status, int]:
 def table(results: list[Result]) -> str:
     """The plain-text table: one row per architecture, then the counts."""
     width = max([len(r.arch) for r in results] + [12])
-    lines = [f"{'architecture':{width}}  {'status':26} {'time':>6} {'repl.':>6}  detail"]
+    lines = [f"{'architecture':{width}}  {'status':26} {'time':>6} {'repl.':>6} {'flops':>6}  detail"]
     for r in results:
         lines.append(_row(r, width))
     lines.append("")
@@ -280,7 +316,8 @@ def table(results: list[Result]) -> str:
 
 def _row(r: Result, width: int = 28) -> str:
     repl = "" if r.replicated is None else f"{r.replicated:.1%}"
-    return f"{r.arch:{width}}  {r.status.value:26} {r.seconds:5.1f}s {repl:>6}  {_short(r.detail)}"
+    flops = "" if r.flops is None else f"{r.flops:.1%}"
+    return f"{r.arch:{width}}  {r.status.value:26} {r.seconds:5.1f}s {repl:>6} {flops:>6}  {_short(r.detail)}"
 
 
 def _short(text: str, limit: int = 200) -> str:
@@ -303,12 +340,45 @@ def markdown(results: list[Result]) -> str:
     lines = [f"Coverage of the installed transformers' causal-LM architectures ({len(results)}), tiny random "
              f"models on simulated ranks (meshes {', '.join(MESHES)}; layouts by cost and ffn=ws2d): "
              + ", ".join(f"**{n}** {s.value}" for s, n in c.items()) + ".", "",
-             "| architecture | status | replicated | detail |", "|---|---|---|---|"]
+             "| architecture | status | weights replicated | matmul FLOPs sharded | detail |", "|---|---|---|---|---|"]
     for r in results:
         repl = "" if r.replicated is None else f"{r.replicated:.1%}"
+        flops = "" if r.flops is None else f"{r.flops:.1%}"
         detail = _short(r.detail).replace("|", "\\|")
-        lines.append(f"| `{r.arch}` | {r.status.value} | {repl} | {detail} |")
+        lines.append(f"| `{r.arch}` | {r.status.value} | {repl} | {flops} | {detail} |")
     return "\n".join(lines) + "\n"
+
+
+README_START = "<!-- coverage: written by python -m shardwise.experiments.coverage --readme README.md -->"
+README_END = "<!-- coverage: end -->"
+
+
+def write_readme(results: list[Result], path: str) -> None:
+    """Put the markdown table between the coverage markers of the README at `path` (replacing what was there)."""
+    with open(path) as f:
+        text = f.read()
+    if README_START not in text or README_END not in text:
+        raise SystemExit(f"{path} has no coverage markers: put {README_START!r} and {README_END!r} where the table goes")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    with open(path, "w") as f:
+        f.write(head + README_START + "\n\n" + markdown(results) + "\n" + README_END + tail)
+
+
+def recorded(path: str) -> dict[str, Status]:
+    """The status of each architecture as the table between the README's coverage markers records it."""
+    with open(path) as f:
+        text = f.read()
+    if README_START not in text:
+        return {}
+    section = text.split(README_START, 1)[1].split(README_END, 1)[0]
+    by_value = {s.value: s for s in Status}
+    out = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.split(" | ")]
+        if len(cells) >= 2 and cells[0].startswith("| `") and cells[1] in by_value:
+            out[cells[0].strip("| `")] = by_value[cells[1]]
+    return out
 
 
 def _quiet() -> None:
@@ -331,18 +401,23 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("archs", nargs="*", help="architectures to check (default: every causal-LM architecture)")
     ap.add_argument("--markdown", help="also write the table as markdown to this file")
+    ap.add_argument("--readme", help="also rewrite the coverage table between the markers of this README")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes (one core each)")
     ap.add_argument("--timeout", type=int, default=TIMEOUT_S, help="seconds per architecture")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     archs = args.archs or architectures()
     width = max(len(a) for a in archs)
-    print(f"{'architecture':{width}}  {'status':26} {'time':>6} {'repl.':>6}  detail", flush=True)
-    results = sweep(archs, progress=lambda r: print(_row(r, width), flush=True), timeout_s=args.timeout)
+    print(f"{'architecture':{width}}  {'status':26} {'time':>6} {'repl.':>6} {'flops':>6}  detail", flush=True)
+    results = sweep(archs, progress=lambda r: print(_row(r, width), flush=True), jobs=args.jobs,
+                    timeout_s=args.timeout)
     print()
     print(summary(results))
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(markdown(results))
+    if args.readme:
+        write_readme(results, args.readme)
     return 0 if all(r.status not in (Status.WRONG, Status.CRASH) for r in results) else 1
 
 
