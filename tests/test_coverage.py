@@ -7,7 +7,8 @@ plan names as replicated, those under 10% of the model. Each test checks one arc
 fails when it gives wrong numbers, crashes, or gets another verdict than the README's coverage table
 records (the table is written by `python -m shardwise.experiments.coverage --readme README.md`, so it
 cannot drift from what shardwise does). Each architecture is captured once per call shape, so it costs a
-few seconds; `BUDGET_S` turns a runaway into a crash verdict, which fails.
+few seconds; `BUDGET_S` turns a runaway into a crash verdict, which fails. The run ends with the table of
+every verdict (tests/conftest.py prints it).
 """
 
 from pathlib import Path
@@ -35,8 +36,9 @@ def _quiet():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_architecture(arch):
+def test_architecture(arch, record_property):
     r = coverage.check(arch, timeout_s=BUDGET_S)
+    record_property("coverage", (r.arch, r.status.value, r.detail, r.seconds, r.replicated, r.model, r.flops))
     assert r.status not in (Status.WRONG, Status.CRASH), f"{arch}: {r.status.value}: {r.detail}"
     assert arch in RECORDED, (f"{arch} is not in README.md's coverage table: regenerate it with python -m "
                               f"shardwise.experiments.coverage --readme README.md")
