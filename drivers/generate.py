@@ -189,8 +189,9 @@ class _Ranks:
         per rank by `layouts`; or (layouts None) a list of per-rank input lists."""
         if phase not in self.programs:
             gm = program.gm if hasattr(program, "gm") else program
+            quantize = getattr(program, "quantize", None)  # the plan's weight dtype ("int8": held as int8)
             self.programs[phase] = [emit_rank(gm, self.mesh, r, group_name=self.group_name, weights=self.weights,
-                                              device=self.device) for r in self.ranks]
+                                              device=self.device, quantize=quantize) for r in self.ranks]
         if layouts is not None:
             inputs = [[shard_tensor(x, layouts[i], self.mesh, r) if i in layouts else x for i, x in enumerate(inputs)]
                       for r in self.ranks]

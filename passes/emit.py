@@ -9,7 +9,13 @@ constants of its local slices. For each node of the global view:
   mean over a split dim  → the local mean scaled to the global count (a partial sum)
   embedding split by V   → a lookup of this rank's vocab range, zero elsewhere (a partial sum)
   anything else          → the same op on local tensors
-Reads `sw_layout`, `sw_collective`, `val`, `sw_signature`, `sw_state`.
+With `quantize="int8"`, each projection weight (find_layers' q/k/v/o, feed-forward in/gate/out, the head)
+whose placeholder feeds only its matmul is held as int8 with per-output-row scales of the whole weight
+(runtime/quantize.py), and its matmul (linear, Conv1D's addmm, mm) becomes `int8_linear` on them.
+A weight gathered before its matmul (weight-gathered layouts) is gathered as int8, and its rank holds the
+scales of the rows it multiplies after the gather ([out, in] weights; a gathered Conv1D weight stays
+float). A weight shared with another op (GPT-2's head tied to its embedding) stays in the captured dtype.
+Reads `sw_layout`, `sw_collective`, `val`, `sw_signature`, `sw_state` (and `sw_layers` to quantize).
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ import torch.nn as nn
 from ..errors import TokenIdError
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
-from ..ir.meta import COLLECTIVE, FUSED_NORM, LAYOUT, SIGNATURE, STATE
+from ..ir.meta import COLLECTIVE, FUSED_NORM, LAYERS, LAYOUT, SIGNATURE, STATE
 from ..runtime.lower import RankEnv, lower_step
+from ..runtime.quantize import check_quantize, int8_addmm, int8_linear, int8_mm, quantize_rows, row_scales, scales_of
 from ..runtime.weights import StateSource, WeightSource, shard_index
 from .graph_utils import signature
 from .insert_collectives import REDISTRIBUTE_OPS
@@ -61,14 +68,22 @@ def emit(
     group_name: Callable[[tuple[str, ...]], str],
     weights: WeightSource | None = None,
     device: torch.device | str | None = None,
+    quantize: str | None = None,
+    scales: dict | None = None,
 ) -> fx.GraphModule:
     """Build rank `rank`'s program: a GraphModule whose forward takes the flat user inputs.
 
     Weights are read slice by slice from `weights` (default: the tensors captured with the model).
     `device`: where the program runs, when it differs from where the model was captured (a capture on
     the meta device bakes `device="meta"` into factory and `.to` calls; those are rewritten).
+    `quantize="int8"`: projection weights held and multiplied as int8 (see the module's docstring);
+    `scales`: a cache of per-row scales shared by the ranks emitted in one process ({(key, rows): scales}).
     """
     sig = signature(gm)
+    quantized = quantizable(gm) if check_quantize(quantize) else {}
+    scales = {} if scales is None else scales
+    qvals: dict[str, tuple[fx.Node, fx.Node]] = {}  # matmul → (the node feeding it the int8 weight, its scales)
+    gm_nodes = {n.name: n for n in gm.graph.nodes} if quantized else {}
     source = weights or StateSource(gm.meta[STATE])
     env = RankEnv(mesh, rank, group_name, torch.device(device) if device is not None else None)
     fused, skipped = _fusable_norms(gm)
@@ -87,6 +102,18 @@ def emit(
                 if key in sig.derived:  # a slice of a fused weight: the whole of it must match too
                     base = gm.meta[STATE][sig.derived[key][0]]
                     source.check(sig.derived[key][0], tuple(base.shape), base.dtype)
+                if node.name in quantized:
+                    mm, out_dim, fed = quantized[node.name]
+                    shape = tuple(node.meta["val"].shape)
+                    rows = shard_index(shape, gm_nodes[fed].meta[LAYOUT], mesh, rank)[out_dim]
+                    q, s_ = _quantized_shard(source, key, shape, index, rows, out_dim, scales)
+                    if env.device is not None:
+                        q, s_ = q.to(env.device), s_.to(env.device)
+                    root.register_parameter(attr, nn.Parameter(q, requires_grad=False))
+                    root.register_buffer(attr + "_scale", s_)
+                    vals[node] = g.get_attr(attr)
+                    qvals[mm] = (gm_nodes[fed], g.get_attr(attr + "_scale"))
+                    continue
                 local = source.read(key, index).contiguous().clone()
                 if env.device is not None:
                     local = local.to(env.device)
@@ -103,6 +130,10 @@ def emit(
             if node.name in fused:
                 vals[node] = _fused_norm(g, node, fused[node.name], vals, by_name)
                 continue
+            if node.name in qvals:
+                fed, scale = qvals[node.name]
+                vals[node] = _int8_matmul(g, node, vals, vals[fed], scale)
+                continue
             vals[node] = _lower(g, node, vals, env)
         elif node.op == "output":
             vals[node] = g.output(fx.node.map_arg(node.args[0], vals.__getitem__))
@@ -111,6 +142,103 @@ def emit(
     g.lint()
     program = fx.GraphModule(root, g, class_name="RankProgram")
     return program
+
+
+_MATMUL_WEIGHT = {aten.linear.default: (1, 0), aten.addmm.default: (2, 1), aten.mm.default: (1, 1)}
+# matmul op → (index of its weight argument, the weight's output dim)
+
+
+def quantizable(gm: fx.GraphModule) -> dict[str, tuple[str, int, str]]:
+    """Weight placeholder name → (its matmul node's name, the weight's output dim, the node the matmul
+    reads it from): the projections of find_layers' layers whose 2-D float weight placeholder feeds nothing
+    but that matmul's weight argument, directly or (an [out, in] weight) through nodes that only move it
+    (collectives; a fused gather's stack → collective → unbind → getitem, if all it stacks are int8)."""
+    layers = gm.meta.get(LAYERS)
+    if layers is None:
+        return {}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    sig = signature(gm)
+    out = {}
+    for layer in layers.layers:
+        for proj in layer.projections.values():
+            w, mm = nodes.get(proj.weight), nodes.get(proj.node)
+            if w is None or mm is None or w.op != "placeholder" or w.name not in sig.params:
+                continue
+            if sig.params[w.name] in sig.buffers or mm.target not in _MATMUL_WEIGHT:
+                continue
+            i, out_dim = _MATMUL_WEIGHT[mm.target]
+            if w.meta["val"].ndim != 2 or not w.meta["val"].dtype.is_floating_point or len(mm.args) <= i \
+                    or len(w.users) != 1:
+                continue
+            fed = mm.args[i]
+            if not isinstance(fed, fx.Node) or set(fed.users) != {mm} \
+                    or any(a is fed for j, a in enumerate(mm.args) if j != i):
+                continue
+            path = _path_to(w, fed) if out_dim == 0 else ([] if fed is w else None)
+            if path is not None:
+                out[w.name] = (mm.name, out_dim, fed.name, path)
+    # a stack of weights (fused gathers) is int8 only if every weight stacked is
+    while bad := [k for k, v in out.items() if any(n.target is aten.stack.default and
+                                                    any(a.name not in out for a in n.args[0]) for n in v[3])]:
+        for k in bad:
+            del out[k]
+    return {k: v[:3] for k, v in out.items()}
+
+
+_MOVES = (aten.unbind.int, operator.getitem)  # with REDISTRIBUTE_OPS and stack: what a gathered weight passes
+
+
+def _path_to(w: fx.Node, fed: fx.Node) -> list[fx.Node] | None:
+    """The nodes from weight `w` to the node `fed` the matmul reads it from, when they only move it:
+    collectives, or a fused gather's stack → collectives → unbind → getitem (None otherwise)."""
+    path, cur = [], fed
+    while cur is not w:
+        path.append(cur)
+        if cur.target is aten.stack.default:
+            if w not in cur.args[0] or any(not isinstance(a, fx.Node) or a.op != "placeholder" for a in cur.args[0]):
+                return None
+            break
+        if cur.target not in REDISTRIBUTE_OPS and cur.target not in _MOVES:
+            return None
+        ok_users = all(u.target is operator.getitem for u in cur.users) if cur.target is aten.unbind.int \
+            else len(cur.users) == 1
+        if not ok_users or not isinstance(cur.args[0], fx.Node):
+            return None
+        cur = cur.args[0]
+    return path
+
+
+def _quantized_shard(source: WeightSource, key: str, shape: tuple[int, ...], index: tuple[slice, ...],
+                     rows: slice, out_dim: int, cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's int8 shard [out_local, in_local] of `key` (`index`: its slices at rest) and the global
+    scales of the rows `rows` it multiplies (its own, or more after a gather)."""
+    in_dim = 1 - out_dim
+    local = source.read(key, index)
+    dtype = local.dtype
+    held, cols = index[out_dim], index[in_dim]
+    span = slice(min(held.start, rows.start), max(held.stop, rows.stop))  # the rows it holds and multiplies
+    ck = (key, span.start, span.stop)
+    s = cache.get(ck)
+    if s is None:
+        if cols.stop - cols.start == shape[in_dim] and held == span:  # whole rows, its own: their absmax
+            s = scales_of(local.detach().float().abs().amax(dim=in_dim), dtype)
+        else:  # the rest of those rows, read a shard's size at a time
+            s = row_scales(lambda idx: source.read(key, idx), shape, out_dim, span, cols.stop - cols.start, dtype,
+                           held.stop - held.start)
+        cache[ck] = s
+    q = quantize_rows(local, s[held.start - span.start: held.stop - span.start], out_dim)
+    return q, s[rows.start - span.start: rows.stop - span.start].contiguous().clone()
+
+
+def _int8_matmul(g: fx.Graph, node: fx.Node, vals: dict, q: fx.Node, s: fx.Node) -> fx.Node:
+    args = fx.node.map_arg(node.args, vals.__getitem__)
+    if node.target is aten.linear.default:
+        bias = args[2] if len(args) > 2 else fx.node.map_arg(node.kwargs.get("bias"), vals.__getitem__)
+        return g.create_node("call_function", int8_linear, (args[0], q, s, bias), name=node.name)
+    if node.target is aten.addmm.default:
+        kw = {k: v for k, v in node.kwargs.items() if k in ("beta", "alpha")}
+        return g.create_node("call_function", int8_addmm, (args[0], args[1], q, s), kw, name=node.name)
+    return g.create_node("call_function", int8_mm, (args[0], q, s), name=node.name)
 
 
 def _fusable_norms(gm: fx.GraphModule) -> tuple[dict[str, tuple], set[str]]:

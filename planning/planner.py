@@ -193,7 +193,7 @@ def _plan_full(gm: fx.GraphModule, q: Question, weights: CheckpointSource | None
     result = record(gm, choice, results, q, 1)
     run(gm, insert_collectives, choice.mesh)
     result.memory.replicated = replicated_weights(gm, choice.mesh)
-    result.program = Program(gm, choice.mesh, weights)
+    result.program = Program(gm, choice.mesh, weights, quantize=q.precision.weights)
     return result
 
 
@@ -221,7 +221,7 @@ def full_program(build_full, choice, q, weights: CheckpointSource | None = None)
     gm = capture_program(Step(model, last_only=True), phase_inputs(model, phase, batch=batch, seq=seq,
                                                                    context=context), {})
     apply(gm, choice.mesh, choices_for(gm.meta[LAYERS], choice.blocks, q.forced), insert=True)
-    return Program(gm, choice.mesh, weights)
+    return Program(gm, choice.mesh, weights, quantize=q.precision.weights)
 
 
 def plan_graph(gm: fx.GraphModule, meshes: list[Mesh], request: dict[str, str], *, model: str, hardware: str,

@@ -130,14 +130,21 @@ class Program:
     `weights`: where ranks read their shards by default (a source with `fresh()`, such as a
     CheckpointSource: the model was captured on the meta device); each rank emitted reads through a
     source of its own, and `bytes_read[rank]` is what it read. Without, the tensors captured with the
-    model are sliced."""
+    model are sliced.
 
-    def __init__(self, gm: fx.GraphModule, mesh: Mesh, weights=None):
+    `quantize`: the weight dtype the plan was made for (`Plan.settings.weights`, the planner's
+    `weight_dtype`); "int8" emits rank programs holding projection weights as int8 with per-output-row
+    scales and multiplying them as such (passes/emit.py, runtime/quantize.py); anything else (None,
+    "bf16", ...) keeps the weights in the captured dtype. It may be set after construction."""
+
+    def __init__(self, gm: fx.GraphModule, mesh: Mesh, weights=None, quantize: str | None = None):
         self.gm, self.mesh = gm, mesh
         self.sig = signature(gm)
         self.call = PlannedCall(gm)
         self.weights = weights
+        self.quantize = quantize
         self.bytes_read: dict[int, int] = {}
+        self._scales: dict = {}  # per-row int8 scales, shared by the ranks emitted in this process
 
     def emit(self, rank: int, *, group_name: Callable | None = None, weights=None, device=None) -> ShardedModule:
         """Rank `rank`'s program; by default on the real process groups of the current world."""
@@ -150,10 +157,14 @@ class Program:
 
     def _emit(self, rank: int, group_name, weights, device) -> fx.GraphModule:
         """Rank `rank`'s graph, its shards read from `weights`, else from the program's own source (counted)."""
+        q = {}
+        if self.quantize:  # scales shared across ranks only when read from the same in-memory tensors
+            q = {"quantize": self.quantize, "scales": self._scales if weights is None and self.weights is None else {}}
         if weights is not None or self.weights is None:
-            return emit_rank(self.gm, self.mesh, rank, group_name=group_name, weights=weights, device=device)
+            return emit_rank(self.gm, self.mesh, rank, group_name=group_name, weights=weights, device=device, **q)
         source = self.weights.fresh()
-        prog = emit_rank(self.gm, self.mesh, rank, group_name=group_name, weights=source, device=device or "cpu")
+        prog = emit_rank(self.gm, self.mesh, rank, group_name=group_name, weights=source, device=device or "cpu",
+                         **q)
         self.bytes_read[rank] = source.bytes_read
         return prog
 
