@@ -3,16 +3,21 @@
 Where a node's input is needed in another layout than its producer makes, the steps of
 `strategies.redistribute` are inserted right before the first consumer (a weight gathered for a
 weight-gathered layout is thus gathered just before its matmul, not at program start) and shared by
-later consumers needing the same layout: the parallel block's one input all-gather.
+later consumers needing the same layout: the parallel block's one input all-gather. Sibling
+conversions of one layer that start with the same collective on tensors of one shape (k and v's
+all-reduce, gate and in's reduce-scatter) share it (`passes/fuse_collectives.py`): the tensors are
+stacked on a new leading dim, the collective runs once, and `unbind` gives each its piece back.
 
 In the global view a collective does not change the tensor's value, only where its pieces live, so
 the graph still computes the model: each inserted op is the identity on the global tensor.
 
-Reads  `sw_layout`, `sw_in_layouts`, `val`. Writes the new nodes with `sw_layout`, `sw_collective`.
+Reads  `sw_layout`, `sw_in_layouts`, `val`. Writes the new nodes with `sw_layout`, `sw_collective`
+(a fused collective's names the stacked step: its bytes are its members' together).
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +29,7 @@ from ..ir.mesh import Mesh
 from ..ir.meta import COLLECTIVE, CONVERSION, IN_LAYOUTS, LAYOUT, SIGNATURE
 from ..strategies.redistribute import redistribute
 from ..strategies.rules import bind
+from .fuse_collectives import STACK, Fusion, fused_step, member_step, members_of, plan_fusions, stacked
 from .graph_utils import copy_meta
 from .pipeline import graph_pass
 
@@ -101,17 +107,62 @@ def plan_conversions(gm: fx.GraphModule, mesh: Mesh) -> list[Conversion]:
 
 @graph_pass(needs=(SIGNATURE, LAYOUT), makes=(LAYOUT,))
 def insert_collectives(gm: fx.GraphModule, mesh: Mesh) -> fx.GraphModule:
-    for conv in plan_conversions(gm, mesh):
-        cur = conv.src
-        with gm.graph.inserting_before(conv.first_consumer):
-            for step in conv.steps:
-                cur = _step_node(gm, cur, step, mesh, conv.first_consumer)
-                cur.meta[CONVERSION] = (conv.src.name, conv.first_consumer.name)
-        for node, name, idx in conv.uses:
-            _replace(node, name, idx, cur)
+    conversions = plan_conversions(gm, mesh)
+    fusions = plan_fusions(gm, conversions)
+    fused: dict[int, Fusion] = {id(c): f for f in fusions for c in f.members}
+    for f in fusions:  # first every move, so that no step inserted below is left behind by one
+        for n in f.hoist:
+            f.at.prepend(n)
+    done: set[int] = set()
+    for conv in conversions:
+        if id(conv) in done:
+            continue
+        f = fused.get(id(conv))
+        if f is None:
+            _insert(gm, conv, conv.src, conv.steps, mesh)
+            continue
+        firsts = _insert_fused(gm, f, mesh)
+        for member, first in zip(f.members, firsts):
+            _insert(gm, member, first, member.steps[1:], mesh)
+            done.add(id(member))
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _insert(gm: fx.GraphModule, conv: Conversion, cur: fx.Node, steps: list[Collective], mesh: Mesh) -> None:
+    with gm.graph.inserting_before(conv.first_consumer):
+        for step in steps:
+            cur = _step_node(gm, cur, step, mesh, conv.first_consumer)
+            cur.meta[CONVERSION] = (conv.src.name, conv.first_consumer.name)
+    for node, name, idx in conv.uses:
+        _replace(node, name, idx, cur)
+
+
+def _insert_fused(gm: fx.GraphModule, f: Fusion, mesh: Mesh) -> list[fx.Node]:
+    """stack → the one collective → unbind, before `f.at`; each member's tensor after the shared step."""
+    head, step, n = f.members[0], f.step, len(f.members)
+    conversion = (head.src.name, head.first_consumer.name)  # one layer owns them all (accounting)
+    g = gm.graph
+    with g.inserting_before(f.at):
+        pack = g.create_node("call_function", torch.ops.aten.stack.default, ([c.src for c in f.members], 0),
+                             name=STACK)
+        pack.meta["val"] = torch.stack([c.src.meta["val"] for c in f.members], 0)
+        pack.meta[LAYOUT] = stacked(step.src)
+        out = _step_node(gm, pack, fused_step(step, n), mesh, f.at)
+        parts = g.create_node("call_function", torch.ops.aten.unbind.int, (out, 0), name="fuse_unbind")
+        parts.meta["val"] = tuple(c.src.meta["val"] for c in f.members)
+        parts.meta[LAYOUT] = tuple(step.dst for _ in f.members)
+        firsts = []
+        for i, c in enumerate(f.members):
+            x = g.create_node("call_function", operator.getitem, (parts, i), name="fuse_part")
+            x.meta["val"] = c.src.meta["val"]
+            x.meta[LAYOUT] = step.dst
+            firsts.append(x)
+        for m in (pack, out, parts, *firsts):
+            m.meta[CONVERSION] = conversion
+            copy_meta(m, f.at, "nn_module_stack")
+    return firsts
 
 
 def _tensor_args(node: fx.Node, req: dict):
@@ -173,6 +224,12 @@ def _step_node(gm: fx.GraphModule, x: fx.Node, step: Collective, mesh: Mesh, con
     return n
 
 
-def collectives(gm: fx.GraphModule) -> list[tuple[fx.Node, Collective]]:
-    """Every redistribution step on the graph, in program order."""
-    return [(n, n.meta[COLLECTIVE]) for n in gm.graph.nodes if COLLECTIVE in n.meta]
+def collectives(gm: fx.GraphModule, *, fused: bool = False) -> list[tuple[fx.Node, Collective]]:
+    """Every redistribution step on the graph, in program order: a fused collective stands for one step
+    per member (what each conversion needs, as the plan lists them), or with `fused=True` for itself."""
+    out = []
+    for n in gm.graph.nodes:
+        if COLLECTIVE in n.meta:
+            k = 1 if fused else members_of(n)
+            out.extend([(n, member_step(n.meta[COLLECTIVE], k))] * k)
+    return out

@@ -3,7 +3,8 @@
 The formulas (time from FLOPs and bytes on a `Hardware` profile) are strategies/cost.py; here each
 layer's FLOPs come from the *local* shapes of its matmuls (2·M·N·K) and attention cores (4·B·H·Lq·Lk·D),
 its weight bytes from the layout each matmul reads its weight in, its KV-cache bytes from the caches it
-updates, and its collectives from `plan_conversions` — what insert_collectives inserts.
+updates, and its collectives from `plan_conversions` — what insert_collectives inserts, siblings fused
+as `plan_fusions` fuses them (the fused members after the first pay no fixed latency of their own).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..ir.meta import IN_LAYOUTS, LAYERS, LAYOUT
 from ..passes.attribute import OUTPUT, Attribution
+from ..passes.fuse_collectives import plan_fusions
 from ..passes.graph_utils import MATMULS, signature
 from ..passes.insert_collectives import Conversion
 from ..passes.storage import stored_tensors
@@ -71,11 +73,13 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
         if node.target is aten.index_copy.default and node.args[0].op == "placeholder" and node.args[0].name in io_inputs:
             cache = node.args[0]  # the step reads the whole cache it attends over
             c.kv_bytes += _local_numel(cache, cache.meta[LAYOUT], mesh) * size("kv", cache)
+    riders = {id(c) for f in plan_fusions(gm, conversions) for c in f.members[1:]}
     for conv in conversions:
         owner = attribution.owner(conv.src, conv.first_consumer)
         is_weight = conv.src.op == "placeholder" and conv.src.name in sig.params
         itemsize = size("weights" if is_weight else "activations", conv.src)
-        costs[owner].comm.extend(Comm(s, itemsize, is_weight) for s in conv.steps)
+        costs[owner].comm.extend(Comm(s, itemsize, is_weight, fused=i == 0 and id(conv) in riders)
+                                 for i, s in enumerate(conv.steps))
     return costs
 
 

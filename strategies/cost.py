@@ -12,7 +12,9 @@ For one layer under one layout, on a `Hardware` profile (PAPER.md, DESIGN.md):
              (collective_latency + hop_latency · (g − 1) + wire bytes / bandwidth of its axes)
              a ring over g chips takes g − 1 steps (the α-β model of PAPER.md's (g−1)/g accounting);
              the collectives are exactly those insert_collectives puts on the graph
-             (`plan_conversions`): one source of truth
+             (`plan_conversions`): one source of truth. Siblings fused into one collective
+             (passes/fuse_collectives.py) pay the fixed terms (latency, ring steps) once: every member
+             after the first is `Comm(fused=True)` and adds only its wire bytes / bandwidth
   time     = max(compute, memory, weight comm) + activation comm      (hw.weight_prefetch)
              weights do not depend on the data, so a weight-gathered layout's weight all-gathers can be
              issued ahead of use and overlap compute (the paper's system does; the TPU v4 fit assumes
@@ -58,6 +60,10 @@ class Comm:
     step: Collective
     itemsize: int  # bytes per element in the planned precision
     weight: bool = False  # moves a weight (prefetchable), not an activation
+    fused: bool = False  # runs inside the collective of the Comm before it (fused): no fixed latency of its own
+
+    def time(self, hw: Hardware) -> float:
+        return collective_time(self.step, self.itemsize, hw, fixed=not self.fused)
 
 
 @dataclass
@@ -73,8 +79,8 @@ class LayerCost:
     def times(self, hw: Hardware, *, overlap: bool = False) -> dict[str, float]:
         compute = self.flops / (hw.peak_flops * hw.flops_efficiency)
         memory = (self.weight_bytes + self.kv_bytes) / (hw.hbm_bandwidth * hw.hbm_efficiency)
-        weight = sum((collective_time(c.step, c.itemsize, hw) for c in self.comm if c.weight and c.step.communicates), 0.0)
-        act = sum((collective_time(c.step, c.itemsize, hw) for c in self.comm if not c.weight and c.step.communicates), 0.0)
+        weight = sum((c.time(hw) for c in self.comm if c.weight and c.step.communicates), 0.0)
+        act = sum((c.time(hw) for c in self.comm if not c.weight and c.step.communicates), 0.0)
         if overlap:
             time = max(compute, memory, weight + act)
         elif hw.weight_prefetch:
@@ -88,8 +94,10 @@ class LayerCost:
                          self.kv_bytes + other.kv_bytes, self.comm + other.comm)
 
 
-def collective_time(c: Collective, itemsize: int, hw: Hardware) -> float:
-    """latency + ring steps · hop latency + wire bytes / bandwidth (an all-reduce is two rings)."""
+def collective_time(c: Collective, itemsize: int, hw: Hardware, *, fixed: bool = True) -> float:
+    """latency + ring steps · hop latency + wire bytes / bandwidth (an all-reduce is two rings);
+    `fixed=False`: only the bytes (a member fused into a collective that pays the fixed terms)."""
     wire = c.wire_bytes / c.itemsize * itemsize
     rings = 2 if c.kind == "all_reduce" else 1
-    return hw.collective_latency + rings * (c.group_size - 1) * hw.hop_latency + wire / hw.collective_bandwidth(c.axes)
+    latency = hw.collective_latency + rings * (c.group_size - 1) * hw.hop_latency if fixed else 0.0
+    return latency + wire / hw.collective_bandwidth(c.axes)
