@@ -448,7 +448,7 @@ _TABLE_SPLITS = ("auto", "E", "vocab")
 
 def _check_choice(kind: LayerKind, choice: str, where: str) -> None:
     """A layer's layout name must be one its kind has (family members are checked by the family)."""
-    if kind == LayerKind.FFN:
+    if kind in (LayerKind.FFN, LayerKind.EXPERTS):  # experts: sliced under their block's member
         for check in _NAME_CHECKS:
             check(choice)
     elif kind == LayerKind.ATTENTION:

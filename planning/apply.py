@@ -31,7 +31,7 @@ def choices_for(layers: Layers, chosen: list[Candidate], forced: dict[str, str])
     out = {}
     for l in layers.layers:
         c = chosen[min(l.block, len(chosen) - 1)] if l.block is not None else chosen[0]
-        if l.kind == LayerKind.FFN:
+        if l.kind in (LayerKind.FFN, LayerKind.EXPERTS):
             out[l.name] = c.member.name
         elif l.kind == LayerKind.ATTENTION:
             out[l.name] = c.attention

@@ -17,7 +17,7 @@ from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..ir.meta import IN_LAYOUTS, LAYERS, LAYOUT
 from ..passes.attribute import OUTPUT, Attribution
-from ..passes.graph_utils import MATMULS, signature
+from ..passes.graph_utils import MATMULS, expert_weight, is_grouped_mm, signature
 from ..passes.insert_collectives import Conversion
 from ..passes.storage import stored_tensors
 from ..strategies.cost import Comm, LayerCost, Precision
@@ -35,6 +35,11 @@ def op_flops(node: fx.Node, mesh: Mesh) -> float:
         m = MATMULS[node.target]
         x = node.args[m.x]
         k_local = node.meta[IN_LAYOUTS][m.x_name].local_shape(tuple(x.meta["val"].shape), mesh)[-1]
+        return 2.0 * _local_numel(node, node.meta[LAYOUT], mesh) * k_local
+    if is_grouped_mm(node):  # the routed tokens (B·L·top-k rows) through their experts: top-k experts per token
+        x = node.args[0]
+        name = node.target._schema.arguments[0].name
+        k_local = node.meta[IN_LAYOUTS][name].local_shape(tuple(x.meta["val"].shape), mesh)[-1]
         return 2.0 * _local_numel(node, node.meta[LAYOUT], mesh) * k_local
     if node.target is aten.scaled_dot_product_attention.default:
         q, k = node.args[0], node.args[1]
@@ -68,6 +73,10 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
             w = node.args[m.w]
             if w.op == "placeholder" and w.name in sig.params:
                 c.weight_bytes += _local_numel(w, node.meta[IN_LAYOUTS][m.w_name], mesh) * size("weights", w)
+        if is_grouped_mm(node) and (found := expert_weight(node, sig.params)) is not None:
+            # every expert's slice is read: at B·L·k routed tokens ≥ X nearly every expert is touched (the
+            # expected number of distinct experts E·(1 − (1 − k/E)^(B·L)) is not modelled yet)
+            c.weight_bytes += _local_numel(found[0], found[0].meta[LAYOUT], mesh) * size("weights", found[0])
         if node.target is aten.index_copy.default and node.args[0].op == "placeholder" and node.args[0].name in io_inputs:
             cache = node.args[0]  # the step reads the whole cache it attends over
             c.kv_bytes += _local_numel(cache, cache.meta[LAYOUT], mesh) * size("kv", cache)

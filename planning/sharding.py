@@ -165,7 +165,7 @@ class Tally:
 
         fed = _downstream(inputs)  # what the residual stream reaches (not position tables, rotary angles)
         params = {k: v for k, v in sig.params.items() if v not in sig.buffers}
-        kv = _kv_weights(layers)
+        kv = _kv_weights(layers) | _routers(layers)
         for node in nodes:
             work = matmul_work(node, self.mesh)
             if work is None or not work[0]:
@@ -180,7 +180,7 @@ class Tally:
                 continue
             w = _weight_read(node, params)
             if w is not None and w.name in kv:
-                continue  # K/V heads that do not split over every chip: replicated by the layout, as its note says
+                continue  # K/V heads that do not split over every chip, a mixture's router: replicated by the layout
             why = [] if split or not (w is not None or node in fed) else ["every chip computes it whole"]
             if w is not None and w.name in whole_weights:
                 why.append("every chip holds its weight whole")
@@ -214,6 +214,12 @@ def _kv_weights(layers: Layers) -> set[str]:
         own = {l.projections[r].weight for r in ("q", "o", "gate") if r in l.projections}
         out |= {l.projections[r].weight for r in ("k", "v") if r in l.projections} - own
     return out
+
+
+def _routers(layers: Layers) -> set[str]:
+    """The routers of the experts layers: replicated by design, so every rank routes exactly as the unsharded
+    model does (the experts layer's note says so)."""
+    return {l.info["router"] for l in layers.by_kind("experts") if "router" in l.info}
 
 
 def _under(path: str, modules: list[str]) -> bool:
@@ -287,7 +293,8 @@ def check_sharded(plan: Plan, strict: bool = False) -> Plan:
            + ". To shard them, "
            + ("write the block's extra projections as part of its attention or feed-forward (q/k/v/o, in/gate/out), "
               if others else "")
-           + ("plan a dense model (shardwise does not split experts yet), " if experts else "")
+           + ("plan a dense model (shardwise splits experts only when they are grouped matmuls over stacked "
+              "[experts, ·, ·] weights), " if experts else "")
            + "or "
            + ("accept them replicated: plan(..., strict=False) warns instead of failing" if strict else
               "accept them replicated (plan(..., strict=True) makes this an error)"))

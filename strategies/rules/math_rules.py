@@ -25,6 +25,7 @@ from .registry import (
     longest_dividing_prefix,
     project,
     register,
+    register_named,
     scatter_partial,
 )
 
@@ -223,6 +224,26 @@ def _bmm(c: OpCall) -> Decision:
     b = Layout(b_dims)
     out = Layout((a.dims[0], a.dims[1], ()), frozenset(a.dims[2]))
     return Decision({"self": a, "mat2": b}, out)
+
+
+@register_named(r"(^|[:_])grouped_mm")
+def _grouped_mm(c: OpCall) -> Decision:
+    """A mixture of experts' grouped matmul `(x [T, K], w [X, K, N], offs [X]) → [T, N]` (torch._grouped_mm,
+    transformers.grouped_mm_fallback): the rows of x are the routed tokens sorted by expert, so they stay
+    whole (the routing is replicated), and so do the experts (X) and offs; the weight keeps its split of K
+    and N (each expert's F, expert-sliced): K split over S makes the output a partial sum over S, like a
+    linear. With a bias, K is whole (a bias added on every rank would be summed n times)."""
+    names = list(c.args)
+    x_name, w_name = names[0], names[1]
+    w = c.layouts[w_name].without_partial()
+    k_atoms = () if "bias" in c.layouts else w.dims[1]
+    n_atoms = tuple(a for a in w.dims[2] if a not in k_atoms)
+    w_req = Layout(((), k_atoms, n_atoms))
+    req = {x_name: Layout(((), k_atoms)), w_name: w_req}
+    for name in names[2:]:
+        if name in c.layouts and c.layouts[name] is not None and not isinstance(c.layouts[name], list):
+            req[name] = Layout.replicated(c.layouts[name].ndim)
+    return Decision(req, Layout(((), n_atoms), frozenset(k_atoms)))
 
 
 # ------------------------------------------------------------------------------------ attention
