@@ -246,6 +246,23 @@ def _grouped_mm(c: OpCall) -> Decision:
     return Decision(req, Layout(((), n_atoms), frozenset(k_atoms)))
 
 
+# ------------------------------------------------------------------------------------ routing
+@register(aten.topk.default, aten.sort.default, aten.sort.stable)
+def _select(c: OpCall) -> Decision:
+    """top-k and sort along one dim (a router picking experts, sorting the routed tokens by expert): that dim
+    whole and the sum resolved; the other dims keep their split; values and indices alike."""
+    x = c.layouts["self"].without_partial()
+    d = c.args.get("dim")
+    req = clear_dims(x, [-1 if d is None else d])
+    return Decision({"self": req}, (req, req))
+
+
+@register(aten.histc.default)
+def _histc(c: OpCall) -> Decision:
+    """Counts of values in bins (tokens per expert): over the whole input, so it reads it replicated."""
+    return Decision({"self": Layout.replicated(c.layouts["self"].ndim)}, Layout.replicated(1))
+
+
 # ------------------------------------------------------------------------------------ attention
 @register(aten.scaled_dot_product_attention.default)
 def _sdpa(c: OpCall) -> Decision:

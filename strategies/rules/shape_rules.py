@@ -304,7 +304,7 @@ def _index_copy(c: OpCall) -> Decision:
     return Decision({"self": req, "index": replicated_like(c.layouts["index"]), "source": req}, req)
 
 
-@register(aten.index_put.default)
+@register(aten.index_put.default, aten.index_put_.default)
 def _index_put(c: OpCall) -> Decision:
     """`self[indices] = values`: indexed dims replicated, the rest keep self's split."""
     x = c.layouts["self"].without_partial()
