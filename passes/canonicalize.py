@@ -20,7 +20,9 @@
   a mixture of experts' fused gate_up weight ([X, 2F, D], a grouped matmul whose output is chunked
   along features into gate and up) is unfused the same way into two grouped matmuls on slices of the
   stacked weight, so each expert's F can be split (interleaved gate/up, gpt-oss's `[..., ::2]`, stays
-  fused and is not split);
+  fused and is not split); then gate, up, activation, product and down over the same routed tokens
+  become one `shardwise::experts_ffn` (runtime/experts.py), which can also run on a slice of the
+  experts (expert parallel);
 - refuses a call that leaves part of the model's parameters unread (cross-attention over an encoder's
   states, a vision or audio tower): that model takes inputs a decoder-only step does not give.
 Regions export wraps for `torch.no_grad()` are inlined first (they are plain ops at inference).
@@ -94,6 +96,9 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
             _unfuse(gm, node, mode)
         elif is_grouped_mm(node):
             _unfuse_experts(gm, node, mode)
+    for node in list(gm.graph.nodes):
+        if is_grouped_mm(node):
+            _fuse_experts(gm, node, mode)
     _fold_views(gm)
     gm.graph.eliminate_dead_code()
     _drop_unused_weights(gm)
@@ -591,6 +596,48 @@ def _unfuse_experts(gm: fx.GraphModule, mm: fx.Node, mode) -> None:
     if not w.users and w.name in sig.params:
         del sig.params[w.name]
         g.erase_node(w)
+
+
+_EXPERT_ACTS = {aten.silu.default: "silu", aten.gelu.default: "gelu", aten.relu.default: "relu"}
+
+
+def _fuse_experts(gm: fx.GraphModule, down: fx.Node, mode) -> None:
+    """`grouped(act(grouped(x, Wg, offs)) * grouped(x, Wu, offs), Wd, offs)`, offs = cumsum(counts), each
+    intermediate used once → `experts_ffn(x, Wg, Wu, Wd, offs − counts, offs, act)`; else left as it is."""
+    from ..runtime import experts  # noqa: F401  (registers the op)
+
+    if down.op != "call_function" or len(down.args) != 3 or down.kwargs:
+        return
+    m, w_down, offs = down.args
+    if not (isinstance(m, fx.Node) and m.target is aten.mul.Tensor and len(m.users) == 1):
+        return
+    a, u = m.args
+    if not (isinstance(a, fx.Node) and isinstance(u, fx.Node)):
+        return
+    if a.target not in _EXPERT_ACTS:
+        a, u = u, a
+    if a.target not in _EXPERT_ACTS or len(a.users) != 1 or len(a.args) != 1 or a.kwargs:
+        return
+    g = a.args[0]
+    same = lambda n: (isinstance(n, fx.Node) and is_grouped_mm(n) and n.target is down.target and len(n.args) == 3
+                      and not n.kwargs and len(n.users) == 1 and n.args[2] is offs)
+    if not (same(g) and same(u) and g.args[0] is u.args[0]):
+        return
+    if not (isinstance(offs, fx.Node) and offs.target is aten.cumsum.default and isinstance(offs.args[0], fx.Node)
+            and offs.args[0].meta["val"].shape == offs.meta["val"].shape):
+        return
+    g_ = gm.graph
+    with g_.inserting_before(down):
+        starts = g_.call_function(aten.sub.Tensor, (offs, offs.args[0]))
+        copy_meta(starts, offs)
+        fake_run(starts, mode)
+        fused = g_.call_function(torch.ops.shardwise.experts_ffn.default,
+                                 (g.args[0], g.args[1], u.args[1], w_down, starts, offs, _EXPERT_ACTS[a.target]))
+        copy_meta(fused, down)
+        fake_run(fused, mode)
+    down.replace_all_uses_with(fused)
+    for n in (down, m, a, u, g):
+        g_.erase_node(n)
 
 
 def _derived_param(gm: fx.GraphModule, base: fx.Node, dim: int, start: int, length: int, before: fx.Node) -> fx.Node:

@@ -43,6 +43,7 @@ from .graph_utils import (
     PROJECTIONS,
     expert_weight,
     explicit_attention,
+    is_experts_ffn,
     is_grouped_mm,
     module_path,
     module_paths,
@@ -292,10 +293,13 @@ def _expert_layers(gm: fx.GraphModule, experts: set[str], routers: dict[str | No
     weights differ in X, a grouped matmul with a bias) is left unplanned: the mixture runs replicated."""
     params = signature(gm).params
     by_block: dict[str, list[fx.Node]] = {}
+    out = []
     for n in gm.graph.nodes:
         if is_grouped_mm(n) and (b := block_of(n)) in routers and expert_weight(n, params) is not None:
             by_block.setdefault(b, []).append(n)
-    out = []
+        if is_experts_ffn(n) and (b := block_of(n)) in routers and (layer := _fused_experts(n, b, experts, routers,
+                                                                                            nodes, params)):
+            out.append(layer)
     for block, mms in by_block.items():
         path = next((e for e in experts if e == block or e.startswith(block + ".")), None)
         if path is None or len(mms) not in (2, 3) or any(len(m.args) > 3 or m.kwargs.get("bias") is not None
@@ -334,6 +338,25 @@ def _expert_layers(gm: fx.GraphModule, experts: set[str], routers: dict[str | No
         out.append(Layer(path, "experts", None, params={r: weights[m.name][0].name for r, m in roles.items()},
                          dims=dims, info=info, core=out_mm.name))
     return out
+
+
+def _fused_experts(n: fx.Node, block: str, experts: set[str], routers: dict[str | None, Projection],
+                   nodes: dict[str, fx.Node], params: dict[str, str]) -> Layer | None:
+    """The experts layer of canonicalize's fused `experts_ffn(x, Wg, Wu, Wd, starts, ends, act)`."""
+    path = next((e for e in experts if e == block or e.startswith(block + ".")), None)
+    found = {role: expert_weight(n, params, i) for role, i in (("w_gate", 1), ("w_in", 2), ("w_out", 3))}
+    if path is None or None in found.values():
+        return None
+    f_dims = {w.name: ((1 if t else 2) if role != "w_out" else (2 if t else 1)) for role, (w, t) in found.items()}
+    router = routers[block]
+    tokens = shape(nodes[router.node])[0] if len(shape(nodes[router.node])) == 2 else None
+    X, F = shape(n.args[3])[0], shape(n.args[3])[1]
+    dims = {"X": X, "E": shape(n)[-1], "F": F}
+    if tokens:
+        dims["k"] = shape(n)[0] // tokens
+    info = {"gated": True, "activation": n.args[6], "router": router.weight, "f_dims": f_dims, "fused": True}
+    return Layer(path, "experts", None, params={r: w.name for r, (w, _) in found.items()}, dims=dims, info=info,
+                 core=n.name)
 
 
 def _refuse_repeated_weights(gm: fx.GraphModule, projs: dict[str, Projection], layers: list[Layer]) -> None:

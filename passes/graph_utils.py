@@ -51,10 +51,17 @@ def is_grouped_mm(node: fx.Node) -> bool:
         _GROUPED_MM.search(t._schema.name)) and len(node.args) >= 2
 
 
-def expert_weight(node: fx.Node, params: dict[str, str]) -> tuple[fx.Node, bool] | None:
-    """The stacked [X, ·, ·] expert weight a grouped matmul reads, and whether through a transpose of its
-    last two dims: (placeholder, transposed), else None."""
-    w = node.args[1]
+def is_experts_ffn(node: fx.Node) -> bool:
+    """canonicalize's fused experts (`shardwise::experts_ffn`, runtime/experts.py)."""
+    t = node.target
+    return node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and \
+        t._schema.name == "shardwise::experts_ffn"
+
+
+def expert_weight(node: fx.Node, params: dict[str, str], arg: int = 1) -> tuple[fx.Node, bool] | None:
+    """The stacked [X, ·, ·] expert weight a grouped matmul (or experts_ffn) reads as argument `arg`, and
+    whether through a transpose of its last two dims: (placeholder, transposed), else None."""
+    w = node.args[arg]
     if not isinstance(w, fx.Node):
         return None
     transposed = False

@@ -17,7 +17,7 @@ from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..ir.meta import IN_LAYOUTS, LAYERS, LAYOUT
 from ..passes.attribute import OUTPUT, Attribution
-from ..passes.graph_utils import MATMULS, expert_weight, is_grouped_mm, signature
+from ..passes.graph_utils import MATMULS, expert_weight, is_experts_ffn, is_grouped_mm, signature
 from ..passes.insert_collectives import Conversion
 from ..passes.storage import stored_tensors
 from ..strategies.cost import Comm, LayerCost, Precision
@@ -41,12 +41,25 @@ def op_flops(node: fx.Node, mesh: Mesh) -> float:
         name = node.target._schema.arguments[0].name
         k_local = node.meta[IN_LAYOUTS][name].local_shape(tuple(x.meta["val"].shape), mesh)[-1]
         return 2.0 * _local_numel(node, node.meta[LAYOUT], mesh) * k_local
+    if is_experts_ffn(node):
+        return experts_flops(node, mesh)[1]
     if node.target is aten.scaled_dot_product_attention.default:
         q, k = node.args[0], node.args[1]
         B, H, Lq, D = node.meta[IN_LAYOUTS]["query"].local_shape(tuple(q.meta["val"].shape), mesh)
         Lk = k.meta["val"].shape[2]
         return 4.0 * B * H * Lq * Lk * D
     return 0.0
+
+
+def experts_flops(node: fx.Node, mesh: Mesh) -> tuple[float, float]:
+    """(whole, per chip) FLOPs of a fused experts_ffn: 2·rows·3·E·F for the B·L·k routed rows (top-k experts
+    per token); per chip F is its slice and the rows its experts' share, 1/n of them for n expert groups
+    (uniform routing assumed: load imbalance is not modelled yet)."""
+    rows, E = node.args[0].meta["val"].shape
+    X, F = node.args[3].meta["val"].shape[:2]
+    whole = 2.0 * rows * 3 * E * F
+    wd = node.meta[IN_LAYOUTS]["w_down"]
+    return whole, whole / (mesh.group_size(wd.dims[0]) * mesh.group_size(wd.dims[1]))
 
 
 def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], precision: Precision) -> dict[str, LayerCost]:
@@ -73,6 +86,10 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
             w = node.args[m.w]
             if w.op == "placeholder" and w.name in sig.params:
                 c.weight_bytes += _local_numel(w, node.meta[IN_LAYOUTS][m.w_name], mesh) * size("weights", w)
+        if is_experts_ffn(node):
+            for i in (1, 2, 3):
+                if (found := expert_weight(node, sig.params, i)) is not None:
+                    c.weight_bytes += _local_numel(found[0], found[0].meta[LAYOUT], mesh) * size("weights", found[0])
         if is_grouped_mm(node) and (found := expert_weight(node, sig.params)) is not None:
             # every expert's slice is read: at B·L·k routed tokens ≥ X nearly every expert is touched (the
             # expected number of distinct experts E·(1 − (1 − k/E)^(B·L)) is not modelled yet)

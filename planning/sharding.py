@@ -29,7 +29,7 @@ from ..ir.plan import (
 from ..passes.find_layers import Layers, block_of
 from ..passes.graph_utils import MATMULS, module_path, signature
 from ..passes.storage import weights
-from .costing import op_flops
+from .costing import experts_flops, op_flops
 
 
 def blocks_named(name: str, block: str, start: int, end: int) -> str:
@@ -62,6 +62,13 @@ def matmul_work(node: fx.Node, mesh: Mesh) -> tuple[float, float] | None:
     one), else None. An op without recorded layouts runs whole on every chip."""
     if node.op != "call_function":
         return None
+    if getattr(getattr(node.target, "_schema", None), "name", "") == "shardwise::experts_ffn":
+        try:
+            return experts_flops(node, mesh)
+        except (KeyError, TypeError, ValueError):
+            rows, E = node.args[0].meta["val"].shape
+            whole = 2.0 * rows * 3 * E * node.args[3].meta["val"].shape[1]
+            return whole, whole
     t = node.target
     i = None if t in MATMULS or t is _SDPA else _contracted(node)
     if (i is None and t not in MATMULS and t is not _SDPA) or not isinstance(node.meta.get("val"), torch.Tensor):

@@ -1,4 +1,4 @@
-"""Mixture-of-experts experts as a layer kind, split expert-sliced (issue 10, first slice).
+"""Mixture-of-experts experts as a layer kind, split expert-sliced or expert-parallel (issue 10, first slice).
 
 Tiny Mixtral, Qwen3-MoE and OLMoE (transformers 5 exports their experts as `grouped_mm_fallback` over
 stacked [experts, ·, ·] weights, gate and up fused in one) on simulated ranks, meshes 1x1x4 and 2x2x1:
@@ -12,6 +12,10 @@ stacked [experts, ·, ·] weights, gate and up fused in one) on simulated ranks,
               measured ≤ 3e-7; a wrong shard or a flipped routing is off by far more than 1e-5
   tokens      8 greedy tokens through prefill + decode equal the unsharded greedy loop's
   held        every rank program holds exactly 1/n of each expert weight's bytes (its state_dict)
+
+for the expert-sliced layout (each expert's F split over every chip: the default) and, on Mixtral and
+Qwen3-MoE, expert parallel (`experts=parallel`: each rank holds 4 / n experts, and on 2x2x2 experts over
+x·y combined with F over z); OLMoE's experts have Qwen3-MoE's form, so it is checked sliced only.
 """
 
 import pytest
@@ -44,15 +48,38 @@ def _expert_keys(model) -> dict[str, int]:
 
 @pytest.mark.parametrize("mesh", MESHES)
 def test_experts_sliced_equal_unsharded(model, mesh):
+    _check(model, mesh, None)
+
+
+@pytest.mark.parametrize("arch,mesh", [("mixtral", "1x1x4"), ("mixtral", "2x2x1"), ("qwen3_moe", "1x1x4"),
+                                       ("qwen3_moe", "2x2x1"), ("mixtral", "2x2x2")])
+def test_experts_parallel_equal_unsharded(arch, mesh):
+    plan = _check(_built(arch), mesh, "experts=parallel")
+    layer = next(l for l in plan.layers if l.kind == "experts")
+    assert layer.choice.endswith(":parallel")
+    want = "X_xy F_z E" if mesh == "2x2x2" else ("X_z FE" if mesh == "1x1x4" else "X_xy FE")
+    assert layer.weights["w_gate"]["at_rest"] == want, layer.weights
+
+
+_BUILT: dict = {}
+
+
+def _built(arch):
+    if arch not in _BUILT:
+        _BUILT[arch] = build_hf(arch)
+    return _BUILT[arch]
+
+
+def _check(model, mesh, layouts):
     ids = _ids()
-    plan = api.plan(model, (ids,), {"use_cache": False}, mesh=mesh)
+    plan = api.plan(model, (ids,), {"use_cache": False}, mesh=mesh, layouts=layouts)
     gm = plan.program.gm
     layers = gm.meta[LAYERS]
     experts = layers.by_kind("experts")
     assert len(experts) == 2 and not layers.experts, "every mixture is an experts layer, none left replicated"
     for block, layer in zip(layers.blocks, experts):
         assert block.experts is layer and layer.block == block.index
-        assert set(layer.params) == {"w_gate", "w_in", "w_out"} and layer.info["gated"]
+        assert set(layer.params) == {"w_gate", "w_in", "w_out"} and layer.info["gated"] and layer.info["fused"]
         assert layer.dims["X"] == 4 and layer.dims["k"] == 2 and layer.dims["E"] == 64
     assert not [u for u in plan.sharding.unsharded if "experts" in u.module]
     assert not plan.sharding.experts  # nothing reported as experts run replicated
@@ -70,8 +97,16 @@ def test_experts_sliced_equal_unsharded(model, mesh):
         held = sum(t.numel() * t.element_size() for k, t in r.program.state_dict().items() if "experts" in k)
         assert held * plan.mesh.size == full, (held, full)
 
-    tokens = api.generate(model, ids, 8, mesh=mesh, simulate=True)
+    tokens = api.generate(model, ids, 8, mesh=mesh, layouts=layouts, simulate=True)
     assert torch.equal(tokens, reference_generate(model, ids, 8))
+    return plan
+
+
+def test_parallel_experts_need_the_fused_form_and_the_request_is_checked():
+    from shardwise.errors import ShardwiseError
+
+    with pytest.raises(ShardwiseError, match="unknown experts layout 'wide'"):
+        api.plan(_built("qwen3_moe"), (_ids(),), {"use_cache": False}, mesh="1x1x4", layouts="experts=wide")
 
 
 def test_forced_2d_layout_splits_experts_too():

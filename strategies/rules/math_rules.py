@@ -246,6 +246,20 @@ def _grouped_mm(c: OpCall) -> Decision:
     return Decision(req, Layout(((), n_atoms), frozenset(k_atoms)))
 
 
+@register_named(r"^shardwise::experts_ffn$")
+def _experts_ffn(c: OpCall) -> Decision:
+    """`experts_ffn(x [T, E], Wg [X, E, F], Wu [X, E, F], Wd [X, F, E], starts [X], ends [X])` (runtime/experts.py):
+    the experts split over S (dim X of the weights, starts and ends alike: each rank runs its experts'
+    rows, the others stay 0) and each expert's F over T make the output a partial sum over S and T;
+    the routed tokens x are read whole (routing is replicated). The split is the gate weight's."""
+    wg = c.layouts["w_gate"].without_partial()
+    S, T = wg.dims[0], tuple(a for a in wg.dims[2] if a not in wg.dims[0])
+    w_in = Layout((S, (), T))
+    req = {"x": Layout(((), ())), "w_gate": w_in, "w_up": w_in, "w_down": Layout((S, T, ())),
+           "starts": Layout((S,)), "ends": Layout((S,))}
+    return Decision(req, Layout(((), ()), frozenset(S + T)))
+
+
 # ------------------------------------------------------------------------------------ routing
 @register(aten.topk.default, aten.sort.default, aten.sort.stable)
 def _select(c: OpCall) -> Decision:
