@@ -51,6 +51,17 @@ def op_flops(node: fx.Node, mesh: Mesh) -> float:
     return 0.0
 
 
+def touched_fraction(dims: dict[str, int]):
+    """rows → the expected share of a mixture's experts that a step's routed rows (B·L tokens × top-k) touch,
+    assuming uniform, independent routing: 1 − (1 − k/X)^(B·L), so X·(that) distinct experts (decode with
+    few tokens reads fewer experts than prefill). The same share of every rank's experts (expert parallel)
+    or of every expert's slices (expert-sliced) is read; imbalance between ranks is not modelled."""
+    X, k = dims.get("X"), dims.get("k")
+    if not X or not k:
+        return lambda rows: 1.0
+    return lambda rows: 1.0 - (1.0 - min(k, X) / X) ** max(1, rows // k)
+
+
 def experts_flops(node: fx.Node, mesh: Mesh) -> tuple[float, float]:
     """(whole, per chip) FLOPs of a fused experts_ffn: 2·rows·3·E·F for the B·L·k routed rows (top-k experts
     per token); per chip F is its slice and the rows its experts' share, 1/n of them for n expert groups
@@ -68,6 +79,7 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
     attribution = Attribution(layers)
     sig = signature(gm)
     costs: dict[str, LayerCost] = {l.name: LayerCost() for l in layers.layers}
+    touched = {l.name: touched_fraction(l.dims) for l in layers.by_kind("experts")}
     costs[OUTPUT] = LayerCost()
     io_inputs = set(sig.inputs)
 
@@ -86,14 +98,13 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
             w = node.args[m.w]
             if w.op == "placeholder" and w.name in sig.params:
                 c.weight_bytes += _local_numel(w, node.meta[IN_LAYOUTS][m.w_name], mesh) * size("weights", w)
-        if is_experts_ffn(node):
-            for i in (1, 2, 3):
+        if is_experts_ffn(node) or is_grouped_mm(node):
+            # a step reads the experts its tokens touch: the local slice times the expected share touched
+            rows = node.args[0].meta["val"].shape[0]
+            share = touched.get(owner, lambda rows: 1.0)(rows)
+            for i in ((1, 2, 3) if is_experts_ffn(node) else (1,)):
                 if (found := expert_weight(node, sig.params, i)) is not None:
-                    c.weight_bytes += _local_numel(found[0], found[0].meta[LAYOUT], mesh) * size("weights", found[0])
-        if is_grouped_mm(node) and (found := expert_weight(node, sig.params)) is not None:
-            # every expert's slice is read: at B·L·k routed tokens ≥ X nearly every expert is touched (the
-            # expected number of distinct experts E·(1 − (1 − k/E)^(B·L)) is not modelled yet)
-            c.weight_bytes += _local_numel(found[0], found[0].meta[LAYOUT], mesh) * size("weights", found[0])
+                    c.weight_bytes += share * _local_numel(found[0], found[0].meta[LAYOUT], mesh) * size("weights", found[0])
         if node.target is aten.index_copy.default and node.args[0].op == "placeholder" and node.args[0].name in io_inputs:
             cache = node.args[0]  # the step reads the whole cache it attends over
             c.kv_bytes += _local_numel(cache, cache.meta[LAYOUT], mesh) * size("kv", cache)

@@ -121,3 +121,21 @@ def test_forced_2d_layout_splits_experts_too():
     assert (got - want).abs().max().item() <= ATOL
     notes = [n for l in plan.layers if l.kind == "experts" for n in l.notes]
     assert any("experts sliced" in n for n in notes), notes
+
+
+def test_weight_bytes_count_the_experts_a_step_touches():
+    """Uniform routing: B·L tokens, each to k of X experts, touch X·(1 − (1 − k/X)^(B·L)) distinct experts;
+    a decode step of 2 tokens (k = 2 of 4) reads 3/4 of the expert bytes a long prefill reads."""
+    from shardwise.planning.costing import touched_fraction
+
+    share = touched_fraction({"X": 4, "k": 2})
+    assert share(2 * 2) == pytest.approx(0.75) and share(16 * 2) == pytest.approx(1 - 0.5**16)
+    assert touched_fraction({"X": 4})(8) == 1.0  # top-k unknown: every expert
+    model = _built("mixtral")
+    cost = {}
+    for phase, L in (("prefill", 8), ("decode", 1)):
+        ids = torch.randint(0, 256, (2, L), generator=torch.Generator().manual_seed(0))
+        plan = api.plan(model, (ids,), {"use_cache": False}, mesh="1x1x4")
+        cost[phase] = plan.layer("model.layers.0.mlp").cost["weight_bytes"]
+    router = 4 * 64 * 4
+    assert (cost["decode"] - router) == pytest.approx(0.75 * (cost["prefill"] - router) / (1 - 0.5**16))
