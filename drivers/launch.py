@@ -536,6 +536,17 @@ def _worker(job_path: str) -> None:
         torch.save(result, job["output"])
     dist.barrier()
     dist.destroy_process_group()
+    _exit_now()
+
+
+def _exit_now() -> None:
+    """End the worker here, as multiprocessing's children end: rank 0's report is written and every rank
+    has passed the last barrier, so nothing is left to do. The interpreter's teardown would only destroy
+    torch's C++ objects (gloo's threads, collective work still registered), which has aborted a finished
+    rank with 'terminate called without an active exception' under heavy load."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _read(weights) -> tuple[int, int]:

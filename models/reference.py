@@ -146,7 +146,10 @@ class RefDecoder(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         D = cfg.d_head
-        inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+        if torch.get_default_device().type == "meta":  # no values: skip torch's Python meta path for arange
+            inv_freq = torch.empty((D + 1) // 2, dtype=torch.float32, device="meta")
+        else:
+            inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

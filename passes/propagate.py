@@ -24,6 +24,7 @@ from ..ir.mesh import Mesh
 from ..ir.meta import (
     ANCHOR,
     ASSIGNMENT,
+    ATTENTION,
     GATHER,
     IN_LAYOUTS,
     IO_LAYOUTS,
@@ -51,6 +52,7 @@ def propagate(gm: fx.GraphModule, mesh: Mesh, *, check: bool = True) -> fx.Graph
     with the same rules, and validates the one it chooses when it records the plan."""
     io = gm.meta.get(IO_LAYOUTS, {})
     unknown: list[UnknownOp] = []
+    memo = None if check else gm.__dict__.setdefault(_MEMO, {})
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             node.meta[LAYOUT] = _placeholder_layout(node, io)
@@ -58,7 +60,7 @@ def propagate(gm: fx.GraphModule, mesh: Mesh, *, check: bool = True) -> fx.Graph
             v = getattr(gm, node.target)
             node.meta[LAYOUT] = Layout.replicated(v.ndim) if isinstance(v, torch.Tensor) else None
         elif node.op == "call_function":
-            _propagate_call(node, mesh, unknown, check)
+            _propagate_call(node, mesh, unknown, check, memo)
         elif node.op == "output":
             outs = node.args[0]
             node.meta[IN_LAYOUTS] = {
@@ -82,22 +84,49 @@ def _placeholder_layout(node: fx.Node, io: dict) -> Layout | None:
     return io.get(node.name, Layout.replicated(v.ndim))
 
 
-def _propagate_call(node: fx.Node, mesh: Mesh, unknown: list[UnknownOp], check: bool = True) -> None:
+# The planner propagates hundreds of candidates through one prototype graph, and most nodes see the
+# same inputs under many of them: a rule's decision depends only on the node, the mesh, the layouts its
+# inputs are seen with, the node's `sw_attention` and its inputs' `sw_weight` (what OpCall reads), so
+# it is remembered per graph under that key (only with check=False: a checked propagation recomputes),
+# with what does not change between candidates (the rule, the bound arguments) under the node itself.
+# The memo lives on the graph module itself (an attribute, not graph meta), and goes with it.
+_MEMO = "_shardwise_propagate_memo"
+
+
+def _propagate_call(node: fx.Node, mesh: Mesh, unknown: list[UnknownOp], check: bool = True,
+                    memo: dict | None = None) -> None:
     if node.target is operator.getitem:
         src, i = node.args
         node.meta[LAYOUT] = seen(src)[i]
         node.meta[IN_LAYOUTS] = {}
         return
-    rule = rule_for(node.target) if isinstance(node.target, torch._ops.OpOverload) else None
-    if isinstance(node.target, torch._ops.OpOverload):
-        args = bind(node)
-    else:
-        args = {f"arg{i}": a for i, a in enumerate(node.args)} | dict(node.kwargs)
-    tensors = tensor_positions(args)
+    static = None if memo is None else memo.get(node)
+    if static is None or static[0] is not node.args or static[1] is not node.kwargs:
+        rule = rule_for(node.target) if isinstance(node.target, torch._ops.OpOverload) else None
+        if isinstance(node.target, torch._ops.OpOverload):
+            args = bind(node)
+        else:
+            args = {f"arg{i}": a for i, a in enumerate(node.args)} | dict(node.kwargs)
+        tensors = tensor_positions(args)
+        inputs = tuple(v for v in args.values() if isinstance(v, fx.Node))
+        static = (node.args, node.kwargs, rule, args, tensors, inputs)
+        if memo is not None:
+            memo[node] = static
+    _, _, rule, args, tensors, inputs = static
     layouts = {
         k: [seen(n) if isinstance(n, fx.Node) else None for n in v] if isinstance(v, list) else seen(v)
         for k, v in tensors.items()
     }
+    key = None
+    if memo is not None and rule is not None:
+        # what the rule reads (OpCall): the node, the mesh, its inputs' layouts, its `sw_attention`, and
+        # its inputs' `sw_weight`
+        key = (node, mesh, tuple(tuple(v) if isinstance(v, list) else v for v in layouts.values()),
+               node.meta.get(ATTENTION), tuple(n.meta.get(WEIGHT) for n in inputs))
+        decision = memo.get(key)
+        if decision is not None:
+            _record(node, decision)
+            return
     call = OpCall(node, mesh, args, layouts)
     if rule is None:
         decision = _replicated(call)
@@ -110,8 +139,15 @@ def _propagate_call(node: fx.Node, mesh: Mesh, unknown: list[UnknownOp], check: 
             raise LayoutError(f"while propagating layouts through {node.format_node()}: {e}") from None
     if check:
         _check(node, call, decision, mesh)
+    if key is not None:
+        memo[key] = decision
+    _record(node, decision)
+
+
+def _record(node: fx.Node, decision: Decision) -> None:
     node.meta[LAYOUT] = decision.output
-    node.meta[IN_LAYOUTS] = decision.inputs
+    # a copy: a remembered decision is shared by every candidate that meets it
+    node.meta[IN_LAYOUTS] = {k: list(v) if isinstance(v, list) else v for k, v in decision.inputs.items()}
     if decision.note:
         node.meta[NOTE] = decision.note
 

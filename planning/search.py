@@ -19,6 +19,7 @@ that put the same atoms in the same roles on a mesh are costed once.
 
 from __future__ import annotations
 
+import gc
 from functools import lru_cache
 
 import torch.fx as fx
@@ -163,6 +164,21 @@ def _chain(ok: list[Candidate], n: int, mesh: Mesh, shape, hw, precision,
     j = int(uniform.argmin())
     if uniform[j] <= n * block.min() + emb.min() + tail.min() + 1e-12:
         return [ok[j]] * n, float(uniform[j]), [0.0] * (n - 1)
+    # a candidate that costs more than the best uniform chain even with every other block at the cheapest
+    # block and no transitions is on no optimal chain: it is left out (with a margin far above rounding,
+    # so that the chain kept, its total and every tie are exactly those of the full recursion: a dropped
+    # candidate is never an argmin on the optimal path, and the rest keep their order)
+    bound = emb.min() + tail.min() + (n - 1) * block.min() + block
+    kept = [i for i in range(S) if not bound[i] > uniform[j] * (1 + 1e-9)]
+    return _chain_dp([ok[i] for i in kept], n, mesh, shape, hw, precision, itemsize, block[kept], emb[kept],
+                     tail[kept])
+
+
+def _chain_dp(ok: list[Candidate], n: int, mesh: Mesh, shape, hw, precision, itemsize: int, block, emb,
+              tail) -> tuple[list[Candidate], float, list[float]]:
+    import numpy as np
+
+    S = len(ok)
     # a transition depends only on the two residual layouts, of which there are far fewer than candidates
     res = [residual(c.member, mesh, len(shape)) for c in ok]
     kinds = list(dict.fromkeys(res))
@@ -206,11 +222,20 @@ def search(proto: fx.GraphModule, meshes: list[Mesh], *, objective: str = "laten
     every mesh's result (or why it had none)."""
     cache: dict = {}
     results: list[tuple[Mesh, Choice | str]] = []
-    for mesh in meshes:
-        try:
-            results.append((mesh, plan_mesh(proto, mesh, cache=cache, **kw)))
-        except PlanError as e:
-            results.append((mesh, str(e)))
+    # the search makes hundreds of thousands of small objects: while it runs, the cyclic collector leaves
+    # what existed before (everything torch holds) out of its walks, which cost more than the search itself
+    freeze = gc.get_freeze_count() == 0  # (unless the caller froze some already: theirs to thaw)
+    if freeze:
+        gc.freeze()
+    try:
+        for mesh in meshes:
+            try:
+                results.append((mesh, plan_mesh(proto, mesh, cache=cache, **kw)))
+            except PlanError as e:
+                results.append((mesh, str(e)))
+    finally:
+        if freeze:
+            gc.unfreeze()
     good = [r for _, r in results if isinstance(r, Choice)]
     if not good and len(results) == 1:
         raise PlanError(results[0][1])

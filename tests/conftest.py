@@ -65,3 +65,26 @@ def _cached_captures():
     planner.capture_program = capture_program
     yield
     planner.capture_program = original
+
+
+# ------------------------------------------------------------------------------------ the coverage table
+# tests/test_coverage.py records each architecture's verdict as a user property (it crosses from xdist's
+# workers with the report); the table of every verdict is printed at the end of the run.
+_COVERAGE: list[tuple] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        _COVERAGE.extend(value for name, value in report.user_properties if name == "coverage")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _COVERAGE:
+        return
+    from shardwise.experiments.coverage import Result, Status, table
+
+    results = sorted((Result(arch, Status(status), detail, seconds, replicated, model, flops)
+                      for arch, status, detail, seconds, replicated, model, flops in _COVERAGE), key=lambda r: r.arch)
+    terminalreporter.section("coverage of Hugging Face causal-LM architectures")
+    for line in table(results).splitlines():
+        terminalreporter.write_line(line)

@@ -59,11 +59,12 @@ def ckpts(tmp_path_factory):
     model.save_pretrained(root / "fp32")
     _tokenizer().save_pretrained(root / "fp32")
     model.save_pretrained(root / "sharded", max_shard_size="20KB")
+    model.to(torch.float16).save_pretrained(root / "fp16")
     model.to(torch.bfloat16).save_pretrained(root / "bf16")
     torch.manual_seed(1)
     tied = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **SIZES, tie_word_embeddings=True)).eval()
     tied.save_pretrained(root / "tied")
-    return {name: root / name for name in ("fp32", "sharded", "bf16", "tied")}
+    return {name: root / name for name in ("fp32", "sharded", "fp16", "bf16", "tied")}
 
 
 def _reference(path):
@@ -73,7 +74,10 @@ def _reference(path):
 
 
 def _atol(want: torch.Tensor) -> float:
-    return 8 * 2.0**-8 * max(1.0, float(want.float().abs().max())) if want.dtype == torch.bfloat16 else 1e-5
+    """float32: 1e-5 (sums reordered over 4 ranks move logits by ~1e-6); bf16/fp16: 8 units of rounding of the
+    logits' magnitude (each split sum rounds every rank's partial before adding them)."""
+    unit = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}.get(want.dtype)
+    return 1e-5 if unit is None else 8 * unit * max(1.0, float(want.float().abs().max()))
 
 
 def _shard_bytes(program, mesh) -> int:
@@ -117,7 +121,7 @@ def test_a_checkpoint_directory_is_read_from_its_headers_and_built_on_meta(ckpts
     assert ckpt.tokenizer() is None and Checkpoint.open(ckpts["fp32"]).tokenizer() is not None
 
 
-@pytest.mark.parametrize("name, how", [("fp32", "prototype"), ("bf16", "prototype"), ("sharded", "args"),
+@pytest.mark.parametrize("name, how", [("fp32", "prototype"), ("bf16", "prototype"), ("fp16", "args"), ("sharded", "args"),
                                        ("tied", "args")])
 def test_a_plan_from_a_checkpoint_gives_the_unsharded_models_numbers(ckpts, name, how):
     """plan("dir", mesh=...) on simulated ranks = from_pretrained(dir); each rank reads only its shards."""

@@ -7,7 +7,8 @@ plan names as replicated, those under 10% of the model. Each test checks one arc
 fails when it gives wrong numbers, crashes, or gets another verdict than the README's coverage table
 records (the table is written by `python -m shardwise.experiments.coverage --readme README.md`, so it
 cannot drift from what shardwise does). Each architecture is captured once per call shape, so it costs a
-few seconds; `BUDGET_S` turns a runaway into a crash verdict, which fails.
+few seconds; `BUDGET_S` turns a runaway into a crash verdict, which fails. The run ends with the table of
+every verdict (tests/conftest.py prints it).
 """
 
 from pathlib import Path
@@ -27,6 +28,8 @@ REASONS = {  # what some refusals must say, one per way of being refused
     "bart": "not a decoder-only model: the captured call reads none of",
 }
 GOAL = 0.90  # of the dense decoder-only attention architectures: fully sharded and correct
+# replicated matmuls are what the verdicts measure (the table's columns), not a surprise to be warned of
+pytestmark = pytest.mark.filterwarnings("ignore::shardwise.ir.plan.NotShardedWarning")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,8 +38,9 @@ def _quiet():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_architecture(arch):
+def test_architecture(arch, record_property):
     r = coverage.check(arch, timeout_s=BUDGET_S)
+    record_property("coverage", (r.arch, r.status.value, r.detail, r.seconds, r.replicated, r.model, r.flops))
     assert r.status not in (Status.WRONG, Status.CRASH), f"{arch}: {r.status.value}: {r.detail}"
     assert arch in RECORDED, (f"{arch} is not in README.md's coverage table: regenerate it with python -m "
                               f"shardwise.experiments.coverage --readme README.md")
