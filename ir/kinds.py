@@ -26,6 +26,7 @@ class LayerKind(_Vocabulary):
     EMBEDDING = "embedding"
     ATTENTION = "attention"
     FFN = "ffn"
+    EXPERTS = "experts"  # a mixture of experts: router, top-k, grouped expert matmuls, combine
     HEAD = "head"
     OUTPUT = "output"  # what no layer owns (the final gather of the logits)
     TRANSITION = "transition"  # the residual redistributed between two runs of blocks

@@ -448,7 +448,15 @@ _TABLE_SPLITS = ("auto", "E", "vocab")
 
 def _check_choice(kind: LayerKind, choice: str, where: str) -> None:
     """A layer's layout name must be one its kind has (family members are checked by the family)."""
-    if kind == LayerKind.FFN:
+    if kind == LayerKind.EXPERTS:  # "<member>[:parallel]" for a layer, "sliced"/"parallel" as a request
+        member, _, mode = choice.partition(":")
+        if mode not in ("", "sliced", "parallel"):
+            raise ShardwiseError(f"{where}: experts layout {choice!r}: expected a member, ':sliced' or ':parallel'")
+        if not mode and member in ("sliced", "parallel"):
+            return
+        for check in _NAME_CHECKS:
+            check(member)
+    elif kind == LayerKind.FFN:
         for check in _NAME_CHECKS:
             check(choice)
     elif kind == LayerKind.ATTENTION:

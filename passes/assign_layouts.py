@@ -28,7 +28,7 @@ from ..strategies.family import (
     weight_spec,
 )
 from ..strategies.request import DEFAULTS
-from ..strategies.rules import WeightSpec
+from ..strategies.rules import WeightSpec, longest_dividing_prefix
 from .find_layers import Layer, Layers, block_of
 from .graph_utils import shape, signature
 from .pipeline import graph_pass
@@ -50,11 +50,15 @@ def assign_layouts(gm: fx.GraphModule, mesh: Mesh, choices: dict[str, str]) -> f
     io = gm.meta.setdefault(IO_LAYOUTS, {})
     caches = _cache_inputs(gm)
     for block in layers.blocks:
-        ffn_choice = choices.get(block.ffn.name) if block.ffn else None
+        owner = block.ffn or block.experts  # the layer whose choice names the block's member
+        ffn_choice = choices.get(owner.name).partition(":")[0] if owner and choices.get(owner.name) else None
         member = parse_ffn(ffn_choice or DEFAULTS["ffn"])
         members[block.index] = member
         anchor = nodes[block.input]
         anchor.meta[ANCHOR] = _residual_for(anchor, member, mesh, block.name)
+        if block.experts:
+            mode = (choices.get(block.experts.name) or "").partition(":")[2] or "sliced"
+            notes[block.experts.name] = _assign_experts(block.experts, member, mode, mesh, nodes)
         if block.ffn:
             _assign_ffn(block.ffn, member, mesh, nodes)
             if block.parallel and block.attention:
@@ -111,6 +115,49 @@ def _assign_ffn(layer: Layer, member: Member, mesh: Mesh, nodes: dict[str, fx.No
         out_atoms, in_atoms = (e, f) if role == "w_out" else (f, e)
         ph = nodes[p.weight]
         ph.meta[WEIGHT] = weight_spec(out_atoms, in_atoms, b, shape(ph), p.rows_out, mesh)
+
+
+def _assign_experts(layer: Layer, member: Member, mode: str, mesh: Mesh, nodes: dict[str, fx.Node]) -> list[str]:
+    """Expert-sliced: every expert's hidden dim F split over all the member's atoms (in mesh order), like a
+    1D weight-stationary feed-forward per expert: gate/up [X, F, E] split on F, down [X, E, F] split on F.
+    The tokens routed to the experts are gathered whole, the router replicated (its matmul, top-k and
+    dispatch run identically on every rank: the unsharded model's routing, bit for bit), and the combine
+    is a partial sum over those atoms, reduced into the residual's layout. Where F does not divide them
+    all, F is split over the longest prefix that does and the experts repeat over the rest (noted).
+
+    Expert parallel (`mode="parallel"`, canonicalize's fused experts_ffn only): the experts X split over the
+    longest prefix of those atoms that divides X, each rank holding only its experts and running only
+    their tokens (the rest of its output 0), and each expert's F over the atoms left (experts over x, F
+    over y·z); the combine is the same partial sum over all of them."""
+    b, e, f = member.atoms(mesh)
+    every = mesh.mesh_order(b + e + f)
+    experts: tuple[str, ...] = ()
+    if mode == "parallel":
+        if not layer.info.get("fused"):
+            raise LayoutError(
+                f"experts=parallel for {layer.name}: its experts are not in the form shardwise splits by expert (gate, "
+                f"up, activation and down as grouped matmuls over the same routed tokens); use experts=sliced")
+        experts = longest_dividing_prefix(every, layer.dims["X"], mesh)
+    left = tuple(a for a in every if a not in experts)
+    atoms = longest_dividing_prefix(left, layer.dims["F"], mesh)
+    for role, ph_name in layer.params.items():
+        ph = nodes[ph_name]
+        layout = Layout.sharded(3, layer.info["f_dims"][ph_name], atoms).with_dim(0, experts)
+        ph.meta[WEIGHT] = WeightSpec(at_rest=layout, in_use=layout)
+    router = nodes[layer.info["router"]]
+    router.meta[WEIGHT] = WeightSpec(at_rest=Layout.replicated(2), in_use=Layout.replicated(2))
+    notes = []
+    if mode == "parallel":
+        notes.append(f"experts parallel: the {layer.dims['X']} experts split over "
+                     f"{mesh.format_atoms(experts) if experts else 'nothing'} "
+                     f"({layer.dims['X'] // mesh.group_size(experts)} per rank, each running only its tokens)")
+    notes.append(f"experts sliced: each of the {layer.dims['X']} experts' F = {layer.dims['F']} split over "
+                 f"{mesh.format_atoms(atoms) if atoms else 'nothing'}; router and routing replicated")
+    if len(experts) + len(atoms) < len(every):
+        rest = tuple(a for a in every if a not in atoms and a not in experts)
+        notes.append(f"F = {layer.dims['F']} does not split over all of {mesh.format_atoms(every)}: experts "
+                     f"repeated ×{mesh.group_size(rest)}")
+    return notes
 
 
 def _assign_attention(layer: Layer, member: Member, mode: str, mesh: Mesh, nodes) -> list[str]:

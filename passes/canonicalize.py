@@ -17,6 +17,12 @@
   q, k and v with one [E, 3E] matmul; Falcon's multiquery one is viewed as [.., H + 2, D] and sliced
   by heads): each piece becomes its own matmul on a slice of the weight, so q, k and v can each be
   split over heads; pieces interleaved per head ([.., H, 3, D]) stay fused, split by heads whole;
+  a mixture of experts' fused gate_up weight ([X, 2F, D], a grouped matmul whose output is chunked
+  along features into gate and up) is unfused the same way into two grouped matmuls on slices of the
+  stacked weight, so each expert's F can be split (interleaved gate/up, gpt-oss's `[..., ::2]`, stays
+  fused and is not split); then gate, up, activation, product and down over the same routed tokens
+  become one `shardwise::experts_ffn` (runtime/experts.py), which can also run on a slice of the
+  experts (expert parallel);
 - refuses a call that leaves part of the model's parameters unread (cross-attention over an encoder's
   states, a vision or audio tower): that model takes inputs a decoder-only step does not give.
 Regions export wraps for `torch.no_grad()` are inlined first (they are plain ops at inference).
@@ -39,7 +45,9 @@ from .graph_utils import (
     WEIGHT_MATMULS,
     ExplicitAttention,
     copy_meta,
+    expert_weight,
     explicit_attention,
+    is_grouped_mm,
     fake_mode_of,
     fake_run,
     shape,
@@ -86,6 +94,11 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in PROJECTIONS:
             _unfuse(gm, node, mode)
+        elif is_grouped_mm(node):
+            _unfuse_experts(gm, node, mode)
+    for node in list(gm.graph.nodes):
+        if is_grouped_mm(node):
+            _fuse_experts(gm, node, mode)
     _fold_views(gm)
     gm.graph.eliminate_dead_code()
     _drop_unused_weights(gm)
@@ -544,6 +557,87 @@ def _unfuse(gm: fx.GraphModule, mm: fx.Node, mode) -> None:
         if isinstance(p, fx.Node) and not p.users and p.name in sig.params:
             del sig.params[p.name]
             g.erase_node(p)
+
+
+def _unfuse_experts(gm: fx.GraphModule, mm: fx.Node, mode) -> None:
+    """A grouped matmul on a fused stacked weight whose output is cut along features into contiguous pieces
+    (gate and up: `chunk(grouped_mm(x, W.transpose(-2, -1)), 2, -1)`): one grouped matmul per piece, each
+    on a slice of W along its stored feature dim (1 when read transposed, else 2)."""
+    sig = signature(gm)
+    found = expert_weight(mm, sig.params)
+    if found is None:
+        return
+    w, transposed = found
+    if len(w.users) != 1 or (transposed and len(mm.args[1].users) != 1):
+        return
+    pieces = _feature_pieces(gm, mm, shape(mm)[-1])
+    if pieces is None:
+        return
+    g = gm.graph
+    first_ph = next(n for n in g.nodes if n.op == "placeholder")
+    for start, length, user in pieces:
+        new_w = _derived_param(gm, w, 1 if transposed else 2, start, length, first_ph)
+        with g.inserting_before(user):
+            operand = new_w
+            if transposed:
+                operand = g.call_function(aten.transpose.int, (new_w, -2, -1))
+                copy_meta(operand, mm.args[1])
+                fake_run(operand, mode)
+            piece = g.call_function(mm.target, (mm.args[0], operand, *mm.args[2:]), dict(mm.kwargs))
+            copy_meta(piece, mm)
+            fake_run(piece, mode)
+            if shape(piece) != shape(user):
+                view = g.call_function(aten.reshape.default, (piece, list(shape(user))))
+                copy_meta(view, user)
+                fake_run(view, mode)
+                piece = view
+        user.replace_all_uses_with(piece)
+    g.eliminate_dead_code()
+    if not w.users and w.name in sig.params:
+        del sig.params[w.name]
+        g.erase_node(w)
+
+
+_EXPERT_ACTS = {aten.silu.default: "silu", aten.gelu.default: "gelu", aten.relu.default: "relu"}
+
+
+def _fuse_experts(gm: fx.GraphModule, down: fx.Node, mode) -> None:
+    """`grouped(act(grouped(x, Wg, offs)) * grouped(x, Wu, offs), Wd, offs)`, offs = cumsum(counts), each
+    intermediate used once → `experts_ffn(x, Wg, Wu, Wd, offs − counts, offs, act)`; else left as it is."""
+    from ..runtime import experts  # noqa: F401  (registers the op)
+
+    if down.op != "call_function" or len(down.args) != 3 or down.kwargs:
+        return
+    m, w_down, offs = down.args
+    if not (isinstance(m, fx.Node) and m.target is aten.mul.Tensor and len(m.users) == 1):
+        return
+    a, u = m.args
+    if not (isinstance(a, fx.Node) and isinstance(u, fx.Node)):
+        return
+    if a.target not in _EXPERT_ACTS:
+        a, u = u, a
+    if a.target not in _EXPERT_ACTS or len(a.users) != 1 or len(a.args) != 1 or a.kwargs:
+        return
+    g = a.args[0]
+    same = lambda n: (isinstance(n, fx.Node) and is_grouped_mm(n) and n.target is down.target and len(n.args) == 3
+                      and not n.kwargs and len(n.users) == 1 and n.args[2] is offs)
+    if not (same(g) and same(u) and g.args[0] is u.args[0]):
+        return
+    if not (isinstance(offs, fx.Node) and offs.target is aten.cumsum.default and isinstance(offs.args[0], fx.Node)
+            and offs.args[0].meta["val"].shape == offs.meta["val"].shape):
+        return
+    g_ = gm.graph
+    with g_.inserting_before(down):
+        starts = g_.call_function(aten.sub.Tensor, (offs, offs.args[0]))
+        copy_meta(starts, offs)
+        fake_run(starts, mode)
+        fused = g_.call_function(torch.ops.shardwise.experts_ffn.default,
+                                 (g.args[0], g.args[1], u.args[1], w_down, starts, offs, _EXPERT_ACTS[a.target]))
+        copy_meta(fused, down)
+        fake_run(fused, mode)
+    down.replace_all_uses_with(fused)
+    for n in (down, m, a, u, g):
+        g_.erase_node(n)
 
 
 def _derived_param(gm: fx.GraphModule, base: fx.Node, dim: int, start: int, length: int, before: fx.Node) -> fx.Node:

@@ -17,8 +17,11 @@ written every other spelling, `x @ W.T` included, as one of these). From there:
               its input is the residual stream entering it; *parallel* when attention and ffn read
               the same tensor (PaLM, GPT-J)
   experts     a mixture of experts: a projection (the router) whose scores pick experts (`topk`, `max`,
-              `argmax`, `sort`); its experts are not planned (they run replicated) and `Layers.experts`
-              names the modules holding them
+              `argmax`, `sort`). Where its experts are grouped matmuls over stacked [X, ·, ·] weights
+              (transformers' grouped_mm_fallback, torch._grouped_mm; canonicalize has unfused a fused
+              gate_up) they form a layer of kind `experts` (roles w_gate, w_in, w_out like a feed-forward;
+              X experts, E, F, top-k); `Layers.experts` names the mixtures whose experts no such layer
+              holds (looped experts, ...): they run replicated
 A block whose projections feed no attention (a state-space scan, a convolution, linear attention) is
 refused with a ShardwiseError: the model is not a decoder-only attention transformer; so is a model that
 runs one layer's weights several times in a call (recurrent depth).
@@ -36,7 +39,17 @@ import torch.fx as fx
 
 from ..errors import ShardwiseError
 from ..ir.meta import BLOCK, LAYERS, SIGNATURE
-from .graph_utils import PROJECTIONS, explicit_attention, module_path, module_paths, shape, signature
+from .graph_utils import (
+    PROJECTIONS,
+    expert_weight,
+    explicit_attention,
+    is_experts_ffn,
+    is_grouped_mm,
+    module_path,
+    module_paths,
+    shape,
+    signature,
+)
 from .pipeline import graph_pass
 
 aten = torch.ops.aten
@@ -81,6 +94,7 @@ class Block:
     attention: Layer | None
     ffn: Layer | None
     parallel: bool
+    experts: Layer | None = None  # a mixture of experts (with `ffn` its shared experts, if any)
 
 
 @dataclass
@@ -88,7 +102,7 @@ class Layers:
     layers: list[Layer]
     blocks: list[Block]
     dims: dict[str, int]  # model-level: B, L, E, V
-    experts: list[str] = field(default_factory=list)  # mixture-of-experts modules, run replicated (not planned)
+    experts: list[str] = field(default_factory=list)  # mixture-of-experts modules run replicated (no experts layer)
 
     def by_kind(self, kind: str) -> list[Layer]:
         return [l for l in self.layers if l.kind == kind]
@@ -109,7 +123,11 @@ def find_layers(gm: fx.GraphModule) -> fx.GraphModule:
             layers.append(Layer(module_path(n) or n.name, "embedding", None, params={"table": n.args[0].name},
                                 dims={"V": V, "E": E}, core=n.name))
 
+    before = set(claimed)
     experts = _experts(gm, projs, claimed)  # routers first: a mixture of attention heads (JetMoE) is no q/o
+    routers = {block_of(nodes[n]): projs[n] for n in claimed - before}
+    expert_layers = _expert_layers(gm, experts, routers, nodes)
+    layers.extend(expert_layers)
     for n in gm.graph.nodes:
         if n.op != "call_function":
             continue
@@ -141,13 +159,14 @@ def find_layers(gm: fx.GraphModule) -> fx.GraphModule:
     _refuse_other_mixers(gm, projs, claimed, layers, experts, nodes, head)
     blocks = _blocks(gm, layers, nodes)
     for l in layers:
-        if l.kind in ("attention", "ffn"):
-            l.block = next((b.index for b in blocks if l in (b.attention, b.ffn)), None)
+        if l.kind in ("attention", "ffn", "experts"):
+            l.block = next((b.index for b in blocks if l in (b.attention, b.ffn, b.experts)), None)
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     layers.sort(key=lambda l: order[l.core or next(iter(l.projections.values())).node])
     _unique_names(layers)
     dims = _model_dims(layers, blocks, nodes)
-    gm.meta[LAYERS] = Layers(layers, blocks, dims, sorted(experts))
+    planned = {l.name for l in expert_layers if l.block is not None}
+    gm.meta[LAYERS] = Layers(layers, blocks, dims, sorted(experts - planned))
     return gm
 
 
@@ -264,6 +283,80 @@ def _experts(gm: fx.GraphModule, projs: dict[str, Projection], claimed: set[str]
             elif m.op == "call_function" and m.target in _ROUTING:
                 todo.extend(m.all_input_nodes)
     return found
+
+
+def _expert_layers(gm: fx.GraphModule, experts: set[str], routers: dict[str | None, Projection],
+                   nodes: dict[str, fx.Node]) -> list[Layer]:
+    """The experts of each mixture found by its router: the block's grouped matmuls over stacked [X, ·, ·]
+    weights. The output projection (w_out) is the one whose input comes from the others; of two inputs
+    the gate is the one an activation reads (SwiGLU). Anything else (a third input, experts whose
+    weights differ in X, a grouped matmul with a bias) is left unplanned: the mixture runs replicated."""
+    params = signature(gm).params
+    by_block: dict[str, list[fx.Node]] = {}
+    out = []
+    for n in gm.graph.nodes:
+        if is_grouped_mm(n) and (b := block_of(n)) in routers and expert_weight(n, params) is not None:
+            by_block.setdefault(b, []).append(n)
+        if is_experts_ffn(n) and (b := block_of(n)) in routers and (layer := _fused_experts(n, b, experts, routers,
+                                                                                            nodes, params)):
+            out.append(layer)
+    for block, mms in by_block.items():
+        path = next((e for e in experts if e == block or e.startswith(block + ".")), None)
+        if path is None or len(mms) not in (2, 3) or any(len(m.args) > 3 or m.kwargs.get("bias") is not None
+                                                          for m in mms):
+            continue
+        names = {m.name for m in mms}
+        outs = [m for m in mms if not _reaches(m, names, set(), block)]
+        ins = [m for m in mms if m not in outs]
+        if len(outs) != 1 or not all(_reaches(m, {outs[0].name}, set(), block) for m in ins):
+            continue
+        out_mm = outs[0]
+        weights = {m.name: expert_weight(m, params) for m in mms}
+        X = {shape(w)[0] for w, _ in weights.values()}
+        D = shape(out_mm)[-1]
+        F = shape(out_mm.args[0])[-1]
+        if len(X) != 1 or any(shape(m)[-1] != F or shape(m.args[0])[-1] != D for m in ins):
+            continue
+        roles = {"w_out": out_mm}
+        if len(ins) == 2:
+            gate = next((m for m in ins if any(u.target in _ACTS for u in m.users)), ins[0])
+            roles.update(w_gate=gate, w_in=next(m for m in ins if m is not gate))
+        else:
+            roles["w_in"] = ins[0]
+        # the dim of each stored weight that holds F: read transposed ([X, N, K]) or not ([X, K, N])
+        f_dims = {}
+        for role, m in roles.items():
+            w, transposed = weights[m.name]
+            f_dims[w.name] = (1 if transposed else 2) if role != "w_out" else (2 if transposed else 1)
+        router = routers[block]
+        tokens = shape(nodes[router.node])[0] if len(shape(nodes[router.node])) == 2 else None
+        info = {"gated": len(ins) == 2, "activation": _activation(ins[0], out_mm), "router": router.weight,
+                "f_dims": f_dims, "grouped_mm": {r: m.name for r, m in roles.items()}}
+        dims = {"X": X.pop(), "E": D, "F": F}
+        if tokens:
+            dims["k"] = shape(out_mm)[0] // tokens
+        out.append(Layer(path, "experts", None, params={r: weights[m.name][0].name for r, m in roles.items()},
+                         dims=dims, info=info, core=out_mm.name))
+    return out
+
+
+def _fused_experts(n: fx.Node, block: str, experts: set[str], routers: dict[str | None, Projection],
+                   nodes: dict[str, fx.Node], params: dict[str, str]) -> Layer | None:
+    """The experts layer of canonicalize's fused `experts_ffn(x, Wg, Wu, Wd, starts, ends, act)`."""
+    path = next((e for e in experts if e == block or e.startswith(block + ".")), None)
+    found = {role: expert_weight(n, params, i) for role, i in (("w_gate", 1), ("w_in", 2), ("w_out", 3))}
+    if path is None or None in found.values():
+        return None
+    f_dims = {w.name: ((1 if t else 2) if role != "w_out" else (2 if t else 1)) for role, (w, t) in found.items()}
+    router = routers[block]
+    tokens = shape(nodes[router.node])[0] if len(shape(nodes[router.node])) == 2 else None
+    X, F = shape(n.args[3])[0], shape(n.args[3])[1]
+    dims = {"X": X, "E": shape(n)[-1], "F": F}
+    if tokens:
+        dims["k"] = shape(n)[0] // tokens
+    info = {"gated": True, "activation": n.args[6], "router": router.weight, "f_dims": f_dims, "fused": True}
+    return Layer(path, "experts", None, params={r: w.name for r, (w, _) in found.items()}, dims=dims, info=info,
+                 core=n.name)
 
 
 def _refuse_repeated_weights(gm: fx.GraphModule, projs: dict[str, Projection], layers: list[Layer]) -> None:
@@ -450,7 +543,7 @@ def _head(gm: fx.GraphModule, projs, claimed, loose: list[Projection]) -> Layer 
 def _blocks(gm: fx.GraphModule, layers: list[Layer], nodes: dict[str, fx.Node]) -> list[Block]:
     groups: dict[str, dict[str, Layer]] = {}
     for l in layers:
-        if l.kind in ("attention", "ffn"):
+        if l.kind in ("attention", "ffn", "experts"):
             anchor = nodes[l.core] if l.core else nodes[next(iter(l.projections.values())).node]
             b = block_of(anchor)
             if b:
@@ -459,16 +552,16 @@ def _blocks(gm: fx.GraphModule, layers: list[Layer], nodes: dict[str, fx.Node]) 
     entering = _entering(gm)
     blocks = []
     for i, (path, parts) in enumerate(sorted(groups.items(), key=lambda kv: order[_first_node(kv[1])])):
-        attn, ffn = parts.get("attention"), parts.get("ffn")
-        E = (attn or ffn).dims["E"]
+        attn, ffn, moe = parts.get("attention"), parts.get("ffn"), parts.get("experts")
+        E = (attn or ffn or moe).dims["E"]
         residual = _block_input(entering.get(path, []), path, E, order)
         parallel = bool(attn and ffn and _same_source(attn, ffn, nodes))
-        blocks.append(Block(i, path, residual, attn, ffn, parallel))
+        blocks.append(Block(i, path, residual, attn, ffn, parallel, moe))
     return blocks
 
 
 def _first_node(parts: dict[str, Layer]) -> str:
-    l = parts.get("attention") or parts["ffn"]
+    l = parts.get("attention") or parts.get("ffn") or parts["experts"]
     return l.core or next(iter(l.projections.values())).node
 
 

@@ -3,6 +3,8 @@ nodes, module paths, signatures."""
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -38,6 +40,37 @@ PROJECTIONS = {op: m for op, m in MATMULS.items() if m.projection}
 # matmuls canonicalize rewrites into the table's forms when one operand is a 2-D weight (`x @ W.T`, `x @ W`)
 WEIGHT_MATMULS = {aten.matmul.default, aten.mm.default, aten.addmm.default}
 VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_GROUPED_MM = re.compile(r"(^|[:_])grouped_mm")  # torch._grouped_mm, transformers' grouped_mm_fallback
+
+
+def is_grouped_mm(node: fx.Node) -> bool:
+    """A mixture of experts' grouped matmul: `(x [T, K], w [X, K, N], offs [X]) → [T, N]`, rows of x sorted
+    by expert and expert i's rows ending at offs[i] (torch._grouped_mm, transformers.grouped_mm_fallback)."""
+    t = node.target
+    return node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and bool(
+        _GROUPED_MM.search(t._schema.name)) and len(node.args) >= 2
+
+
+def is_experts_ffn(node: fx.Node) -> bool:
+    """canonicalize's fused experts (`shardwise::experts_ffn`, runtime/experts.py)."""
+    t = node.target
+    return node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and \
+        t._schema.name == "shardwise::experts_ffn"
+
+
+def expert_weight(node: fx.Node, params: dict[str, str], arg: int = 1) -> tuple[fx.Node, bool] | None:
+    """The stacked [X, ·, ·] expert weight a grouped matmul (or experts_ffn) reads as argument `arg`, and
+    whether through a transpose of its last two dims: (placeholder, transposed), else None."""
+    w = node.args[arg]
+    if not isinstance(w, fx.Node):
+        return None
+    transposed = False
+    if w.op == "call_function" and w.target is aten.transpose.int and \
+            sorted(d % 3 for d in w.args[1:3]) == [1, 2] and isinstance(w.args[0], fx.Node):
+        w, transposed = w.args[0], True
+    if w.op == "placeholder" and w.name in params and w.meta["val"].ndim == 3:
+        return w, transposed
+    return None
 
 
 def transposed_2d(node) -> fx.Node | None:

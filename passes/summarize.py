@@ -75,6 +75,7 @@ def summarize(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], *, 
 _ROLE_DIMS = {  # (out, in) names of each projection's weight
     "q": ("(HD)", "E"), "gate": ("(HD)", "E"), "k": ("(KD)", "E"), "v": ("(KD)", "E"), "o": ("E", "(HD)"),
     "w_in": ("F", "E"), "w_gate": ("F", "E"), "w_out": ("E", "F"), "w": ("V", "E"),
+    "router": ("X", "E"),
 }
 
 
@@ -82,6 +83,9 @@ def _weights(l: Layer, nodes, mesh: Mesh, dims) -> dict[str, dict[str, str]]:
     out = {}
     entries = [(role, p.weight, p.rows_out) for role, p in l.projections.items()]
     entries += [(role, name, True) for role, name in l.params.items()]  # embedding tables are [V, E]
+    if "router" in l.info:
+        entries.append(("router", l.info["router"], True))
+    f_dims = l.info.get("f_dims", {})
     for role, name, rows_out in entries:
         ph = nodes.get(name)
         if ph is None or WEIGHT not in ph.meta:
@@ -89,5 +93,7 @@ def _weights(l: Layer, nodes, mesh: Mesh, dims) -> dict[str, dict[str, str]]:
         spec = ph.meta[WEIGHT]
         o, i = _ROLE_DIMS.get(role, ("V", "E"))
         names = [o, i] if rows_out else [i, o]
+        if name in f_dims:  # stacked experts: [X, F, E] or [X, E, F]
+            names = ["X"] + (names if (f_dims[name] == 1) == (role != "w_out") else names[::-1])
         out[role] = {"at_rest": spec.at_rest.notation(mesh, names), "in_use": spec.in_use.notation(mesh, names)}
     return out

@@ -33,6 +33,8 @@ def choices_for(layers: Layers, chosen: list[Candidate], forced: dict[str, str])
         c = chosen[min(l.block, len(chosen) - 1)] if l.block is not None else chosen[0]
         if l.kind == LayerKind.FFN:
             out[l.name] = c.member.name
+        elif l.kind == LayerKind.EXPERTS:  # the block's member, and how the experts split under it
+            out[l.name] = c.member.name + (":parallel" if forced.get(LayerKind.EXPERTS) == "parallel" else "")
         elif l.kind == LayerKind.ATTENTION:
             out[l.name] = c.attention
         else:

@@ -32,7 +32,7 @@ class Candidate:
                         family=self.member.effective(self.mesh).family)
 
     def block_time(self) -> float:
-        return sum(self.times[k]["time"] for k in ("attention", "ffn") if k in self.times)
+        return sum(self.times[k]["time"] for k in ("attention", "ffn", "experts") if k in self.times)
 
 
 @dataclass

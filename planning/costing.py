@@ -19,7 +19,7 @@ from ..ir.mesh import Mesh
 from ..ir.meta import IN_LAYOUTS, LAYERS, LAYOUT
 from ..passes.attribute import OUTPUT, Attribution
 from ..passes.fuse_collectives import plan_fusions
-from ..passes.graph_utils import MATMULS, signature
+from ..passes.graph_utils import MATMULS, expert_weight, is_experts_ffn, is_grouped_mm, signature
 from ..passes.insert_collectives import Conversion
 from ..passes.storage import stored_tensors
 from ..strategies.cost import Comm, LayerCost, Precision
@@ -38,6 +38,13 @@ def op_flops(node: fx.Node, mesh: Mesh) -> float:
         x = node.args[m.x]
         k_local = node.meta[IN_LAYOUTS][m.x_name].local_shape(tuple(x.meta["val"].shape), mesh)[-1]
         return 2.0 * _local_numel(node, node.meta[LAYOUT], mesh) * k_local
+    if is_grouped_mm(node):  # the routed tokens (B·L·top-k rows) through their experts: top-k experts per token
+        x = node.args[0]
+        name = node.target._schema.arguments[0].name
+        k_local = node.meta[IN_LAYOUTS][name].local_shape(tuple(x.meta["val"].shape), mesh)[-1]
+        return 2.0 * _local_numel(node, node.meta[LAYOUT], mesh) * k_local
+    if is_experts_ffn(node):
+        return experts_flops(node, mesh)[1]
     if node.target is aten.scaled_dot_product_attention.default:
         q, k = node.args[0], node.args[1]
         B, H, Lq, D = node.meta[IN_LAYOUTS]["query"].local_shape(tuple(q.meta["val"].shape), mesh)
@@ -46,12 +53,35 @@ def op_flops(node: fx.Node, mesh: Mesh) -> float:
     return 0.0
 
 
+def touched_fraction(dims: dict[str, int]):
+    """rows → the expected share of a mixture's experts that a step's routed rows (B·L tokens × top-k) touch,
+    assuming uniform, independent routing: 1 − (1 − k/X)^(B·L), so X·(that) distinct experts (decode with
+    few tokens reads fewer experts than prefill). The same share of every rank's experts (expert parallel)
+    or of every expert's slices (expert-sliced) is read; imbalance between ranks is not modelled."""
+    X, k = dims.get("X"), dims.get("k")
+    if not X or not k:
+        return lambda rows: 1.0
+    return lambda rows: 1.0 - (1.0 - min(k, X) / X) ** max(1, rows // k)
+
+
+def experts_flops(node: fx.Node, mesh: Mesh) -> tuple[float, float]:
+    """(whole, per chip) FLOPs of a fused experts_ffn: 2·rows·3·E·F for the B·L·k routed rows (top-k experts
+    per token); per chip F is its slice and the rows its experts' share, 1/n of them for n expert groups
+    (uniform routing assumed: load imbalance is not modelled yet)."""
+    rows, E = node.args[0].meta["val"].shape
+    X, F = node.args[3].meta["val"].shape[:2]
+    whole = 2.0 * rows * 3 * E * F
+    wd = node.meta[IN_LAYOUTS]["w_down"]
+    return whole, whole / (mesh.group_size(wd.dims[0]) * mesh.group_size(wd.dims[1]))
+
+
 def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], precision: Precision) -> dict[str, LayerCost]:
     """Cost ingredients of every layer of a propagated graph (plus "output" for what no layer owns)."""
     layers = gm.meta[LAYERS]
     attribution = Attribution(layers)
     sig = signature(gm)
     costs: dict[str, LayerCost] = {l.name: LayerCost() for l in layers.layers}
+    touched = {l.name: touched_fraction(l.dims) for l in layers.by_kind("experts")}
     costs[OUTPUT] = LayerCost()
     io_inputs = set(sig.inputs)
 
@@ -70,6 +100,13 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
             w = node.args[m.w]
             if w.op == "placeholder" and w.name in sig.params:
                 c.weight_bytes += _local_numel(w, node.meta[IN_LAYOUTS][m.w_name], mesh) * size("weights", w)
+        if is_experts_ffn(node) or is_grouped_mm(node):
+            # a step reads the experts its tokens touch: the local slice times the expected share touched
+            rows = node.args[0].meta["val"].shape[0]
+            share = touched.get(owner, lambda rows: 1.0)(rows)
+            for i in ((1, 2, 3) if is_experts_ffn(node) else (1,)):
+                if (found := expert_weight(node, sig.params, i)) is not None:
+                    c.weight_bytes += share * _local_numel(found[0], found[0].meta[LAYOUT], mesh) * size("weights", found[0])
         if node.target is aten.index_copy.default and node.args[0].op == "placeholder" and node.args[0].name in io_inputs:
             cache = node.args[0]  # the step reads the whole cache it attends over
             c.kv_bytes += _local_numel(cache, cache.meta[LAYOUT], mesh) * size("kv", cache)

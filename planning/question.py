@@ -37,5 +37,5 @@ class Question:
 
     @property
     def forced(self) -> dict[str, str]:
-        """Layouts forced for the layers outside the blocks (embedding, head)."""
-        return {k: v for k, v in self.request.items() if k in (LayerKind.EMBEDDING, LayerKind.HEAD)}
+        """Layouts forced for the layers outside the blocks (embedding, head) and the experts' split."""
+        return {k: v for k, v in self.request.items() if k in (LayerKind.EMBEDDING, LayerKind.HEAD, LayerKind.EXPERTS)}

@@ -147,7 +147,7 @@ def explain(choice: Choice, results: list, n_blocks: int) -> list[str]:
                 + t.get(OUTPUT, {}).get("time", 0))
 
     def parts(c: Candidate) -> dict[str, float]:
-        return {k: n_blocks * sum(c.times[p][k] for p in ("attention", "ffn") if p in c.times)
+        return {k: n_blocks * sum(c.times[p][k] for p in ("attention", "ffn", "experts") if p in c.times)
                 for k in ("compute", "memory", "comm")}
 
     lines = [f"candidates on mesh {choice.mesh} (per step; blocks ×{n_blocks}):"]

@@ -29,7 +29,7 @@ from ..ir.plan import (
 from ..passes.find_layers import Layers, block_of
 from ..passes.graph_utils import MATMULS, module_path, signature
 from ..passes.storage import weights
-from .costing import op_flops
+from .costing import experts_flops, op_flops
 
 
 def blocks_named(name: str, block: str, start: int, end: int) -> str:
@@ -62,6 +62,13 @@ def matmul_work(node: fx.Node, mesh: Mesh) -> tuple[float, float] | None:
     one), else None. An op without recorded layouts runs whole on every chip."""
     if node.op != "call_function":
         return None
+    if getattr(getattr(node.target, "_schema", None), "name", "") == "shardwise::experts_ffn":
+        try:
+            return experts_flops(node, mesh)
+        except (KeyError, TypeError, ValueError):
+            rows, E = node.args[0].meta["val"].shape
+            whole = 2.0 * rows * 3 * E * node.args[3].meta["val"].shape[1]
+            return whole, whole
     t = node.target
     i = None if t in MATMULS or t is _SDPA else _contracted(node)
     if (i is None and t not in MATMULS and t is not _SDPA) or not isinstance(node.meta.get("val"), torch.Tensor):
@@ -165,7 +172,7 @@ class Tally:
 
         fed = _downstream(inputs)  # what the residual stream reaches (not position tables, rotary angles)
         params = {k: v for k, v in sig.params.items() if v not in sig.buffers}
-        kv = _kv_weights(layers)
+        kv = _kv_weights(layers) | _routers(layers)
         for node in nodes:
             work = matmul_work(node, self.mesh)
             if work is None or not work[0]:
@@ -180,7 +187,7 @@ class Tally:
                 continue
             w = _weight_read(node, params)
             if w is not None and w.name in kv:
-                continue  # K/V heads that do not split over every chip: replicated by the layout, as its note says
+                continue  # K/V heads that do not split over every chip, a mixture's router: replicated by the layout
             why = [] if split or not (w is not None or node in fed) else ["every chip computes it whole"]
             if w is not None and w.name in whole_weights:
                 why.append("every chip holds its weight whole")
@@ -214,6 +221,12 @@ def _kv_weights(layers: Layers) -> set[str]:
         own = {l.projections[r].weight for r in ("q", "o", "gate") if r in l.projections}
         out |= {l.projections[r].weight for r in ("k", "v") if r in l.projections} - own
     return out
+
+
+def _routers(layers: Layers) -> set[str]:
+    """The routers of the experts layers: replicated by design, so every rank routes exactly as the unsharded
+    model does (the experts layer's note says so)."""
+    return {l.info["router"] for l in layers.by_kind("experts") if "router" in l.info}
 
 
 def _under(path: str, modules: list[str]) -> bool:
@@ -287,7 +300,8 @@ def check_sharded(plan: Plan, strict: bool = False) -> Plan:
            + ". To shard them, "
            + ("write the block's extra projections as part of its attention or feed-forward (q/k/v/o, in/gate/out), "
               if others else "")
-           + ("plan a dense model (shardwise does not split experts yet), " if experts else "")
+           + ("plan a dense model (shardwise splits experts only when they are grouped matmuls over stacked "
+              "[experts, ·, ·] weights), " if experts else "")
            + "or "
            + ("accept them replicated: plan(..., strict=False) warns instead of failing" if strict else
               "accept them replicated (plan(..., strict=True) makes this an error)"))

@@ -10,9 +10,10 @@ from ..errors import LayoutError
 from .family import ATTENTION_MODES, parse_ffn
 
 KINDS = {"ffn": "ffn", "attn": "attention", "attention": "attention", "embed": "embedding",
-         "embedding": "embedding", "head": "head"}
+         "embedding": "embedding", "head": "head", "experts": "experts"}
 DEFAULTS = {"ffn": "ws1d", "attention": "heads", "embedding": "auto", "head": "auto"}  # auto: whatever divides
 EMBED_MODES = ("auto", "E", "vocab")
+EXPERT_MODES = ("sliced", "parallel")  # each expert's F split over the block's atoms; the experts split over them
 
 
 def parse_layouts(text: str | dict | None) -> dict[str, str]:
@@ -40,13 +41,15 @@ def parse_layouts(text: str | dict | None) -> dict[str, str]:
             raise LayoutError(f"layouts entry {k!r}: {v!r}: expected a layer kind and a layout name, both strings")
         if k not in KINDS:
             raise LayoutError(
-                f"--layouts names {k!r}: expected a layer kind, one of ffn, attn, embed, head (e.g. 'ffn=ws2d,attn=batch')"
+                f"--layouts names {k!r}: expected a layer kind, one of ffn, attn, embed, head, experts (e.g. 'ffn=ws2d,attn=batch')"
             )
         kind = KINDS[k]
         if kind == "ffn":
             parse_ffn(v)
         elif kind == "attention" and v not in ATTENTION_MODES:
             raise LayoutError(f"unknown attention layout {v!r}: use one of {', '.join(ATTENTION_MODES)}")
+        elif kind == "experts" and v not in EXPERT_MODES:
+            raise LayoutError(f"unknown experts layout {v!r}: use one of {', '.join(EXPERT_MODES)}")
         elif kind in ("embedding", "head") and v not in EMBED_MODES:
             raise LayoutError(f"unknown {kind} layout {v!r}: use one of {', '.join(EMBED_MODES)}")
         if kind in out:

@@ -14,6 +14,7 @@ from .registry import (
     longest_dividing_prefix,
     project,
     register,
+    register_named,
     replicated_like,
     rule_for,
     scatter_partial,
@@ -22,6 +23,6 @@ from .registry import (
 
 __all__ = [
     "AttentionSpec", "Decision", "OpCall", "WeightSpec", "bind", "broadcast_map", "clear_dims", "drop_atoms",
-    "longest_dividing_prefix", "project", "register", "replicated_like", "rule_for", "scatter_partial",
+    "longest_dividing_prefix", "project", "register", "register_named", "replicated_like", "rule_for", "scatter_partial",
     "tensor_positions",
 ]

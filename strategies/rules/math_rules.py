@@ -25,6 +25,7 @@ from .registry import (
     longest_dividing_prefix,
     project,
     register,
+    register_named,
     scatter_partial,
 )
 
@@ -223,6 +224,57 @@ def _bmm(c: OpCall) -> Decision:
     b = Layout(b_dims)
     out = Layout((a.dims[0], a.dims[1], ()), frozenset(a.dims[2]))
     return Decision({"self": a, "mat2": b}, out)
+
+
+@register_named(r"(^|[:_])grouped_mm")
+def _grouped_mm(c: OpCall) -> Decision:
+    """A mixture of experts' grouped matmul `(x [T, K], w [X, K, N], offs [X]) → [T, N]` (torch._grouped_mm,
+    transformers.grouped_mm_fallback): the rows of x are the routed tokens sorted by expert, so they stay
+    whole (the routing is replicated), and so do the experts (X) and offs; the weight keeps its split of K
+    and N (each expert's F, expert-sliced): K split over S makes the output a partial sum over S, like a
+    linear. With a bias, K is whole (a bias added on every rank would be summed n times)."""
+    names = list(c.args)
+    x_name, w_name = names[0], names[1]
+    w = c.layouts[w_name].without_partial()
+    k_atoms = () if "bias" in c.layouts else w.dims[1]
+    n_atoms = tuple(a for a in w.dims[2] if a not in k_atoms)
+    w_req = Layout(((), k_atoms, n_atoms))
+    req = {x_name: Layout(((), k_atoms)), w_name: w_req}
+    for name in names[2:]:
+        if name in c.layouts and c.layouts[name] is not None and not isinstance(c.layouts[name], list):
+            req[name] = Layout.replicated(c.layouts[name].ndim)
+    return Decision(req, Layout(((), n_atoms), frozenset(k_atoms)))
+
+
+@register_named(r"^shardwise::experts_ffn$")
+def _experts_ffn(c: OpCall) -> Decision:
+    """`experts_ffn(x [T, E], Wg [X, E, F], Wu [X, E, F], Wd [X, F, E], starts [X], ends [X])` (runtime/experts.py):
+    the experts split over S (dim X of the weights, starts and ends alike: each rank runs its experts'
+    rows, the others stay 0) and each expert's F over T make the output a partial sum over S and T;
+    the routed tokens x are read whole (routing is replicated). The split is the gate weight's."""
+    wg = c.layouts["w_gate"].without_partial()
+    S, T = wg.dims[0], tuple(a for a in wg.dims[2] if a not in wg.dims[0])
+    w_in = Layout((S, (), T))
+    req = {"x": Layout(((), ())), "w_gate": w_in, "w_up": w_in, "w_down": Layout((S, T, ())),
+           "starts": Layout((S,)), "ends": Layout((S,))}
+    return Decision(req, Layout(((), ()), frozenset(S + T)))
+
+
+# ------------------------------------------------------------------------------------ routing
+@register(aten.topk.default, aten.sort.default, aten.sort.stable)
+def _select(c: OpCall) -> Decision:
+    """top-k and sort along one dim (a router picking experts, sorting the routed tokens by expert): that dim
+    whole and the sum resolved; the other dims keep their split; values and indices alike."""
+    x = c.layouts["self"].without_partial()
+    d = c.args.get("dim")
+    req = clear_dims(x, [-1 if d is None else d])
+    return Decision({"self": req}, (req, req))
+
+
+@register(aten.histc.default)
+def _histc(c: OpCall) -> Decision:
+    """Counts of values in bins (tokens per expert): over the whole input, so it reads it replicated."""
+    return Decision({"self": Layout.replicated(c.layouts["self"].ndim)}, Layout.replicated(1))
 
 
 # ------------------------------------------------------------------------------------ attention

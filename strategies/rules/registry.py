@@ -79,6 +79,19 @@ class OpCall:
 
 Rule = Callable[[OpCall], Decision]
 _RULES: dict[Any, Rule] = {}
+_BY_NAME: list[tuple[Any, Rule]] = []  # (compiled pattern of schema names, rule): ops of libraries loaded later
+
+
+def register_named(pattern: str) -> Callable[[Rule], Rule]:
+    """Register a rule for every op whose schema name matches `pattern` (a regex): ops of a library that
+    may not be loaded when the rules are (transformers' `grouped_mm_fallback`), and their ATen cousins."""
+    import re
+
+    def deco(fn: Rule) -> Rule:
+        _BY_NAME.append((re.compile(pattern), fn))
+        return fn
+
+    return deco
 
 
 def register(*ops: Any) -> Callable[[Rule], Rule]:
@@ -97,7 +110,11 @@ def register(*ops: Any) -> Callable[[Rule], Rule]:
 
 
 def rule_for(target: Any) -> Rule | None:
-    return _RULES.get(target)
+    rule = _RULES.get(target)
+    if rule is None and _BY_NAME and isinstance(target, torch._ops.OpOverload):
+        name = target._schema.name
+        rule = next((fn for pattern, fn in _BY_NAME if pattern.search(name)), None)
+    return rule
 
 
 # ------------------------------------------------------------------------------------ schema binding

@@ -273,7 +273,13 @@ def _like(c: OpCall) -> Decision:
 # ------------------------------------------------------------------------------------ indexing
 @register(aten.index.Tensor)
 def _index(c: OpCall) -> Decision:
-    """Advanced indexing: replicated (it appears on small mask and position tensors)."""
+    """Advanced indexing: replicated (it appears on small mask and position tensors), except rows picked
+    from a partial sum by one 1-D index (a mixture of experts' combine, putting expert outputs back in
+    token order): picking rows is linear, so the partial and the other dims' splits are kept."""
+    x, idx = c.layouts["self"], c.layouts["indices"]
+    if x.partial and len(idx) == 1 and idx[0] is not None and idx[0].ndim == 1 and not x.dims[0]:
+        return Decision({"self": x, "indices": [replicated_like(idx[0])]},
+                        Layout(((),) + x.dims[1:], x.partial))
     req = {"self": replicated_like(c.layouts["self"])}
     req["indices"] = [None if l is None else replicated_like(l) for l in c.layouts["indices"]]
     return Decision(req, Layout.replicated(len(c.out_shape)))
@@ -298,7 +304,7 @@ def _index_copy(c: OpCall) -> Decision:
     return Decision({"self": req, "index": replicated_like(c.layouts["index"]), "source": req}, req)
 
 
-@register(aten.index_put.default)
+@register(aten.index_put.default, aten.index_put_.default)
 def _index_put(c: OpCall) -> Decision:
     """`self[indices] = values`: indexed dims replicated, the rest keep self's split."""
     x = c.layouts["self"].without_partial()
