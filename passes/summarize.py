@@ -14,6 +14,7 @@ from ..ir.mesh import Mesh
 from ..ir.meta import ASSIGNMENT, LAYERS, LAYOUT, PLAN, SIGNATURE, UNKNOWN, WEIGHT
 from ..ir.plan import CollectiveRecord, LayerPlan, Memory, Plan
 from .attribute import OUTPUT, Attribution
+from .emit import quantizable
 from .find_layers import Layer, Layers
 from .graph_utils import signature
 from .insert_collectives import Conversion
@@ -41,8 +42,9 @@ def dim_names(shape, dims: dict[str, int]) -> list[str]:
 
 @graph_pass(needs=(SIGNATURE, LAYERS, ASSIGNMENT, LAYOUT, UNKNOWN), makes=(PLAN,))
 def summarize(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], *, model: str, hardware: str,
-              phase: str) -> fx.GraphModule:
-    """The Plan of a propagated graph (into gm.meta["sw_plan"]), from the conversions insert_collectives inserts (or would)."""
+              phase: str, quantize: str | None = None) -> fx.GraphModule:
+    """The Plan of a propagated graph (into gm.meta["sw_plan"]), from the conversions insert_collectives inserts (or would).
+    `quantize="int8"`: the weights emit holds as int8 (`emit.quantizable`) move 1 byte per element."""
     layers: Layers = gm.meta[LAYERS]
     assignment = gm.meta[ASSIGNMENT]
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -57,11 +59,14 @@ def summarize(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], *, 
     rows[OUTPUT] = LayerPlan(name=OUTPUT, kind=LayerKind.OUTPUT, block=None, choice="replicated")
     params = signature(gm).params
     attribution = Attribution(layers)
+    int8 = set(quantizable(gm)) if quantize == "int8" else set()
     for conv in conversions:
         row = rows[attribution.owner(conv.src, conv.first_consumer)]
         names = dim_names(tuple(conv.src.meta["val"].shape), {**dims, **row.dims})
         weight = conv.src.op == "placeholder" and conv.src.name in params
         for step in conv.steps:
+            if conv.src.name in int8:
+                step = step.with_itemsize(1)
             if step.communicates:
                 row.collectives.append(CollectiveRecord.of(step, mesh, names, node=f"{conv.src.name}→{step.kind}",
                                                            weight=weight))

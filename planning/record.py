@@ -45,7 +45,8 @@ def record(proto: fx.GraphModule, choice: Choice, results: list, q: Question, n_
     tally = Tally(mesh)
     for k, (cand, start, end) in enumerate(runs):
         conversions = apply(proto, mesh, choices_for(layers, [cand], q.forced))
-        run(proto, summarize, mesh, conversions, model=q.model, hardware=q.hw.name, phase=q.phase)
+        run(proto, summarize, mesh, conversions, model=q.model, hardware=q.hw.name, phase=q.phase,
+            quantize=q.precision.weights)
         part = proto.meta[PLAN]
         if len(layers.blocks) == 1:  # a prototype: its block stands for blocks start..end of this run
             tally.add(proto, start, end, first=k == 0, last=k == len(runs) - 1)

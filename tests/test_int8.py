@@ -207,3 +207,21 @@ def test_int8_shards_read_from_a_file_equal_those_from_memory(tiny, tmp_path):
     rows = sum(model.get_parameter(k).nbytes for k in model.state_dict()
                if k.endswith(("o_proj.weight", "down_proj.weight")))
     assert source.bytes_read == shards + rows
+
+
+@pytest.mark.parametrize("layouts", ["ffn=wg_xy,attn=batch", "ffn=ws2d,attn=heads"])
+def test_plan_predicts_the_bytes_an_int8_program_moves(tiny, layouts):
+    """Would catch: int8 weights gathered at 1 byte per element while the plan still counts 4."""
+    from shardwise.drivers.accounting import compare
+
+    model = tiny("llama-tiny")
+    args, kwargs = example_inputs(model, 8, 16)
+    rows = {}
+    for dtype in ("int8", None):
+        plan = shardwise.plan(model, args, kwargs, mesh="2x2x1", layouts=layouts, weight_dtype=dtype)
+        trace = Trace()
+        plan.program.simulate(args, kwargs, trace=trace)
+        rows[dtype] = compare(plan, trace.collectives, plan.program.gm)
+        assert all(p == m for _, _, p, m in rows[dtype]), [r for r in rows[dtype] if r[2] != r[3]]
+    if layouts.startswith("ffn=wg"):  # the weight gathers move a quarter of float32's bytes
+        assert sum(r[2] for r in rows["int8"]) < sum(r[2] for r in rows[None])
