@@ -47,9 +47,9 @@ from .graph_utils import (
     copy_meta,
     expert_weight,
     explicit_attention,
-    is_grouped_mm,
     fake_mode_of,
     fake_run,
+    is_grouped_mm,
     shape,
     signature,
     transposed_2d,
@@ -543,20 +543,26 @@ def _unfuse(gm: fx.GraphModule, mm: fx.Node, mode) -> None:
                 args = (new_b if new_b is not None else bias, mm.args[1], new_w)
             else:
                 args = (mm.args[0], new_w)
-            piece = g.call_function(mm.target, args, dict(mm.kwargs))
-            copy_meta(piece, mm)
-            fake_run(piece, mode)
-            if shape(piece) != shape(user):  # the features it took, in the shape the use had them
-                view = g.call_function(aten.reshape.default, (piece, list(shape(user))))
-                copy_meta(view, user)
-                fake_run(view, mode)
-                piece = view
+            piece = _piece_for(g, mm, args, user, mode)
         user.replace_all_uses_with(piece)
     g.eliminate_dead_code()
     for p in (w, bias):
         if isinstance(p, fx.Node) and not p.users and p.name in sig.params:
             del sig.params[p.name]
             g.erase_node(p)
+
+
+def _piece_for(g: fx.Graph, mm: fx.Node, args: tuple, user: fx.Node, mode) -> fx.Node:
+    """`mm`'s op on `args` (one piece of its fused weight), in the shape `user` had the features it took."""
+    piece = g.call_function(mm.target, args, dict(mm.kwargs))
+    copy_meta(piece, mm)
+    fake_run(piece, mode)
+    if shape(piece) != shape(user):
+        view = g.call_function(aten.reshape.default, (piece, list(shape(user))))
+        copy_meta(view, user)
+        fake_run(view, mode)
+        piece = view
+    return piece
 
 
 def _unfuse_experts(gm: fx.GraphModule, mm: fx.Node, mode) -> None:
@@ -583,14 +589,7 @@ def _unfuse_experts(gm: fx.GraphModule, mm: fx.Node, mode) -> None:
                 operand = g.call_function(aten.transpose.int, (new_w, -2, -1))
                 copy_meta(operand, mm.args[1])
                 fake_run(operand, mode)
-            piece = g.call_function(mm.target, (mm.args[0], operand, *mm.args[2:]), dict(mm.kwargs))
-            copy_meta(piece, mm)
-            fake_run(piece, mode)
-            if shape(piece) != shape(user):
-                view = g.call_function(aten.reshape.default, (piece, list(shape(user))))
-                copy_meta(view, user)
-                fake_run(view, mode)
-                piece = view
+            piece = _piece_for(g, mm, (mm.args[0], operand, *mm.args[2:]), user, mode)
         user.replace_all_uses_with(piece)
     g.eliminate_dead_code()
     if not w.users and w.name in sig.params:
