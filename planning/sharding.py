@@ -276,6 +276,9 @@ def check_sharded(plan: Plan, strict: bool = False) -> Plan:
     """Warn (NotShardedWarning), or with `strict` raise a ShardwiseError, when some of a block's matmuls
     are not sharded (every chip computes them, or holds their weights, whole): `Plan.sharding.unsharded`.
     Returns the plan, for chaining; warns once per plan (plan() and verify() may both check it)."""
+    if not isinstance(strict, bool):
+        raise ShardwiseError(f"strict={strict!r}: expected True (a block's unsharded matmuls are an error) or False "
+                             f"(a warning)")
     s = plan.sharding
     if s is None or not s.unsharded:
         return plan

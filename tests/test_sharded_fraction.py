@@ -247,3 +247,9 @@ def test_experts_reported_as_replicated():
     assert s.param_fraction < 0.5 and s.flops_fraction < 0.5  # the experts are most of the model
     with pytest.raises(ShardwiseError, match="mixture-of-experts experts"):
         check_sharded(p, strict=True)
+
+
+def test_strict_must_be_a_bool():
+    m = _model(mixer=True)
+    with pytest.raises(ShardwiseError, match=r"strict='yes': expected True"):
+        shardwise.plan(m, (IDS,), **MIXER, strict="yes")
