@@ -38,6 +38,7 @@ class Hardware:
     weight_prefetch: bool = True  # weight all-gathers overlap compute (issued ahead of use, async DMA)
     flops_efficiency: float = 1.0  # achievable fraction of peak in large matmuls
     hbm_efficiency: float = 1.0  # achievable fraction of HBM bandwidth
+    call_overhead: float = 0.0  # seconds one matmul call costs beyond its FLOPs and bytes (launch, dispatch)
     source: str = ""
     fitted: dict[str, str] = field(default_factory=dict, compare=False)  # constant → how it was fitted
 
@@ -78,12 +79,13 @@ TPU_V4 = Hardware(
         "link_efficiency": "100/270: same fit; collectives are not limited by the axes they span, as in PAPER.md",
         "collective_latency": "2 µs per collective: same fit",
         "hop_latency": "0.5 µs per ring step (g − 1 steps for g chips): same fit",
+        "call_overhead": "0: not fitted (PaLM has no experts, and XLA compiles an experts' loop into one program)",
     },
 )
 # GPUs: published figures; no published rows to fit against, so the efficiencies and latencies are
 # assumed (TPU v4's fitted efficiencies, NVLink-class latencies), not fitted.
 _ASSUMED = {"flops_efficiency": 0.75, "hbm_efficiency": 0.7, "link_efficiency": 0.7, "collective_latency": 5e-6,
-            "hop_latency": 1e-6}
+            "hop_latency": 1e-6, "call_overhead": 5e-6}  # call: a CUDA kernel launch and a small GEMM's tail
 _ASSUMED_NOTE = {k: "assumed, not fitted (no published rows)" for k in _ASSUMED}
 A100_80G = Hardware(
     name="a100-80g", peak_flops=312e12, hbm_bytes=80e9, hbm_bandwidth=2039e9, link_bandwidth=300e9,

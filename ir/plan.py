@@ -93,6 +93,7 @@ class BlockRun:
     member: str  # the family member on this mesh ("ws2d", "bx.ey.fz")
     attention: str  # how the attention core is really split: heads, batch, heads+batch, replicated ("" if none)
     family: str  # the paper's name of the member ("2D WS", "WG-XYZ", ...)
+    experts: str = ""  # how a mixture's experts split under the member: "sliced" or "parallel" ("" if none)
 
     def __post_init__(self) -> None:
         _non_negative(self, "first", "last")
@@ -109,10 +110,12 @@ class BlockRun:
 
     @property
     def name(self) -> str:
-        return f"{self.member}+{self.attention}" if self.attention else self.member
+        experts = f"+experts-{self.experts}" if self.experts else ""
+        return (f"{self.member}+{self.attention}" if self.attention else self.member) + experts
 
     def describe(self) -> str:
-        return f"{self.family} + attention by {self.attention}" if self.attention else self.family
+        experts = f" + experts {self.experts}" if self.experts else ""
+        return (f"{self.family} + attention by {self.attention}" if self.attention else self.family) + experts
 
 
 class ReplicatedWeight(NamedTuple):

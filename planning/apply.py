@@ -34,7 +34,8 @@ def choices_for(layers: Layers, chosen: list[Candidate], forced: dict[str, str])
         if l.kind == LayerKind.FFN:
             out[l.name] = c.member.name
         elif l.kind == LayerKind.EXPERTS:  # the block's member, and how the experts split under it
-            out[l.name] = c.member.name + (":parallel" if forced.get(LayerKind.EXPERTS) == "parallel" else "")
+            mode = c.experts or forced.get(LayerKind.EXPERTS, "sliced")
+            out[l.name] = c.member.name + (":parallel" if mode == "parallel" else "")
         elif l.kind == LayerKind.ATTENTION:
             out[l.name] = c.attention
         else:

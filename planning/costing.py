@@ -10,6 +10,7 @@ as `plan_fusions` fuses them (the fused members after the first pay no fixed lat
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -56,23 +57,75 @@ def op_flops(node: fx.Node, mesh: Mesh) -> float:
 def touched_fraction(dims: dict[str, int]):
     """rows → the expected share of a mixture's experts that a step's routed rows (B·L tokens × top-k) touch,
     assuming uniform, independent routing: 1 − (1 − k/X)^(B·L), so X·(that) distinct experts (decode with
-    few tokens reads fewer experts than prefill). The same share of every rank's experts (expert parallel)
-    or of every expert's slices (expert-sliced) is read; imbalance between ranks is not modelled."""
+    few tokens reads fewer experts than prefill)."""
     X, k = dims.get("X"), dims.get("k")
     if not X or not k:
         return lambda rows: 1.0
     return lambda rows: 1.0 - (1.0 - min(k, X) / X) ** max(1, rows // k)
 
 
-def experts_flops(node: fx.Node, mesh: Mesh) -> tuple[float, float]:
-    """(whole, per chip) FLOPs of a fused experts_ffn: 2·rows·3·E·F for the B·L·k routed rows (top-k experts
-    per token); per chip F is its slice and the rows its experts' share, 1/n of them for n expert groups
-    (uniform routing assumed: load imbalance is not modelled yet)."""
+@dataclass(frozen=True)
+class ExpertLoad:
+    """What the busiest chip of an experts layer does in one step, under uniform, independent routing.
+
+    The X experts are split into g groups (expert parallel; g = 1 expert-sliced) and the R routed rows
+    (B·L tokens × top-k) fall on the groups at random: a group gets R/g rows on average and the busiest,
+    which the step waits for, about R/g + √(2·(R/g)·ln g) (the normal tail of the largest of g binomial
+    counts; at least ⌈R/g⌉, at most R). `imbalance` is that over the mean: 1 when expert-sliced (every chip runs every
+    row on its slice of F), large when few rows meet many groups (decode). The busiest group's rows touch
+    (X/g)·(1 − (1 − g/X)^rows) of its experts; each touched expert is one matmul call per projection."""
+
+    rows: float  # routed rows on the busiest chip
+    imbalance: float  # rows / (R / g)
+    touched: float  # experts the busiest chip runs (of X / g)
+    share: float  # touched / (X / g): the share of its expert weights it reads
+
+
+def expert_load(dims: dict[str, int], rows: int, groups: int) -> ExpertLoad:
+    X = dims.get("X") or 1
+    if groups <= 1:
+        share = touched_fraction(dims)(rows)
+        return ExpertLoad(float(rows), 1.0, X * share, share)
+    mean = rows / groups
+    busiest = min(float(rows), max(math.ceil(mean), mean + math.sqrt(2.0 * mean * math.log(groups))))
+    local = X / groups
+    share = 1.0 - (1.0 - 1.0 / local) ** busiest if local > 1 else 1.0
+    return ExpertLoad(busiest, busiest / mean, local * share, share)
+
+
+def experts_groups(node: fx.Node, mesh: Mesh) -> tuple[int, int]:
+    """(expert groups, F slices) of a fused experts_ffn as laid out: how X and F of w_down are split."""
+    wd = node.meta[IN_LAYOUTS]["w_down"]
+    return mesh.group_size(wd.dims[0]), mesh.group_size(wd.dims[1])
+
+
+def experts_flops(node: fx.Node, mesh: Mesh, *, busiest: bool = True) -> tuple[float, float]:
+    """(whole, per chip) FLOPs of a fused experts_ffn: 2·rows·3·E·F for the B·L·k routed rows (top-k
+    experts per token); a chip runs its slice of F for its experts' rows: the busiest group's
+    (`expert_load`: uniform routing, its imbalance counted), or with `busiest=False` the mean's."""
     rows, E = node.args[0].meta["val"].shape
     X, F = node.args[3].meta["val"].shape[:2]
     whole = 2.0 * rows * 3 * E * F
-    wd = node.meta[IN_LAYOUTS]["w_down"]
-    return whole, whole / (mesh.group_size(wd.dims[0]) * mesh.group_size(wd.dims[1]))
+    groups, slices = experts_groups(node, mesh)
+    mine = expert_load({"X": X}, rows, groups).rows if busiest else rows / groups
+    return whole, whole * (mine / rows) / slices
+
+
+def experts_notes(gm: fx.GraphModule, mesh: Mesh) -> dict[str, str]:
+    """Layer name → what its experts' busiest chip does per step under the layout applied (`expert_load`)."""
+    attribution = Attribution(gm.meta[LAYERS])
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and is_experts_ffn(node) and (owner := attribution.layer_of(node)):
+            rows = node.args[0].meta["val"].shape[0]
+            X = node.args[3].meta["val"].shape[0]
+            groups, _ = experts_groups(node, mesh)
+            load = expert_load({"X": X}, rows, groups)
+            out[owner] = (f"per step, uniform routing assumed: {rows} routed rows over {groups} expert group"
+                          f"{'s' * (groups > 1)}; the busiest chip runs {load.rows:.1f} of them (×{load.imbalance:.2f} "
+                          f"the mean) through {load.touched:.1f} of its {X // groups} experts "
+                          f"({3 * load.touched:.0f} matmul calls)")
+    return out
 
 
 def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], precision: Precision) -> dict[str, LayerCost]:
@@ -81,7 +134,7 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
     attribution = Attribution(layers)
     sig = signature(gm)
     costs: dict[str, LayerCost] = {l.name: LayerCost() for l in layers.layers}
-    touched = {l.name: touched_fraction(l.dims) for l in layers.by_kind("experts")}
+    dims = {l.name: l.dims for l in layers.by_kind("experts")}
     costs[OUTPUT] = LayerCost()
     io_inputs = set(sig.inputs)
 
@@ -101,12 +154,16 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
             if w.op == "placeholder" and w.name in sig.params:
                 c.weight_bytes += _local_numel(w, node.meta[IN_LAYOUTS][m.w_name], mesh) * size("weights", w)
         if is_experts_ffn(node) or is_grouped_mm(node):
-            # a step reads the experts its tokens touch: the local slice times the expected share touched
+            # a step reads the experts its tokens touch (the busiest chip's): its local slice times the share
+            # touched; and runs one matmul per touched expert and projection
             rows = node.args[0].meta["val"].shape[0]
-            share = touched.get(owner, lambda rows: 1.0)(rows)
-            for i in ((1, 2, 3) if is_experts_ffn(node) else (1,)):
+            groups = experts_groups(node, mesh)[0] if is_experts_ffn(node) else 1
+            load = expert_load(dims.get(owner, {}), rows, groups)
+            args = (1, 2, 3) if is_experts_ffn(node) else (1,)
+            c.calls += load.touched * len(args)
+            for i in args:
                 if (found := expert_weight(node, sig.params, i)) is not None:
-                    c.weight_bytes += share * _local_numel(found[0], found[0].meta[LAYOUT], mesh) * size("weights", found[0])
+                    c.weight_bytes += load.share * _local_numel(found[0], found[0].meta[LAYOUT], mesh) * size("weights", found[0])
         if node.target is aten.index_copy.default and node.args[0].op == "placeholder" and node.args[0].name in io_inputs:
             cache = node.args[0]  # the step reads the whole cache it attends over
             c.kv_bytes += _local_numel(cache, cache.meta[LAYOUT], mesh) * size("kv", cache)

@@ -26,7 +26,7 @@ from ..passes.summarize import summarize
 from ..strategies.cost import Comm, LayerCost
 from .apply import apply, choices_for
 from .candidate import Candidate, Choice
-from .costing import layer_costs, param_count
+from .costing import experts_notes, layer_costs, param_count
 from .question import Question
 from .search import residual_itemsize, transition_steps
 from .sharding import Tally, blocks_named
@@ -53,6 +53,7 @@ def record(proto: fx.GraphModule, choice: Choice, results: list, q: Question, n_
         elif k == len(runs) - 1:  # the whole graph, as it is left planned
             tally.add(proto, 0, 0, first=True, last=True)
         costs = layer_costs(proto, mesh, conversions, q.precision)
+        loads = experts_notes(proto, mesh)
         plan = plan or part
         for row in part.layers:
             if (row.name not in in_block and k > 0 and row.kind == LayerKind.EMBEDDING) or (
@@ -62,6 +63,8 @@ def record(proto: fx.GraphModule, choice: Choice, results: list, q: Question, n_
             if c is not None:
                 row.cost = {**c.times(q.hw, overlap=q.overlap), "flops": c.flops, "weight_bytes": c.weight_bytes,
                             "kv_bytes": c.kv_bytes, "comm_bytes": c.comm_bytes()}
+            if row.name in loads:
+                row.notes.append(loads[row.name])
             if row.name in in_block and len(layers.blocks) == 1 and n_blocks > 1:
                 row.count = end - start + 1
                 row.name = blocks_named(row.name, layers.blocks[0].name, start, end)
@@ -152,13 +155,14 @@ def explain(choice: Choice, results: list, n_blocks: int) -> list[str]:
                 for k in ("compute", "memory", "comm")}
 
     lines = [f"candidates on mesh {choice.mesh} (per step; blocks ×{n_blocks}):"]
+    width = max(22, *(len(c.name) for c in choice.candidates))
     base, wparts = chain(win), parts(win)
     for c in sorted(choice.candidates, key=lambda c: (c.refused is not None, chain(c) if not c.refused else 0)):
         if c.refused:
-            lines.append(f"  {c.name:<22} refused: {c.refused}")
+            lines.append(f"  {c.name:<{width}} refused: {c.refused}")
             continue
         t = chain(c)
-        if c is win or (c.member == win.member and c.attention == win.attention):
+        if c is win or c.same_layout(win):
             verdict = "chosen"
         else:
             p = parts(c)
@@ -166,7 +170,7 @@ def explain(choice: Choice, results: list, n_blocks: int) -> list[str]:
             delta = p[worst] - wparts[worst]
             rel = delta / wparts[worst] if wparts[worst] else float("inf")
             verdict = f"+{(t - base) * 1e3:.3f} ms: +{rel * 100:.0f}% {_WORD[worst]}" if t > base else "tie"
-        lines.append(f"  {c.name:<22} {t * 1e3:10.3f} ms  {verdict}")
+        lines.append(f"  {c.name:<{width}} {t * 1e3:10.3f} ms  {verdict}")
     others = [(m, r) for m, r in results if m != choice.mesh]
     if others:
         lines.append("other meshes (best candidate):")

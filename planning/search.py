@@ -45,9 +45,10 @@ def factorizations(n: int) -> list[tuple[int, int, int]]:
 
 
 def evaluate(proto: fx.GraphModule, mesh: Mesh, member: Member, attention: str, *, hw: Hardware,
-             precision: Precision, n_blocks: int, overlap: bool, forced: dict[str, str]) -> Candidate:
+             precision: Precision, n_blocks: int, overlap: bool, forced: dict[str, str],
+             experts: str = "") -> Candidate:
     """Cost one candidate on the prototype graph (one block), scaled to n_blocks for memory."""
-    cand = Candidate(member, attention, mesh)
+    cand = Candidate(member, attention, mesh, experts=experts)
     layers: Layers = proto.meta[LAYERS]
     try:  # the chosen candidate is propagated again, checked, by record()
         conversions = apply(proto, mesh, choices_for(layers, [cand], forced), check=False)
@@ -105,20 +106,21 @@ def plan_mesh(proto: fx.GraphModule, mesh: Mesh, *, hw: Hardware, precision: Pre
     seen: set = set()
     for m in members:
         for a in attention:
-            key = (m.key(mesh), a)
-            if key in seen:
-                continue
-            seen.add(key)
-            ck = (_canonical(m, mesh, hw), a)
-            if cache is not None and ck in cache:
-                c = cache[ck]
-                cands.append(Candidate(m, a, mesh, c.refused, c.parts, c.times, c.memory, c.core))
-                continue
-            c = evaluate(proto, mesh, m, a, hw=hw, precision=precision, n_blocks=n_blocks, overlap=overlap,
-                         forced=forced)
-            if cache is not None:
-                cache[ck] = c
-            cands.append(c)
+            for x in experts_modes(proto, forced):
+                key = (m.key(mesh), a, x)
+                if key in seen:
+                    continue
+                seen.add(key)
+                ck = (_canonical(m, mesh, hw), a, x)
+                if cache is not None and ck in cache:
+                    c = cache[ck]
+                    cands.append(Candidate(m, a, mesh, c.refused, c.parts, c.times, c.memory, c.core, x))
+                    continue
+                c = evaluate(proto, mesh, m, a, hw=hw, precision=precision, n_blocks=n_blocks, overlap=overlap,
+                             forced=forced, experts=x)
+                if cache is not None:
+                    cache[ck] = c
+                cands.append(c)
     ok = [c for c in cands if c.refused is None]
     if not ok:
         raise PlanError(_no_plan_message(cands, mesh))
@@ -126,6 +128,18 @@ def plan_mesh(proto: fx.GraphModule, mesh: Mesh, *, hw: Hardware, precision: Pre
     shape = (layers.dims.get("B", 1), layers.dims.get("L", 1), layers.dims.get("E", 1))
     blocks, total, trans = _chain(ok, n_blocks, mesh, shape, hw, precision, residual_itemsize(proto))
     return Choice(mesh, blocks, total, cands, trans)
+
+
+def experts_modes(proto: fx.GraphModule, forced: dict[str, str]) -> tuple[str, ...]:
+    """How the experts of the prototype's mixtures may split: what was forced, else both ways where every
+    mixture is in the form that splits by expert (canonicalize's fused experts_ffn), else sliced; ("",)
+    for a model without experts layers."""
+    experts = proto.meta[LAYERS].by_kind("experts")
+    if not experts:
+        return ("",)
+    if "experts" in forced:
+        return (forced["experts"],)
+    return ("sliced", "parallel") if all(l.info.get("fused") for l in experts) else ("sliced",)
 
 
 def _canonical(m: Member, mesh: Mesh, hw: Hardware) -> tuple:

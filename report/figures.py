@@ -194,7 +194,7 @@ def layout_times(choice: Choice, n_blocks: int) -> list[LayoutTime]:
     for c in choice.candidates:
         run = c.run(0, 0)  # named as it acts: wg_xyz asked to split attention by heads splits it by batch
         parts, time = whole(c) if not c.refused else (dict.fromkeys(PARTS, 0.0), 0.0)
-        is_chosen = c.member == chosen.member and c.attention == chosen.attention
+        is_chosen = c.same_layout(chosen)
         if run.name not in out or is_chosen:
             out[run.name] = LayoutTime(run.name, run.describe(), parts, time, is_chosen, c.refused or "")
     return list(out.values())

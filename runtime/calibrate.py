@@ -42,6 +42,18 @@ def matmul_flops(n: int = 1024) -> float:
     return 2 * n**3 / _median_time(lambda: torch.mm(a, b))
 
 
+def call_overhead(n: int = 64, calls: int = 200) -> float:
+    """Seconds one small matmul call costs ([1, n] · [n, n]: its FLOPs are nothing): what a mixture's
+    experts pay per touched expert and projection beyond their FLOPs and bytes."""
+    a, b = torch.randn(1, n), torch.randn(n, n)
+
+    def loop():
+        for _ in range(calls):
+            torch.mm(a, b)
+
+    return _median_time(loop) / calls
+
+
 def memory_bandwidth(nbytes: int = 256 << 20) -> float:
     src = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
     dst = torch.empty_like(src)
@@ -54,7 +66,7 @@ def _gloo_worker(rank: int, world: int, port: int, out) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     dist.barrier()
-    local = (matmul_flops(512), memory_bandwidth(64 << 20))  # every rank at once, one thread each
+    local = (matmul_flops(512), memory_bandwidth(64 << 20), call_overhead())  # every rank at once, one thread each
     per_rank = [None] * world
     dist.all_gather_object(per_rank, local)
     c10d = torch.ops._c10d_functional
@@ -96,22 +108,25 @@ def measure_ranks(ranks: int) -> tuple[float, float, list[tuple[int, float]], li
 
 def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Path]:
     latency, link, raw, per_rank = measure_ranks(ranks)
-    flops = statistics.median(f for f, _ in per_rank)
-    bandwidth = statistics.median(b for _, b in per_rank)
+    flops = statistics.median(r[0] for r in per_rank)
+    bandwidth = statistics.median(r[1] for r in per_rank)
+    call = statistics.median(r[2] for r in per_rank)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     when = datetime.datetime.now().isoformat(timespec="seconds")
     hw = Hardware(
         name=CPU_LOCAL, peak_flops=flops, hbm_bytes=float(ram), hbm_bandwidth=bandwidth, link_bandwidth=link,
-        topology="switch", collective_latency=latency, hop_latency=0.0,
+        topology="switch", collective_latency=latency, hop_latency=0.0, call_overhead=call,
         weight_prefetch=False,  # gloo runs on the cores that compute: nothing overlaps here
         source=f"measured by `shardwise calibrate` on {socket.gethostname()} at {when}: {ranks} single-threaded "
                f"ranks running at once, gloo on loopback",
         fitted={
             "ranks": str(ranks),
             "peak_flops": f"float32 512³ matmul per rank, all {ranks} ranks at once, median over ranks "
-                          f"({', '.join(f'{f / 1e9:.1f}' for f, _ in per_rank)} GFLOP/s)",
+                          f"({', '.join(f'{r[0] / 1e9:.1f}' for r in per_rank)} GFLOP/s)",
             "hbm_bandwidth": f"64 MiB copy (read + write) per rank, all ranks at once, median over ranks "
-                             f"({', '.join(f'{b / 1e9:.1f}' for _, b in per_rank)} GB/s)",
+                             f"({', '.join(f'{r[1] / 1e9:.1f}' for r in per_rank)} GB/s)",
+            "call_overhead": f"[1, 64]·[64, 64] matmul call, all ranks at once, median over ranks "
+                             f"({', '.join(f'{r[2] * 1e6:.1f}' for r in per_rank)} µs)",
             "link_bandwidth": "slope of gloo all-gather time vs wire bytes, "
                               + ", ".join(f"{s >> 10} KiB: {t * 1e6:.0f} µs" for s, t in raw),
             "collective_latency": "intercept of the same least-squares fit",

@@ -3,9 +3,11 @@
 The formulas live here; reading a layer's FLOPs and bytes off a propagated graph is planning/costing.py.
 
 For one layer under one layout, on a `Hardware` profile (PAPER.md, DESIGN.md):
-  compute  = FLOPs per chip / (peak · flops_efficiency)
+  compute  = FLOPs per chip / (peak · flops_efficiency) + calls · call_overhead
              FLOPs from the *local* shapes of the layer's matmuls (2·M·N·K) and attention cores
-             (4·B·H·Lq·Lk·D), so replicated work (heads that do not divide) is charged where it runs
+             (4·B·H·Lq·Lk·D), so replicated work (heads that do not divide) is charged where it runs;
+             `calls`: the matmul calls whose number a layout changes (a mixture's experts run one matmul
+             per touched expert and projection: expert parallel runs fewer per chip than expert-sliced)
   memory   = (weight bytes read + KV-cache bytes read) per chip / (HBM bandwidth · hbm_efficiency)
              weights as used by the matmul (a weight-gathered layout reads its gathered copy)
   comm     = Σ over the layer's collectives of
@@ -72,12 +74,13 @@ class LayerCost:
     weight_bytes: float = 0.0  # HBM bytes of weights read per chip
     kv_bytes: float = 0.0  # HBM bytes of KV cache read per chip
     comm: list[Comm] = field(default_factory=list)
+    calls: float = 0.0  # matmul calls per chip whose count depends on the layout (experts' loops)
 
     def comm_bytes(self) -> float:
         return sum((c.step.bytes / c.step.itemsize * c.itemsize for c in self.comm if c.step.communicates), 0.0)
 
     def times(self, hw: Hardware, *, overlap: bool = False) -> dict[str, float]:
-        compute = self.flops / (hw.peak_flops * hw.flops_efficiency)
+        compute = self.flops / (hw.peak_flops * hw.flops_efficiency) + self.calls * hw.call_overhead
         memory = (self.weight_bytes + self.kv_bytes) / (hw.hbm_bandwidth * hw.hbm_efficiency)
         weight = sum((c.time(hw) for c in self.comm if c.weight and c.step.communicates), 0.0)
         act = sum((c.time(hw) for c in self.comm if not c.weight and c.step.communicates), 0.0)
@@ -91,7 +94,7 @@ class LayerCost:
 
     def add(self, other: "LayerCost") -> "LayerCost":
         return LayerCost(self.flops + other.flops, self.weight_bytes + other.weight_bytes,
-                         self.kv_bytes + other.kv_bytes, self.comm + other.comm)
+                         self.kv_bytes + other.kv_bytes, self.comm + other.comm, self.calls + other.calls)
 
 
 def collective_time(c: Collective, itemsize: int, hw: Hardware, *, fixed: bool = True) -> float:

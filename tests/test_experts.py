@@ -18,6 +18,8 @@ Qwen3-MoE, expert parallel (`experts=parallel`: each rank holds 4 / n experts, a
 x·y combined with F over z); OLMoE's experts have Qwen3-MoE's form, so it is checked sliced only.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -139,3 +141,45 @@ def test_weight_bytes_count_the_experts_a_step_touches():
         cost[phase] = plan.layer("model.layers.0.mlp").cost["weight_bytes"]
     router = 4 * 64 * 4
     assert (cost["decode"] - router) == pytest.approx(0.75 * (cost["prefill"] - router) / (1 - 0.5**16))
+
+
+def test_expert_load_under_uniform_routing():
+    """The busiest of g expert groups gets R/g + √(2·(R/g)·ln g) of R routed rows (at least ⌈R/g⌉);
+    expert-sliced (g = 1) is balanced and reads the touched share of every expert's slice."""
+    from shardwise.planning.costing import expert_load
+
+    sliced = expert_load({"X": 8, "k": 2}, 64, 1)
+    assert (sliced.rows, sliced.imbalance) == (64, 1.0)
+    assert sliced.touched == pytest.approx(8 * (1 - (6 / 8) ** 32))
+    par = expert_load({"X": 8, "k": 2}, 64, 4)
+    assert par.rows == pytest.approx(16 + (2 * 16 * math.log(4)) ** 0.5)
+    assert par.imbalance == pytest.approx(par.rows / 16) and 1 < par.imbalance < 2
+    assert par.touched == pytest.approx(2 * (1 - 0.5**par.rows))
+    assert expert_load({"X": 8, "k": 2}, 1, 8).rows == 1  # one row: the busiest group has it, whole
+
+
+@pytest.mark.parametrize("hardware,want", [("h100", "parallel"), ("tpu-v4", "sliced")])
+def test_planner_chooses_the_expert_layout_by_cost(hardware, want):
+    """Both expert layouts are candidates, costed and explained; the cheaper is chosen. On h100 a matmul
+    call costs 5 µs: expert-sliced runs all 4 experts (12 calls) on every chip, expert parallel its 1 (3
+    calls), which outweighs the busiest chip's extra rows. TPU v4 charges no call overhead (its profile
+    was fitted without one): then the balanced sliced layout wins over parallel's ×1.6 busiest chip."""
+    ids = _ids()
+    plan = api.plan(_built("mixtral"), (ids,), {"use_cache": False}, mesh="1x1x4", hardware=hardware)
+    assert plan.main.experts == want
+    layer = plan.layer("model.layers.0.mlp")
+    assert layer.choice.endswith(":parallel") == (want == "parallel")
+    assert any("busiest chip" in n for n in layer.notes), layer.notes
+    lines = [l for l in plan.explain if "+experts-" in l]
+    chosen = [l for l in lines if l.endswith("chosen")]
+    assert len(chosen) == 1 and f"+experts-{want}" in chosen[0]
+    other = "sliced" if want == "parallel" else "parallel"
+    rival = next(l for l in lines if f"{plan.main.member}+heads+experts-{other}" in l)
+    assert "+" in rival.split("ms")[1], rival  # lost, by a positive margin that names its reason
+
+
+def test_forced_expert_layout_is_the_only_candidate():
+    plan = api.plan(_built("mixtral"), (_ids(),), {"use_cache": False}, mesh="1x1x4", hardware="h100",
+                    layouts="experts=sliced")
+    assert plan.main.experts == "sliced"
+    assert not [l for l in plan.explain if "+experts-parallel" in l]
