@@ -94,6 +94,7 @@ class BlockRun:
     attention: str  # how the attention core is really split: heads, batch, heads+batch, replicated ("" if none)
     family: str  # the paper's name of the member ("2D WS", "WG-XYZ", ...)
     experts: str = ""  # how a mixture's experts split under the member: "sliced" or "parallel" ("" if none)
+    latent: str = ""  # a latent attention's low-rank projections: "replicated" or "split" ("" if none)
 
     def __post_init__(self) -> None:
         _non_negative(self, "first", "last")
@@ -110,11 +111,11 @@ class BlockRun:
 
     @property
     def name(self) -> str:
-        experts = f"+experts-{self.experts}" if self.experts else ""
+        experts = (f"+experts-{self.experts}" if self.experts else "") + (f"+latent-{self.latent}" if self.latent else "")
         return (f"{self.member}+{self.attention}" if self.attention else self.member) + experts
 
     def describe(self) -> str:
-        experts = f" + experts {self.experts}" if self.experts else ""
+        experts = (f" + experts {self.experts}" if self.experts else "") + (f" + latent {self.latent}" if self.latent else "")
         return (f"{self.family} + attention by {self.attention}" if self.attention else self.family) + experts
 
 
@@ -171,6 +172,10 @@ class Settings:
     def __post_init__(self) -> None:
         self.objective = Objective.parse(self.objective, "objective")
         for kind, choice in self.requested.items():
+            if kind == "latent":  # not a layer: how an attention's low-rank projections split
+                if choice not in ("replicated", "split"):
+                    raise ShardwiseError(f"the requested layouts: latent {choice!r}: expected 'replicated' or 'split'")
+                continue
             _check_choice(LayerKind.parse(kind, "layer kind"), choice, "the requested layouts")
 
 
@@ -462,8 +467,11 @@ def _check_choice(kind: LayerKind, choice: str, where: str) -> None:
     elif kind == LayerKind.FFN:
         for check in _NAME_CHECKS:
             check(choice)
-    elif kind == LayerKind.ATTENTION:
-        AttentionMode.parse(choice, f"attention layout of {where}")
+    elif kind == LayerKind.ATTENTION:  # "heads"/"batch", ":split" when a latent attention's projections split
+        mode, _, latent = choice.partition(":")
+        AttentionMode.parse(mode, f"attention layout of {where}")
+        if latent not in ("", "split"):
+            raise ShardwiseError(f"{where}: attention layout {choice!r}: expected 'heads' or 'batch', then ':split' or nothing")
     elif kind in (LayerKind.EMBEDDING, LayerKind.HEAD) and choice not in _TABLE_SPLITS:
         raise ShardwiseError(f"{where}: {kind} layout {choice!r}: expected one of {', '.join(_TABLE_SPLITS)}")
 

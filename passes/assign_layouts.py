@@ -65,8 +65,9 @@ def assign_layouts(gm: fx.GraphModule, mesh: Mesh, choices: dict[str, str]) -> f
                 notes[block.ffn.name] = ["parallel block: shares one input all-gather and one output "
                                          "reduce-scatter with attention (listed there)"]
         if block.attention:
-            mode = choices.get(block.attention.name, DEFAULTS["attention"])
+            mode, _, latent = choices.get(block.attention.name, DEFAULTS["attention"]).partition(":")
             notes[block.attention.name] = _assign_attention(block.attention, member, mode, mesh, nodes)
+            notes[block.attention.name] += _assign_latent(block.attention, member, mode, latent, mesh, nodes)
             cache_layout = _cache_layout(nodes[block.attention.core].meta[ATTENTION], member, mode, mesh,
                                          block.attention.dims)
             for ph, outs in caches.get(block.name, []):
@@ -189,6 +190,30 @@ def _assign_attention(layer: Layer, member: Member, mode: str, mesh: Mesh, nodes
                      f"KV heads split over {mesh.format_atoms(plan.kv) if plan.kv else 'nothing'} and "
                      f"replicated ×{rep}; attention='batch' splits the KV cache over batch instead")
     return notes
+
+
+def _assign_latent(layer: Layer, member: Member, mode: str, latent: str, mesh: Mesh, nodes) -> list[str]:
+    """Multi-head latent attention's low-rank projections (find_layers' `latent`): left to propagate
+    (`latent=""`: computed whole on every chip, the weight replicated), or with `latent="split"` their
+    code's features split over the atoms that split q's heads, each chip computing its share; the code is
+    normalized and read by every head, so propagate gathers it before its norm (communication the cost
+    model weighs against replicated compute and weight reads)."""
+    found = layer.info.get("latent", {})
+    if not found:
+        return []
+    if latent not in ("", "split"):
+        raise LayoutError(f"unknown latent layout {latent!r} for {layer.name}: use 'split', or nothing for replicated")
+    if not latent:
+        return [f"latent projections replicated: {', '.join(sorted(p.weight for p in found.values()))}"]
+    d = layer.dims
+    plan = attention_plan(member, mode, mesh, B=shape(nodes[layer.core])[0], H=d["H"], K=d["K"])
+    b, e, f = member.atoms(mesh)
+    for p in found.values():
+        require_divides("a latent code's features", p.out_features, plan.q, mesh, f"latent=split for {layer.name}")
+        ph = nodes[p.weight]
+        ph.meta[WEIGHT] = weight_spec(plan.q, e, b, shape(ph), p.rows_out, mesh)
+    where = mesh.format_atoms(plan.q) if plan.q else "nothing"
+    return [f"latent projections split over {where}: {', '.join(sorted(p.weight for p in found.values()))}"]
 
 
 def _table_spec(layer: Layer, mode: str, member: Member, mesh: Mesh) -> tuple[str, WeightSpec]:

@@ -231,10 +231,58 @@ def _attention(core: fx.Node, q_arg: fx.Node, k_arg: fx.Node, v_arg: fx.Node, ou
     kind = "MHA" if K == H else ("MQA" if K == 1 else "GQA")
     for p in found.values():
         claimed.add(p.node)
+    latent = _latents(core, found, projs, claimed)
+    claimed.update(latent)
     name = module_path(core) or core.name
     E = found["o"].out_features if "o" in found else found["q"].in_features  # q may read a low-rank code (MLA)
-    return Layer(name, "attention", None, projections=found, dims={"H": H, "K": K, "D": D, "E": E},
-                 info={"variant": kind, "fused_qkv": len({p.weight for p in found.values()}) < len(found)}, core=core.name)
+    info = {"variant": kind, "fused_qkv": len({p.weight for p in found.values()}) < len(found)}
+    if latent:
+        info["latent"] = latent
+    return Layer(name, "attention", None, projections=found, dims={"H": H, "K": K, "D": D, "E": E}, info=info,
+                 core=core.name)
+
+
+def _latents(core: fx.Node, found: dict[str, Projection], projs: dict[str, Projection],
+             claimed: set[str]) -> dict[str, Projection]:
+    """Multi-head latent attention's low-rank projections (DeepSeek's q_a_proj and kv_a_proj_with_mqa, the
+    rotary key piece included): unclaimed projections of the block whose output reaches q, k or v's
+    projection, or the core itself, without passing another projection. Not split per head: their
+    outputs are codes (normalized over the whole code) shared by every head."""
+    nodes = {n.name: n for n in core.graph.nodes}
+    block = block_of(core)
+    targets = {core.name} | {p.node for r, p in found.items() if r in ("q", "k", "v")}
+    out = {}
+    for name, p in projs.items():
+        if name in claimed or block_of(nodes[name]) != block or block is None:
+            continue
+        if _feeds(nodes[name], targets, set(projs), block):
+            out[name] = p
+    return out
+
+
+_VIEWS = {aten.slice.Tensor, aten.view.default, aten.select.int, aten.narrow.default}
+
+
+def _feeds(src: fx.Node, dst_names: set[str], stop: set[str], within: str) -> bool:
+    """`_reaches`, following writes too: a value copied into a slice of a buffer (`buf[..., a:b] = x`,
+    how DeepSeek assembles its keys) reaches whatever reads the buffer."""
+    seen, q = set(), deque([src])
+    while q:
+        n = q.popleft()
+        nxt = list(n.users)
+        if n.op == "call_function" and n.target is aten.copy_.default:
+            base = n.args[0]
+            while isinstance(base, fx.Node) and base.op == "call_function" and base.target in _VIEWS:
+                base = base.args[0]
+            nxt += list(base.users)
+        for u in nxt:
+            if u.name in dst_names:
+                return True
+            if u.name in seen or u.name in stop or block_of(u) != within:
+                continue
+            seen.add(u.name)
+            q.append(u)
+    return False
 
 
 def _output_gate(core: fx.Node, found: dict[str, Projection], projs: dict[str, Projection],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..ir.kinds import LayerKind
+from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..ir.meta import ASSIGNMENT, LAYERS, LAYOUT, PLAN, SIGNATURE, UNKNOWN, WEIGHT
 from ..ir.plan import CollectiveRecord, LayerPlan, Memory, Plan
@@ -54,7 +55,7 @@ def summarize(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], *, 
         ldims = {**dims, **l.dims}
         rows[l.name] = LayerPlan(
             name=l.name, kind=l.kind, block=l.block, choice=assignment.choices.get(l.name, "-"), dims=dict(l.dims),
-            weights=_weights(l, nodes, mesh, ldims), notes=list(assignment.notes.get(l.name, [])),
+            weights=_weights(l, nodes, mesh, ldims, signature(gm).params), notes=list(assignment.notes.get(l.name, [])),
         )
     rows[OUTPUT] = LayerPlan(name=OUTPUT, kind=LayerKind.OUTPUT, block=None, choice="replicated")
     params = signature(gm).params
@@ -84,8 +85,15 @@ _ROLE_DIMS = {  # (out, in) names of each projection's weight
 }
 
 
-def _weights(l: Layer, nodes, mesh: Mesh, dims) -> dict[str, dict[str, str]]:
+def _weights(l: Layer, nodes, mesh: Mesh, dims, params: dict[str, str]) -> dict[str, dict[str, str]]:
     out = {}
+    for p in l.info.get("latent", {}).values():  # a latent attention's low-rank code C: replicated, or split
+        key = params.get(p.weight, p.weight)
+        role = "latent " + key.removesuffix(".weight").rsplit(".", 1)[-1].replace(".weight", "")
+        spec = nodes[p.weight].meta.get(WEIGHT)
+        names = ["C", "E"] if p.rows_out else ["E", "C"]
+        at_rest, in_use = (spec.at_rest, spec.in_use) if spec else (Layout.replicated(2),) * 2
+        out[role] = {"at_rest": at_rest.notation(mesh, names), "in_use": in_use.notation(mesh, names)}
     entries = [(role, p.weight, p.rows_out) for role, p in l.projections.items()]
     entries += [(role, name, True) for role, name in l.params.items()]  # embedding tables are [V, E]
     if "router" in l.info:

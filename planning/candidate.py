@@ -22,18 +22,22 @@ class Candidate:
     memory: dict[str, float] = field(default_factory=dict)  # per chip, whole model
     core: str = ""  # how the attention core is really split: "heads", "batch" or "heads+batch"
     experts: str = ""  # how a mixture's experts split under the member: "sliced", "parallel" ("" if none)
+    latent: str = ""  # multi-head latent attention's low-rank projections: "replicated", "split" ("" if none)
 
     @property
     def name(self) -> str:
-        return f"{self.member.on(self.mesh)}+{self.attention}" + (f"+experts-{self.experts}" if self.experts else "")
+        return (f"{self.member.on(self.mesh)}+{self.attention}" + (f"+experts-{self.experts}" if self.experts else "")
+                + (f"+latent-{self.latent}" if self.latent else ""))
 
     def same_layout(self, other: "Candidate") -> bool:
-        return (self.member, self.attention, self.experts) == (other.member, other.attention, other.experts)
+        return (self.member, self.attention, self.experts, self.latent) == (
+            other.member, other.attention, other.experts, other.latent)
 
     def run(self, first: int, last: int) -> BlockRun:
         """The plan's record of blocks first..last laid out as this candidate."""
         return BlockRun(first=first, last=last, member=self.member.on(self.mesh), attention=self.core,
-                        family=self.member.effective(self.mesh).family, experts=self.experts)
+                        family=self.member.effective(self.mesh).family, experts=self.experts,
+                        latent=self.latent)
 
     def block_time(self) -> float:
         return sum(self.times[k]["time"] for k in ("attention", "ffn", "experts") if k in self.times)

@@ -37,5 +37,7 @@ class Question:
 
     @property
     def forced(self) -> dict[str, str]:
-        """Layouts forced for the layers outside the blocks (embedding, head) and the experts' split."""
-        return {k: v for k, v in self.request.items() if k in (LayerKind.EMBEDDING, LayerKind.HEAD, LayerKind.EXPERTS)}
+        """Layouts forced for the layers outside the blocks (embedding, head), the experts' split and a latent
+        attention's low-rank projections'."""
+        return {k: v for k, v in self.request.items()
+                if k in (LayerKind.EMBEDDING, LayerKind.HEAD, LayerKind.EXPERTS, "latent")}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 from functools import lru_cache
+from itertools import product
 
 import torch.fx as fx
 
@@ -46,9 +47,9 @@ def factorizations(n: int) -> list[tuple[int, int, int]]:
 
 def evaluate(proto: fx.GraphModule, mesh: Mesh, member: Member, attention: str, *, hw: Hardware,
              precision: Precision, n_blocks: int, overlap: bool, forced: dict[str, str],
-             experts: str = "") -> Candidate:
+             experts: str = "", latent: str = "") -> Candidate:
     """Cost one candidate on the prototype graph (one block), scaled to n_blocks for memory."""
-    cand = Candidate(member, attention, mesh, experts=experts)
+    cand = Candidate(member, attention, mesh, experts=experts, latent=latent)
     layers: Layers = proto.meta[LAYERS]
     try:  # the chosen candidate is propagated again, checked, by record()
         conversions = apply(proto, mesh, choices_for(layers, [cand], forced), check=False)
@@ -106,18 +107,18 @@ def plan_mesh(proto: fx.GraphModule, mesh: Mesh, *, hw: Hardware, precision: Pre
     seen: set = set()
     for m in members:
         for a in attention:
-            for x in experts_modes(proto, forced):
-                key = (m.key(mesh), a, x)
+            for x, lat in product(experts_modes(proto, forced), latent_modes(proto, forced)):
+                key = (m.key(mesh), a, x, lat)
                 if key in seen:
                     continue
                 seen.add(key)
-                ck = (_canonical(m, mesh, hw), a, x)
+                ck = (_canonical(m, mesh, hw), a, x, lat)
                 if cache is not None and ck in cache:
                     c = cache[ck]
-                    cands.append(Candidate(m, a, mesh, c.refused, c.parts, c.times, c.memory, c.core, x))
+                    cands.append(Candidate(m, a, mesh, c.refused, c.parts, c.times, c.memory, c.core, x, lat))
                     continue
                 c = evaluate(proto, mesh, m, a, hw=hw, precision=precision, n_blocks=n_blocks, overlap=overlap,
-                             forced=forced, experts=x)
+                             forced=forced, experts=x, latent=lat)
                 if cache is not None:
                     cache[ck] = c
                 cands.append(c)
@@ -140,6 +141,14 @@ def experts_modes(proto: fx.GraphModule, forced: dict[str, str]) -> tuple[str, .
     if "experts" in forced:
         return (forced["experts"],)
     return ("sliced", "parallel") if all(l.info.get("fused") for l in experts) else ("sliced",)
+
+
+def latent_modes(proto: fx.GraphModule, forced: dict[str, str]) -> tuple[str, ...]:
+    """How multi-head latent attention's low-rank projections may split: what was forced, else both ways;
+    ("",) for a model without them."""
+    if not any(l.info.get("latent") for l in proto.meta[LAYERS].by_kind("attention")):
+        return ("",)
+    return (forced["latent"],) if "latent" in forced else ("replicated", "split")
 
 
 def _canonical(m: Member, mesh: Mesh, hw: Hardware) -> tuple:

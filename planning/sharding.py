@@ -172,7 +172,7 @@ class Tally:
 
         fed = _downstream(inputs)  # what the residual stream reaches (not position tables, rotary angles)
         params = {k: v for k, v in sig.params.items() if v not in sig.buffers}
-        kv = _kv_weights(layers) | _routers(layers)
+        kv = _kv_weights(layers) | _routers(layers) | _latents(layers)
         for node in nodes:
             work = matmul_work(node, self.mesh)
             if work is None or not work[0]:
@@ -227,6 +227,12 @@ def _routers(layers: Layers) -> set[str]:
     """The routers of the experts layers: replicated by design, so every rank routes exactly as the unsharded
     model does (the experts layer's note says so)."""
     return {l.info["router"] for l in layers.by_kind("experts") if "router" in l.info}
+
+
+def _latents(layers: Layers) -> set[str]:
+    """The low-rank projections of latent attentions: replicated or split by the planner's choice (`latent`),
+    which the attention's note names."""
+    return {p.weight for l in layers.by_kind("attention") for p in l.info.get("latent", {}).values()}
 
 
 def _under(path: str, modules: list[str]) -> bool:

@@ -10,10 +10,11 @@ from ..errors import LayoutError
 from .family import ATTENTION_MODES, parse_ffn
 
 KINDS = {"ffn": "ffn", "attn": "attention", "attention": "attention", "embed": "embedding",
-         "embedding": "embedding", "head": "head", "experts": "experts"}
+         "embedding": "embedding", "head": "head", "experts": "experts", "latent": "latent"}
 DEFAULTS = {"ffn": "ws1d", "attention": "heads", "embedding": "auto", "head": "auto"}  # auto: whatever divides
 EMBED_MODES = ("auto", "E", "vocab")
 EXPERT_MODES = ("sliced", "parallel")  # each expert's F split over the block's atoms; the experts split over them
+LATENT_MODES = ("replicated", "split")  # multi-head latent attention's low-rank projections: whole, or over q's atoms
 
 
 def parse_layouts(text: str | dict | None) -> dict[str, str]:
@@ -41,7 +42,7 @@ def parse_layouts(text: str | dict | None) -> dict[str, str]:
             raise LayoutError(f"layouts entry {k!r}: {v!r}: expected a layer kind and a layout name, both strings")
         if k not in KINDS:
             raise LayoutError(
-                f"--layouts names {k!r}: expected a layer kind, one of ffn, attn, embed, head, experts (e.g. 'ffn=ws2d,attn=batch')"
+                f"--layouts names {k!r}: expected a layer kind, one of ffn, attn, embed, head, experts, latent (e.g. 'ffn=ws2d,attn=batch')"
             )
         kind = KINDS[k]
         if kind == "ffn":
@@ -50,6 +51,8 @@ def parse_layouts(text: str | dict | None) -> dict[str, str]:
             raise LayoutError(f"unknown attention layout {v!r}: use one of {', '.join(ATTENTION_MODES)}")
         elif kind == "experts" and v not in EXPERT_MODES:
             raise LayoutError(f"unknown experts layout {v!r}: use one of {', '.join(EXPERT_MODES)}")
+        elif kind == "latent" and v not in LATENT_MODES:
+            raise LayoutError(f"unknown latent layout {v!r}: use one of {', '.join(LATENT_MODES)}")
         elif kind in ("embedding", "head") and v not in EMBED_MODES:
             raise LayoutError(f"unknown {kind} layout {v!r}: use one of {', '.join(EMBED_MODES)}")
         if kind in out:

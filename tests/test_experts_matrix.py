@@ -14,6 +14,9 @@ the chips that divides them, F over the rest), on meshes 1x1x4, 2x2x1 and 2x2x2.
   bytes     the collective bytes every layer executed equal the plan's prediction, exactly, in prefill
             and in every decode step
   held      every rank holds exactly 1/n of the stacked expert weights' bytes
+
+and DeepSeek-V3's multi-head latent attention with its low-rank projections (q_a, kv_a and its rotary
+piece) replicated or split over the chips that split the heads, under the same checks.
 """
 
 import pytest
@@ -40,6 +43,23 @@ def _model(arch: str) -> torch.nn.Module:
     return _built[arch]
 
 
+def _check(model, mesh: str, layouts: str, ids: torch.Tensor):
+    """Prefill logits and per-layer bytes, then TOKENS greedy tokens and every decode step's bytes."""
+    plan = api.plan(model, (ids,), {"use_cache": False}, mesh=mesh, layouts=layouts)
+    trace = Trace()
+    with torch.no_grad():
+        got = plan.program.simulate((ids,), {"use_cache": False}, trace=trace).logits
+        want = model(ids, use_cache=False).logits
+    assert (got - want).abs().max().item() <= ATOL
+    rows = compare(plan, trace.collectives, plan.program.gm)
+    assert rows and all(p == m for _, _, p, m in rows), rows
+    gen = generate(model, ids, TOKENS, mesh=mesh, layouts=layouts, simulate=True, details=True)
+    assert torch.equal(gen.tokens, reference_generate(model, ids, TOKENS))
+    rows = compare_generation(gen, TOKENS)
+    assert rows and all(p == m for _, _, p, m in rows), rows
+    return plan
+
+
 def _stacked(state: dict) -> int:
     return sum(t.numel() * t.element_size() for k, t in state.items() if "experts" in k and t.ndim == 3)
 
@@ -50,24 +70,28 @@ def _stacked(state: dict) -> int:
 def test_expert_layout(arch, mesh, layouts):
     model = _model(arch)
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
-    plan = api.plan(model, (ids,), {"use_cache": False}, mesh=mesh, layouts=layouts)
+    plan = _check(model, mesh, layouts, ids)
     experts = [l for l in plan.layers if l.kind == "experts"]
     assert experts and all(l.choice.endswith(":parallel") == layouts.endswith("parallel") for l in experts)
     assert plan.main.experts == layouts.partition("=")[2]
-
-    trace = Trace()
-    with torch.no_grad():
-        got = plan.program.simulate((ids,), {"use_cache": False}, trace=trace).logits
-        want = model(ids, use_cache=False).logits
-    assert (got - want).abs().max().item() <= ATOL
-    rows = compare(plan, trace.collectives, plan.program.gm)
-    assert rows and all(p == m for _, _, p, m in rows), rows
-
     full = _stacked(model.state_dict())
     for r in range(plan.mesh.size):
         assert _stacked(plan.program.emit(r, group_name=sim_group_name).state_dict()) * plan.mesh.size == full
 
-    gen = generate(model, ids, TOKENS, mesh=mesh, layouts=layouts, simulate=True, details=True)
-    assert torch.equal(gen.tokens, reference_generate(model, ids, TOKENS))
-    rows = compare_generation(gen, TOKENS)
-    assert rows and all(p == m for _, _, p, m in rows), rows
+
+@pytest.mark.parametrize("latent", ("replicated", "split"))
+@pytest.mark.parametrize("mesh", MESHES)
+def test_latent_attention_layout(mesh, latent):
+    model = _model("deepseek_v3")
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1))
+    plan = _check(model, mesh, f"latent={latent}", ids)
+    assert plan.main.latent == latent
+    attn = plan.layer("model.layers.0.self_attn")
+    assert any(n.startswith(f"latent projections {latent}") for n in attn.notes), attn.notes
+    want = "CE" if latent == "replicated" else ("C_z E" if mesh == "1x1x4" else "C_xy E")
+    assert attn.weights["latent q_a_proj"]["at_rest"] == want, attn.weights
+    held = plan.program.emit(0, group_name=sim_group_name).state_dict()
+    mine = next(t for k, t in held.items() if k.endswith("layers_0_self_attn_q_a_proj_weight"))
+    whole = model.state_dict()["model.layers.0.self_attn.q_a_proj.weight"]
+    share = 1 if latent == "replicated" else plan.mesh.size // (2 if mesh == "2x2x2" else 1)  # z is batch on 2x2x2
+    assert mine.numel() * share == whole.numel(), (mine.shape, whole.shape)
