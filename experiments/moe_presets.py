@@ -7,7 +7,8 @@
 Each preset (models/presets.py: mixtral-8x7b, qwen3-235b-a22b, gpt-oss-120b, deepseek-v3, published
 shapes built on the meta device in bf16, nothing materialised) is planned by `shardwise.plan` from a
 chip count (every mesh of that many chips searched) on the `h200` profile (141 GB HBM: data-sheet
-figures, efficiencies assumed, not fitted: ir/hardware.py):
+figures, efficiencies assumed, not fitted: ir/hardware.py; every chip behind one NVLink switch, which 64
+chips in 8 nodes are not, so their communication is a lower bound):
 
   chips     8 for Mixtral 8x7B (87 GiB of bf16 weights: one HGX node; it fits one chip, 8 is how it is
             served), 64 for the others (Qwen3 438 GiB, gpt-oss 218 GiB, DeepSeek-V3 1.25 TiB: 8 nodes, the
