@@ -183,6 +183,7 @@ def _inspect(a) -> int:
         print(plan.to_json())
         return 0
     print(plan.summary())
+    _print_assumes(a.model)
     if a.explain:
         print("\n" + "\n".join(plan.explain))
     print(f"\nplanned in {took:.2f} s")
@@ -207,11 +208,21 @@ def _inspect_both(a, t0: float) -> int:
         return 0
     for p in pair.plans:
         print(p.summary() + "\n")
+    _print_assumes(a.model)
     print("KV cache between the phases:")
     print("\n".join("  " + s.line() for s in pair.bridge) or "  nothing moves (same layout, or a local slice)")
     print(*pair.notes, f"planned in {time.perf_counter() - t0:.2f} s", sep="\n")
     _write_views(a, pair)
     return 0
+
+
+def _print_assumes(model: str) -> None:
+    """What planning a preset from one block assumes of it, where its blocks differ (models/presets.py)."""
+    from .models.presets import PRESETS
+
+    preset = PRESETS.get(model)
+    if preset is not None and preset.assumes:
+        print(f"note: preset {model}: {preset.assumes}")
 
 
 def _write_views(a, plan_or_pair) -> None:

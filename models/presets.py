@@ -9,9 +9,20 @@
 | llama-tiny         | HF LlamaForCausalLM            | 8 heads, 2 KV heads (GQA)                          |
 | palm-8b/62b/540b   | RefDecoder with PaLM shapes    | parallel, MQA, SwiGLU, V 256128, D 256 (meta only) |
 | llama2-7b/70b      | HF LlamaForCausalLM shapes     | meta only                                          |
+| mixtral-8x7b       | HF Mixtral (family "hf")       | 8 experts, top-2, GQA (meta only)                  |
+| qwen3-235b-a22b    | HF Qwen3-MoE (family "hf")     | 128 experts, top-8, GQA 64/4 (meta only)           |
+| gpt-oss-120b       | HF GPT-OSS (family "hf")       | 128 experts, top-4, sliding/full (meta only)       |
+| deepseek-v3        | HF DeepSeek-V3 (family "hf")   | MLA, 256 routed + 1 shared, top-8 (meta only)      |
 
 palm-540b has 64 heads: PaLM 540B's 48, padded to 64 as the paper served it (PAPER.md), which is the
 configuration its latency figures describe.
+
+The mixture-of-experts presets (family "hf") are built by `transformers.AutoConfig.for_model(arch, **config)`
+and `AutoModelForCausalLM.from_config` on the meta device in bf16: their experts are transformers 5's
+stacked `[num_experts, ·, ·]` weights run by grouped matmuls (its default experts implementation). A
+preset may say what its planning assumes (`Preset.assumes`): planning captures one block (a prototype,
+`build_model(name, layers=1)`) and counts it for every block, so a model whose blocks differ is planned
+as its repeated block, and a preset says how that differs from the model.
 """
 
 from __future__ import annotations
@@ -31,11 +42,12 @@ from .reference import RefConfig, RefDecoder
 @dataclass(frozen=True)
 class Preset:
     name: str
-    family: str  # "ref", "gpt2" or "llama"
+    family: str  # "ref", "gpt2", "llama", or "hf" (any transformers architecture: `extra["arch"]`)
     config: dict[str, Any]
     description: str
     shape_only: bool = False  # published sizes: plan them on the meta device
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # "hf": arch; "repeated": config of a prototype block
+    assumes: str = ""  # what planning from one block assumes of this model, where its blocks differ
 
 
 _TINY = dict(vocab=256, d_model=64, d_ff=256, n_layers=2, n_heads=8, max_seq=128)
@@ -69,7 +81,70 @@ PRESETS: dict[str, Preset] = {
                shape_only=True),
     ]
 }
-_LAYERS_KEY = {"ref": "n_layers", "gpt2": "n_layer", "llama": "num_hidden_layers"}
+GPT_OSS_ASSUMES = (
+    "every layer is planned as layer 0 (sliding attention, window 128) over the whole KV cache: the step's static "
+    "cache gives every layer the full context, masked, so the 18 sliding layers' KV cache (bytes and reads) is "
+    "counted at the full context, not at 128 positions")
+DEEPSEEK_V3_ASSUMES = (
+    "all 61 layers are planned as mixture-of-experts layers (the prototype is one MoE block, the kind of 58 of "
+    "them): the first 3 layers' dense FFN (F 18432, 0.40B parameters each) is counted as 256 routed experts + 1 "
+    "shared (11.32B each), 32.8B parameters (65.5 GB in bf16) more than the model has; attention is transformers' "
+    "MLA: the cache holds the compressed latent (512 + 64 values per token and layer), and every step expands "
+    "the whole cache through kv_b_proj into per-head keys and values")
+# Mixture-of-experts models at scale (family "hf": config attributes as transformers names them). Every figure
+# is the model's published config.json; "verified" says which the installed transformers (5.24) confirms as
+# its config class's defaults, and what it could not confirm.
+_MOE = [
+    # mistralai/Mixtral-8x7B-v0.1: hidden 4096, intermediate 14336, 32 layers, 32 heads, 8 KV heads, 8 experts,
+    # top-2, vocab 32000, 32768 positions. Verified: all but the positions are MixtralConfig's defaults (whose
+    # docstring names this checkpoint); max_position_embeddings (default 131072) could not be.
+    Preset("mixtral-8x7b", "hf",
+           {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000,
+            "max_position_embeddings": 32768},
+           "Mixtral 8x7B shapes: 8 experts (F 14336), top-2, GQA 32/8", shape_only=True, extra={"arch": "mixtral"}),
+    # Qwen/Qwen3-235B-A22B: hidden 4096, moe_intermediate 1536 (every layer sparse: decoder_sparse_step 1, no
+    # mlp_only_layers; intermediate 12288 is unused), 94 layers, 64 heads, 4 KV heads, head_dim 128 (not hidden /
+    # heads = 64), 128 experts, top-8, vocab 151936, 40960 positions. Verified against Qwen3MoeConfig's defaults
+    # (which describe Qwen3-30B-A3B): 4 KV heads, 128 experts, top-8, vocab 151936, decoder_sparse_step 1; not
+    # verifiable there: hidden 4096, moe_intermediate 1536, intermediate 12288, 94 layers, 64 heads, head_dim
+    # 128 and the positions (defaults 2048, 768, 6144, 24, 32, none, 32768).
+    Preset("qwen3-235b-a22b", "hf",
+           {"hidden_size": 4096, "intermediate_size": 12288, "moe_intermediate_size": 1536, "num_hidden_layers": 94,
+            "num_attention_heads": 64, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
+            "num_experts_per_tok": 8, "vocab_size": 151936, "decoder_sparse_step": 1, "mlp_only_layers": [],
+            "max_position_embeddings": 40960},
+           "Qwen3-235B-A22B shapes: 128 experts (F 1536), top-8, GQA 64/4, head dim 128", shape_only=True,
+           extra={"arch": "qwen3_moe"}),
+    # openai/gpt-oss-120b: hidden 2880, intermediate 2880 (per expert), 36 layers, 64 heads, 8 KV heads, head_dim
+    # 64, 128 experts, top-4, vocab 201088, layers alternating sliding (window 128) and full attention, 131072
+    # positions. Verified: every figure is GptOssConfig's default (though its docstring names gpt-oss-20b, whose
+    # 24 layers and 32 experts differ).
+    Preset("gpt-oss-120b", "hf",
+           {"hidden_size": 2880, "intermediate_size": 2880, "num_hidden_layers": 36, "num_attention_heads": 64,
+            "num_key_value_heads": 8, "head_dim": 64, "num_local_experts": 128, "num_experts_per_tok": 4,
+            "vocab_size": 201088, "sliding_window": 128, "max_position_embeddings": 131072},
+           "gpt-oss-120b shapes: 128 experts (F 2880, gate/up interleaved, biases), top-4, GQA 64/8, "
+           "sliding/full attention alternating", shape_only=True, extra={"arch": "gpt_oss"},
+           assumes=GPT_OSS_ASSUMES),
+    # deepseek-ai/DeepSeek-V3: hidden 7168, moe_intermediate 2048, intermediate 18432 (the first 3 dense layers),
+    # 61 layers, 128 heads, MLA (q_lora_rank 1536, kv_lora_rank 512, qk_nope 128, qk_rope 64, v_head 128), 256
+    # routed experts + 1 shared, top-8 (n_group 8, topk_group 4), vocab 129280, 163840 positions. Verified: all
+    # but the positions are DeepseekV3Config's defaults (default 4096; the model reaches 163840 by YaRN rope
+    # scaling, left at the default here: it changes no shape). Its multi-token-prediction layer is not built
+    # (transformers' model has none).
+    Preset("deepseek-v3", "hf",
+           {"hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+            "first_k_dense_replace": 3, "num_attention_heads": 128, "num_key_value_heads": 128, "q_lora_rank": 1536,
+            "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+            "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4,
+            "vocab_size": 129280, "max_position_embeddings": 163840},
+           "DeepSeek-V3 shapes: MLA, 256 routed experts (F 2048) + 1 shared, top-8 of 4 groups; first 3 layers dense",
+           shape_only=True, extra={"arch": "deepseek_v3", "repeated": {"first_k_dense_replace": 0}},
+           assumes=DEEPSEEK_V3_ASSUMES),
+]
+PRESETS.update({p.name: p for p in _MOE})
+_LAYERS_KEY = {"ref": "n_layers", "gpt2": "n_layer", "llama": "num_hidden_layers", "hf": "num_hidden_layers"}
 
 
 def get(name: str) -> Preset:
@@ -84,17 +159,43 @@ def build_model(
     seed: int = 0, layers: int | None = None,
 ) -> nn.Module:
     """Build a preset (random weights from `seed`). Shape-only presets default to the meta device in
-    bf16 (the published models' dtype); the tiny ones to float32 on the CPU."""
+    bf16 (the published models' dtype); the tiny ones to float32 on the CPU.
+
+    `layers` fewer than the model has builds its first blocks; where the model's first blocks are not of
+    its repeated kind (`extra["repeated"]`: DeepSeek-V3's dense layers), of the repeated kind: the planner
+    builds one block as its prototype and counts it for every block (`Preset.assumes` says what that
+    counts differently)."""
     p = get(name)
     device = torch.device(device or ("meta" if p.shape_only else "cpu"))
     dtype = dtype or (torch.bfloat16 if p.shape_only else torch.float32)
     cfg = dict(p.config)
     if layers is not None:
+        if layers < cfg[_LAYERS_KEY[p.family]]:
+            cfg.update(p.extra.get("repeated", {}))
         cfg[_LAYERS_KEY[p.family]] = layers
     torch.manual_seed(seed)
     with torch.device(device), _skip_init(device.type == "meta"):
-        model = _construct(p.family, cfg)
-    return model.to(dtype).eval()
+        model = _construct(p.family, cfg, p.extra.get("arch"))
+    model = model.to(dtype).eval()
+    if p.family == "hf":
+        _keep_in_fp32(model, dtype)
+    return model
+
+
+def _keep_in_fp32(model: nn.Module, dtype: torch.dtype) -> None:
+    """The weights a transformers model keeps in float32 when loaded in bf16 or fp16 (its
+    `_keep_in_fp32_modules_strict`, matched as `from_pretrained` matches them: a regular expression searched
+    in each state key), back in float32 after `model.to(dtype)`: DeepSeek-V3's router weight and score bias,
+    so the preset has the dtypes (and the router the graph) the published checkpoint loads with."""
+    patterns = getattr(model, "_keep_in_fp32_modules_strict", None)
+    if not patterns or dtype not in (torch.bfloat16, torch.float16):
+        return
+    import re
+
+    keep = re.compile("|".join(f"(?:{p})" for p in sorted(patterns)))
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if keep.search(name) and t.is_floating_point():
+            t.data = t.data.to(torch.float32)
 
 
 @contextmanager
@@ -115,7 +216,7 @@ def _skip_init(skip: bool):
             setattr(torch.nn.init, n, f)
 
 
-def _construct(family: str, cfg: dict[str, Any]) -> nn.Module:
+def _construct(family: str, cfg: dict[str, Any], arch: str | None = None) -> nn.Module:
     if family == "ref":
         return RefDecoder(RefConfig(**cfg))
     import transformers  # optional dependency: only HF presets need it
@@ -127,6 +228,9 @@ def _construct(family: str, cfg: dict[str, Any]) -> nn.Module:
         c = transformers.LlamaConfig(**cfg, attn_implementation="sdpa", bos_token_id=0, eos_token_id=0,
                                      pad_token_id=None)
         return transformers.LlamaForCausalLM(c)
+    if family == "hf":  # experts as transformers 5 builds them by default: stacked weights, grouped matmuls
+        c = transformers.AutoConfig.for_model(arch, **cfg)
+        return transformers.AutoModelForCausalLM.from_config(c)
     raise AssertionError(family)
 
 

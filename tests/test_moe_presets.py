@@ -1,0 +1,86 @@
+"""The mixture-of-experts presets at their published sizes, planned on the meta device.
+
+DeepSeek-V3 decode on 64 H200 chips, checked against a hand computation (`test_deepseek_v3_decode_on_64_h200`):
+
+    batch 256 sequences, one token each: T = 256 tokens, each routed to k = 8 of X = 256 experts
+    routed experts of one block: 3 matrices (gate, up, down) × 256 × 7168 × 2048 × 2 B = 22.55 GB,
+      split over the 64 chips (expert-sliced: every expert's F = 2048 over all chips): 352.3 MB per chip
+    experts touched in one step (uniform routing): 1 − (1 − k/X)^T = 1 − (31/32)^256 = 0.9997
+    HBM time of the experts row: 0.9997 × 352.3 MB / (4.8 TB/s × 0.7 achievable) = 0.1048 ms,
+      plus the router's weight, replicated and kept in float32 as the checkpoint loads it
+      (256 × 7168 × 4 B = 7.3 MB: 0.0022 ms): 0.107 ms per block
+    compute of the experts row: 2 FLOPs × 256 tokens × 8 experts × 3 × 7168 × 2048 = 180.4 GFLOP per block,
+      /64 chips / (989 TFLOP/s × 0.75 achievable) = 3.80 µs (the plan says 3.88: the row also holds the
+      router's matmul, 2 × 256 × 7168 × 256 = 0.94 GFLOP, on the chip's share of the batch)
+    a step reads at least every chip's share of the weights it touches once, at full HBM bandwidth:
+      latency ≥ (touched share of the weights) / 64 / 4.8 TB/s ≈ 1.41 TB / 64 / 4.8 TB/s = 4.6 ms
+"""
+
+import resource
+
+import pytest
+import torch
+
+import shardwise
+from shardwise.ir.hardware import get_hardware
+from shardwise.ir.kinds import LayerKind
+from shardwise.models import presets
+
+MOE = ("mixtral-8x7b", "qwen3-235b-a22b", "gpt-oss-120b", "deepseek-v3")
+
+
+@pytest.mark.parametrize("name,params,experts,top_k", [
+    ("mixtral-8x7b", 46.70e9, 8, 2),  # the model cards' totals: 46.7B, 235B, 117B, 671B
+    ("qwen3-235b-a22b", 235.1e9, 128, 8),
+    ("gpt-oss-120b", 116.8e9, 128, 4),
+    ("deepseek-v3", 671.0e9, 256, 8),
+])
+def test_published_sizes_on_the_meta_device(name, params, experts, top_k):
+    model = presets.build_model(name)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, rel=2e-3)
+    assert model.config._experts_implementation == "grouped_mm"  # transformers 5's stacked experts
+    stacked = [m for n, m in model.named_modules() if n.endswith(".experts")]
+    assert stacked and all(p.shape[0] == experts for m in stacked for p in m.parameters())
+    assert model.config.num_experts_per_tok == top_k
+
+
+def test_deepseek_v3_prototype_is_a_moe_block_and_says_so():
+    full, proto = presets.build_model("deepseek-v3"), presets.build_model("deepseek-v3", layers=1)
+    assert not hasattr(full.model.layers[2].mlp, "experts") and hasattr(full.model.layers[3].mlp, "experts")
+    assert hasattr(proto.model.layers[0].mlp, "experts")  # the repeated kind, not the first (dense) block
+    assert "first 3 layers" in presets.get("deepseek-v3").assumes
+    # the checkpoint's float32 router (transformers' _keep_in_fp32_modules_strict), the rest bf16
+    assert proto.model.layers[0].mlp.gate.weight.dtype == torch.float32
+    assert proto.model.layers[0].mlp.experts.down_proj.dtype == torch.bfloat16
+
+
+def test_deepseek_v3_decode_on_64_h200():
+    """Expert weights split, memory within HBM, nothing materialised, and the module docstring's hand
+    computation against the plan's experts row and step latency (one plan: it takes a few seconds)."""
+    plan = shardwise.plan("deepseek-v3", chips=64, hardware="h200", phase="decode", batch=256, seq=1, context=2048)
+    experts = [l for l in plan.layers if l.kind == LayerKind.EXPERTS]
+    assert experts and sum(l.count for l in experts) == 61
+    for layer in experts:
+        assert {"w_gate", "w_in", "w_out"} <= set(layer.weights)
+        for role in ("w_gate", "w_in", "w_out"):
+            assert "_" in layer.weights[role]["at_rest"], (role, layer.weights[role])  # a split dim: X_… or F_…
+    assert not plan.sharding.experts  # no mixture run replicated
+    assert not any("experts" in r.name and r.share > 0.01 for r in plan.sharding.replicated)
+    assert plan.memory.weights_per_chip + plan.memory.kv_cache_per_chip <= get_hardware("h200").hbm_bytes
+    assert plan.memory.weights_per_chip < 1.05 * plan.memory.weights_total / 64  # split 64 ways, little replicated
+    # nothing was materialised: a DeepSeek-V3 MoE block alone is 23 GB in bf16
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 < 8 * 1024**3
+
+    hw = get_hardware("h200")
+    row = max((l for l in plan.layers if l.kind == LayerKind.EXPERTS), key=lambda l: l.count)
+    touched = 1 - (1 - 8 / 256) ** 256
+    expert_bytes = 3 * 256 * 7168 * 2048 * 2 / 64
+    router_bytes = 256 * 7168 * 4
+    hbm = hw.hbm_bandwidth * hw.hbm_efficiency
+    assert row.cost["memory"] == pytest.approx((touched * expert_bytes + router_bytes) / hbm, rel=0.03)
+    flops = 2 * 256 * 8 * 3 * 7168 * 2048
+    assert row.cost["compute"] == pytest.approx(flops / 64 / (hw.peak_flops * hw.flops_efficiency), rel=0.03)
+    assert row.cost["time"] >= row.cost["memory"]
+    floor = touched * plan.memory.weights_total / 64 / hw.hbm_bandwidth
+    assert plan.totals.latency >= floor
