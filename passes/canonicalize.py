@@ -19,10 +19,13 @@
   split over heads; pieces interleaved per head ([.., H, 3, D]) stay fused, split by heads whole;
   a mixture of experts' fused gate_up weight ([X, 2F, D], a grouped matmul whose output is chunked
   along features into gate and up) is unfused the same way into two grouped matmuls on slices of the
-  stacked weight, so each expert's F can be split (interleaved gate/up, gpt-oss's `[..., ::2]`, stays
-  fused and is not split); then gate, up, activation, product and down over the same routed tokens
-  become one `shardwise::experts_ffn` (runtime/experts.py), which can also run on a slice of the
-  experts (expert parallel);
+  stacked weight, so each expert's F can be split (Llama 4's `bmm` over [X, T, E] likewise); then gate,
+  up, activation, product and down over the same routed tokens become one `shardwise::experts_ffn`
+  (runtime/experts.py), which can also run on a slice of the experts (expert parallel). Three forms
+  are fused, each checked op for op: grouped matmuls with a SwiGLU (Mixtral, Qwen3-MoE), gpt-oss's
+  (gate and up interleaved `[..., ::2]` in one weight, kept fused: a contiguous piece of its 2F columns
+  is whole (gate, up) pairs; biases indexed by the sorted expert ids; its clamped GLU), and Llama 4's
+  dense `bmm`s (every expert over every token); any other stays as it is and runs replicated;
 - refuses a call that leaves part of the model's parameters unread (cross-attention over an encoder's
   states, a vision or audio tower): that model takes inputs a decoder-only step does not give.
 Regions export wraps for `torch.no_grad()` are inlined first (they are plain ops at inference).

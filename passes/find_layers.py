@@ -20,7 +20,9 @@ written every other spelling, `x @ W.T` included, as one of these). From there:
               `argmax`, `sort`). Where its experts are grouped matmuls over stacked [X, ·, ·] weights
               (transformers' grouped_mm_fallback, torch._grouped_mm; canonicalize has unfused a fused
               gate_up) they form a layer of kind `experts` (roles w_gate, w_in, w_out like a feed-forward;
-              X experts, E, F, top-k); `Layers.experts` names the mixtures whose experts no such layer
+              X experts, E, F, top-k; canonicalize's fused `experts_ffn` also gpt-oss's interleaved
+              w_gate_up and biases b_gate_up, b_out, and Llama 4's dense experts, k = X there since every
+              expert runs every token); `Layers.experts` names the mixtures whose experts no such layer
               holds (looped experts, ...): they run replicated
 A block whose projections feed no attention (a state-space scan, a convolution, linear attention) is
 refused with a ShardwiseError: the model is not a decoder-only attention transformer; so is a model that
