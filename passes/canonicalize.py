@@ -679,10 +679,12 @@ def _fuse_gpt_oss_experts(gm: fx.GraphModule, down: fx.Node, mode) -> bool:
     if b_down is None or gated is None or counts is None:
         return False
     (hb, alpha, limit), (bd, ids) = gated, b_down
-    gu = hb.args[0] if isinstance(hb.args[0], fx.Node) and is_grouped_mm(hb.args[0]) else hb.args[1]
+    gu = next((a for a in hb.args if isinstance(a, fx.Node) and is_grouped_mm(a)), None)
+    if not (gu is not None and gu.target is down.target and len(gu.args) == 3 and not gu.kwargs
+            and gu.args[2] is offs and len(gu.users) == 1):
+        return False
     b_gate = _indexed_bias(hb, gu)
-    if b_gate is None or not (is_grouped_mm(gu) and gu.target is down.target and len(gu.args) == 3 and not gu.kwargs
-                              and gu.args[2] is offs and len(gu.users) == 1):
+    if b_gate is None:
         return False
     bgu, ids_gu = b_gate
     X = shape(w_down)[0]
@@ -731,7 +733,7 @@ def _gpt_oss_gate(h) -> tuple[fx.Node, float, float] | None:
         return None
     scaled, alpha = sig.args[0].args if isinstance(sig.args[0].args[0], fx.Node) else sig.args[0].args[::-1]
     up = plus_one.args[0]
-    if not (scaled is gate and isinstance(alpha, float) and gate.target is aten.clamp.default and len(gate.users) == 2
+    if not (scaled is gate and isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and gate.target is aten.clamp.default and len(gate.users) == 2
             and one_use(up) and up.target is aten.clamp.default):
         return None
     g_lo, g_hi = (list(gate.args[1:]) + [None, None])[:2]
