@@ -129,7 +129,11 @@ def _assign_experts(layer: Layer, member: Member, mode: str, mesh: Mesh, nodes: 
     Expert parallel (`mode="parallel"`, canonicalize's fused experts_ffn only): the experts X split over the
     longest prefix of those atoms that divides X, each rank holding only its experts and running only
     their tokens (the rest of its output 0), and each expert's F over the atoms left (experts over x, F
-    over y·z); the combine is the same partial sum over all of them."""
+    over y·z); the combine is the same partial sum over all of them.
+
+    Biases (gpt-oss) split with their weight: the gate and up biases [X, F] (or [X, 2F], interleaved) like
+    F, the down bias [X, E] over X like the experts and over E by F's atoms, so every rank stores 1/n of
+    it and each column of it is added by the one rank of a partial sum holding those columns (emit)."""
     b, e, f = member.atoms(mesh)
     every = mesh.mesh_order(b + e + f)
     experts: tuple[str, ...] = ()
@@ -143,7 +147,10 @@ def _assign_experts(layer: Layer, member: Member, mode: str, mesh: Mesh, nodes: 
     atoms = longest_dividing_prefix(left, layer.dims["F"], mesh)
     for role, ph_name in layer.params.items():
         ph = nodes[ph_name]
-        layout = Layout.sharded(3, layer.info["f_dims"][ph_name], atoms).with_dim(0, experts)
+        split = atoms
+        if role == "b_out":  # the down bias [X, E]: E over F's atoms, each column added by one of them (emit)
+            split = longest_dividing_prefix(atoms, layer.dims["E"], mesh)
+        layout = Layout.sharded(len(shape(ph)), layer.info["f_dims"][ph_name], split).with_dim(0, experts)
         ph.meta[WEIGHT] = WeightSpec(at_rest=layout, in_use=layout)
     router = nodes[layer.info["router"]]
     router.meta[WEIGHT] = WeightSpec(at_rest=Layout.replicated(2), in_use=Layout.replicated(2))

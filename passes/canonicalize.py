@@ -19,10 +19,13 @@
   split over heads; pieces interleaved per head ([.., H, 3, D]) stay fused, split by heads whole;
   a mixture of experts' fused gate_up weight ([X, 2F, D], a grouped matmul whose output is chunked
   along features into gate and up) is unfused the same way into two grouped matmuls on slices of the
-  stacked weight, so each expert's F can be split (interleaved gate/up, gpt-oss's `[..., ::2]`, stays
-  fused and is not split); then gate, up, activation, product and down over the same routed tokens
-  become one `shardwise::experts_ffn` (runtime/experts.py), which can also run on a slice of the
-  experts (expert parallel);
+  stacked weight, so each expert's F can be split (Llama 4's `bmm` over [X, T, E] likewise); then gate,
+  up, activation, product and down over the same routed tokens become one `shardwise::experts_ffn`
+  (runtime/experts.py), which can also run on a slice of the experts (expert parallel). Three forms
+  are fused, each checked op for op: grouped matmuls with a SwiGLU (Mixtral, Qwen3-MoE), gpt-oss's
+  (gate and up interleaved `[..., ::2]` in one weight, kept fused: a contiguous piece of its 2F columns
+  is whole (gate, up) pairs; biases indexed by the sorted expert ids; its clamped GLU), and Llama 4's
+  dense `bmm`s (every expert over every token); any other stays as it is and runs replicated;
 - refuses a call that leaves part of the model's parameters unread (cross-attention over an encoder's
   states, a vision or audio tower): that model takes inputs a decoder-only step does not give.
 Regions export wraps for `torch.no_grad()` are inlined first (they are plain ops at inference).
@@ -94,10 +97,10 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in PROJECTIONS:
             _unfuse(gm, node, mode)
-        elif is_grouped_mm(node):
+        elif _stacked_matmul(gm, node):
             _unfuse_experts(gm, node, mode)
     for node in list(gm.graph.nodes):
-        if is_grouped_mm(node):
+        if _stacked_matmul(gm, node):
             _fuse_experts(gm, node, mode)
     _fold_views(gm)
     gm.graph.eliminate_dead_code()
@@ -598,45 +601,244 @@ def _unfuse_experts(gm: fx.GraphModule, mm: fx.Node, mode) -> None:
 
 
 _EXPERT_ACTS = {aten.silu.default: "silu", aten.gelu.default: "gelu", aten.relu.default: "relu"}
+_ADDS = (aten.add.Tensor, aten.add_.Tensor)
+_CASTS = (aten.to.dtype, aten._to_copy.default)
+
+
+def _stacked_matmul(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A matmul of the routed tokens with a stacked [X, ·, ·] expert weight: a grouped matmul, or a `bmm`
+    whose second operand is such a weight (Llama 4 runs every expert over every token with one)."""
+    if is_grouped_mm(node):
+        return True
+    return node.op == "call_function" and node.target is aten.bmm.default and \
+        expert_weight(node, signature(gm).params) is not None
 
 
 def _fuse_experts(gm: fx.GraphModule, down: fx.Node, mode) -> None:
-    """`grouped(act(grouped(x, Wg, offs)) * grouped(x, Wu, offs), Wd, offs)`, offs = cumsum(counts), each
-    intermediate used once → `experts_ffn(x, Wg, Wu, Wd, offs − counts, offs, act)`; else left as it is."""
+    """Gate, up, activation and down of a mixture's experts → one `experts_ffn` (runtime/experts.py), for
+    the three forms it knows (`down` is the last matmul); any other form is left as it is (find_layers
+    then reports the mixture as run replicated)."""
     from ..runtime import experts  # noqa: F401  (registers the op)
 
-    if down.op != "call_function" or len(down.args) != 3 or down.kwargs:
-        return
-    m, w_down, offs = down.args
+    if down.target is aten.bmm.default:
+        _fuse_dense_experts(gm, down, mode)
+    elif not _fuse_swiglu_experts(gm, down, mode):
+        _fuse_gpt_oss_experts(gm, down, mode)
+
+
+def _gated_product(m) -> tuple[fx.Node, fx.Node, str, fx.Node] | None:
+    """`act(g) * u` (either order), the product and activation used once: (g, u, activation name, act node)."""
     if not (isinstance(m, fx.Node) and m.target is aten.mul.Tensor and len(m.users) == 1):
-        return
+        return None
     a, u = m.args
     if not (isinstance(a, fx.Node) and isinstance(u, fx.Node)):
-        return
+        return None
     if a.target not in _EXPERT_ACTS:
         a, u = u, a
     if a.target not in _EXPERT_ACTS or len(a.users) != 1 or len(a.args) != 1 or a.kwargs:
-        return
-    g = a.args[0]
+        return None
+    return a.args[0], u, _EXPERT_ACTS[a.target], a
+
+
+def _fuse_swiglu_experts(gm: fx.GraphModule, down: fx.Node, mode) -> bool:
+    """`grouped(act(grouped(x, Wg, offs)) * grouped(x, Wu, offs), Wd, offs)`, offs = cumsum(counts), each
+    intermediate used once → `experts_ffn(x, Wg, Wu, Wd, offs − counts, offs, act)`."""
+    if down.op != "call_function" or len(down.args) != 3 or down.kwargs:
+        return False
+    m, w_down, offs = down.args
+    found = _gated_product(m)
+    if found is None:
+        return False
+    g, u, act, a = found
     same = lambda n: (isinstance(n, fx.Node) and is_grouped_mm(n) and n.target is down.target and len(n.args) == 3
                       and not n.kwargs and len(n.users) == 1 and n.args[2] is offs)
+    if not (same(g) and same(u) and g.args[0] is u.args[0]) or _counts(offs) is None:
+        return False
+    _replace_by_experts_ffn(gm, down, mode, offs, (g.args[0], g.args[1], u.args[1], w_down), act,
+                            erase=(down, m, a, g, u))
+    return True
+
+
+def _fuse_gpt_oss_experts(gm: fx.GraphModule, down: fx.Node, mode) -> bool:
+    """gpt-oss's experts (transformers' GptOssExperts through grouped matmuls):
+
+        h  = grouped(x, Wgu, offs) + bgu[ids]          gate and up interleaved: h[:, ::2], h[:, 1::2]
+        g  = clamp(h[:, ::2], max=l);  u = clamp(h[:, 1::2], −l, l)
+        y  = grouped((u + 1) · (g · σ(g · α)), Wd, offs) + bd[ids]
+
+    with ids the routed rows' expert ids, sorted, and offs = cumsum(histc(ids, X bins)): then bgu[ids] on
+    expert i's rows is bgu[i], and the whole is `experts_ffn(x, Wgu, None, Wd, starts, offs,
+    "gpt_oss:α:l", bgu, None, bd)`. Each step is checked op for op; anything else is left as it is."""
+    if down.op != "call_function" or len(down.args) != 3 or down.kwargs or len(down.users) != 1:
+        return False
+    h, w_down, offs = down.args
+    out = next(iter(down.users))
+    b_down = _indexed_bias(out, down)
+    gated = _gpt_oss_gate(h)
+    counts = _counts(offs)
+    if b_down is None or gated is None or counts is None:
+        return False
+    (hb, alpha, limit), (bd, ids) = gated, b_down
+    gu = next((a for a in hb.args if isinstance(a, fx.Node) and is_grouped_mm(a)), None)
+    if not (gu is not None and gu.target is down.target and len(gu.args) == 3 and not gu.kwargs
+            and gu.args[2] is offs and len(gu.users) == 1):
+        return False
+    b_gate = _indexed_bias(hb, gu)
+    if b_gate is None:
+        return False
+    bgu, ids_gu = b_gate
+    X = shape(w_down)[0]
+    if ids_gu is not ids or not _histogram_of(counts, ids, X):
+        return False
+    from ..runtime.experts import gpt_oss_activation
+
+    erase = [out, down, h, *_gate_nodes(h), hb, gu]
+    _replace_by_experts_ffn(gm, out, mode, offs, (gu.args[0], gu.args[1], None, w_down),
+                            gpt_oss_activation(alpha, limit), erase=erase, biases=(bgu, None, bd))
+    return True
+
+
+def _indexed_bias(add: fx.Node, mm: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """`add(mm, b[ids])` (either order, in place or not) with b a stacked [X, N] weight and `mm` used
+    only here: (b, ids)."""
+    sig = signature(add.graph.owning_module)
+    if not (add.op == "call_function" and add.target in _ADDS and len(add.args) == 2 and not add.kwargs
+            and mm in add.args and len(mm.users) == 1):
+        return None
+    other = add.args[1] if add.args[0] is mm else add.args[0]
+    if not (isinstance(other, fx.Node) and other.target is aten.index.Tensor and len(other.users) == 1):
+        return None
+    b, index = other.args
+    if not (isinstance(b, fx.Node) and b.op == "placeholder" and b.name in sig.params and b.meta["val"].ndim == 2
+            and len(index) == 1 and isinstance(index[0], fx.Node) and index[0].meta["val"].ndim == 1):
+        return None
+    return b, index[0]
+
+
+def _gpt_oss_gate(h) -> tuple[fx.Node, float, float] | None:
+    """The interleaved clamped GLU of gpt-oss ending in `h`, each intermediate used only inside it:
+    (the gate_up tensor it reads, α, limit), else None."""
+    def one_use(n):
+        return isinstance(n, fx.Node) and n.op == "call_function" and len(n.users) == 1
+
+    if not (one_use(h) and h.target is aten.mul.Tensor and all(isinstance(a, fx.Node) for a in h.args)):
+        return None
+    plus_one, glu = h.args if h.args[0].target in _ADDS else h.args[::-1]
+    if not (one_use(plus_one) and plus_one.target is aten.add.Tensor and plus_one.args[1] == 1 and not plus_one.kwargs
+            and one_use(glu) and glu.target is aten.mul.Tensor and all(isinstance(a, fx.Node) for a in glu.args)):
+        return None
+    gate, sig = glu.args if glu.args[1].target is aten.sigmoid.default else glu.args[::-1]
+    if not (one_use(sig) and sig.target is aten.sigmoid.default and one_use(sig.args[0])
+            and sig.args[0].target is aten.mul.Tensor):
+        return None
+    scaled, alpha = sig.args[0].args if isinstance(sig.args[0].args[0], fx.Node) else sig.args[0].args[::-1]
+    up = plus_one.args[0]
+    if not (scaled is gate and isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and gate.target is aten.clamp.default and len(gate.users) == 2
+            and one_use(up) and up.target is aten.clamp.default):
+        return None
+    g_lo, g_hi = (list(gate.args[1:]) + [None, None])[:2]
+    u_lo, u_hi = (list(up.args[1:]) + [None, None])[:2]
+    if gate.kwargs or up.kwargs or g_lo is not None or g_hi is None or u_hi != g_hi or u_lo != -g_hi:
+        return None
+    halves = [gate.args[0], up.args[0]]
+    if not all(one_use(n) and n.target is aten.slice.Tensor for n in halves):
+        return None
+    src = halves[0].args[0]
+    nd = src.meta["val"].ndim if isinstance(src, fx.Node) else 0
+    for start, n in enumerate(halves):  # gate = [..., 0::2], up = [..., 1::2] of the same tensor's last dim
+        dim, lo, hi, step = (list(n.args[1:]) + [0, None, None, 1][len(n.args) - 1:])[:4]
+        if n.args[0] is not src or dim % nd != nd - 1 or lo != start or step != 2 or \
+                (hi is not None and hi < shape(src)[-1]):
+            return None
+    if not (isinstance(src, fx.Node) and len(src.users) == 2 and src.target in _ADDS):
+        return None
+    return src, float(alpha), float(g_hi)
+
+
+def _gate_nodes(h: fx.Node) -> list[fx.Node]:
+    """The nodes of `_gpt_oss_gate`'s pattern ending in `h` (its reader excluded), consumers first."""
+    plus_one, glu = h.args if h.args[0].target in _ADDS else h.args[::-1]
+    gate, sig = glu.args if glu.args[1].target is aten.sigmoid.default else glu.args[::-1]
+    up = plus_one.args[0]
+    return [plus_one, glu, sig, sig.args[0], gate, up, gate.args[0], up.args[0]]
+
+
+def _counts(offs) -> fx.Node | None:
+    """The per-expert counts of `offs = cumsum(counts)` (offs[i]: where expert i's rows end), else None."""
+    if isinstance(offs, fx.Node) and offs.target is aten.cumsum.default and isinstance(offs.args[0], fx.Node) \
+            and offs.args[0].meta["val"].shape == offs.meta["val"].shape:
+        return offs.args[0]
+    return None
+
+
+def _histogram_of(counts: fx.Node, ids: fx.Node, X: int) -> bool:
+    """Whether `counts` is `histc(ids, bins=X, min=0, max=X − 1)` (through casts): expert i's rows are
+    then the rows whose id is i, so a bias indexed by `ids` is expert i's bias on those rows."""
+    if counts.target is not aten.histc.default:
+        return False
+    src = counts.args[0]
+    while isinstance(src, fx.Node) and src.target in _CASTS:
+        src = src.args[0]
+    bins, lo, hi = (list(counts.args[1:]) + [100, 0, 0][len(counts.args) - 1:])[:3]
+    return src is ids and bins == X and lo == 0 and hi == X - 1
+
+
+def _fuse_dense_experts(gm: fx.GraphModule, down: fx.Node, mode) -> bool:
+    """Llama 4's experts: every expert over every token, `v` = the tokens repeated X times, each scaled by
+    its router score for that expert (0 where not routed), viewed [X, T, E]:
+
+        bmm(act(bmm(v, Wg)) * bmm(v, Wu), Wd)        → [X, T, E]
+
+    Expert i's rows of v viewed [X·T, E] are i·T..(i + 1)·T, so it is `experts_ffn` on that view with
+    starts = i·T and ends = (i + 1)·T, viewed back to [X, T, E]."""
+    m, w_down = down.args
+    found = _gated_product(m)
+    if found is None or down.kwargs:
+        return False
+    g, u, act, a = found
+    same = lambda n: (isinstance(n, fx.Node) and n.target is aten.bmm.default and not n.kwargs and len(n.users) == 1
+                      and expert_weight(n, signature(gm).params) is not None)
     if not (same(g) and same(u) and g.args[0] is u.args[0]):
-        return
-    if not (isinstance(offs, fx.Node) and offs.target is aten.cumsum.default and isinstance(offs.args[0], fx.Node)
-            and offs.args[0].meta["val"].shape == offs.meta["val"].shape):
-        return
-    g_ = gm.graph
-    with g_.inserting_before(down):
-        starts = g_.call_function(aten.sub.Tensor, (offs, offs.args[0]))
+        return False
+    X, T, E = shape(g.args[0])
+    graph = gm.graph
+
+    def add(target, args, kwargs=None, like=down):
+        n = graph.call_function(target, args, kwargs or {})
+        copy_meta(n, like)
+        fake_run(n, mode)
+        return n
+
+    with graph.inserting_before(down):
+        x = add(aten.reshape.default, (g.args[0], [X * T, E]), like=g)
+        starts = add(aten.arange.start_step, (0, X * T, T), {"dtype": torch.int64})
+        ends = add(aten.arange.start_step, (T, X * T + T, T), {"dtype": torch.int64})
+        fused = add(torch.ops.shardwise.experts_ffn.default, (x, g.args[1], u.args[1], w_down, starts, ends, act))
+        back = add(aten.reshape.default, (fused, list(shape(down))))
+    down.replace_all_uses_with(back)
+    for n in (down, m, a, g, u):
+        graph.erase_node(n)
+    return True
+
+
+def _replace_by_experts_ffn(gm: fx.GraphModule, out: fx.Node, mode, offs: fx.Node, weights: tuple, act: str,
+                            erase, biases: tuple = (None, None, None)) -> None:
+    """Insert `experts_ffn(x, Wg, Wu, Wd, offs − counts, offs, act, *biases)` before `out`, use it for `out`,
+    and erase the nodes it replaces (consumers first)."""
+    graph = gm.graph
+    with graph.inserting_before(out):
+        starts = graph.call_function(aten.sub.Tensor, (offs, offs.args[0]))
         copy_meta(starts, offs)
         fake_run(starts, mode)
-        fused = g_.call_function(torch.ops.shardwise.experts_ffn.default,
-                                 (g.args[0], g.args[1], u.args[1], w_down, starts, offs, _EXPERT_ACTS[a.target]))
-        copy_meta(fused, down)
+        args = (*weights, starts, offs, act)
+        if any(b is not None for b in biases):
+            args = args + tuple(biases)
+        fused = graph.call_function(torch.ops.shardwise.experts_ffn.default, args)
+        copy_meta(fused, out)
         fake_run(fused, mode)
-    down.replace_all_uses_with(fused)
-    for n in (down, m, a, u, g):
-        g_.erase_node(n)
+    out.replace_all_uses_with(fused)
+    for n in erase:
+        graph.erase_node(n)
 
 
 def _derived_param(gm: fx.GraphModule, base: fx.Node, dim: int, start: int, length: int, before: fx.Node) -> fx.Node:

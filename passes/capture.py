@@ -23,6 +23,10 @@ _HINTS = (
     ("Dynamo", "strict capture failed: shardwise captures with strict=False; check the forward's Python"),
     ("missing", "the example inputs do not match forward()'s signature"),
     ("got an unexpected keyword", "the example inputs do not match forward()'s signature"),
+    ("k not in range", ("pick at most as many entries with top-k as its dimension holds: in a mixture of experts, "
+                        "set the experts per token (num_experts_per_tok, top_k) to at most the number of experts "
+                        "(num_local_experts, num_experts); a router picking more experts than there are fails the "
+                        "same way unsharded")),
 )
 
 
@@ -41,7 +45,8 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None) -> fx.Gra
     was_training = model.training
     model.eval()
     try:
-        ep = torch.export.export(model, args, kwargs, strict=False)
+        with _quiet_fake_tensor_log():
+            ep = torch.export.export(model, args, kwargs, strict=False)
     except Exception as e:  # torch.export raises many types; we turn every one into one clear message
         first = (str(e).strip().splitlines() or [""])[0][:300]
         hints = [h for key, h in _HINTS if key in str(e)]
@@ -59,6 +64,21 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None) -> fx.Gra
     root = getattr(model, "shardwise_root", None)
     inner = getattr(model, root) if root else model
     return _from_exported(ep, type(inner).__name__, strip=f"{root}." if root else "")
+
+
+@contextmanager
+def _quiet_fake_tensor_log():
+    """torch logs the traceback of an op that fails on fake tensors before raising it; the error is raised
+    here as a CaptureError (chained to it), so that log would only print a torch stack trace twice."""
+    import logging
+
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _strip_names(ep: torch.export.ExportedProgram, strip: str) -> None:

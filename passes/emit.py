@@ -34,7 +34,7 @@ from ..ir.meta import COLLECTIVE, FUSED_NORM, LAYERS, LAYOUT, SIGNATURE, STATE
 from ..runtime.lower import RankEnv, lower_step
 from ..runtime.quantize import check_quantize, int8_addmm, int8_linear, int8_mm, quantize_rows, row_scales, scales_of
 from ..runtime.weights import StateSource, WeightSource, shard_index
-from .graph_utils import signature
+from .graph_utils import is_experts_ffn, signature
 from .insert_collectives import REDISTRIBUTE_OPS
 from .pipeline import graph_pass
 
@@ -304,6 +304,8 @@ def _lower(g: fx.Graph, node: fx.Node, vals: dict, env: RankEnv) -> fx.Node:
         return _mean(g, node, args, kwargs, mesh)
     elif target is aten.embedding.default:
         return _embedding(g, node, args, env)
+    elif is_experts_ffn(node) and len(node.args) > 9 and node.args[9] is not None:
+        args = _experts_down_bias(node, args, env)
     new = g.create_node("call_function", target, tuple(args), dict(kwargs), name=node.name)
     return new
 
@@ -322,6 +324,20 @@ def _mean(g: fx.Graph, node: fx.Node, args, kwargs, mesh: Mesh) -> fx.Node:
     if split == 1:
         return m
     return g.create_node("call_function", aten.div.Tensor, (m, float(split)), name=f"{node.name}_partial")
+
+
+def _experts_down_bias(node: fx.Node, args: tuple, env: RankEnv) -> tuple:
+    """experts_ffn's down bias [X, E] is added once per partial sum (runtime/experts.py): this rank adds its
+    columns of it where they sit in the output (E split over atoms A of the sum), or, where it repeats
+    the columns of other ranks of the sum (its atoms R beyond A and the experts' atoms), only the rank
+    first along R does; down_bias_at = −1 tells the others to skip it."""
+    mesh, bias = env.mesh, node.args[9]
+    layout = bias.meta[LAYOUT]
+    along = layout.dims[1]
+    cols = layout.local_shape(tuple(bias.meta["val"].shape), mesh)[1]
+    repeats = [a for a in mesh.mesh_order(node.meta[LAYOUT].partial) if a not in along and a not in layout.dims[0]]
+    at = mesh.index_in(along, env.rank) * cols if mesh.index_in(repeats, env.rank) == 0 else -1
+    return tuple(args[:10]) + (at,)
 
 
 def check_token_ids(ids: torch.Tensor, vocab: int) -> torch.Tensor:

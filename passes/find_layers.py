@@ -20,7 +20,9 @@ written every other spelling, `x @ W.T` included, as one of these). From there:
               `argmax`, `sort`). Where its experts are grouped matmuls over stacked [X, ·, ·] weights
               (transformers' grouped_mm_fallback, torch._grouped_mm; canonicalize has unfused a fused
               gate_up) they form a layer of kind `experts` (roles w_gate, w_in, w_out like a feed-forward;
-              X experts, E, F, top-k); `Layers.experts` names the mixtures whose experts no such layer
+              X experts, E, F, top-k; canonicalize's fused `experts_ffn` also gpt-oss's interleaved
+              w_gate_up and biases b_gate_up, b_out, and Llama 4's dense experts, k = X there since every
+              expert runs every token); `Layers.experts` names the mixtures whose experts no such layer
               holds (looped experts, ...): they run replicated
 A block whose projections feed no attention (a state-space scan, a convolution, linear attention) is
 refused with a ShardwiseError: the model is not a decoder-only attention transformer; so is a model that
@@ -390,21 +392,37 @@ def _expert_layers(gm: fx.GraphModule, experts: set[str], routers: dict[str | No
 
 def _fused_experts(n: fx.Node, block: str, experts: set[str], routers: dict[str | None, Projection],
                    nodes: dict[str, fx.Node], params: dict[str, str]) -> Layer | None:
-    """The experts layer of canonicalize's fused `experts_ffn(x, Wg, Wu, Wd, starts, ends, act)`."""
+    """The experts layer of canonicalize's fused `experts_ffn(x, Wg, Wu, Wd, starts, ends, act, bg?, bu?, bd?)`.
+
+    Roles: w_gate, w_in, w_out (stacked [X, ·, ·]); gpt-oss's gate and up interleaved in one weight
+    (Wu None) are one role, w_gate_up, of [X, E, 2F]; biases b_gate, b_in (b_gate_up), b_out ([X, F]
+    or [X, 2F], [X, E]). `f_dims` names the dim of each that holds F (of the down bias: E, split with F)."""
     path = next((e for e in experts if e == block or e.startswith(block + ".")), None)
-    found = {role: expert_weight(n, params, i) for role, i in (("w_gate", 1), ("w_in", 2), ("w_out", 3))}
+    interleaved = n.args[2] is None
+    slots = (("w_gate_up", 1), ("w_out", 3)) if interleaved else (("w_gate", 1), ("w_in", 2), ("w_out", 3))
+    found = {role: expert_weight(n, params, i) for role, i in slots}
     if path is None or None in found.values():
         return None
     f_dims = {w.name: ((1 if t else 2) if role != "w_out" else (2 if t else 1)) for role, (w, t) in found.items()}
+    roles = {r: w.name for r, (w, _) in found.items()}
+    bias_roles = (("b_gate_up", 7), ("b_out", 9)) if interleaved else (("b_gate", 7), ("b_in", 8), ("b_out", 9))
+    for role, i in bias_roles:
+        b = n.args[i] if len(n.args) > i else None
+        if b is None:
+            continue
+        if not (isinstance(b, fx.Node) and b.name in params and b.meta["val"].ndim == 2):
+            return None
+        roles[role] = b.name
+        f_dims[b.name] = 1
     router = routers[block]
     tokens = shape(nodes[router.node])[0] if len(shape(nodes[router.node])) == 2 else None
     X, F = shape(n.args[3])[0], shape(n.args[3])[1]
     dims = {"X": X, "E": shape(n)[-1], "F": F}
     if tokens:
         dims["k"] = shape(n)[0] // tokens
-    info = {"gated": True, "activation": n.args[6], "router": router.weight, "f_dims": f_dims, "fused": True}
-    return Layer(path, "experts", None, params={r: w.name for r, (w, _) in found.items()}, dims=dims, info=info,
-                 core=n.name)
+    info = {"gated": True, "activation": n.args[6].partition(":")[0], "router": router.weight, "f_dims": f_dims,
+            "fused": True, "interleaved": interleaved, "biases": [r for r in roles if r.startswith("b_")]}
+    return Layer(path, "experts", None, params=roles, dims=dims, info=info, core=n.name)
 
 
 def _refuse_repeated_weights(gm: fx.GraphModule, projs: dict[str, Projection], layers: list[Layer]) -> None:

@@ -82,6 +82,8 @@ _ROLE_DIMS = {  # (out, in) names of each projection's weight
     "q": ("(HD)", "E"), "gate": ("(HD)", "E"), "k": ("(KD)", "E"), "v": ("(KD)", "E"), "o": ("E", "(HD)"),
     "w_in": ("F", "E"), "w_gate": ("F", "E"), "w_out": ("E", "F"), "w": ("V", "E"),
     "router": ("X", "E"),
+    "w_gate_up": ("(2F)", "E"), "b_gate": ("X", "F"), "b_in": ("X", "F"), "b_gate_up": ("X", "(2F)"),
+    "b_out": ("X", "E"),  # stacked experts' biases (gpt-oss), [X, ·]
 }
 
 
@@ -106,7 +108,7 @@ def _weights(l: Layer, nodes, mesh: Mesh, dims, params: dict[str, str]) -> dict[
         spec = ph.meta[WEIGHT]
         o, i = _ROLE_DIMS.get(role, ("V", "E"))
         names = [o, i] if rows_out else [i, o]
-        if name in f_dims:  # stacked experts: [X, F, E] or [X, E, F]
+        if name in f_dims and spec.at_rest.ndim == 3:  # stacked experts: [X, F, E] or [X, E, F]
             names = ["X"] + (names if (f_dims[name] == 1) == (role != "w_out") else names[::-1])
         out[role] = {"at_rest": spec.at_rest.notation(mesh, names), "in_use": spec.in_use.notation(mesh, names)}
     return out

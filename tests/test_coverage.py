@@ -68,7 +68,7 @@ def test_the_recorded_table_reaches_the_goal():
     assert Status.WRONG not in statuses and Status.CRASH not in statuses
     sharded = statuses.count(Status.SHARDED)
     assert sharded / (sharded + statuses.count(Status.WRONG) + statuses.count(Status.CRASH)) >= GOAL
-    assert statuses.count(Status.EXPERTS) > 0 and statuses.count(Status.REFUSED) > 0
+    assert statuses.count(Status.REFUSED) > 0  # (no mixture of experts runs replicated any more: EXPERTS may be 0)
 
 
 def test_table_and_markdown_count_every_status(tmp_path):

@@ -230,13 +230,15 @@ def test_attention_output_gate_is_split_like_q():
 
 
 def test_experts_reported_as_replicated():
-    """Would catch: a mixture of experts whose experts run whole reported as a sharded model. gpt-oss
-    interleaves gate and up inside its fused expert weight (`[..., ::2]`), which shardwise does not unfuse,
-    so its experts stay replicated (Mixtral's, concatenated, are split: tests/test_experts.py)."""
+    """Would catch: a mixture of experts whose experts run whole reported as a sharded model. Mixtral with
+    transformers' `batched_mm` experts picks each routed row's expert weights by index (`W[ids]`, then a
+    `bmm` per row), a form canonicalize does not fuse, so its experts stay replicated (its default grouped
+    matmuls are split: tests/test_experts.py; gpt-oss's and Llama 4's: tests/test_expert_forms.py)."""
     pytest.importorskip("transformers")
     from shardwise.models.presets import build_hf
 
-    m = build_hf("gpt_oss")
+    m = build_hf("mixtral")
+    m.set_experts_implementation("batched_mm")
     p = shardwise.plan(m, (IDS,), {"use_cache": False}, mesh="1x1x4")
     s = p.sharding
     assert s.experts == ["model.layers.0.mlp", "model.layers.1.mlp"] and s.experts_per_block == 4

@@ -248,15 +248,25 @@ def _grouped_mm(c: OpCall) -> Decision:
 
 @register_named(r"^shardwise::experts_ffn$")
 def _experts_ffn(c: OpCall) -> Decision:
-    """`experts_ffn(x [T, E], Wg [X, E, F], Wu [X, E, F], Wd [X, F, E], starts [X], ends [X])` (runtime/experts.py):
-    the experts split over S (dim X of the weights, starts and ends alike: each rank runs its experts'
-    rows, the others stay 0) and each expert's F over T make the output a partial sum over S and T;
-    the routed tokens x are read whole (routing is replicated). The split is the gate weight's."""
+    """`experts_ffn(x [T, E], Wg [X, E, F], Wu [X, E, F], Wd [X, F, E], starts [X], ends [X], act, bg, bu, bd)`
+    (runtime/experts.py): the experts split over S (dim X of the weights, starts and ends alike: each rank
+    runs its experts' rows, the others stay 0) and each expert's F over T make the output a partial sum
+    over S and T; the routed tokens x are read whole (routing is replicated). The split is the gate
+    weight's (gpt-oss's interleaved gate_up [X, E, 2F] splits its 2F like F: whole (gate, up) pairs).
+    Biases: the gate and up biases [X, F] split like F; the down bias [X, E] over S and its E over some
+    of T's atoms (it keeps those: each column's bias is then added by the one rank holding it, emit)."""
     wg = c.layouts["w_gate"].without_partial()
     S, T = wg.dims[0], tuple(a for a in wg.dims[2] if a not in wg.dims[0])
     w_in = Layout((S, (), T))
-    req = {"x": Layout(((), ())), "w_gate": w_in, "w_up": w_in, "w_down": Layout((S, T, ())),
-           "starts": Layout((S,)), "ends": Layout((S,))}
+    req = {"x": Layout(((), ())), "w_gate": w_in, "w_down": Layout((S, T, ())), "starts": Layout((S,)),
+           "ends": Layout((S,))}
+    if c.layouts.get("w_up") is not None:
+        req["w_up"] = w_in
+    for name in ("b_gate", "b_up"):
+        if c.layouts.get(name) is not None:
+            req[name] = Layout((S, T))
+    if c.layouts.get("b_down") is not None:
+        req["b_down"] = Layout((S, tuple(a for a in c.layouts["b_down"].dims[1] if a in T)))
     return Decision(req, Layout(((), ()), frozenset(S + T)))
 
 
