@@ -21,15 +21,11 @@ chips in 8 nodes are not, so their communication is a lower bound):
 
 Columns: the mesh and the member of the layout family chosen for most blocks (`Plan.main`; other runs
 in a footnote), how attention is split, the experts row's layout and how its experts are split (or why
-they run replicated), the predicted step latency, weights + KV cache per chip, and MFU two ways: the
-plan's (2 · all parameters · tokens / (chips · peak · latency), as for a dense model: for a mixture of
-experts that counts every expert for every token, so it can pass 100%), and on the parameters a token
-actually uses (`active`: the experts' weights × top-k / experts, the rest whole).
-
-gpt-oss-120b's experts are not recognised (gate and up interleaved in one weight): they run replicated,
-which does not fit 141 GB in bf16, so its rows say there is no plan; rows with int8 weights show what
-the plan does with them. The presets' planning assumptions (`Preset.assumes`: DeepSeek-V3's 3 dense
-layers planned as MoE layers, gpt-oss's sliding layers at full context) are printed under the table.
+they run replicated), the predicted step latency, weights + KV cache per chip, and the plan's MFU
+(2 · the parameters a token uses · tokens / (chips · peak · latency): a mixture's routed experts count
+k / X of their weights, as a token runs k of the X experts). The presets' planning assumptions
+(`Preset.assumes`: DeepSeek-V3's 3 dense layers planned as MoE layers, gpt-oss's sliding layers at full
+context) are printed under the table.
 """
 
 from __future__ import annotations
@@ -42,7 +38,6 @@ from dataclasses import dataclass
 
 from .. import api
 from ..errors import ShardwiseError
-from ..ir.hardware import get_hardware
 from ..ir.kinds import LayerKind
 from ..ir.plan import Plan
 from ..models import presets
@@ -53,7 +48,6 @@ CONTEXT = 2048
 CHIPS = {"mixtral-8x7b": 8, "qwen3-235b-a22b": 64, "gpt-oss-120b": 64, "deepseek-v3": 64}
 # (phase, batch, tokens per sequence)
 CASES = (("prefill", 1, 2048), ("prefill", 8, 2048), ("decode", 64, 1), ("decode", 256, 1))
-INT8_TOO = ("gpt-oss-120b",)  # presets whose bf16 weights do not fit: also planned with int8 weights
 README_START = "<!-- moe-presets: written by python -m shardwise.experiments.moe_presets --readme README.md -->"
 README_END = "<!-- moe-presets: end -->"
 GiB = 1024**3
@@ -70,22 +64,6 @@ class Row:
     plan: Plan | None = None
     error: str = ""
     seconds: float = 0.0
-    active_params: float = 0.0
-
-
-def active_params(name: str) -> tuple[float, float]:
-    """(all parameters, parameters one token uses) of a preset built whole on the meta device: the
-    experts modules' parameters (`….experts`, stacked [X, ·, ·]) × top-k / X, every other parameter whole."""
-    model = presets.build_model(name)
-    cfg = model.config
-    x = next(getattr(cfg, k) for k in ("num_local_experts", "n_routed_experts", "num_experts") if hasattr(cfg, k))
-    k = cfg.num_experts_per_tok
-    total = expert = 0
-    for mod_name, mod in model.named_modules():
-        if mod_name.endswith(".experts"):
-            expert += sum(p.numel() for p in mod.parameters())
-    total = sum(p.numel() for p in model.parameters())
-    return float(total), float(total - expert + expert * k / x)
 
 
 def plan_row(row: Row) -> Row:
@@ -120,12 +98,10 @@ def _why(error: ShardwiseError, row: Row) -> str:
 def run(models: list[str]) -> list[Row]:
     rows = []
     for name in models:
-        _, active = active_params(name)
-        for weights in ("bf16", "int8") if name in INT8_TOO else ("bf16",):
-            for phase, batch, seq in CASES:
-                row = plan_row(Row(name, phase, batch, seq, CHIPS[name], weights, active_params=active))
-                rows.append(row)
-                print(f"{name} {weights} {phase} {batch}×{seq}: {row.seconds:.1f} s", file=sys.stderr)
+        for phase, batch, seq in CASES:
+            row = plan_row(Row(name, phase, batch, seq, CHIPS[name]))
+            rows.append(row)
+            print(f"{name} {phase} {batch}×{seq}: {row.seconds:.1f} s", file=sys.stderr)
     return rows
 
 
@@ -137,9 +113,8 @@ def _experts(plan: Plan) -> str:
         n = f"{s.experts_per_block} experts per block" if s and s.experts_per_block else "experts"
         return f"replicated: not recognised ({n})"
     r = max(rows, key=lambda l: l.count)
-    how = "expert-parallel" if "parallel" in r.choice else "expert-sliced"
-    axes = next((n.split(" split over ")[1].split(";")[0] for n in r.notes if " split over " in n), "")
-    return f"{r.choice}: {how}" + (f" (F over {axes})" if axes and how == "expert-sliced" else "")
+    how = "parallel" if r.choice.endswith(":parallel") else "sliced"
+    return f"{how}: `{r.weights['w_out']['at_rest']}`"
 
 
 def _shape(row: Row) -> str:
@@ -147,15 +122,14 @@ def _shape(row: Row) -> str:
 
 
 def markdown(rows: list[Row]) -> str:
-    peak = get_hardware(HARDWARE).peak_flops
     header = ("model", "weights", "phase", "batch", "chips", "mesh", "blocks", "attention", "experts", "ms/step",
-              "GiB/chip (w + KV)", "MFU plan", "MFU active")
+              "GiB/chip (w + KV)", "MFU")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     notes: list[str] = []
     for r in rows:
         head = f"| {r.model} | {r.weights} | {r.phase} | {_shape(r)} | {r.chips} |"
         if r.plan is None:
-            lines.append(f"{head} no plan: {r.error} | | | | | | | |")
+            lines.append(f"{head} no plan: {r.error} | | | | | | |")
             continue
         p = r.plan
         main = p.main
@@ -163,10 +137,9 @@ def markdown(rows: list[Row]) -> str:
         if len(p.runs) > 1:
             notes.append(f"{r.model} {r.weights} {r.phase} {_shape(r)}: {p.chosen}")
         t, m = p.totals, p.memory
-        active = 2 * r.active_params * t.tokens_per_step / (p.mesh.size * peak * t.latency)
-        lines.append(f"{head} {p.mesh} | {blocks} | {main.attention} | {_experts(p)} | {t.latency * 1e3:.3g} | "
-                     f"{m.weights_per_chip / GiB:.1f} + {m.kv_cache_per_chip / GiB:.2g} | {t.mfu * 100:.1f}% | "
-                     f"{active * 100:.1f}% |")
+        attention = main.attention + (f", latent {main.latent}" if main.latent else "")
+        lines.append(f"{head} {p.mesh} | {blocks} | {attention} | {_experts(p)} | {t.latency * 1e3:.3g} | "
+                     f"{m.weights_per_chip / GiB:.1f} + {m.kv_cache_per_chip / GiB:.2g} | {t.mfu * 100:.1f}% |")
     out = "\n".join(lines)
     if notes:
         out += "\n\nRuns of blocks where the plan mixes layouts: " + "; ".join(notes) + "."

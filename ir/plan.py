@@ -147,7 +147,7 @@ class Totals:
     """One step of the whole model, as the cost model predicts it."""
 
     latency: float = 0.0  # seconds per step
-    mfu: float = 0.0  # model FLOPs utilization
+    mfu: float = 0.0  # model FLOPs utilization: 2 × parameters a token uses (routed experts: k of X) per token
     chip_ms_per_token: float = 0.0
     tokens_per_step: int = 0
     params: float = 0.0

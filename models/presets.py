@@ -13,6 +13,8 @@
 | qwen3-235b-a22b    | HF Qwen3-MoE (family "hf")     | 128 experts, top-8, GQA 64/4 (meta only)           |
 | gpt-oss-120b       | HF GPT-OSS (family "hf")       | 128 experts, top-4, sliding/full (meta only)       |
 | deepseek-v3        | HF DeepSeek-V3 (family "hf")   | MLA, 256 routed + 1 shared, top-8 (meta only)      |
+| mixtral-tiny       | HF Mixtral (family "hf")       | 4 experts, top-2, E 64: random weights, to run     |
+| deepseek-v3-tiny   | HF DeepSeek-V3 (family "hf")   | MLA, dense block + 4 routed + 1 shared, E 64       |
 
 palm-540b has 64 heads: PaLM 540B's 48, padded to 64 as the paper served it (PAPER.md), which is the
 configuration its latency figures describe.
@@ -142,6 +144,20 @@ _MOE = [
            "DeepSeek-V3 shapes: MLA, 256 routed experts (F 2048) + 1 shared, top-8 of 4 groups; first 3 layers dense",
            shape_only=True, extra={"arch": "deepseek_v3", "repeated": {"first_k_dense_replace": 0}},
            assumes=DEEPSEEK_V3_ASSUMES),
+]
+# The same architectures in miniature, random weights on the CPU (real-rank tests: each worker rebuilds the
+# model from its preset on the meta device and reads its shards of a file).
+_MOE_TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=128, num_experts_per_tok=2, bos_token_id=0, eos_token_id=1, pad_token_id=None)
+_MOE += [
+    Preset("mixtral-tiny", "hf", dict(_MOE_TINY, num_key_value_heads=2, head_dim=16, num_local_experts=4),
+           "HF Mixtral in miniature: 4 experts (F 256), top-2, GQA 4/2", extra={"arch": "mixtral"}),
+    Preset("deepseek-v3-tiny", "hf",
+           dict(_MOE_TINY, num_key_value_heads=4, moe_intermediate_size=64, n_routed_experts=4, n_shared_experts=1,
+                first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=32,
+                v_head_dim=32, n_group=1, topk_group=1),
+           "HF DeepSeek-V3 in miniature: MLA, a dense block then 4 routed experts (F 64) + 1 shared, top-2",
+           extra={"arch": "deepseek_v3"}),
 ]
 PRESETS.update({p.name: p for p in _MOE})
 _LAYERS_KEY = {"ref": "n_layers", "gpt2": "n_layer", "llama": "num_hidden_layers", "hf": "num_hidden_layers"}

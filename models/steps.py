@@ -23,6 +23,8 @@ every later query. The step without a mask is unchanged (all-ones mask, position
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import weakref
 
 import torch
@@ -184,13 +186,29 @@ _SHAPES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, list[CacheShape]]] = 
 _KV_LAYERS = {"DynamicLayer", "DynamicSlidingWindowLayer", "StaticLayer", "StaticSlidingWindowLayer"}
 
 
+@contextmanager
+def _meta_experts(model: nn.Module, device: torch.device):
+    """On the meta device, a mixture's experts run as transformers' `batched_mm` for the probe: its
+    `grouped_mm` takes torch._grouped_mm off the CPU, whose meta kernel accepts bf16 only (a float32
+    checkpoint built on meta could not be probed). The cache's shapes do not depend on how experts run."""
+    impl = getattr(getattr(model, "config", None), "_experts_implementation", None)
+    if device.type != "meta" or impl != "grouped_mm" or not hasattr(model, "set_experts_implementation"):
+        yield
+        return
+    model.set_experts_implementation("batched_mm")
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(impl)
+
+
 def _probe_cache(model: nn.Module) -> list[CacheShape]:
     """Run one token through `model` with its own cache and read each layer's key and value shapes."""
     p = next(model.parameters())
     ids = torch.zeros(1, 1, dtype=torch.long, device=p.device)
     name = type(model).__name__
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _meta_experts(model, p.device):
             out = model(input_ids=ids, use_cache=True)
     except Exception as e:  # the model's own code failed on one token: say so, with its error
         raise ShardwiseError(f"{name} does not run with its own cache: one token through model(input_ids, "

@@ -68,9 +68,9 @@ def assign_layouts(gm: fx.GraphModule, mesh: Mesh, choices: dict[str, str]) -> f
             mode, _, latent = choices.get(block.attention.name, DEFAULTS["attention"]).partition(":")
             notes[block.attention.name] = _assign_attention(block.attention, member, mode, mesh, nodes)
             notes[block.attention.name] += _assign_latent(block.attention, member, mode, latent, mesh, nodes)
-            cache_layout = _cache_layout(nodes[block.attention.core].meta[ATTENTION], member, mode, mesh,
-                                         block.attention.dims)
             for ph, outs in caches.get(block.name, []):
+                cache_layout = _cache_layout(nodes[block.attention.core].meta[ATTENTION], member, mode, mesh,
+                                             block.attention.dims, heads=shape(nodes[ph])[1])
                 io[ph] = cache_layout
                 io.update({f"output:{j}": cache_layout for j in outs})
     _gather_free_weights(gm, layers, members, mesh)
@@ -280,15 +280,18 @@ def _cache_inputs(gm: fx.GraphModule) -> dict[str, list[tuple[str, list[int]]]]:
     return found
 
 
-def _cache_layout(core, member: Member, mode: str, mesh: Mesh, dims: dict) -> Layout:
-    """[B, K, S, D]: split by KV heads like the attention's K/V projections, or by batch like its core."""
+def _cache_layout(core, member: Member, mode: str, mesh: Mesh, dims: dict, heads: int) -> Layout:
+    """[B, K, S, D]: split by KV heads like the attention's K/V projections, or by batch like its core.
+    A cache of fewer heads than the core reads (`heads`: multi-head latent attention keeps one latent
+    code per position, expanded to the heads by kv_b_proj at every step) splits as far as its heads
+    divide, and is whole over the rest of the heads' chips, as an MQA cache is."""
     b, e, f = member.atoms(mesh)
     if mode == "batch":
         return Layout((core.batch, (), (), ()))
     from ..strategies.rules import longest_dividing_prefix
 
     q = longest_dividing_prefix(f, dims["H"], mesh)
-    return Layout((b, longest_dividing_prefix(q, dims["K"], mesh), (), ()))
+    return Layout((b, longest_dividing_prefix(q, min(dims["K"], heads) if heads != dims["K"] else heads, mesh), (), ()))
 
 
 def _gather_free_weights(gm: fx.GraphModule, layers: Layers, members: dict[int, Member], mesh: Mesh) -> None:

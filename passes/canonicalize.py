@@ -87,6 +87,7 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op == "call_function" and node.target in (aten.layer_norm.default, aten.rms_norm.default):
             _decompose_norm(gm, node, mode)
     _skip_noop_casts(gm)
+    _float_histograms(gm, mode)
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in WEIGHT_MATMULS:
             _linearize(gm, node, mode)
@@ -108,6 +109,32 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _float_histograms(gm: fx.GraphModule, mode) -> None:
+    """`histc` of integers (a router's expert ids counted per expert) as `histc` of their float values, cast
+    back: the same counts. transformers counts in float on the CPU but in int elsewhere, so a model captured on the
+    meta device (a real rank builds its model there) would hold an int histogram the CPU cannot run."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.histc.default:
+            continue
+        x = node.args[0]
+        if x.meta["val"].is_floating_point():
+            continue
+        with gm.graph.inserting_before(node):
+            cast = gm.graph.call_function(aten._to_copy.default, (x,), {"dtype": torch.float32})
+        copy_meta(cast, node, "nn_module_stack")
+        with mode:
+            cast.meta["val"] = x.meta["val"].to(torch.float32)
+        node.replace_input_with(x, cast)
+        want = node.meta["val"]
+        with mode:
+            node.meta["val"] = want.to(torch.float32)
+        with gm.graph.inserting_after(node):
+            back = gm.graph.call_function(aten._to_copy.default, (node,), {"dtype": want.dtype})
+        node.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
+        copy_meta(back, node, "nn_module_stack")
+        back.meta["val"] = want
 
 
 def _inline_grad_regions(gm: fx.GraphModule) -> None:
@@ -767,7 +794,10 @@ def _counts(offs) -> fx.Node | None:
     """The per-expert counts of `offs = cumsum(counts)` (offs[i]: where expert i's rows end), else None."""
     if isinstance(offs, fx.Node) and offs.target is aten.cumsum.default and isinstance(offs.args[0], fx.Node) \
             and offs.args[0].meta["val"].shape == offs.meta["val"].shape:
-        return offs.args[0]
+        counts = offs.args[0]
+        while counts.target in _CASTS and isinstance(counts.args[0], fx.Node):  # counted in float, cast back
+            counts = counts.args[0]
+        return counts
     return None
 
 

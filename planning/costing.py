@@ -159,7 +159,7 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
             rows = node.args[0].meta["val"].shape[0]
             groups = experts_groups(node, mesh)[0] if is_experts_ffn(node) else 1
             load = expert_load(dims.get(owner, {}), rows, groups)
-            args = (1, 2, 3) if is_experts_ffn(node) else (1,)
+            args = tuple(i for i in (1, 2, 3) if node.args[i] is not None) if is_experts_ffn(node) else (1,)
             c.calls += load.touched * len(args)
             for i in args:
                 if (found := expert_weight(node, sig.params, i)) is not None:
@@ -203,3 +203,19 @@ def param_count(proto: fx.GraphModule, n_blocks: int, precision: Precision | Non
         nbytes += times * s.numel * (precision or Precision()).nbytes("weights", s.itemsize)
         params += times * s.numel if s.is_parameter else 0
     return params, nbytes
+
+
+def idle_expert_params(proto: fx.GraphModule, n_blocks: int) -> float:
+    """Parameters of the routed experts a token does not use: (1 − k/X) of each mixture's stacked expert
+    weights, over the whole model. The model FLOPs per token are 2 × (parameters − these)."""
+    layers = proto.meta[LAYERS]
+    times = n_blocks if len(layers.blocks) == 1 else 1
+    nodes = {n.name: n for n in proto.graph.nodes}
+    out = 0.0
+    for l in layers.by_kind("experts"):
+        X, k = l.dims.get("X"), l.dims.get("k")
+        if not X or not k:
+            continue
+        stacked = sum(nodes[ph].meta["val"].numel() for ph in l.params.values() if ph in nodes)
+        out += times * stacked * (1 - min(k, X) / X)
+    return out

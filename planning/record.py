@@ -26,7 +26,7 @@ from ..passes.summarize import summarize
 from ..strategies.cost import Comm, LayerCost
 from .apply import apply, choices_for
 from .candidate import Candidate, Choice
-from .costing import experts_notes, layer_costs, param_count
+from .costing import experts_notes, idle_expert_params, layer_costs, param_count
 from .question import Question
 from .search import residual_itemsize, transition_steps
 from .sharding import Tally, blocks_named
@@ -76,7 +76,7 @@ def record(proto: fx.GraphModule, choice: Choice, results: list, q: Question, n_
     params, weight_bytes = param_count(proto, n_blocks, q.precision)
     dims = layers.dims
     _totals(plan, choice, q, params=params, weight_bytes=weight_bytes,
-            tokens=max(1, dims.get("B", 1) * dims.get("L", 1)))
+            tokens=max(1, dims.get("B", 1) * dims.get("L", 1)), idle_experts=idle_expert_params(proto, n_blocks))
     plan.explain = explain(choice, results, n_blocks)
     plan.sharding = tally.sharding()
     plan.notes = list(q.notes) + ([note] if (note := plan.sharding.experts_note()) else [])
@@ -117,10 +117,12 @@ def _transition_row(a: Candidate, b: Candidate, after: int, proto: fx.GraphModul
     return row
 
 
-def _totals(plan: Plan, choice: Choice, q: Question, *, params: float, weight_bytes: float, tokens: int) -> None:
+def _totals(plan: Plan, choice: Choice, q: Question, *, params: float, weight_bytes: float, tokens: int,
+            idle_experts: float = 0.0) -> None:
     mesh = choice.mesh
     latency = choice.total
-    plan.totals = Totals(latency=latency, mfu=2 * params * tokens / (mesh.size * q.hw.peak_flops * latency),
+    active = params - idle_experts  # a token's matmuls use every parameter but the experts it is not routed to
+    plan.totals = Totals(latency=latency, mfu=2 * active * tokens / (mesh.size * q.hw.peak_flops * latency),
                          chip_ms_per_token=latency * mesh.size / tokens * 1e3, tokens_per_step=tokens, params=params,
                          transitions=sum(choice.transitions))
     mem = _chain_memory(choice)

@@ -260,8 +260,16 @@ def _factory(c: OpCall) -> Decision:
 
 @register(aten.new_ones.default, aten.new_zeros.default, aten.new_full.default, aten.new_empty.default)
 def _new_factory(c: OpCall) -> Decision:
-    # `self` only lends its dtype and device; the result is a fresh replicated tensor.
-    return Decision({"self": c.layouts["self"]}, Layout.replicated(len(c.out_shape)))
+    """`self` only lends its dtype and device; the result is fresh, its values one constant (or unset), so
+    it may be split any way for free. It is split as `self` on the dims of the same size (a buffer
+    assembled from `self`'s pieces, as DeepSeek builds its keys: `k.new_empty(...)[..., :d].copy_(k)`,
+    is then written shard by shard instead of gathered whole), whole on the others."""
+    x = c.layouts["self"]
+    shape = tuple(c.node.args[0].meta["val"].shape)
+    if len(shape) != len(c.out_shape):
+        return Decision({"self": x}, Layout.replicated(len(c.out_shape)))
+    dims = tuple(a if n == m else () for a, n, m in zip(x.dims, shape, c.out_shape))
+    return Decision({"self": x}, Layout(dims))
 
 
 @register(aten.zeros_like.default, aten.ones_like.default, aten.full_like.default, aten.empty_like.default)
@@ -323,8 +331,14 @@ def _index_put(c: OpCall) -> Decision:
     return Decision({"self": req, "indices": req_idx, "values": Layout(tuple(vdims))}, req)
 
 
-@register(aten.copy.default)
+@register(aten.copy.default, aten.copy_.default)
 def _copy(c: OpCall) -> Decision:
+    """The result is laid out as `self`, `src` brought to it. In place (`copy_`), `self` keeps its layout:
+    converting it would write into a converted copy and lose the write; a partial `self` (never seen: a
+    buffer being written is not a pending sum) is refused by asking for it whole, as before."""
+    if c.node.target is aten.copy_.default and c.layouts["self"].partial:
+        whole = replicated_like(c.layouts["self"])
+        return Decision({"self": whole, "src": replicated_like(c.layouts["src"])}, whole)
     x = c.layouts["self"].without_partial()
     src_shape = c.shape("src")
     dims = tuple(() if j is None else x.dims[j] for j in broadcast_map(src_shape, c.shape("self")))
