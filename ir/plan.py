@@ -458,9 +458,10 @@ def _check_choice(kind: LayerKind, choice: str, where: str) -> None:
     """A layer's layout name must be one its kind has (family members are checked by the family)."""
     if kind == LayerKind.EXPERTS:  # "<member>[:parallel]" for a layer, "sliced"/"parallel" as a request
         member, _, mode = choice.partition(":")
-        if mode not in ("", "sliced", "parallel"):
-            raise ShardwiseError(f"{where}: experts layout {choice!r}: expected a member, ':sliced' or ':parallel'")
-        if not mode and member in ("sliced", "parallel"):
+        if mode not in ("", "sliced", "parallel", "replicated"):
+            raise ShardwiseError(f"{where}: experts layout {choice!r}: expected a member, then ':sliced', ':parallel' "
+                                 f"or ':replicated'")
+        if not mode and member in ("sliced", "parallel", "replicated"):
             return
         for check in _NAME_CHECKS:
             check(member)

@@ -131,6 +131,9 @@ def _assign_experts(layer: Layer, member: Member, mode: str, mesh: Mesh, nodes: 
     their tokens (the rest of its output 0), and each expert's F over the atoms left (experts over x, F
     over y·z); the combine is the same partial sum over all of them.
 
+    Replicated (`mode="replicated"`, only when requested: the baseline the others are measured against):
+    every expert whole on every chip, each computing every routed row; no combine.
+
     Biases (gpt-oss) split with their weight: the gate and up biases [X, F] (or [X, 2F], interleaved) like
     F, the down bias [X, E] over X like the experts and over E by F's atoms, so every rank stores 1/n of
     it and each column of it is added by the one rank of a partial sum holding those columns (emit)."""
@@ -143,8 +146,13 @@ def _assign_experts(layer: Layer, member: Member, mode: str, mesh: Mesh, nodes: 
                 f"experts=parallel for {layer.name}: its experts are not in the form shardwise splits by expert (gate, "
                 f"up, activation and down as grouped matmuls over the same routed tokens); use experts=sliced")
         experts = longest_dividing_prefix(every, layer.dims["X"], mesh)
+        if every and not experts:
+            raise LayoutError(
+                f"experts=parallel for {layer.name}: its {layer.dims['X']} experts do not split over "
+                f"{mesh.format_atoms(every[:1])} = {mesh.group_size(every[:1])} chips, the first of the chips the "
+                f"block splits over; use experts=sliced, or a mesh whose first axes divide {layer.dims['X']}")
     left = tuple(a for a in every if a not in experts)
-    atoms = longest_dividing_prefix(left, layer.dims["F"], mesh)
+    atoms = longest_dividing_prefix(left, layer.dims["F"], mesh) if mode != "replicated" else ()
     for role, ph_name in layer.params.items():
         ph = nodes[ph_name]
         split = atoms
@@ -155,6 +163,9 @@ def _assign_experts(layer: Layer, member: Member, mode: str, mesh: Mesh, nodes: 
     router = nodes[layer.info["router"]]
     router.meta[WEIGHT] = WeightSpec(at_rest=Layout.replicated(2), in_use=Layout.replicated(2))
     notes = []
+    if mode == "replicated":
+        return [f"experts replicated (requested): every chip holds all {layer.dims['X']} experts whole and runs "
+                f"every routed token through them; router and routing replicated"]
     if mode == "parallel":
         notes.append(f"experts parallel: the {layer.dims['X']} experts split over "
                      f"{mesh.format_atoms(experts) if experts else 'nothing'} "

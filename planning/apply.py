@@ -35,7 +35,7 @@ def choices_for(layers: Layers, chosen: list[Candidate], forced: dict[str, str])
             out[l.name] = c.member.name
         elif l.kind == LayerKind.EXPERTS:  # the block's member, and how the experts split under it
             mode = c.experts or forced.get(LayerKind.EXPERTS, "sliced")
-            out[l.name] = c.member.name + (":parallel" if mode == "parallel" else "")
+            out[l.name] = c.member.name + (f":{mode}" if mode != "sliced" else "")
         elif l.kind == LayerKind.ATTENTION:  # the split of heads, and of a latent attention's low-rank projections
             out[l.name] = c.attention + (":split" if (c.latent or forced.get("latent")) == "split" else "")
         else:

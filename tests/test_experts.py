@@ -183,3 +183,38 @@ def test_forced_expert_layout_is_the_only_candidate():
                     layouts="experts=sliced")
     assert plan.main.experts == "sliced"
     assert not [l for l in plan.explain if "+experts-parallel" in l]
+
+
+def test_replicated_experts_are_the_unsharded_baseline():
+    """`experts=replicated` (requested only: the baseline the expert layouts are measured against): every rank
+    holds every expert whole and runs every routed row; the numbers are the unsharded model's and no
+    collective is spent on the experts."""
+    model, ids = _built("mixtral"), _ids()
+    plan = api.plan(model, (ids,), {"use_cache": False}, mesh="1x1x4", layouts="experts=replicated")
+    layer = plan.layer("model.layers.0.mlp")
+    assert layer.choice.endswith(":replicated") and layer.weights["w_out"]["at_rest"] == "XEF"
+    assert not layer.collectives and plan.main.experts == "replicated"
+    with torch.no_grad():
+        got = plan.program.simulate((ids,), {"use_cache": False}).logits
+        want = model(ids, use_cache=False).logits
+    assert (got - want).abs().max().item() <= ATOL
+    full = sum(_expert_keys(model).values())
+    held = sum(t.numel() * t.element_size() for k, t in plan.program.emit(1, group_name=sim_group_name).state_dict().items()
+               if "experts" in k and t.ndim == 3)
+    assert held == full
+
+
+def test_experts_that_do_not_divide_are_refused_with_the_reason():
+    """3 experts on 4 chips: experts=parallel is refused, saying why and what to do; by cost the planner
+    lists the refusal and takes expert-sliced (F = 256 divides)."""
+    from shardwise.errors import ShardwiseError
+
+    model, ids = build_hf("mixtral", num_local_experts=3), _ids()
+    with pytest.raises(ShardwiseError, match=r"its 3 experts do not split over .* use experts=sliced"):
+        api.plan(model, (ids,), {"use_cache": False}, mesh="1x1x4", layouts="experts=parallel")
+    plan = api.plan(model, (ids,), {"use_cache": False}, mesh="1x1x4", hardware="h100")
+    assert plan.main.experts == "sliced"
+    assert any("+experts-parallel" in l and "refused" in l and "3 experts do not split" in l for l in plan.explain)
+    with torch.no_grad():
+        got = plan.program.simulate((ids,), {"use_cache": False}).logits
+    assert (got - model(ids, use_cache=False).logits).abs().max().item() <= ATOL
