@@ -66,6 +66,8 @@ IO_LAYOUTS = _declare("sw_io_layouts", G, "builtins.dict",
 UNKNOWN = _declare("sw_unknown_ops", G, "builtins.list",
                    "ops with no layout rule, run on replicated inputs (UnknownOp records)")
 PLAN = _declare("sw_plan", G, "shardwise.ir.plan.Plan", "the Plan record summarize made of the graph")
+PROTOTYPE_NOTE = _declare("sw_prototype_note", G, "builtins.str",
+                          "a one-block prototype: how the model's blocks differ from it ('' where they do not)")
 
 # ------------------------------------------------------------------------------------ per node
 FUSED_NORM = _declare("sw_fused_norm", N, f"{_P}.canonicalize.FusedNorm",

@@ -144,7 +144,9 @@ class Checkpoint:
         return torch.float32
 
     def build_meta(self) -> nn.Module:
-        """The model, parameters on the meta device and buffers real (computed on the CPU), in eval mode."""
+        """The model, parameters on the meta device and buffers real (computed on the CPU), in eval mode; a
+        buffer the checkpoint's files hold (DeepSeek's router score bias) is a weight like the parameters:
+        on the meta device, read from the files."""
         from transformers import AutoModelForCausalLM
 
         try:
@@ -153,6 +155,11 @@ class Checkpoint:
         except ValueError as e:  # an architecture with no causal-LM class
             raise ShardwiseError(f"{self.path}: transformers has no causal language model for this configuration "
                                  f"({type(self.config).__name__}): {str(e).splitlines()[0][:200]}") from None
+        for name, buf in list(model.named_buffers()):
+            if name in self.shapes:
+                owner, _, attr = name.rpartition(".")
+                module = model.get_submodule(owner)
+                module.register_buffer(attr, buf.to("meta"), persistent=attr not in module._non_persistent_buffers_set)
         return model.eval()
 
     def load(self) -> nn.Module:

@@ -7,6 +7,7 @@ the call) and `gm.meta["sw_state"]` (state key → tensor; meta tensors when the
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -140,26 +141,58 @@ def repeated_blocks(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList] | 
     return best
 
 
+@dataclass
+class Prototype:
+    """What `one_block` kept: the model's number of blocks, which one stands for them all, and, where the
+    blocks differ in their parameters, how (the plan says so: the others are costed as this one)."""
+
+    blocks: int
+    index: int = 0
+    note: str = ""
+
+
+def _structure(block: nn.Module) -> tuple:
+    return tuple(sorted((n, tuple(p.shape)) for n, p in block.named_parameters()))
+
+
 @contextmanager
 def one_block(model: nn.Module):
-    """Within the block, the model has only its first repeated block (a prototype to plan from).
+    """Within the block, the model has only one of its repeated blocks (a prototype to plan from).
 
-    Yields the real number of blocks. Identical blocks cost the same under the same layout, so the
-    planner captures and costs one and counts it N times; emit still works on the full model.
+    Yields a `Prototype`. Identical blocks cost the same under the same layout, so the planner captures
+    and costs one and counts it N times; emit still works on the full model. Where the blocks differ in
+    their parameters (DeepSeek-V3's dense first layers before its mixtures of experts), the prototype is
+    the first block of the most common kind, run as layer 0 (its `layer_idx` set to 0 while captured,
+    as a one-block model's cache has one layer), and the prototype's note says what is counted as it.
     """
     found = repeated_blocks(model)
     if found is None:
-        yield 1
+        yield Prototype(1)
         return
     parent, name, blocks = found
+    kinds = [_structure(b) for b in blocks]
+    common = max(dict.fromkeys(kinds), key=kinds.count)  # the most common kind; ties: the first to appear
+    index = kinds.index(common)
+    others = [i for i, k in enumerate(kinds) if k != common]
+    note = ""
+    if others:
+        note = (f"blocks differ: planned as block {index}'s kind ({len(blocks) - len(others)} of {len(blocks)} "
+                f"blocks); blocks {', '.join(map(str, others[:8]))}{' …' if len(others) > 8 else ''} have other "
+                f"parameters and are costed as that kind (the program runs each block as it is)")
     cfg = getattr(model, "config", None)
     saved = {a: getattr(cfg, a) for a in ("num_hidden_layers", "n_layer") if cfg is not None and hasattr(cfg, a)}
-    setattr(parent, name, nn.ModuleList(list(blocks)[:1]))
+    block = blocks[index]
+    indices = [(m, m.layer_idx) for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    setattr(parent, name, nn.ModuleList([block]))
     for a in saved:
         setattr(cfg, a, 1)
+    for m, _ in indices:
+        m.layer_idx = 0
     try:
-        yield len(blocks)
+        yield Prototype(len(blocks), index, note)
     finally:
         setattr(parent, name, blocks)
         for a, v in saved.items():
             setattr(cfg, a, v)
+        for m, i in indices:
+            m.layer_idx = i

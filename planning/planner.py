@@ -22,7 +22,7 @@ from ..errors import ShardwiseError
 from ..ir.hardware import get_hardware
 from ..ir.kinds import LayerKind, Objective, Phase
 from ..ir.mesh import Mesh
-from ..ir.meta import LAYERS
+from ..ir.meta import LAYERS, PROTOTYPE_NOTE
 from ..ir.plan import Plan
 from ..models import presets
 from ..models.checkpoint import Checkpoint, is_checkpoint, missing
@@ -174,6 +174,8 @@ def plan(
         notes.append(f"decode planned for a KV cache of {q.context} positions (no context given: seq = {seq}); "
                      f"pass context=N (--context N) for the length you serve")
     proto, n_blocks, q.model, build_full = prototype(model, phase, batch, seq, context)
+    if proto.meta.get(PROTOTYPE_NOTE):
+        notes.append(proto.meta[PROTOTYPE_NOTE])
     if source is not None:
         q.model = source.checkpoint.name
     choice, results = choose(proto, q, n_blocks)
@@ -210,10 +212,11 @@ def prototype(model, phase: str, batch: int, seq: int, context: int | None):
         step = Step(small, last_only=True)
         proto = capture_program(step, phase_inputs(small, phase, batch=batch, seq=seq, context=context), {})
         return proto, full_layers, name, lambda: (presets.build_model(name), phase, batch, seq, context)
-    with one_block(model) as n:
+    with one_block(model) as kept:
         step = Step(model, last_only=True)
         proto = capture_program(step, phase_inputs(model, phase, batch=batch, seq=seq, context=context), {})
-    return proto, n, type(model).__name__, lambda: (model, phase, batch, seq, context)
+    proto.meta[PROTOTYPE_NOTE] = kept.note
+    return proto, kept.blocks, type(model).__name__, lambda: (model, phase, batch, seq, context)
 
 
 def full_program(build_full, choice, q, weights: CheckpointSource | None = None) -> Program:

@@ -218,3 +218,16 @@ def test_experts_that_do_not_divide_are_refused_with_the_reason():
     with torch.no_grad():
         got = plan.program.simulate((ids,), {"use_cache": False}).logits
     assert (got - model(ids, use_cache=False).logits).abs().max().item() <= ATOL
+
+
+def test_a_checkpoint_whose_blocks_differ_is_planned_as_its_common_block(tmp_path):
+    """DeepSeek-V3 with one dense block then two mixtures, planned from its checkpoint directory on the meta
+    device: the prototype is a mixture block (the common kind), run as layer 0; the plan says the dense
+    block is costed as it; the router's score bias (a buffer in the files) is a weight read from them."""
+    import shardwise
+
+    build_hf("deepseek_v3", num_hidden_layers=3).save_pretrained(tmp_path)
+    plan = shardwise.plan(str(tmp_path), chips=4, phase="decode", batch=4, seq=1, context=16, hardware="h100")
+    assert any(n.startswith("blocks differ: planned as block 1's kind (2 of 3 blocks); blocks 0 ") for n in plan.notes)
+    experts = [l for l in plan.layers if l.kind == "experts"]
+    assert len(experts) == 1 and experts[0].count == 3
