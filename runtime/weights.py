@@ -14,6 +14,7 @@ tensor or extra leading rows are simply cut) and give wrong numbers.
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -269,7 +270,8 @@ class CheckpointSource:
         return self._model
 
     def _locate(self, key: str) -> tuple[str, object] | None:
-        """("file", stored name) or ("buffer", the model's tensor) for a base key; None if neither holds it."""
+        """("file", stored name), ("stacked", its `Stacked` pieces) or ("buffer", the model's tensor) for a
+        base key; None if none holds it."""
         if key in self._found:
             return self._found[key]
         stored = self.checkpoint.shapes
@@ -282,7 +284,10 @@ class CheckpointSource:
             prefix = getattr(model, "base_model_prefix", "") or ""
             if prefix:
                 names += [key.removeprefix(prefix + ".")] if key.startswith(prefix + ".") else [f"{prefix}.{key}"]
+            names += [n for n in [stored_name(model, key)] if n != key]
             found = next((("file", n) for n in names if n in stored), None)
+            if found is None and (pieces := stacked_pieces(model, key, stored)) is not None:
+                found = ("stacked", pieces)
             if found is None:
                 buffers = dict(model.named_buffers(remove_duplicate=False))
                 b = buffers.get(key)
@@ -298,6 +303,8 @@ class CheckpointSource:
         kind, what = found
         if kind == "file":
             return self.checkpoint.shapes[what]
+        if kind == "stacked":
+            return what.shape, what.dtype
         return tuple(what.shape), what.dtype
 
     def check(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
@@ -316,6 +323,12 @@ class CheckpointSource:
         kind, what = found
         if kind == "buffer":
             return what[idx] if idx else what
+        if kind == "stacked":
+            return what.read(self._read_stored, idx)
+        return self._read_stored(what, idx)
+
+    def _read_stored(self, what: str, idx: tuple[slice, ...]) -> torch.Tensor:
+        """Slices `idx` of the tensor stored under `what`, counted."""
         file = self.checkpoint.files[what]
         if file not in self._handles:
             from safetensors import safe_open
@@ -330,3 +343,94 @@ class CheckpointSource:
             self._regions.add(region)
             self.bytes_distinct += n
         return out
+
+
+# ------------------------------------------------------------------------------------ experts stored one by one
+@dataclass(frozen=True)
+class Stacked:
+    """A model tensor a checkpoint stores in pieces, as published mixture-of-experts checkpoints store their
+    experts: expert i of `[X, rows, cols]` is the concatenation over j, along rows, of the stored tensors
+    `names[i][j]` (`rows[j]` rows each). transformers stacks them when it loads (its conversion mapping:
+    MergeModulelist over the experts, then Concatenate of the sources, gate then up); a rank reads only
+    its experts and, of each, only its rows and columns."""
+
+    names: tuple[tuple[str, ...], ...]  # [expert][source]
+    rows: tuple[int, ...]
+    cols: int
+    dtype: object
+
+    @property
+    def shape(self) -> Shape:
+        return (len(self.names), sum(self.rows), self.cols)
+
+    def read(self, stored: Callable[[str, tuple[slice, ...]], torch.Tensor], idx: tuple[slice, ...]) -> torch.Tensor:
+        experts, rows, cols = (tuple(idx) + (slice(None),) * 3)[:3]
+        out = []
+        for i in range(*experts.indices(len(self.names))):
+            parts, at = [], 0
+            lo, hi, _ = rows.indices(sum(self.rows))
+            for name, n in zip(self.names[i], self.rows):
+                a, b = max(lo, at), min(hi, at + n)  # this source's rows that fall in the slice
+                if a < b:
+                    parts.append(stored(name, (slice(a - at, b - at), cols)))
+                at += n
+            out.append(torch.cat(parts) if len(parts) > 1 else parts[0])
+        return torch.stack(out)
+
+
+def _mapping(model) -> list:
+    """transformers' conversion mapping of the model's type (how its checkpoints name and store weights
+    that the model names or stacks otherwise); [] when it has none."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return []
+    return get_checkpoint_conversion_mapping(getattr(getattr(model, "config", None), "model_type", "")) or []
+
+
+def _renames(model) -> list[tuple[str, str]]:
+    """(model's name part, checkpoint's name part) of the mapping's renamings (Mixtral: .mlp. ← .block_sparse_moe.)."""
+    return [(t, src) for w in _mapping(model) if type(w).__name__ == "WeightRenaming"
+            for src, t in zip(w.source_patterns, w.target_patterns)]
+
+
+def stored_name(model, key: str) -> str:
+    """`key` as the checkpoint names it: the mapping's renamings undone."""
+    for target, source in _renames(model):
+        key = key.replace(target, source)
+    return key
+
+
+def stacked_pieces(model, key: str, stored: dict) -> Stacked | None:
+    """Where `key` is a stacked expert tensor of `model` (transformers 5's `[X, ·, ·]` experts) that the
+    checkpoint holds one expert at a time, its pieces: found by the model type's conversion mapping in
+    transformers (its WeightConverter with MergeModulelist(dim=0), then, for several sources,
+    Concatenate(dim=1); its renamings undone). None for any other key or mapping."""
+    mapping = _mapping(model)
+    param = dict(model.named_parameters()).get(key)
+    if param is None or param.ndim != 3:
+        return None
+    for w in mapping:
+        if type(w).__name__ != "WeightConverter" or len(w.target_patterns) != 1 or not key.endswith(w.target_patterns[0]):
+            continue
+        ops = [(type(op).__name__, getattr(op, "dim", None)) for op in w.operations]
+        if ops not in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)]):
+            return None
+        prefix = key[: -len(w.target_patterns[0])]
+        names = []
+        for i in range(param.shape[0]):
+            row = []
+            for src in w.source_patterns:
+                name = prefix + src.replace("*", str(i))
+                if name not in stored:
+                    name = stored_name(model, name)
+                if name not in stored:
+                    return None
+                row.append(name)
+            names.append(tuple(row))
+        shapes = [stored[n][0] for n in names[0]]
+        if any(len(sh) != 2 or sh[1] != shapes[0][1] for sh in shapes) or \
+                any(stored[n][0] != sh for row in names for n, sh in zip(row, shapes)):
+            return None
+        return Stacked(tuple(names), tuple(sh[0] for sh in shapes), shapes[0][1], stored[names[0][0]][1])
+    return None

@@ -9,8 +9,12 @@ weights and runs its program on real process groups. One case per layout family:
   latent split       DeepSeek-V3 (dense block, then a mixture with a shared expert), its latent
                      projections split and its experts parallel (1x1x4), prefill logits
 
-Tokens must equal the unsharded model's greedy tokens (transformers' from_pretrained, whole); logits
-within 1e-5 in float32 (the simulated-rank tests give the reasons and the exact collective bytes).
+Tokens must equal the unsharded model's greedy tokens; logits within 1e-5 in float32 (the simulated-rank
+tests give the reasons); the collective bytes every layer executed equal the plan's prediction.
+
+And a Mixtral checkpoint directory as transformers writes it (`save_pretrained`: every expert stored on its
+own, `block_sparse_moe.experts.{i}.w1/w2/w3`, as published checkpoints are): 4 gloo ranks each read only
+their experts' pieces from the files, about 1/4 of the checkpoint, and generate its greedy tokens.
 """
 
 import pytest
@@ -37,3 +41,15 @@ def test_expert_layouts_on_4_gloo_ranks(model, mesh, layouts, phase):
         assert report.tokens_equal is True
     assert report.bytes_rows and all(p == m for _, _, p, m in report.bytes_rows)  # per layer, as predicted
     assert max(report.param_bytes_per_rank) < 0.35 * report.param_bytes_total
+
+
+def test_a_checkpoint_storing_experts_one_by_one_on_4_gloo_ranks(tmp_path):
+    from shardwise.models.presets import build_hf
+
+    build_hf("mixtral").save_pretrained(tmp_path)
+    assert any(".block_sparse_moe.experts.3.w1.weight" in k for k in shardwise.models.checkpoint.Checkpoint.open(
+        tmp_path).shapes)
+    report = shardwise.verify(str(tmp_path), mesh="1x1x4", layouts="experts=parallel", phase="decode", nproc=4,
+                              batch=2, seq=4, tokens=6)
+    assert report.ranks == "gloo" and report.ok and report.tokens_equal is True, str(report)
+    assert len(set(report.bytes_read)) == 1 and report.bytes_read[0] < 0.27 * report.checkpoint_bytes
