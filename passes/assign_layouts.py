@@ -30,7 +30,7 @@ from ..strategies.family import (
 from ..strategies.request import DEFAULTS
 from ..strategies.rules import WeightSpec, longest_dividing_prefix
 from .find_layers import Layer, Layers, block_of
-from .graph_utils import shape, signature
+from .graph_utils import module_path, shape, signature
 from .pipeline import graph_pass
 
 
@@ -221,8 +221,9 @@ def _assign_latent(layer: Layer, member: Member, mode: str, latent: str, mesh: M
         return []
     if latent not in ("", "split"):
         raise LayoutError(f"unknown latent layout {latent!r} for {layer.name}: use 'split', or nothing for replicated")
+    named = ", ".join(sorted(latent_name(nodes[n], p.out_features) for n, p in found.items()))
     if not latent:
-        return [f"latent projections replicated: {', '.join(sorted(p.weight for p in found.values()))}"]
+        return [f"latent projections replicated: {named}"]
     d = layer.dims
     plan = attention_plan(member, mode, mesh, B=shape(nodes[layer.core])[0], H=d["H"], K=d["K"])
     b, e, f = member.atoms(mesh)
@@ -231,7 +232,13 @@ def _assign_latent(layer: Layer, member: Member, mode: str, latent: str, mesh: M
         ph = nodes[p.weight]
         ph.meta[WEIGHT] = weight_spec(plan.q, e, b, shape(ph), p.rows_out, mesh)
     where = mesh.format_atoms(plan.q) if plan.q else "nothing"
-    return [f"latent projections split over {where}: {', '.join(sorted(p.weight for p in found.values()))}"]
+    return [f"latent projections split over {where}: {named}"]
+
+
+def latent_name(node: fx.Node, features: int) -> str:
+    """A latent projection as a reader knows it: its module's name and the features it makes
+    (`kv_a_proj_with_mqa (64)`: canonicalize splits kv_a into the code and the rotary key piece)."""
+    return f"{module_path(node).rpartition('.')[2] or node.name} ({features})"
 
 
 def _table_spec(layer: Layer, mode: str, member: Member, mesh: Mesh) -> tuple[str, WeightSpec]:

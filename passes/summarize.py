@@ -16,6 +16,7 @@ from ..ir.meta import ASSIGNMENT, LAYERS, LAYOUT, PLAN, SIGNATURE, UNKNOWN, WEIG
 from ..ir.plan import CollectiveRecord, LayerPlan, Memory, Plan
 from .attribute import OUTPUT, Attribution
 from .emit import quantizable
+from .assign_layouts import latent_name
 from .find_layers import Layer, Layers
 from .graph_utils import signature
 from .insert_collectives import Conversion
@@ -89,9 +90,8 @@ _ROLE_DIMS = {  # (out, in) names of each projection's weight
 
 def _weights(l: Layer, nodes, mesh: Mesh, dims, params: dict[str, str]) -> dict[str, dict[str, str]]:
     out = {}
-    for p in l.info.get("latent", {}).values():  # a latent attention's low-rank code C: replicated, or split
-        key = params.get(p.weight, p.weight)
-        role = "latent " + key.removesuffix(".weight").rsplit(".", 1)[-1].replace(".weight", "")
+    for n, p in l.info.get("latent", {}).items():  # a latent attention's low-rank code C: replicated, or split
+        role = "latent " + latent_name(nodes[n], p.out_features)
         spec = nodes[p.weight].meta.get(WEIGHT)
         names = ["C", "E"] if p.rows_out else ["E", "C"]
         at_rest, in_use = (spec.at_rest, spec.in_use) if spec else (Layout.replicated(2),) * 2

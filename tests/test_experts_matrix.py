@@ -89,7 +89,7 @@ def test_latent_attention_layout(mesh, latent):
     attn = plan.layer("model.layers.0.self_attn")
     assert any(n.startswith(f"latent projections {latent}") for n in attn.notes), attn.notes
     want = "CE" if latent == "replicated" else ("C_z E" if mesh == "1x1x4" else "C_xy E")
-    assert attn.weights["latent q_a_proj"]["at_rest"] == want, attn.weights
+    assert attn.weights["latent q_a_proj (32)"]["at_rest"] == want, attn.weights
     held = plan.program.emit(0, group_name=sim_group_name).state_dict()
     mine = next(t for k, t in held.items() if k.endswith("layers_0_self_attn_q_a_proj_weight"))
     whole = model.state_dict()["model.layers.0.self_attn.q_a_proj.weight"]
