@@ -9,18 +9,33 @@
     >>> shardwise.verify(model, (ids,), {"use_cache": False}, mesh="1x1x4").max_abs_diff
 
 Each is a thin face over the floor that does the work: planning/ (plan), drivers/ (verify, generate).
+The drivers are imported on first use: planning (`shardwise inspect`) needs none of them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
-from .drivers.generate import Generation, generate
-from .drivers.verify import VerifyReport, verify
 from .errors import ShardwiseError
 from .ir.plan import Plan
 from .planning.planner import plan
 from .planning.program import Program, ShardedModule
+
+if TYPE_CHECKING:
+    from .drivers.generate import Generation, generate
+    from .drivers.verify import VerifyReport, verify
+
+_DRIVERS = {"Generation": ".drivers.generate", "generate": ".drivers.generate", "VerifyReport": ".drivers.verify",
+            "verify": ".drivers.verify"}
+
+
+def __getattr__(name: str):
+    if name not in _DRIVERS:
+        raise AttributeError(f"module 'shardwise.api' has no attribute {name!r}")
+    value = getattr(import_module(_DRIVERS[name], __package__), name)
+    globals()[name] = value
+    return value
 
 __all__ = ["Generation", "Plan", "Program", "ShardedModule", "VerifyReport", "generate", "plan", "simulate", "verify"]
 

@@ -1,24 +1,26 @@
 """Reading a Plan back from JSON: the format version, then the schema (pydantic validates the typed
 dataclasses of ir/plan.py: enums, collective kinds, numbers), then the Plan's own checks (sizes ≥ 0,
-layout names of the family). Nothing in the text is evaluated; whatever is wrong is a ShardwiseError."""
+layout names of the family). Nothing in the text is evaluated; whatever is wrong is a ShardwiseError.
+
+pydantic is imported here on first use, not with the package: planning never reads a plan back, and the
+import costs a tenth of a second of every command's start."""
 
 from __future__ import annotations
 
 import json
 from functools import cache
 
-from pydantic import ConfigDict, TypeAdapter, ValidationError
-
 from ..errors import ShardwiseError
 from .mesh import Mesh
 
-_CONFIG = ConfigDict(arbitrary_types_allowed=True, extra="forbid", strict=False)
-
 
 @cache
-def _adapter(cls, parts: tuple[type, ...]) -> TypeAdapter:
+def _adapter(cls, parts: tuple[type, ...]):
+    from pydantic import ConfigDict, TypeAdapter
+
+    config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", strict=False)
     for dc in (*parts, cls):
-        dc.__pydantic_config__ = _CONFIG
+        dc.__pydantic_config__ = config
     return TypeAdapter(cls)
 
 
@@ -41,6 +43,8 @@ def load(cls, text: str, *, version: int, parts: tuple[type, ...]):
     d["mesh"] = Mesh.parse(mesh)
     if "program" in d:
         raise ShardwiseError("plan field 'program': a plan's program is never stored in JSON; remove the field")
+    from pydantic import ValidationError
+
     try:
         return _adapter(cls, parts).validate_python(d)
     except ValidationError as e:
