@@ -23,12 +23,13 @@ token count (8×1) and a prefill-sized one (8×64), forward with use_cache=False
 The model: Mixtral(vocab 1024, E = 256, F = 1024, 2 layers, 8 heads / 4 KV heads, 8 experts, top-2),
 13.5 M parameters, 50 MB of them (94%) in the experts, float32. Why this size: the experts dominate both
 the bytes and the FLOPs (a token runs 2 of 8 experts of 3·E·F = 0.8 M weights each, against 0.2 M of
-attention), so the expert layout is what the measurement sees; the prefill step (512 tokens, 1024 routed
-rows) is compute-bound on one thread (~0.11 s unsharded), the decode step (8 tokens, 16 routed rows over
-8 experts) is a handful of small matmul calls per expert, dominated by per-call overhead and weight
-reads: the two regimes where expert-sliced (every chip runs every expert on F/4) and expert-parallel
-(each chip runs 2 experts whole, its busiest share of the rows) trade places. 8 experts split over 4
-ranks (and over 2·2), so experts=parallel is defined on both meshes; F = 1024 splits 4 ways. Steps stay
+attention), so the expert layout is what the prefill measurement sees: the prefill step (512 tokens,
+1024 routed rows) is compute-bound on one thread (~0.11 s unsharded), with 4× the expert FLOPs and bytes
+replicated than split; the decode step (8 tokens, 16 routed rows over 8 experts) is a few small matmul
+calls per expert and a read of the expert weights, where the per-call and per-collective costs decide:
+the two regimes where expert-sliced (every chip runs every expert on F/4) and expert-parallel (each chip
+runs its 2 experts whole on its busiest share of the rows) are priced differently. 8 experts split over
+4 ranks (and over 2·2), so experts=parallel is defined on both meshes; F = 1024 splits 4 ways. Steps stay
 far under a second even with 4 ranks time-sharing 2 cores.
 
 The parent makes sure a `cpu-local` profile exists (bench_layouts' `ensure_profile`: calibrating one if
@@ -285,14 +286,20 @@ def worker(args) -> None:
 # ------------------------------------------------------------------------------------ parent
 def table(case: dict) -> list[str]:
     rows = case["rows"]
-    head = (f"{'layout':<20} {'planned as':<34} {'pred ms':>8} {'meas ms':>8} {'meas/pred':>9} {'held/rank':>10} "
+    head = (f"{'layout':<20} {'planned as':<34} {'pred ms':>8} {'meas ms':>8} {'q1–q3 ms':>13} {'meas/pred':>9} "
+            f"{'held/rank':>10} "
             f"{'experts/rank':>12} {'coll bytes':>11} {'#coll':>5}  correct")
     lines = [head, "-" * len(head)]
     for r in rows:
         meas = f"{r['measured_s'] * 1e3:8.2f}" if r.get("measured_s") is not None else f"{'—':>8}"
         ratio = f"{r['measured_s'] / r['predicted_s']:9.2f}" if r.get("measured_s") is not None else f"{'—':>9}"
+        spread = f"{'—':>13}"
+        if r.get("times"):
+            q = statistics.quantiles(r["times"], n=4) if len(r["times"]) > 1 else r["times"] * 3
+            spread = f"{q[0] * 1e3:6.1f}–{q[2] * 1e3:<6.1f}"
         held = fmt_bytes(max(r["held"])) + ("" if len(set(r["held"])) == 1 else "*")
-        lines.append(f"{r['layout']:<20} {r['chosen']:<34} {r['predicted_s'] * 1e3:8.2f} {meas} {ratio} {held:>10} "
+        lines.append(f"{r['layout']:<20} {r['chosen']:<34} {r['predicted_s'] * 1e3:8.2f} {meas} {spread:>13} {ratio} "
+                     f"{held:>10} "
                      f"{fmt_bytes(max(r['held_experts'])):>12} {fmt_bytes(r['bytes']):>11} {r['collectives']:5d}  "
                      + ("yes" if r["correct"] else "NO: ") + ("" if r["correct"] else r["check"])
                      + ("" if r["bytes"] == r["predicted_bytes"] else
@@ -399,7 +406,7 @@ def report(res: dict, small: str, large: str, load: str) -> None:
           f"matmul call {h['call_overhead'] * 1e6:.1f} µs")
     print(f"token counts: small {small} = batch × seq, large {large}")
     print(f"timing: {res['warmup']} warm-ups, then {res['runs']} runs; each run is the max over ranks, the table "
-          f"shows the median run. Shared 2-core machine: {res['nproc']} ranks time-share 2 cores.")
+          f"shows the median run (q1–q3: its quartiles). Shared 2-core machine: {res['nproc']} ranks time-share 2 cores.")
     print("held/rank: bytes of the rank program's state_dict (max over ranks; * = ranks differ); experts/rank: "
           "its expert weights. coll bytes: collective bytes one rank's step moves, as executed (bench_layouts' "
           "accounting).")
