@@ -44,11 +44,11 @@ def test_expert_layouts_on_4_gloo_ranks(model, mesh, layouts, phase):
 
 
 def test_a_checkpoint_storing_experts_one_by_one_on_4_gloo_ranks(tmp_path):
+    from shardwise.models.checkpoint import Checkpoint
     from shardwise.models.presets import build_hf
 
     build_hf("mixtral").save_pretrained(tmp_path)
-    assert any(".block_sparse_moe.experts.3.w1.weight" in k for k in shardwise.models.checkpoint.Checkpoint.open(
-        tmp_path).shapes)
+    assert any(".block_sparse_moe.experts.3.w1.weight" in k for k in Checkpoint.open(tmp_path).shapes)
     report = shardwise.verify(str(tmp_path), mesh="1x1x4", layouts="experts=parallel", phase="decode", nproc=4,
                               batch=2, seq=4, tokens=6)
     assert report.ranks == "gloo" and report.ok and report.tokens_equal is True, str(report)
