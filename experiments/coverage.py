@@ -267,12 +267,20 @@ def architectures() -> list[str]:
 def sweep(archs: list[str] | None = None, *, progress=None, jobs: int = 1, **kw) -> list[Result]:
     """`check` every architecture (all of `architectures()` by default); with `jobs` > 1 in that many worker
     processes (one thread each), results in the order of `archs`."""
+    return map_archs(check, archs, jobs=jobs, progress=progress, kw=kw,
+                     died=lambda arch, why: Result(arch, Status.CRASH, why))
+
+
+def map_archs(fn, archs: list[str] | None, *, jobs: int, progress, kw: dict, died) -> list:
+    """`fn(arch, **kw)` for every architecture (all of `architectures()` by default), in `jobs` spawned worker
+    processes when > 1 (one thread each); a worker that dies (a segfault, out of memory) gives
+    `died(arch, why)`. Results in the order of `archs`; `progress` sees each as it comes."""
     _quiet()
     archs = list(archs or architectures())
     if jobs <= 1:
         results = []
         for arch in archs:
-            results.append(check(arch, **kw))
+            results.append(fn(arch, **kw))
             if progress is not None:
                 progress(results[-1])
         return results
@@ -280,15 +288,15 @@ def sweep(archs: list[str] | None = None, *, progress=None, jobs: int = 1, **kw)
     import functools
     import multiprocessing
 
-    done: dict[str, Result] = {}
+    done: dict = {}
     with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init) as pool:
-        futures = {pool.submit(functools.partial(check, **kw), arch): arch for arch in archs}
+        futures = {pool.submit(functools.partial(fn, **kw), arch): arch for arch in archs}
         for f in cf.as_completed(futures):
             arch = futures[f]
             try:
                 done[arch] = f.result()
             except Exception as e:  # noqa: BLE001 — the worker process itself died (a segfault, out of memory)
-                done[arch] = Result(arch, Status.CRASH, f"the checking process died: {_one_line(e)}")
+                done[arch] = died(arch, f"the checking process died: {_one_line(e)}")
             if progress is not None:
                 progress(done[arch])
     return [done[a] for a in archs]

@@ -59,7 +59,7 @@ from ..drivers.generate import generate, reference_generate
 from ..errors import ShardwiseError
 from ..models.presets import build_hf, vocab_size
 from ..runtime.simulate import Trace, sim_group_name
-from .coverage import _deadline, _one_line, _quiet, _runs_by_itself, _short, architectures, reused_captures
+from .coverage import _deadline, _one_line, _runs_by_itself, _short, architectures, map_archs, reused_captures
 
 MESHES = ("1x1x4", "2x2x1", "2x2x2")
 LAYOUTS = ("experts=sliced", "experts=parallel")
@@ -287,33 +287,8 @@ def _moe_like(model) -> bool:
 def sweep(archs: list[str] | None = None, *, progress=None, jobs: int = 1, **kw) -> list[ArchResult]:
     """`check` every architecture (all of `architectures()` by default), in `jobs` worker processes when > 1;
     results in the order of `archs`."""
-    _quiet()
-    archs = list(archs or architectures())
-    if jobs <= 1:
-        results = []
-        for arch in archs:
-            results.append(check(arch, **kw))
-            if progress is not None:
-                progress(results[-1])
-        return results
-    import concurrent.futures as cf
-    import functools
-    import multiprocessing
-
-    from .coverage import _worker_init
-
-    done: dict[str, ArchResult] = {}
-    with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init) as pool:
-        futures = {pool.submit(functools.partial(check, **kw), arch): arch for arch in archs}
-        for f in cf.as_completed(futures):
-            arch = futures[f]
-            try:
-                done[arch] = f.result()
-            except Exception as e:  # noqa: BLE001 — the worker process itself died (a segfault, out of memory)
-                done[arch] = ArchResult(arch, Found.CRASH, f"the checking process died: {_one_line(e)}")
-            if progress is not None:
-                progress(done[arch])
-    return [done[a] for a in archs]
+    return map_archs(check, archs, jobs=jobs, progress=progress, kw=kw,
+                     died=lambda arch, why: ArchResult(arch, Found.CRASH, why))
 
 
 # ------------------------------------------------------------------------------------ the table
