@@ -14,10 +14,11 @@ tensor or extra leading rows are simply cut) and give wrong numbers.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+import functools
 import os
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -378,14 +379,19 @@ class Stacked:
         return torch.stack(out)
 
 
-def _mapping(model) -> list:
+def _mapping(model) -> tuple:
     """transformers' conversion mapping of the model's type (how its checkpoints name and store weights
-    that the model names or stacks otherwise); [] when it has none."""
+    that the model names or stacks otherwise); () when it has none."""
+    return _mapping_of(getattr(getattr(model, "config", None), "model_type", ""))
+
+
+@functools.cache
+def _mapping_of(model_type: str) -> tuple:
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     except ImportError:
-        return []
-    return get_checkpoint_conversion_mapping(getattr(getattr(model, "config", None), "model_type", "")) or []
+        return ()
+    return tuple(get_checkpoint_conversion_mapping(model_type) or ())
 
 
 def _renames(model) -> list[tuple[str, str]]:
@@ -407,8 +413,11 @@ def stacked_pieces(model, key: str, stored: dict) -> Stacked | None:
     transformers (its WeightConverter with MergeModulelist(dim=0), then, for several sources,
     Concatenate(dim=1); its renamings undone). None for any other key or mapping."""
     mapping = _mapping(model)
-    param = dict(model.named_parameters()).get(key)
-    if param is None or param.ndim != 3:
+    try:
+        param = model.get_parameter(key)
+    except AttributeError:
+        return None
+    if param.ndim != 3:
         return None
     for w in mapping:
         if type(w).__name__ != "WeightConverter" or len(w.target_patterns) != 1 or not key.endswith(w.target_patterns[0]):
