@@ -309,7 +309,7 @@ def _cache_layout(core, member: Member, mode: str, mesh: Mesh, dims: dict, heads
     from ..strategies.rules import longest_dividing_prefix
 
     q = longest_dividing_prefix(f, dims["H"], mesh)
-    return Layout((b, longest_dividing_prefix(q, min(dims["K"], heads) if heads != dims["K"] else heads, mesh), (), ()))
+    return Layout((b, longest_dividing_prefix(q, min(dims["K"], heads), mesh), (), ()))
 
 
 def _gather_free_weights(gm: fx.GraphModule, layers: Layers, members: dict[int, Member], mesh: Mesh) -> None:

@@ -265,7 +265,7 @@ def _new_factory(c: OpCall) -> Decision:
     assembled from `self`'s pieces, as DeepSeek builds its keys: `k.new_empty(...)[..., :d].copy_(k)`,
     is then written shard by shard instead of gathered whole), whole on the others."""
     x = c.layouts["self"]
-    shape = tuple(c.node.args[0].meta["val"].shape)
+    shape = c.shape("self")
     if len(shape) != len(c.out_shape):
         return Decision({"self": x}, Layout.replicated(len(c.out_shape)))
     dims = tuple(a if n == m else () for a, n, m in zip(x.dims, shape, c.out_shape))
