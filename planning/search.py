@@ -105,9 +105,10 @@ def plan_mesh(proto: fx.GraphModule, mesh: Mesh, *, hw: Hardware, precision: Pre
     members = members or all_members()
     cands: list[Candidate] = []
     seen: set = set()
+    splits = list(product(experts_modes(proto, forced), latent_modes(proto, forced)))
     for m in members:
         for a in attention:
-            for x, lat in product(experts_modes(proto, forced), latent_modes(proto, forced)):
+            for x, lat in splits:
                 key = (m.key(mesh), a, x, lat)
                 if key in seen:
                     continue
@@ -141,6 +142,18 @@ def experts_modes(proto: fx.GraphModule, forced: dict[str, str]) -> tuple[str, .
     if "experts" in forced:
         return (forced["experts"],)
     return ("sliced", "parallel") if all(l.info.get("fused") for l in experts) else ("sliced",)
+
+
+def _check_forced(proto: fx.GraphModule, forced: dict[str, str]) -> None:
+    """A split forced for layers the model does not have is a mistake to say, not a request to ignore."""
+    layers: Layers = proto.meta[LAYERS]
+    if "experts" in forced and not layers.by_kind("experts"):
+        raise LayoutError(f"layouts asks experts={forced['experts']}, but the model has no mixture-of-experts layer "
+                          f"shardwise splits (none found{', replicated: ' + ', '.join(layers.experts) if layers.experts else ''}); "
+                          f"drop experts=...")
+    if "latent" in forced and not any(l.info.get("latent") for l in layers.by_kind("attention")):
+        raise LayoutError(f"layouts asks latent={forced['latent']}, but the model has no multi-head latent attention "
+                          f"(low-rank q/kv projections before the heads); drop latent=...")
 
 
 def latent_modes(proto: fx.GraphModule, forced: dict[str, str]) -> tuple[str, ...]:
@@ -281,5 +294,6 @@ def meshes_for(chips: int) -> list[Mesh]:
 
 def choose(proto: fx.GraphModule, q: Question, n_blocks: int) -> tuple[Choice, list[tuple[Mesh, Choice | str]]]:
     """The best plan for question `q` on the prototype (n_blocks identical blocks), and every mesh's result."""
+    _check_forced(proto, q.forced)
     return search(proto, q.meshes, objective=q.objective, hw=q.hw, precision=q.precision, n_blocks=n_blocks,
                   overlap=q.overlap, members=q.members, attention=q.attention, forced=q.forced)

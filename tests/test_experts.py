@@ -245,3 +245,13 @@ def test_a_checkpoint_storing_experts_one_by_one_is_read_in_slices(tmp_path, arc
         report = shardwise.verify(str(tmp_path), mesh="1x1x4", batch=2, seq=8, layouts=layouts)
         assert report.ok and report.max_abs_diff <= ATOL, str(report)
         assert len(set(report.bytes_read)) == 1 and report.bytes_read[0] < 0.3 * report.checkpoint_bytes
+
+
+@pytest.mark.parametrize("layouts", ["experts=parallel", "latent=split"])
+def test_a_split_forced_for_layers_the_model_lacks_is_refused(layouts):
+    """A dense model asked for an experts or latent split: a ShardwiseError naming the request, not a plan
+    that silently ignores it."""
+    from shardwise.errors import ShardwiseError
+
+    with pytest.raises(ShardwiseError, match=f"layouts asks {layouts}, but the model has no"):
+        api.plan(build_hf("llama"), (_ids(),), {"use_cache": False}, mesh="1x1x4", layouts=layouts)
