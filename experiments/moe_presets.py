@@ -113,7 +113,7 @@ def _experts(plan: Plan) -> str:
         n = f"{s.experts_per_block} experts per block" if s and s.experts_per_block else "experts"
         return f"replicated: not recognised ({n})"
     r = max(rows, key=lambda l: l.count)
-    how = "parallel" if r.choice.endswith(":parallel") else "sliced"
+    how = {"parallel": "parallel", "a2a": "parallel, all-to-all"}.get(r.choice.partition(":")[2], "sliced")
     return f"{how}: `{r.weights['w_out']['at_rest']}`"
 
 

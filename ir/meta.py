@@ -78,6 +78,11 @@ WEIGHT = _declare("sw_weight", N, "shardwise.strategies.rules.WeightSpec",
                   "on a planned weight placeholder: its layout at rest and in use")
 ATTENTION = _declare("sw_attention", N, "shardwise.strategies.rules.AttentionSpec",
                      "on an attention core: how its batch and heads are split")
+DISPATCH = _declare("sw_dispatch", N, "builtins.tuple",
+                    "on a moe_ffn: the atoms its tokens stay split over, routed rows sent to their experts' "
+                    "ranks by all-to-all")
+RAGGED = _declare("sw_ragged", N, "builtins.bool",
+                  "on a lowered all-to-all of uneven splits: charged its output (the rows its rank owns)")
 ANCHOR = _declare("sw_anchor", N, "shardwise.ir.layout.Layout",
                   "on a block's input: the residual layout every consumer must see")
 GATHER = _declare("sw_gather_over", N, "builtins.tuple",
@@ -91,7 +96,8 @@ BOUND = _declare("sw_bound", N, "builtins.tuple", "cache: the node's arguments b
 COLLECTIVE = _declare("sw_collective", N, "shardwise.ir.collective.Collective",
                       "on an inserted redistribution node: the collective step it stands for")
 CONVERSION = _declare("sw_conversion", N, "builtins.tuple",
-                      "on an inserted node: (source node, first consumer) names of its conversion")
+                      "on an inserted node (or a moe_ffn running its own dispatch): (source node, first consumer) "
+                      "names of its conversion")
 STEP = _declare("sw_step", N, "shardwise.ir.collective.Collective",
                 "on a lowered collective op of a rank program: the Collective it runs")
 GLOBAL = _declare("sw_global", N, "builtins.str",

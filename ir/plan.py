@@ -93,7 +93,7 @@ class BlockRun:
     member: str  # the family member on this mesh ("ws2d", "bx.ey.fz")
     attention: str  # how the attention core is really split: heads, batch, heads+batch, replicated ("" if none)
     family: str  # the paper's name of the member ("2D WS", "WG-XYZ", ...)
-    experts: str = ""  # how a mixture's experts split under the member: "sliced" or "parallel" ("" if none)
+    experts: str = ""  # how a mixture's experts split under the member: "sliced", "parallel" or "a2a" ("" if none)
     latent: str = ""  # a latent attention's low-rank projections: "replicated" or "split" ("" if none)
 
     def __post_init__(self) -> None:
@@ -450,6 +450,7 @@ def check_member_names_with(check: Callable[[str], None]) -> None:
         _NAME_CHECKS.append(check)
 
 
+EXPERT_SPLITS = ("sliced", "parallel", "a2a", "replicated")  # a2a: expert parallel with all-to-all dispatch
 _CORE_SPLITS = ("", "heads", "batch", "heads+batch", "replicated")
 _TABLE_SPLITS = ("auto", "E", "vocab")
 
@@ -458,10 +459,10 @@ def _check_choice(kind: LayerKind, choice: str, where: str) -> None:
     """A layer's layout name must be one its kind has (family members are checked by the family)."""
     if kind == LayerKind.EXPERTS:  # "<member>[:parallel]" for a layer, "sliced"/"parallel" as a request
         member, _, mode = choice.partition(":")
-        if mode not in ("", "sliced", "parallel", "replicated"):
-            raise ShardwiseError(f"{where}: experts layout {choice!r}: expected a member, then ':sliced', ':parallel' "
-                                 f"or ':replicated'")
-        if not mode and member in ("sliced", "parallel", "replicated"):
+        if mode not in ("", *EXPERT_SPLITS):
+            raise ShardwiseError(f"{where}: experts layout {choice!r}: expected a member, then ':sliced', ':parallel', "
+                                 f"':a2a' or ':replicated'")
+        if not mode and member in EXPERT_SPLITS:
             return
         for check in _NAME_CHECKS:
             check(member)

@@ -18,7 +18,7 @@ import torch.fx as fx
 from ..errors import LayoutError
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
-from ..ir.meta import ANCHOR, ASSIGNMENT, ATTENTION, IO_LAYOUTS, LAYERS, SIGNATURE, WEIGHT
+from ..ir.meta import ANCHOR, ASSIGNMENT, ATTENTION, DISPATCH, IO_LAYOUTS, LAYERS, SIGNATURE, WEIGHT
 from ..strategies.family import (
     Member,
     attention_plan,
@@ -140,17 +140,25 @@ def _assign_experts(layer: Layer, member: Member, mode: str, mesh: Mesh, nodes: 
     b, e, f = member.atoms(mesh)
     every = mesh.mesh_order(b + e + f)
     experts: tuple[str, ...] = ()
+    if mode in ("parallel", "a2a") and not layer.info.get("fused"):
+        raise LayoutError(
+            f"experts={mode} for {layer.name}: its experts are not in the form shardwise splits by expert (gate, "
+            f"up, activation and down as grouped matmuls over the same routed tokens); use experts=sliced")
     if mode == "parallel":
-        if not layer.info.get("fused"):
-            raise LayoutError(
-                f"experts=parallel for {layer.name}: its experts are not in the form shardwise splits by expert (gate, "
-                f"up, activation and down as grouped matmuls over the same routed tokens); use experts=sliced")
         experts = longest_dividing_prefix(every, layer.dims["X"], mesh)
         if every and not experts:
             raise LayoutError(
                 f"experts=parallel for {layer.name}: its {layer.dims['X']} experts do not split over "
                 f"{mesh.format_atoms(every[:1])} = {mesh.group_size(every[:1])} chips, the first of the chips the "
                 f"block splits over; use experts=sliced, or a mesh whose first axes divide {layer.dims['X']}")
+    if mode == "a2a":
+        experts = _dispatch_atoms(layer, member, mesh)
+    core = nodes[layer.core] if layer.core else None
+    if core is not None:
+        if mode == "a2a":
+            core.meta[DISPATCH] = experts
+        else:
+            core.meta.pop(DISPATCH, None)
     left = tuple(a for a in every if a not in experts)
     atoms = longest_dividing_prefix(left, layer.dims["F"], mesh) if mode != "replicated" else ()
     for role, ph_name in layer.params.items():
@@ -166,11 +174,17 @@ def _assign_experts(layer: Layer, member: Member, mode: str, mesh: Mesh, nodes: 
     if mode == "replicated":
         return [f"experts replicated (requested): every chip holds all {layer.dims['X']} experts whole and runs "
                 f"every routed token through them; router and routing replicated"]
+    if mode == "a2a":
+        n = mesh.group_size(experts)
+        notes.append(f"experts parallel, all-to-all dispatch: the {layer.dims['X']} experts split over "
+                     f"{mesh.format_atoms(experts)} ({layer.dims['X'] // n} per rank) like the tokens; each rank "
+                     f"routes its own tokens, sends each routed row to its expert's rank and gets the result back "
+                     f"(two all-to-alls of its rows, one all-gather of the per-expert counts)")
     if mode == "parallel":
         notes.append(f"experts parallel: the {layer.dims['X']} experts split over "
                      f"{mesh.format_atoms(experts) if experts else 'nothing'} "
                      f"({layer.dims['X'] // mesh.group_size(experts)} per rank, each running only its tokens)")
-    if mode != "parallel" or atoms:
+    if mode not in ("parallel", "a2a") or atoms:
         notes.append(f"experts sliced: each of the {layer.dims['X']} experts' F = {layer.dims['F']} split over "
                      f"{mesh.format_atoms(atoms) if atoms else 'nothing'}; router and routing replicated")
     else:
@@ -180,6 +194,28 @@ def _assign_experts(layer: Layer, member: Member, mode: str, mesh: Mesh, nodes: 
         notes.append(f"F = {layer.dims['F']} does not split over all of {mesh.format_atoms(every)}: experts "
                      f"repeated ×{mesh.group_size(rest)}")
     return notes
+
+
+def _dispatch_atoms(layer: Layer, member: Member, mesh: Mesh) -> tuple[str, ...]:
+    """The chips an all-to-all dispatch runs over: the member's batch atoms, over which the tokens are split;
+    the experts split over exactly those."""
+    b = member.atoms(mesh)[0]
+    if not layer.info.get("dispatch"):
+        raise LayoutError(
+            f"experts=a2a for {layer.name}: its routing and combine are not in the form shardwise runs over a "
+            f"subset of the tokens (transformers' grouped experts forward); use experts=parallel or sliced")
+    if not b:
+        raise LayoutError(
+            f"experts=a2a for {layer.name}: {member} splits no chips over the batch, so every rank holds every "
+            f"token and there is nothing to dispatch; use a member with batch axes (wg_x, wg_xyz, ...) or "
+            f"experts=parallel")
+    atoms = mesh.mesh_order(b)
+    if layer.dims["X"] % mesh.group_size(atoms):
+        raise LayoutError(
+            f"experts=a2a for {layer.name}: its {layer.dims['X']} experts do not split over the "
+            f"{mesh.group_size(atoms)} chips {member} splits the batch over ({mesh.format_atoms(atoms)}); use "
+            f"experts=parallel or sliced, or a batch split that divides {layer.dims['X']}")
+    return atoms
 
 
 def _assign_attention(layer: Layer, member: Member, mode: str, mesh: Mesh, nodes) -> list[str]:

@@ -52,7 +52,9 @@ from .graph_utils import (
     explicit_attention,
     fake_mode_of,
     fake_run,
+    is_experts_ffn,
     is_grouped_mm,
+    is_moe_ffn,
     shape,
     signature,
     transposed_2d,
@@ -103,6 +105,9 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
         if _stacked_matmul(gm, node):
             _fuse_experts(gm, node, mode)
+    for node in list(gm.graph.nodes):
+        if is_experts_ffn(node) and not is_moe_ffn(node) and len(node.args) > 5:
+            _fuse_dispatch(gm, node, mode)
     _fold_views(gm)
     gm.graph.eliminate_dead_code()
     _drop_unused_weights(gm)
@@ -869,6 +874,78 @@ def _replace_by_experts_ffn(gm: fx.GraphModule, out: fx.Node, mode, offs: fx.Nod
     out.replace_all_uses_with(fused)
     for n in erase:
         graph.erase_node(n)
+
+
+def _fuse_dispatch(gm: fx.GraphModule, ffn: fx.Node, mode) -> bool:
+    """The routing around a fused `experts_ffn` → one `moe_ffn` over the tokens (runtime/experts.py), where it
+    is transformers' grouped-experts forward, each step checked:
+
+        _, perm = sort(ids.reshape(−1));  rows = x[perm // k];  offs = cumsum(histc(sorted ids, X, 0, X − 1))
+        out = experts_ffn(rows, ..., offs − counts, offs, ...) · w.reshape(−1)[perm].unsqueeze(−1)
+        inv = empty_like(perm); inv[perm] = arange(T·k);  y = out[inv].view(T, k, E).sum(1)
+
+    with x [T, E] the tokens, ids and w [T, k] the router's picks and weights. y[t] then depends only on
+    token t: the op runs on any subset of the tokens (all-to-all dispatch). Anything else is left as it is."""
+    def op(n, *targets, users=None):
+        return isinstance(n, fx.Node) and n.op == "call_function" and n.target in targets and \
+            (users is None or len(n.users) == users)
+
+    def flat(n):  # `t.reshape(-1)` of a [T, k] tensor: t
+        if op(n, *VIEWS, users=1) and list(n.args[1]) == [-1] and n.args[0].meta["val"].ndim == 2:
+            return n.args[0]
+        return None
+
+    gathered, starts, offs = ffn.args[0], ffn.args[4], ffn.args[5]
+    counts = _counts(offs)
+    if not (op(gathered, aten.index.Tensor, users=1) and len(gathered.args[1]) == 1 and len(ffn.users) == 1
+            and op(starts, aten.sub.Tensor) and starts.args == (offs, offs.args[0]) and counts is not None):
+        return False
+    x, (div,) = gathered.args
+    if not (op(div, aten.floor_divide.default, users=1) and op(div.args[0], operator.getitem)
+            and div.args[0].args[1] == 1 and op(div.args[0].args[0], aten.sort.default)):
+        return False
+    perm, sort = div.args[0], div.args[0].args[0]
+    ids = flat(sort.args[0]) if len(sort.args) == 1 and not sort.kwargs else None
+    sorted_ids = next((u for u in sort.users if u.args[1] == 0), None)
+    X = shape(ffn.args[3])[0]
+    if ids is None or sorted_ids is None or x.meta["val"].ndim != 2 or shape(ids) != (shape(x)[0], div.args[1]) \
+            or not _histogram_of(counts, sorted_ids, X):
+        return False
+    T, k, E = shape(x)[0], div.args[1], shape(ffn)[-1]
+    scaled = next(iter(ffn.users))
+    if not (op(scaled, aten.mul.Tensor, users=1) and ffn in scaled.args):
+        return False
+    unsq = scaled.args[1] if scaled.args[0] is ffn else scaled.args[0]
+    if not (op(unsq, aten.unsqueeze.default, users=1) and unsq.args[1] in (-1, 1)
+            and op(unsq.args[0], aten.index.Tensor, users=1) and list(unsq.args[0].args[1]) == [perm]):
+        return False
+    weights = flat(unsq.args[0].args[0])
+    back = next(iter(scaled.users))
+    if weights is None or shape(weights) != (T, k) or not (op(back, aten.index.Tensor, users=1)
+                                                         and len(back.args[1]) == 1):
+        return False
+    inv = back.args[1][0]
+    if not (op(inv, aten.index_put_.default, users=1) and op(inv.args[0], aten.empty_like.default, users=1)
+            and inv.args[0].args[0] is perm and list(inv.args[1]) == [perm] and len(inv.args) == 3
+            and op(inv.args[2], aten.arange.default, users=1) and list(inv.args[2].args) == [T * k]):
+        return False
+    view = next(iter(back.users))
+    total = next(iter(view.users), None) if op(view, *VIEWS, users=1) and list(view.args[1]) == [T, k, E] else None
+    if not (op(total, aten.sum.dim_IntList) and list(total.args[1]) in ([1], [-2]) and len(total.args) == 2
+            and not total.kwargs):
+        return False
+    biases = tuple(ffn.args[7:10]) + (None,) * (3 - len(ffn.args[7:10]))
+    graph = gm.graph
+    with graph.inserting_before(total):
+        fused = graph.call_function(torch.ops.shardwise.moe_ffn.default,
+                                    (x, *ffn.args[1:4], ids, weights, ffn.args[6], *biases[:3], 0, 0, X))
+        copy_meta(fused, total)
+        fake_run(fused, mode)
+    total.replace_all_uses_with(fused)
+    for n in (total, view, back, inv, inv.args[2], inv.args[0], scaled, unsq, unsq.args[0], ffn, starts, gathered,
+              div):
+        graph.erase_node(n)
+    return True
 
 
 def _derived_param(gm: fx.GraphModule, base: fx.Node, dim: int, start: int, length: int, before: fx.Node) -> fx.Node:

@@ -30,12 +30,12 @@ import torch.nn as nn
 from ..errors import TokenIdError
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
-from ..ir.meta import COLLECTIVE, FUSED_NORM, LAYERS, LAYOUT, SIGNATURE, STATE
-from ..runtime.lower import RankEnv, lower_step
+from ..ir.meta import COLLECTIVE, DISPATCH, FUSED_NORM, LAYERS, LAYOUT, SIGNATURE, STATE
+from ..runtime.lower import RankEnv, lower_dispatch, lower_step
 from ..runtime.quantize import check_quantize, int8_addmm, int8_linear, int8_mm, quantize_rows, row_scales, scales_of
 from ..runtime.weights import StateSource, WeightSource, shard_index
-from .graph_utils import is_experts_ffn, signature
-from .insert_collectives import REDISTRIBUTE_OPS
+from .graph_utils import is_experts_ffn, is_moe_ffn, signature
+from .insert_collectives import REDISTRIBUTE_OPS, dispatch_steps
 from .pipeline import graph_pass
 
 aten = torch.ops.aten
@@ -304,8 +304,12 @@ def _lower(g: fx.Graph, node: fx.Node, vals: dict, env: RankEnv) -> fx.Node:
         return _mean(g, node, args, kwargs, mesh)
     elif target is aten.embedding.default:
         return _embedding(g, node, args, env)
-    elif is_experts_ffn(node) and len(node.args) > 9 and node.args[9] is not None:
-        args = _experts_down_bias(node, args, env)
+    elif is_experts_ffn(node):
+        args = _experts_args(node, args, env)
+        if node.meta.get(DISPATCH):
+            steps = dispatch_steps(node, mesh)
+            return lower_dispatch(g, args, steps, node.meta[DISPATCH], node.args[4].meta["val"].shape[-1], env,
+                                  origin=node.name)
     new = g.create_node("call_function", target, tuple(args), dict(kwargs), name=node.name)
     return new
 
@@ -326,7 +330,20 @@ def _mean(g: fx.Graph, node: fx.Node, args, kwargs, mesh: Mesh) -> fx.Node:
     return g.create_node("call_function", aten.div.Tensor, (m, float(split)), name=f"{node.name}_partial")
 
 
-def _experts_down_bias(node: fx.Node, args: tuple, env: RankEnv) -> tuple:
+def _experts_args(node: fx.Node, args: tuple, env: RankEnv) -> tuple:
+    """A fused experts op's rank-dependent arguments: the down bias's `down_bias_at` (below) and, for a
+    moe_ffn, `first_expert`: the first of the experts this rank holds."""
+    args = tuple(args)
+    if len(node.args) > 9 and node.args[9] is not None:
+        args = args[:10] + (_down_bias_at(node, env),) + args[11:]
+    if is_moe_ffn(node):
+        wd = node.args[3]
+        held = wd.meta[LAYOUT].local_shape(tuple(wd.meta["val"].shape), env.mesh)[0]
+        args = args[:11] + (env.mesh.index_in(wd.meta[LAYOUT].dims[0], env.rank) * held,) + args[12:]
+    return args
+
+
+def _down_bias_at(node: fx.Node, env: RankEnv) -> int:
     """experts_ffn's down bias [X, E] is added once per partial sum (runtime/experts.py): this rank adds its
     columns of it where they sit in the output (E split over atoms A of the sum), or, where it repeats
     the columns of other ranks of the sum (its atoms R beyond A and the experts' atoms), only the rank
@@ -336,8 +353,7 @@ def _experts_down_bias(node: fx.Node, args: tuple, env: RankEnv) -> tuple:
     along = layout.dims[1]
     cols = layout.local_shape(tuple(bias.meta["val"].shape), mesh)[1]
     repeats = [a for a in mesh.mesh_order(node.meta[LAYOUT].partial) if a not in along and a not in layout.dims[0]]
-    at = mesh.index_in(along, env.rank) * cols if mesh.index_in(repeats, env.rank) == 0 else -1
-    return tuple(args[:10]) + (at,)
+    return mesh.index_in(along, env.rank) * cols if mesh.index_in(repeats, env.rank) == 0 else -1
 
 
 def check_token_ids(ids: torch.Tensor, vocab: int) -> torch.Tensor:

@@ -47,8 +47,10 @@ from .graph_utils import (
     explicit_attention,
     is_experts_ffn,
     is_grouped_mm,
+    is_moe_ffn,
     module_path,
     module_paths,
+    routed_rows,
     shape,
     signature,
 )
@@ -419,9 +421,10 @@ def _fused_experts(n: fx.Node, block: str, experts: set[str], routers: dict[str 
     X, F = shape(n.args[3])[0], shape(n.args[3])[1]
     dims = {"X": X, "E": shape(n)[-1], "F": F}
     if tokens:
-        dims["k"] = shape(n)[0] // tokens
+        dims["k"] = routed_rows(n) // tokens
     info = {"gated": True, "activation": n.args[6].partition(":")[0], "router": router.weight, "f_dims": f_dims,
-            "fused": True, "interleaved": interleaved, "biases": [r for r in roles if r.startswith("b_")]}
+            "fused": True, "interleaved": interleaved, "biases": [r for r in roles if r.startswith("b_")],
+            "dispatch": is_moe_ffn(n)}
     return Layer(path, "experts", None, params=roles, dims=dims, info=info, core=n.name)
 
 

@@ -87,7 +87,7 @@ def plan_fusions(gm: fx.GraphModule, conversions: Sequence) -> list[Fusion]:
 
     buckets: dict[tuple, list] = {}
     for c in conversions:
-        if not c.steps or not c.steps[0].communicates:
+        if not c.steps or not c.steps[0].communicates or getattr(c, "inside", False):
             continue
         val = c.src.meta.get("val")
         if val is None:

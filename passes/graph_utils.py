@@ -51,11 +51,27 @@ def is_grouped_mm(node: fx.Node) -> bool:
         _GROUPED_MM.search(t._schema.name)) and len(node.args) >= 2
 
 
+_FUSED_EXPERTS = ("shardwise::experts_ffn", "shardwise::moe_ffn")
+
+
 def is_experts_ffn(node: fx.Node) -> bool:
-    """canonicalize's fused experts (`shardwise::experts_ffn`, runtime/experts.py)."""
+    """canonicalize's fused experts (runtime/experts.py): `experts_ffn` over the routed rows, or `moe_ffn`
+    over the tokens (routing and combine inside). Both take the weights, activation and biases at the same
+    places (1–3, 6, 7–9); `moe_ffn` takes the tokens, router picks and weights at 0, 4, 5."""
     t = node.target
-    return node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and \
-        t._schema.name == "shardwise::experts_ffn"
+    return node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t._schema.name in _FUSED_EXPERTS
+
+
+def is_moe_ffn(node: fx.Node) -> bool:
+    """canonicalize's `moe_ffn`: a mixture after its router, over the tokens (runs on any subset of them)."""
+    t = node.target
+    return node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t._schema.name == _FUSED_EXPERTS[1]
+
+
+def routed_rows(node: fx.Node) -> int:
+    """The routed rows of a fused experts op: experts_ffn's rows, or moe_ffn's tokens × top-k."""
+    rows = node.args[0].meta["val"].shape[0]
+    return rows * node.args[4].meta["val"].shape[-1] if is_moe_ffn(node) else rows
 
 
 def expert_weight(node: fx.Node, params: dict[str, str], arg: int = 1) -> tuple[fx.Node, bool] | None:

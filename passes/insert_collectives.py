@@ -26,8 +26,8 @@ import torch.fx as fx
 from ..ir.collective import Collective
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
-from ..ir.meta import COLLECTIVE, CONVERSION, IN_LAYOUTS, LAYOUT, SIGNATURE
-from ..strategies.redistribute import redistribute
+from ..ir.meta import COLLECTIVE, CONVERSION, DISPATCH, IN_LAYOUTS, LAYOUT, SIGNATURE
+from ..strategies.redistribute import dispatch, redistribute
 from ..strategies.rules import bind
 from .fuse_collectives import STACK, Fusion, fused_step, member_step, members_of, plan_fusions, stacked
 from .graph_utils import copy_meta
@@ -78,6 +78,7 @@ class Conversion:
     want: Layout
     steps: list[Collective]
     uses: list[tuple[fx.Node, str, int | None]] = field(default_factory=list)  # (consumer, arg name, list index)
+    inside: bool = False  # run inside its consumer by emit (all-to-all dispatch): priced and listed, not inserted
 
     @property
     def first_consumer(self) -> fx.Node:
@@ -102,7 +103,22 @@ def plan_conversions(gm: fx.GraphModule, mesh: Mesh) -> list[Conversion]:
                 steps = redistribute(have, want, tuple(val.shape), mesh, itemsize=val.element_size())
                 made[key] = Conversion(src, want, steps)
             made[key].uses.append((node, name, idx))
-    return list(made.values())
+    return list(made.values()) + [_dispatch(n, mesh) for n in gm.graph.nodes if n.meta.get(DISPATCH)]
+
+
+def _dispatch(node: fx.Node, mesh: Mesh) -> Conversion:
+    """A moe_ffn's all-to-all dispatch (`sw_dispatch`): its tokens' collectives, which emit runs inside it."""
+    x = node.args[0]
+    return Conversion(x, x.meta[LAYOUT], list(dispatch_steps(node, mesh)), [(node, "x", None)], inside=True)
+
+
+def dispatch_steps(node: fx.Node, mesh: Mesh) -> tuple[Collective, ...]:
+    """The collectives of a moe_ffn's all-to-all dispatch over its `sw_dispatch` atoms (strategies.dispatch)."""
+    atoms = node.meta[DISPATCH]
+    x, ids = node.args[0], node.args[4]
+    T, E = x.meta["val"].shape
+    return dispatch(atoms, T // mesh.group_size(atoms), ids.meta["val"].shape[-1], E,
+                    node.args[3].meta["val"].shape[0], mesh, x.meta["val"].element_size())
 
 
 @graph_pass(needs=(SIGNATURE, LAYOUT), makes=(LAYOUT,))
@@ -115,6 +131,9 @@ def insert_collectives(gm: fx.GraphModule, mesh: Mesh) -> fx.GraphModule:
             f.at.prepend(n)
     done: set[int] = set()
     for conv in conversions:
+        if conv.inside:  # the op runs them itself; what it lowers to is accounted to this conversion
+            conv.first_consumer.meta[CONVERSION] = (conv.src.name, conv.first_consumer.name)
+            continue
         if id(conv) in done:
             continue
         f = fused.get(id(conv))

@@ -21,7 +21,7 @@ class Candidate:
     times: dict[str, dict[str, float]] = field(default_factory=dict)
     memory: dict[str, float] = field(default_factory=dict)  # per chip, whole model
     core: str = ""  # how the attention core is really split: "heads", "batch" or "heads+batch"
-    experts: str = ""  # how a mixture's experts split under the member: "sliced", "parallel" ("" if none)
+    experts: str = ""  # how a mixture's experts split under the member: "sliced", "parallel", "a2a" ("" if none)
     latent: str = ""  # multi-head latent attention's low-rank projections: "replicated", "split" ("" if none)
 
     @property

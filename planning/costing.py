@@ -20,7 +20,7 @@ from ..ir.mesh import Mesh
 from ..ir.meta import IN_LAYOUTS, LAYERS, LAYOUT
 from ..passes.attribute import OUTPUT, Attribution
 from ..passes.fuse_collectives import plan_fusions
-from ..passes.graph_utils import MATMULS, expert_weight, is_experts_ffn, is_grouped_mm, signature
+from ..passes.graph_utils import MATMULS, expert_weight, is_experts_ffn, is_grouped_mm, routed_rows, signature
 from ..passes.insert_collectives import Conversion
 from ..passes.storage import stored_tensors
 from ..strategies.cost import Comm, LayerCost, Precision
@@ -103,7 +103,7 @@ def experts_flops(node: fx.Node, mesh: Mesh, *, busiest: bool = True) -> tuple[f
     """(whole, per chip) FLOPs of a fused experts_ffn: 2·rows·3·E·F for the B·L·k routed rows (top-k
     experts per token); a chip runs its slice of F for its experts' rows: the busiest group's
     (`expert_load`: uniform routing, its imbalance counted), or with `busiest=False` the mean's."""
-    rows, E = node.args[0].meta["val"].shape
+    rows, E = routed_rows(node), node.args[0].meta["val"].shape[-1]
     X, F = node.args[3].meta["val"].shape[:2]
     whole = 2.0 * rows * 3 * E * F
     groups, slices = experts_groups(node, mesh)
@@ -117,7 +117,7 @@ def experts_notes(gm: fx.GraphModule, mesh: Mesh) -> dict[str, str]:
     out = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and is_experts_ffn(node) and (owner := attribution.layer_of(node)):
-            rows = node.args[0].meta["val"].shape[0]
+            rows = routed_rows(node)
             X = node.args[3].meta["val"].shape[0]
             groups, _ = experts_groups(node, mesh)
             load = expert_load({"X": X}, rows, groups)
@@ -156,7 +156,7 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
         if is_experts_ffn(node) or is_grouped_mm(node):
             # a step reads the experts its tokens touch (the busiest chip's): its local slice times the share
             # touched; and runs one matmul per touched expert and projection
-            rows = node.args[0].meta["val"].shape[0]
+            rows = routed_rows(node) if is_experts_ffn(node) else node.args[0].meta["val"].shape[0]
             groups = experts_groups(node, mesh)[0] if is_experts_ffn(node) else 1
             load = expert_load(dims.get(owner, {}), rows, groups)
             args = tuple(i for i in (1, 2, 3) if node.args[i] is not None) if is_experts_ffn(node) else (1,)

@@ -109,6 +109,8 @@ def plan_mesh(proto: fx.GraphModule, mesh: Mesh, *, hw: Hardware, precision: Pre
     for m in members:
         for a in attention:
             for x, lat in splits:
+                if x == "a2a" and not m.effective(mesh).batch and "experts" not in forced:
+                    continue  # no tokens split over chips: nothing to dispatch (assign_layouts would refuse)
                 key = (m.key(mesh), a, x, lat)
                 if key in seen:
                     continue
@@ -133,15 +135,17 @@ def plan_mesh(proto: fx.GraphModule, mesh: Mesh, *, hw: Hardware, precision: Pre
 
 
 def experts_modes(proto: fx.GraphModule, forced: dict[str, str]) -> tuple[str, ...]:
-    """How the experts of the prototype's mixtures may split: what was forced, else both ways where every
-    mixture is in the form that splits by expert (canonicalize's fused experts_ffn), else sliced; ("",)
-    for a model without experts layers."""
+    """How the experts of the prototype's mixtures may split: what was forced, else sliced and parallel where
+    every mixture is in the form that splits by expert (canonicalize's fused experts), and all-to-all
+    dispatch too where every one is a moe_ffn over its tokens; else sliced; ("",) without experts layers."""
     experts = proto.meta[LAYERS].by_kind("experts")
     if not experts:
         return ("",)
     if "experts" in forced:
         return (forced["experts"],)
-    return ("sliced", "parallel") if all(l.info.get("fused") for l in experts) else ("sliced",)
+    if not all(l.info.get("fused") for l in experts):
+        return ("sliced",)
+    return ("sliced", "parallel", "a2a") if all(l.info.get("dispatch") for l in experts) else ("sliced", "parallel")
 
 
 def _check_forced(proto: fx.GraphModule, forced: dict[str, str]) -> None:

@@ -27,7 +27,7 @@ from ..ir.plan import (
     UnshardedOp,
 )
 from ..passes.find_layers import Layers, block_of
-from ..passes.graph_utils import MATMULS, module_path, signature
+from ..passes.graph_utils import MATMULS, is_experts_ffn, module_path, routed_rows, signature
 from ..passes.storage import weights
 from .costing import experts_flops, op_flops
 
@@ -62,11 +62,11 @@ def matmul_work(node: fx.Node, mesh: Mesh) -> tuple[float, float] | None:
     one), else None. An op without recorded layouts runs whole on every chip."""
     if node.op != "call_function":
         return None
-    if getattr(getattr(node.target, "_schema", None), "name", "") == "shardwise::experts_ffn":
+    if is_experts_ffn(node):
         try:
             return experts_flops(node, mesh, busiest=False)
         except (KeyError, TypeError, ValueError):
-            rows, E = node.args[0].meta["val"].shape
+            rows, E = routed_rows(node), node.args[0].meta["val"].shape[-1]
             whole = 2.0 * rows * 3 * E * node.args[3].meta["val"].shape[1]
             return whole, whole
     t = node.target

@@ -90,3 +90,79 @@ def _(x, w_gate, w_up, w_down, starts, ends, activation, b_gate=None, b_up=None,
 
 
 ACTIVATIONS = tuple(_ACTS) + (GPT_OSS,)
+
+
+# ------------------------------------------------------------------------------------ dispatch and combine
+# `moe_ffn` is the whole of a mixture after its router: the routed tokens sorted by expert, their experts,
+# the routing weights and the combine back into token order, one op over the *tokens* (transformers'
+# grouped_mm experts forward, op for op). Unlike `experts_ffn`, whose rows are the routed rows of every
+# token, its output row t depends only on input row t and t's experts: it runs on any subset of the
+# tokens. That is what all-to-all dispatch needs: each rank keeps its tokens, sends each routed row to
+# the rank holding its expert and gets the results back (`route`, `dispatch_splits`, `run_received`,
+# `combine` below, with the two all-to-alls between them in the rank program).
+
+def route(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, num_experts: int):
+    """Tokens' routed rows sorted by expert, as the model sorts them: (rows [T·k, E], counts [X] per expert,
+    perm (row r of the sorted rows is routed row perm[r] = token perm[r] // k), routing weights [T·k] sorted)."""
+    k = ids.size(-1)
+    sorted_ids, perm = torch.sort(ids.reshape(-1))
+    rows = x[perm // k]
+    counts = torch.histc(sorted_ids.float(), bins=num_experts, min=0, max=num_experts - 1)
+    return rows, counts.to(torch.int64), perm, weights.reshape(-1)[perm]
+
+
+def combine(out: torch.Tensor, perm: torch.Tensor, weights_sorted: torch.Tensor, k: int) -> torch.Tensor:
+    """The experts' rows (sorted by expert) scaled by their routing weights, back in token order, summed
+    over each token's k experts."""
+    weighted = out * weights_sorted.unsqueeze(-1)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.size(0), device=perm.device)
+    return weighted[inverse].view(-1, k, out.size(-1)).sum(dim=1)
+
+
+@torch.library.custom_op("shardwise::moe_ffn", mutates_args=())
+def moe_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor | None, w_down: torch.Tensor,
+            ids: torch.Tensor, weights: torch.Tensor, activation: str, b_gate: torch.Tensor | None = None,
+            b_up: torch.Tensor | None = None, b_down: torch.Tensor | None = None, down_bias_at: int = 0,
+            first_expert: int = 0, num_experts: int = 0) -> torch.Tensor:
+    """Σ_j weights[t, j] · FFN_{ids[t, j]}(x[t]) for each token t, over the experts held here: experts
+    first_expert .. first_expert + w_gate.size(0) − 1 of num_experts (the others add 0)."""
+    X = num_experts or w_gate.size(0)
+    rows, counts, perm, w_sorted = route(x, ids, weights, X)
+    ends = torch.cumsum(counts, 0)
+    starts = ends - counts
+    held = slice(first_expert, first_expert + w_gate.size(0))
+    out = experts_ffn(rows, w_gate, w_up, w_down, starts[held], ends[held], activation, b_gate, b_up, b_down,
+                      down_bias_at)
+    return combine(out, perm, w_sorted, ids.size(-1))
+
+
+@moe_ffn.register_fake
+def _(x, w_gate, w_up, w_down, ids, weights, activation, b_gate=None, b_up=None, b_down=None, down_bias_at=0,
+      first_expert=0, num_experts=0):
+    return x.new_empty(x.size(0), w_down.size(2), dtype=torch.result_type(x, weights))
+
+
+def dispatch_splits(counts_all: torch.Tensor, group: int, me: int):
+    """From every rank's per-expert counts ([group·X], rank-major; the experts split in `group` equal runs,
+    run j on rank j): (rows this rank sends to each rank, rows it receives from each, [group, X/group] the
+    rows of each of its experts from each rank)."""
+    grid = counts_all.view(group, group, -1)  # [source rank, destination rank, its experts]
+    send = grid[me].sum(-1).tolist()
+    mine = grid[:, me]
+    return send, mine.sum(-1).tolist(), mine
+
+
+def run_received(rows: torch.Tensor, mine: torch.Tensor, w_gate, w_up, w_down, activation: str, b_gate=None,
+                 b_up=None, b_down=None, down_bias_at: int = 0) -> torch.Tensor:
+    """This rank's experts over the rows it received (source-major, each source's rows sorted by expert):
+    regrouped expert-major, one experts_ffn, and put back in the order they came."""
+    by_source = mine.reshape(-1)  # [source, expert] → row counts, in arrival order
+    expert_of = torch.arange(mine.size(1), device=rows.device).repeat(mine.size(0)).repeat_interleave(by_source)
+    order = torch.sort(expert_of, stable=True).indices  # expert-major, each expert's rows in arrival order
+    ends = torch.cumsum(mine.sum(0), 0)
+    out = experts_ffn(rows[order], w_gate, w_up, w_down, ends - mine.sum(0), ends, activation, b_gate, b_up,
+                      b_down, down_bias_at)
+    back = torch.empty_like(out)
+    back[order] = out
+    return back

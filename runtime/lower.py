@@ -10,6 +10,7 @@ Every collective is followed by `wait_tensor`, as functional collectives require
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -19,7 +20,7 @@ import torch.fx as fx
 from ..ir.collective import Collective
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
-from ..ir.meta import GLOBAL, STEP
+from ..ir.meta import GLOBAL, RAGGED, STEP
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
@@ -143,3 +144,34 @@ COLLECTIVE_OPS = {
     c10d.all_reduce.default: "all_reduce",
     c10d.all_to_all_single.default: "all_to_all",
 }
+
+
+def lower_dispatch(g: fx.Graph, args: tuple, steps: Sequence[Collective], atoms: tuple[str, ...], top_k: int,
+                   env: RankEnv, *, origin: str) -> fx.Node:
+    """A moe_ffn with all-to-all dispatch over `atoms` (runtime/experts.py), as this rank runs it: route its
+    own tokens; all-gather every rank's per-expert counts (`steps[0]`); send each routed row to the rank
+    of its expert (`steps[1]`: the experts are split in equal runs over the group, in group order); run
+    this rank's experts over what arrived; send the results back (`steps[2]`) and combine them."""
+    from . import experts
+
+    x, w_gate, w_up, w_down, ids, weights, act, b_gate, b_up, b_down, bias_at, _, num_experts = args
+    order = tuple(env.mesh.mesh_order(atoms))
+    G, me, name = env.mesh.group_size(order), env.mesh.index_in(order, env.rank), env.group_name(order)
+
+    def call(target, *a, step=None, ragged=False):
+        n = g.create_node("call_function", target, a, name=f"{origin}_dispatch")
+        if step is not None:
+            n.meta.update({STEP: step, GLOBAL: origin, RAGGED: ragged})
+        return n
+
+    def parts(n, k):
+        return [call(operator.getitem, n, i) for i in range(k)]
+
+    rows, counts, perm, w_sorted = parts(call(experts.route, x, ids, weights, num_experts), 4)
+    every = call(c10d.wait_tensor.default, call(c10d.all_gather_into_tensor.default, counts, G, name, step=steps[0]))
+    send, recv, mine = parts(call(experts.dispatch_splits, every, G, me), 3)
+    got = call(c10d.wait_tensor.default, call(c10d.all_to_all_single.default, rows, recv, send, name, step=steps[1]))
+    out = call(experts.run_received, got, mine, w_gate, w_up, w_down, act, b_gate, b_up, b_down, bias_at)
+    back = call(c10d.wait_tensor.default,
+                call(c10d.all_to_all_single.default, out, send, recv, name, step=steps[2], ragged=True))
+    return call(experts.combine, back, perm, w_sorted, top_k)

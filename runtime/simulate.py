@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from ..ir.mesh import Mesh
-from ..ir.meta import GLOBAL
+from ..ir.meta import GLOBAL, RAGGED
 from .lower import COLLECTIVE_OPS, c10d
 
 PREFIX = "shardwise-sim:"
@@ -95,16 +95,19 @@ def _collective(graphs, envs, i, mesh: Mesh, trace: Trace | None) -> None:
         members = mesh.group(atoms, r)
         done.update(members)
         xs = [envs[m][graphs[m][i].args[0]] for m in members]
-        outs = _compute(kind, xs, graphs[members[0]][i])
+        splits = [fx.node.map_arg(graphs[m][i].args[2], envs[m].__getitem__) for m in members] \
+            if kind == "all_to_all" else None
+        outs = _compute(kind, xs, splits)
         for m, out in zip(members, outs):
             envs[m][graphs[m][i]] = out
     if trace is not None:
-        x = envs[0][graphs[0][i].args[0]]
+        x = envs[0][graphs[0][i] if n0.meta.get(RAGGED) else graphs[0][i].args[0]]
         trace.collectives.append(Executed(n0.name, kind, atoms, charged_bytes(kind, x, mesh.group_size(atoms)),
                                           n0.meta.get(GLOBAL, "")))
 
 
-def _compute(kind: str, xs: list[torch.Tensor], node: fx.Node) -> list[torch.Tensor]:
+def _compute(kind: str, xs: list[torch.Tensor], splits: list | None) -> list[torch.Tensor]:
+    """Each member's result; `splits`: each member's input split sizes (all-to-all: the rows it sends to each)."""
     G = len(xs)
     if kind == "all_gather":
         out = torch.cat(xs, 0)
@@ -115,8 +118,7 @@ def _compute(kind: str, xs: list[torch.Tensor], node: fx.Node) -> list[torch.Ten
     if kind == "reduce_scatter":
         return [c.clone() for c in _sum(xs).chunk(G, 0)]
     if kind == "all_to_all":
-        in_splits = node.args[2]
-        pieces = [x.split(list(in_splits), 0) for x in xs]
+        pieces = [x.split(list(s), 0) for x, s in zip(xs, splits)]
         return [torch.cat([pieces[src][dst] for src in range(G)], 0) for dst in range(G)]
     raise AssertionError(kind)
 
@@ -144,7 +146,8 @@ class _Recorder(fx.Interpreter):
         if n.op == "call_function" and n.target in COLLECTIVE_OPS:
             kind = COLLECTIVE_OPS[n.target]
             group = n.args[1] if kind == "all_gather" else 1  # all_gather_into_tensor(x, group_size, name)
-            self.trace.collectives.append(Executed(n.name, kind, (), charged_bytes(kind, self.env[n.args[0]], group),
+            charged = out if n.meta.get(RAGGED) else self.env[n.args[0]]
+            self.trace.collectives.append(Executed(n.name, kind, (), charged_bytes(kind, charged, group),
                                                    n.meta.get(GLOBAL, "")))
         return out
 

@@ -191,3 +191,20 @@ def check_layout(layout: Layout, shape: Sequence[int], mesh: Mesh, what: str) ->
         layout.check(shape, mesh)
     except LayoutError as e:
         raise LayoutError(f"{what}: {e}") from None
+
+
+def dispatch(atoms: tuple[str, ...], tokens: int, top_k: int, features: int, experts: int, mesh: Mesh,
+             itemsize: int) -> tuple[Collective, ...]:
+    """The collectives of an all-to-all dispatch over `atoms` (the tokens split over them, each rank holding
+    `tokens` of them, and the experts alike): the per-expert counts all-gathered (int64), so each rank knows
+    what it sends and receives; the routed rows ([tokens·top_k, features]) to their experts' ranks; the
+    results back. The all-to-alls are uneven (routing decides them): each is charged the rows its rank
+    owns, tokens·top_k, whatever the routing (the paper's all-to-all accounting); the busiest rank's
+    extra rows are the cost model's load imbalance, not bytes."""
+    g = mesh.group_size(atoms)
+    rows = Layout((tuple(atoms), ()))
+    counts = Collective("all_gather", tuple(atoms), Layout((tuple(atoms),)), Layout.replicated(1), dim=0,
+                        elements=g * experts, itemsize=8, group_size=g, axes=mesh.axes_of(atoms))
+    move = Collective("all_to_all", tuple(atoms), rows, rows, dim=0, dst_dim=0, elements=tokens * top_k * features,
+                      itemsize=itemsize, group_size=g, axes=mesh.axes_of(atoms))
+    return counts, move, move

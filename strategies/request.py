@@ -13,7 +13,7 @@ KINDS = {"ffn": "ffn", "attn": "attention", "attention": "attention", "embed": "
          "embedding": "embedding", "head": "head", "experts": "experts", "latent": "latent"}
 DEFAULTS = {"ffn": "ws1d", "attention": "heads", "embedding": "auto", "head": "auto"}  # auto: whatever divides
 EMBED_MODES = ("auto", "E", "vocab")
-EXPERT_MODES = ("sliced", "parallel", "replicated")  # F split over the block's atoms; the experts; nothing
+EXPERT_MODES = ("sliced", "parallel", "a2a", "replicated")  # F split; the experts; the experts by all-to-all; nothing
 LATENT_MODES = ("replicated", "split")  # multi-head latent attention's low-rank projections: whole, or over q's atoms
 
 

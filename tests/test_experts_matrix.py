@@ -2,8 +2,11 @@
 
 Tiny random Mixtral, Qwen3-MoE, OLMoE and DeepSeek-V3 (its first block a dense feed-forward, the next a
 mixture with a shared expert, its attention multi-head latent), each under `experts=sliced` (each
-expert's F split over every chip) and `experts=parallel` (the experts split over the longest prefix of
-the chips that divides them, F over the rest), on meshes 1x1x4, 2x2x1 and 2x2x2. Per case:
+expert's F split over every chip), `experts=parallel` (the experts split over the longest prefix of
+the chips that divides them, F over the rest; every rank routes every token) and `experts=a2a` (the
+tokens split over the batch chips of a weight-gathered member, the experts over the same chips, F over
+the rest; each rank routes its own tokens and all-to-all sends every routed row to its expert's rank
+and back), on meshes 1x1x4, 2x2x1 and 2x2x2. Per case:
 
   numbers   prefill logits within 1e-5 of the unsharded model's, float32: the router runs replicated on
             its input gathered whole, so every rank picks the unsharded model's experts bit for bit;
@@ -14,6 +17,9 @@ the chips that divides them, F over the rest), on meshes 1x1x4, 2x2x1 and 2x2x2.
   bytes     the collective bytes every layer executed equal the plan's prediction, exactly, in prefill
             and in every decode step
   held      every rank holds exactly 1/n of the stacked expert weights' bytes
+
+All-to-all dispatch is uneven (the routing decides how many rows go where): its all-to-alls are charged
+the rows their rank owns (tokens × top-k, strategies.redistribute.dispatch), so the bytes still equal.
 
 and DeepSeek-V3's multi-head latent attention with its low-rank projections (q_a, kv_a and its rotary
 piece) replicated or split over the chips that split the heads, under the same checks.
@@ -30,7 +36,8 @@ from shardwise.runtime.simulate import Trace, sim_group_name
 
 ARCHS = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3")
 MESHES = ("1x1x4", "2x2x1", "2x2x2")
-LAYOUTS = ("experts=sliced", "experts=parallel")
+LAYOUTS = ("experts=sliced", "experts=parallel", "experts=a2a")
+A2A_MEMBER = {"1x1x4": "wg_xyz", "2x2x1": "wg_x", "2x2x2": "wg_x"}  # tokens over z (4 ranks), over x (2)
 TOKENS = 8
 ATOL = 1e-5
 
@@ -69,11 +76,18 @@ def _stacked(state: dict) -> int:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_expert_layout(arch, mesh, layouts):
     model = _model(arch)
-    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    mode = layouts.partition("=")[2]
+    batch = 2
+    if mode == "a2a":  # a member that splits the tokens, over as many chips as the batch and experts allow
+        layouts, batch = f"ffn={A2A_MEMBER[mesh]},{layouts}", 4
+    ids = torch.randint(0, 256, (batch, 8), generator=torch.Generator().manual_seed(0))
     plan = _check(model, mesh, layouts, ids)
     experts = [l for l in plan.layers if l.kind == "experts"]
-    assert experts and all(l.choice.endswith(":parallel") == layouts.endswith("parallel") for l in experts)
-    assert plan.main.experts == layouts.partition("=")[2]
+    assert experts and all(l.choice.partition(":")[2] == ("" if mode == "sliced" else mode) for l in experts), \
+        [l.choice for l in experts]
+    assert plan.main.experts == mode
+    if mode == "a2a":
+        assert all(any(c.kind == "all_to_all" for c in l.collectives) for l in experts)
     full = _stacked(model.state_dict())
     for r in range(plan.mesh.size):
         assert _stacked(plan.program.emit(r, group_name=sim_group_name).state_dict()) * plan.mesh.size == full

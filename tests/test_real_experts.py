@@ -6,6 +6,8 @@ weights and runs its program on real process groups. One case per layout family:
 
   experts sliced     Mixtral, each expert's F over the 4 ranks (2x2x1), greedy decode with the KV cache
   experts parallel   Mixtral, one expert per rank (1x1x4), greedy decode with the KV cache
+  experts a2a        Mixtral, tokens and experts split over x, F over y (weight-gathered X, 2x2x1): the
+                     routed rows sent to their experts' ranks by uneven all-to-alls, greedy decode
   latent split       DeepSeek-V3 (dense block, then a mixture with a shared expert), its latent
                      projections split and its experts parallel (1x1x4), prefill logits
 
@@ -25,6 +27,7 @@ import shardwise
 CASES = [
     ("mixtral-tiny", "2x2x1", "experts=sliced", "decode"),
     ("mixtral-tiny", "1x1x4", "experts=parallel", "decode"),
+    ("mixtral-tiny", "2x2x1", "ffn=wg_x,experts=a2a", "decode"),
     ("deepseek-v3-tiny", "1x1x4", "experts=parallel,latent=split", "prefill"),
 ]
 

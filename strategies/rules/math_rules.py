@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ...errors import LayoutError
 from ...ir.layout import Layout
-from ...ir.meta import ATTENTION
+from ...ir.meta import ATTENTION, DISPATCH
 from .registry import (
     Decision,
     OpCall,
@@ -246,20 +246,16 @@ def _grouped_mm(c: OpCall) -> Decision:
     return Decision(req, Layout(((), n_atoms), frozenset(k_atoms)))
 
 
-@register_named(r"^shardwise::experts_ffn$")
-def _experts_ffn(c: OpCall) -> Decision:
-    """`experts_ffn(x [T, E], Wg [X, E, F], Wu [X, E, F], Wd [X, F, E], starts [X], ends [X], act, bg, bu, bd)`
-    (runtime/experts.py): the experts split over S (dim X of the weights, starts and ends alike: each rank
-    runs its experts' rows, the others stay 0) and each expert's F over T make the output a partial sum
-    over S and T; the routed tokens x are read whole (routing is replicated). The split is the gate
-    weight's (gpt-oss's interleaved gate_up [X, E, 2F] splits its 2F like F: whole (gate, up) pairs).
-    Biases: the gate and up biases [X, F] split like F; the down bias [X, E] over S and its E over some
-    of T's atoms (it keeps those: each column's bias is then added by the one rank holding it, emit)."""
+def _expert_weights(c: OpCall) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, Layout]]:
+    """(S, T, the weights' and biases' layouts) of a fused experts op: the experts split over S (dim X of the
+    weights) and each expert's F over T, as the gate weight is split (gpt-oss's interleaved gate_up
+    [X, E, 2F] splits its 2F like F: whole (gate, up) pairs). The gate and up biases [X, F] split like F;
+    the down bias [X, E] over S and its E over some of T's atoms (it keeps those: each column's bias is
+    then added by the one rank holding it, emit)."""
     wg = c.layouts["w_gate"].without_partial()
     S, T = wg.dims[0], tuple(a for a in wg.dims[2] if a not in wg.dims[0])
     w_in = Layout((S, (), T))
-    req = {"x": Layout(((), ())), "w_gate": w_in, "w_down": Layout((S, T, ())), "starts": Layout((S,)),
-           "ends": Layout((S,))}
+    req = {"w_gate": w_in, "w_down": Layout((S, T, ()))}
     if c.layouts.get("w_up") is not None:
         req["w_up"] = w_in
     for name in ("b_gate", "b_up"):
@@ -267,7 +263,38 @@ def _experts_ffn(c: OpCall) -> Decision:
             req[name] = Layout((S, T))
     if c.layouts.get("b_down") is not None:
         req["b_down"] = Layout((S, tuple(a for a in c.layouts["b_down"].dims[1] if a in T)))
+    return S, T, req
+
+
+@register_named(r"^shardwise::experts_ffn$")
+def _experts_ffn(c: OpCall) -> Decision:
+    """`experts_ffn(x [T, E], Wg [X, E, F], Wu [X, E, F], Wd [X, F, E], starts [X], ends [X], act, bg, bu, bd)`
+    (runtime/experts.py): the experts split over S (the weights' X, starts and ends alike: each rank runs
+    its experts' rows, the others stay 0) and each expert's F over T make the output a partial sum over
+    S and T; the routed rows x are read whole (routing is replicated)."""
+    S, T, req = _expert_weights(c)
+    req |= {"x": Layout(((), ())), "starts": Layout((S,)), "ends": Layout((S,))}
     return Decision(req, Layout(((), ()), frozenset(S + T)))
+
+
+@register_named(r"^shardwise::moe_ffn$")
+def _moe_ffn(c: OpCall) -> Decision:
+    """`moe_ffn(x [T, E], Wg, Wu, Wd, ids [T, k], weights [T, k], act, bg, bu, bd, ·, first, X)`: a mixture
+    after its router, over the tokens. Its weights split as experts_ffn's (S, T). With `sw_dispatch` = D
+    (all-to-all dispatch, D = S: the experts over the chips the tokens are split over), the tokens, their
+    picks and weights stay split over D, each routed row travels to the rank of its expert and back
+    inside the op, and the output is split like the tokens, a partial sum over T only. Otherwise the
+    tokens are read whole (every rank routes them all) and the output is a partial sum over S and T."""
+    S, T, req = _expert_weights(c)
+    D = c.node.meta.get(DISPATCH)
+    if D:
+        if D != S:
+            raise LayoutError(f"all-to-all dispatch over {c.mesh.format_atoms(D)} needs the experts split over the "
+                              f"same chips; they are split over {c.mesh.format_atoms(S) if S else 'nothing'}")
+        rows = Layout((D, ()))
+        return Decision(req | {"x": rows, "ids": rows, "weights": rows}, Layout((D, ()), frozenset(T)))
+    whole = Layout(((), ()))
+    return Decision(req | {"x": whole, "ids": whole, "weights": whole}, Layout(((), ()), frozenset(S + T)))
 
 
 # ------------------------------------------------------------------------------------ routing
