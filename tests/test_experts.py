@@ -255,3 +255,19 @@ def test_a_split_forced_for_layers_the_model_lacks_is_refused(layouts):
 
     with pytest.raises(ShardwiseError, match=f"layouts asks {layouts}, but the model has no"):
         api.plan(build_hf("llama"), (_ids(),), {"use_cache": False}, mesh="1x1x4", layouts=layouts)
+
+
+def test_all_to_all_dispatch_is_refused_where_it_cannot_run():
+    """experts=a2a needs the tokens split over chips (a member with batch axes), experts that divide those
+    chips, and the mixture in the form that runs over a subset of the tokens: each refusal says so."""
+    from shardwise.errors import ShardwiseError
+
+    ids = torch.randint(0, 256, (4, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ShardwiseError, match="splits no chips over the batch.*nothing to dispatch"):
+        api.plan(_built("mixtral"), (ids,), {"use_cache": False}, mesh="1x1x4", layouts="ffn=ws1d,experts=a2a")
+    with pytest.raises(ShardwiseError, match=r"its 3 experts do not split over the 2 chips wg_x splits the batch"):
+        api.plan(build_hf("mixtral", num_local_experts=3), (ids,), {"use_cache": False}, mesh="2x2x1",
+                 layouts="ffn=wg_x,experts=a2a")
+    plan = api.plan(_built("mixtral"), (ids,), {"use_cache": False}, mesh="1x1x4", hardware="h100")
+    assert any("+experts-a2a" in l for l in plan.explain)  # a candidate wherever some member splits the batch
+

@@ -95,3 +95,23 @@ def test_deepseek_v3_decode_on_64_h200():
     assert row.cost["time"] >= row.cost["memory"]
     floor = touched * plan.memory.weights_total / 64 / hw.hbm_bandwidth
     assert plan.totals.latency >= floor
+
+
+def test_a_long_prefill_dispatches_tokens_by_all_to_all():
+    """Mixtral 8x7B prefill of 512 × 2048 tokens on 64 H100s: moving each routed row to its expert's chip
+    and back (experts=a2a, the tokens split over the batch chips) costs less than gathering every token
+    on every chip, and the planner says so; decode of 256 tokens keeps expert parallel (few rows: the
+    weight gathers of a batch-splitting member cost more than gathering the tokens). Each all-to-all is
+    charged the rows its chip owns: tokens per chip × top-k × E × 2 bytes."""
+    plan = shardwise.plan("mixtral-8x7b", chips=64, hardware="h100", phase="prefill", batch=512, seq=2048)
+    assert plan.main.experts == "a2a"
+    row = max((l for l in plan.layers if l.kind == LayerKind.EXPERTS), key=lambda l: l.count)
+    assert row.choice.endswith(":a2a") and any("all-to-all dispatch" in n for n in row.notes), row.notes
+    moves = [c for c in row.collectives if c.kind == "all_to_all"]
+    assert len(moves) == 2
+    group = math.prod(plan.mesh.shape["xyz".index(a)] for a in moves[0].group)
+    assert {c.bytes for c in moves} == {512 * 2048 // group * 2 * 4096 * 2}
+    assert any("+experts-a2a" in l and l.endswith("chosen") for l in plan.explain)
+    decode = shardwise.plan("mixtral-8x7b", chips=8, hardware="h100", phase="decode", batch=256, seq=1, context=2048)
+    assert decode.main.experts == "parallel"
+    assert any("+experts-a2a" in l and "communication" in l for l in decode.explain)
