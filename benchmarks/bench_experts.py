@@ -3,7 +3,8 @@
 For one tiny random Mixtral (below) on meshes 1x1x4 and 2x2x1 (`--meshes` to choose), at a decode-sized
 token count (8×1) and a prefill-sized one (8×64), forward with use_cache=False:
 
-  * experts=sliced, experts=parallel, experts=replicated (every rank holds and runs all experts: the
+  * experts=sliced, experts=parallel, experts=a2a (all-to-all dispatch: only members that split the batch
+    qualify), experts=replicated (every rank holds and runs all experts: the
     baseline), each with the rest of the layout (member, attention) left to the planner; and the
     planner's free choice (no forced layouts; `plan.main.experts` says which it took)
   * per layout: predicted `plan.totals.latency` and the experts rows' share of it (compute split into
@@ -11,10 +12,11 @@ token count (8×1) and a prefill-sized one (8×64), forward with use_cache=False
     slowest rank per run, median over runs), rank 0's logits against the unsharded model (atol 1e-4),
     parameter bytes each rank holds (its program's state_dict), collective bytes per step as executed;
     and, to tell which term of the experts rows is off, the wall time spent inside the experts ops
-    (`shardwise::experts_ffn`, slowest rank) next to their predicted max(FLOPs + calls, memory), and the
+    (`shardwise::moe_ffn` with its routing, or the `experts_ffn` an all-to-all dispatch runs between its
+    all-to-alls; slowest rank) next to their predicted max(FLOPs + calls, memory), and the
     real routing of the step (rows per expert, the busiest expert group) next to the uniform-routing
     estimate the cost model charges
-  * the predicted against the measured order of the three expert layouts (Spearman's rho, and simply
+  * the predicted against the measured order of the expert layouts (Spearman's rho, and simply
     "same order"), and the free choice's regret: measured(chosen) / best measured
 
     python -m shardwise.benchmarks.bench_experts                     # ~ a few minutes on 2 cores
@@ -65,7 +67,7 @@ from shardwise.benchmarks.bench_layouts import (
 
 NPROC = 4
 MESHES = "1x1x4,2x2x1"
-MODES = ("sliced", "parallel", "replicated")
+MODES = ("sliced", "parallel", "a2a", "replicated")
 CONFIG = {"vocab_size": 1024, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 2,
           "num_attention_heads": 8, "num_key_value_heads": 4, "num_local_experts": 8, "num_experts_per_tok": 2,
           "max_position_embeddings": 512}
@@ -124,8 +126,8 @@ def held_bytes(program) -> tuple[int, int]:
 
 
 class ExpertsTimer(torch.utils._python_dispatch.TorchDispatchMode):
-    """Wall seconds spent inside `shardwise::experts_ffn` calls (the experts' loop; its inner matmuls run
-    with this mode off, so they are not slowed by it)."""
+    """Wall seconds spent inside the experts ops (`shardwise::moe_ffn`, or `experts_ffn` where an all-to-all
+    dispatch calls it; their inner ops run with this mode off, so they are not slowed by it)."""
 
     def __init__(self):
         super().__init__()
@@ -133,7 +135,7 @@ class ExpertsTimer(torch.utils._python_dispatch.TorchDispatchMode):
         self.calls = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if "experts_ffn" not in str(func):
+        if "experts_ffn" not in str(func) and "moe_ffn" not in str(func):
             return func(*args, **(kwargs or {}))
         t0 = time.perf_counter()
         out = func(*args, **(kwargs or {}))
