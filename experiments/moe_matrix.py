@@ -12,10 +12,12 @@ table, where its reason is recorded); the summary names the ones of those that l
 
 Each MoE architecture then runs every expert layout of `LAYOUTS` (`experts=sliced`: each expert's F split
 over every chip; `experts=parallel`: the experts split over the longest prefix of the chips that divides
-them, F over the rest) on every mesh of `MESHES`, all ranks simulated in this process. A case is ok when:
+them, F over the rest; `experts=a2a`: the tokens split over the batch chips of a weight-gathered member
+(`A2A_MEMBER`), the experts over the same chips, routed rows moved by all-to-all) on every mesh of
+`MESHES`, all ranks simulated in this process. A case is ok when:
 
   layout    every experts layer of the plan runs the layout asked for (its choice ends in ":parallel"
-            exactly when experts=parallel was asked)
+            or ":a2a" exactly when that was asked)
   numbers   the prefill logits of the sharded program equal the unsharded model's within atol 1e-5 in
             float32. The router runs replicated on its input gathered whole, so every rank picks the
             unsharded model's experts bit for bit; what differs is only the order of the float sums over F,
@@ -62,10 +64,11 @@ from ..runtime.simulate import Trace, sim_group_name
 from .coverage import _deadline, _one_line, _runs_by_itself, _short, architectures, map_archs, reused_captures
 
 MESHES = ("1x1x4", "2x2x1", "2x2x2")
-LAYOUTS = ("experts=sliced", "experts=parallel")
+LAYOUTS = ("experts=sliced", "experts=parallel", "experts=a2a")
+A2A_MEMBER = {"1x1x4": "wg_xyz", "2x2x1": "wg_x", "2x2x2": "wg_x"}  # a2a needs a member splitting the tokens
 ATOL = 1e-5
 TOKENS = 8
-BATCH, SEQ = 2, 8
+BATCH, SEQ = 4, 8  # 4 sequences: the batch splits over the 4 chips of 1x1x4 (all-to-all dispatch)
 TIMEOUT_S = 300  # per case, and for finding whether an architecture is a mixture of experts
 
 
@@ -166,13 +169,14 @@ def _case(case: Case, model, ids: torch.Tensor, want_tokens: torch.Tensor | Shar
     refusal of the unsharded generation); any failed one makes it WRONG."""
     kwargs = {"use_cache": False}
     wrong: list[str] = []
-    plan = api.plan(model, (ids,), kwargs, mesh=case.mesh, layouts=case.layouts)
+    mode = case.layouts.partition("=")[2]
+    plan = api.plan(model, (ids,), kwargs, mesh=case.mesh, layouts=_request(case))
     case.ranks = plan.mesh.size
     layers = [layer for layer in plan.layers if layer.kind == "experts"]
-    parallel = case.layouts.endswith("parallel")
     if not layers:
         wrong.append("no experts layer in the plan")
-    off = [f"{layer.name} runs {layer.choice}" for layer in layers if layer.choice.endswith(":parallel") != parallel]
+    want = "" if mode == "sliced" else mode
+    off = [f"{layer.name} runs {layer.choice}" for layer in layers if layer.choice.partition(":")[2] != want]
     if off:
         wrong.append(f"layout not applied: {off[0]}")
 
@@ -210,11 +214,18 @@ def _case(case: Case, model, ids: torch.Tensor, want_tokens: torch.Tensor | Shar
         case.detail = ", ".join(dict.fromkeys(layer.choice for layer in layers))
 
 
+def _request(case: Case) -> str:
+    """The layouts a case plans with: all-to-all dispatch with its member (one that splits the tokens)."""
+    if case.layouts.endswith("=a2a"):
+        return f"ffn={A2A_MEMBER[case.mesh]},{case.layouts}"
+    return case.layouts
+
+
 def _generation(case: Case, model, ids: torch.Tensor, want_tokens: torch.Tensor, tokens: int) -> list[str]:
     """Sharded greedy generation: its tokens, and the bytes of its prefill step and of each decode step."""
     wrong = []
     with _each_run() as runs:
-        gen = generate(model, ids, tokens, mesh=case.mesh, layouts=case.layouts, simulate=True, details=True)
+        gen = generate(model, ids, tokens, mesh=case.mesh, layouts=_request(case), simulate=True, details=True)
     if not torch.equal(gen.tokens, want_tokens):
         differ = (gen.tokens != want_tokens).any(0).nonzero()
         wrong.append(f"greedy tokens differ from position {differ[0].item() - ids.shape[1]} on")
