@@ -184,11 +184,13 @@ def _assign_experts(layer: Layer, member: Member, mode: str, mesh: Mesh, nodes: 
         notes.append(f"experts parallel: the {layer.dims['X']} experts split over "
                      f"{mesh.format_atoms(experts) if experts else 'nothing'} "
                      f"({layer.dims['X'] // mesh.group_size(experts)} per rank, each running only its tokens)")
+    routing = ("router replicated, each rank routing its own tokens" if mode == "a2a"
+               else "router and routing replicated")
     if mode not in ("parallel", "a2a") or atoms:
         notes.append(f"experts sliced: each of the {layer.dims['X']} experts' F = {layer.dims['F']} split over "
-                     f"{mesh.format_atoms(atoms) if atoms else 'nothing'}; router and routing replicated")
+                     f"{mesh.format_atoms(atoms) if atoms else 'nothing'}; {routing}")
     else:
-        notes.append("each expert whole on its rank; router and routing replicated")
+        notes.append(f"each expert whole on its rank; {routing}")
     if len(experts) + len(atoms) < len(every):
         rest = tuple(a for a in every if a not in atoms and a not in experts)
         notes.append(f"F = {layer.dims['F']} does not split over all of {mesh.format_atoms(every)}: experts "
