@@ -1,4 +1,5 @@
-"""Experts of other forms sharded (issue 10): gpt-oss's and Llama 4's, expert-sliced and expert-parallel.
+"""Experts of other forms sharded (issue 10): gpt-oss's and Llama 4's, expert-sliced and expert-parallel (and
+gpt-oss's by all-to-all dispatch; Llama 4's dense experts have no routed rows to dispatch).
 
   gpt-oss     transformers' GptOssExperts through grouped matmuls: gate and up interleaved in one
               [X, E, 2F] weight (`[..., ::2]`, `[..., 1::2]`), biases on both projections, a clamped GLU;
@@ -112,3 +113,34 @@ def test_top_k_larger_than_the_experts_is_a_clear_error(capfd):
     with pytest.raises(ShardwiseError, match=r"top-k.*experts per token.*at most the number of experts"):
         api.plan(model, (_ids(),), {"use_cache": False}, mesh="1x1x4")
     assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("mesh,member", [("1x1x4", "wg_xyz"), ("2x2x2", "wg_x")])
+def test_gpt_oss_experts_by_all_to_all_dispatch(mesh, member):
+    """gpt-oss's experts under experts=a2a: the tokens split over the batch chips, each routed row sent to its
+    expert's rank, gate_up and its bias split in whole (gate, up) pairs over the rest, the down bias added
+    once per token (by the rank holding its columns): numbers, tokens and 1/n of the expert bytes."""
+    model = _model("gpt_oss")
+    ids = torch.randint(0, 256, (4, 8), generator=torch.Generator().manual_seed(0))
+    layouts = f"ffn={member},experts=a2a"
+    plan = api.plan(model, (ids,), {"use_cache": False}, mesh=mesh, layouts=layouts)
+    assert all(l.choice.endswith(":a2a") for l in plan.layers if l.kind == "experts")
+    ranks = [plan.program.emit(r, group_name=sim_group_name) for r in range(plan.mesh.size)]
+    with torch.no_grad():
+        got = plan.program.simulate((ids,), {"use_cache": False}, programs=[r.program for r in ranks]).logits
+        want = model(ids, use_cache=False).logits
+    assert (got - want).abs().max().item() <= ATOL
+    full = _expert_bytes(model)
+    for r in ranks:
+        held = sum(t.numel() * t.element_size() for k, t in r.program.state_dict().items() if "experts" in k)
+        assert held * plan.mesh.size == full, (held, full)
+    tokens = api.generate(model, ids, 8, mesh=mesh, layouts=layouts, simulate=True)
+    assert torch.equal(tokens, reference_generate(model, ids, 8))
+
+
+def test_llama4_dense_experts_have_no_all_to_all_dispatch():
+    """Llama 4 runs every expert over every token (no routed rows to move): experts=a2a is refused, saying
+    why; the other splits remain."""
+    ids = torch.randint(0, 256, (4, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ShardwiseError, match="not in the form shardwise runs over a subset of the tokens"):
+        api.plan(_model("llama4_text"), (ids,), {"use_cache": False}, mesh="2x2x1", layouts="ffn=wg_x,experts=a2a")
