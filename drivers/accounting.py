@@ -33,8 +33,9 @@ def measured(executed: list[Executed], gm: fx.GraphModule) -> dict[tuple[str, st
     attribution = Attribution(gm.meta[LAYERS])
     out: dict[tuple[str, str], int] = defaultdict(int)
     for e in executed:
-        src, consumer = nodes[e.origin].meta[CONVERSION]
-        out[(attribution.owner(nodes[src], nodes[consumer]), e.kind)] += e.bytes
+        src, consumer, *owner = nodes[e.origin].meta[CONVERSION]
+        layer = owner[0] if owner and owner[0] else attribution.owner(nodes[src], nodes[consumer])
+        out[(layer, e.kind)] += e.bytes
     return dict(out)
 
 

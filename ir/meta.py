@@ -97,7 +97,7 @@ COLLECTIVE = _declare("sw_collective", N, "shardwise.ir.collective.Collective",
                       "on an inserted redistribution node: the collective step it stands for")
 CONVERSION = _declare("sw_conversion", N, "builtins.tuple",
                       "on an inserted node (or a moe_ffn running its own dispatch): (source node, first consumer) "
-                      "names of its conversion")
+                      "names of its conversion, and the layer it is accounted to (None: attribute it)")
 STEP = _declare("sw_step", N, "shardwise.ir.collective.Collective",
                 "on a lowered collective op of a rank program: the Collective it runs")
 GLOBAL = _declare("sw_global", N, "builtins.str",

@@ -26,9 +26,10 @@ import torch.fx as fx
 from ..ir.collective import Collective
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
-from ..ir.meta import COLLECTIVE, CONVERSION, DISPATCH, IN_LAYOUTS, LAYOUT, SIGNATURE
+from ..ir.meta import COLLECTIVE, CONVERSION, DISPATCH, IN_LAYOUTS, LAYERS, LAYOUT, SIGNATURE
 from ..strategies.redistribute import dispatch, redistribute
 from ..strategies.rules import bind
+from .attribute import Attribution
 from .fuse_collectives import STACK, Fusion, fused_step, member_step, members_of, plan_fusions, stacked
 from .graph_utils import copy_meta
 from .pipeline import graph_pass
@@ -124,6 +125,7 @@ def dispatch_steps(node: fx.Node, mesh: Mesh) -> tuple[Collective, ...]:
 @graph_pass(needs=(SIGNATURE, LAYOUT), makes=(LAYOUT,))
 def insert_collectives(gm: fx.GraphModule, mesh: Mesh) -> fx.GraphModule:
     conversions = plan_conversions(gm, mesh)
+    owners = _owners(gm, conversions)
     fusions = plan_fusions(gm, conversions)
     fused: dict[int, Fusion] = {id(c): f for f in fusions for c in f.members}
     for f in fusions:  # first every move, so that no step inserted below is left behind by one
@@ -132,36 +134,46 @@ def insert_collectives(gm: fx.GraphModule, mesh: Mesh) -> fx.GraphModule:
     done: set[int] = set()
     for conv in conversions:
         if conv.inside:  # the op runs them itself; what it lowers to is accounted to this conversion
-            conv.first_consumer.meta[CONVERSION] = (conv.src.name, conv.first_consumer.name)
+            conv.first_consumer.meta[CONVERSION] = (conv.src.name, conv.first_consumer.name, owners[id(conv)])
             continue
         if id(conv) in done:
             continue
         f = fused.get(id(conv))
         if f is None:
-            _insert(gm, conv, conv.src, conv.steps, mesh)
+            _insert(gm, conv, conv.src, conv.steps, mesh, owners[id(conv)])
             continue
-        firsts = _insert_fused(gm, f, mesh)
+        firsts = _insert_fused(gm, f, mesh, owners[id(f.members[0])])
         for member, first in zip(f.members, firsts):
-            _insert(gm, member, first, member.steps[1:], mesh)
+            _insert(gm, member, first, member.steps[1:], mesh, owners[id(member)])
             done.add(id(member))
     gm.graph.lint()
     gm.recompile()
     return gm
 
 
-def _insert(gm: fx.GraphModule, conv: Conversion, cur: fx.Node, steps: list[Collective], mesh: Mesh) -> None:
+def _owners(gm: fx.GraphModule, conversions: list[Conversion]) -> dict[int, str | None]:
+    """The layer each conversion is accounted to, decided on the graph before anything is inserted (as the
+    plan's records are): inserting reorders a node's users, and with them where "first consumer" leads."""
+    if LAYERS not in gm.meta:
+        return {id(c): None for c in conversions}
+    attribution = Attribution(gm.meta[LAYERS])
+    return {id(c): attribution.owner(c.src, c.first_consumer) for c in conversions}
+
+
+def _insert(gm: fx.GraphModule, conv: Conversion, cur: fx.Node, steps: list[Collective], mesh: Mesh,
+            owner: str | None) -> None:
     with gm.graph.inserting_before(conv.first_consumer):
         for step in steps:
             cur = _step_node(gm, cur, step, mesh, conv.first_consumer)
-            cur.meta[CONVERSION] = (conv.src.name, conv.first_consumer.name)
+            cur.meta[CONVERSION] = (conv.src.name, conv.first_consumer.name, owner)
     for node, name, idx in conv.uses:
         _replace(node, name, idx, cur)
 
 
-def _insert_fused(gm: fx.GraphModule, f: Fusion, mesh: Mesh) -> list[fx.Node]:
+def _insert_fused(gm: fx.GraphModule, f: Fusion, mesh: Mesh, owner: str | None) -> list[fx.Node]:
     """stack → the one collective → unbind, before `f.at`; each member's tensor after the shared step."""
     head, step, n = f.members[0], f.step, len(f.members)
-    conversion = (head.src.name, head.first_consumer.name)  # one layer owns them all (accounting)
+    conversion = (head.src.name, head.first_consumer.name, owner)  # one layer owns them all (accounting)
     g = gm.graph
     with g.inserting_before(f.at):
         pack = g.create_node("call_function", torch.ops.aten.stack.default, ([c.src for c in f.members], 0),
