@@ -31,6 +31,13 @@ class Layout:
             raise LayoutError(f"layout {self}: atoms {sorted(self.partial & used)} are both sharding and partial")
         object.__setattr__(self, "used", used)
 
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self.dims == other.dims and self.partial == other.partial
+
     def __hash__(self) -> int:
         try:
             return self.__dict__["_hash"]
