@@ -7,8 +7,7 @@ An atom shards at most one dim and is never both sharding and partial.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from functools import cached_property
+from dataclasses import dataclass
 from typing import Sequence
 
 from ..errors import LayoutError
@@ -22,12 +21,33 @@ class Layout:
     dims: tuple[tuple[str, ...], ...]
     partial: frozenset[str] = frozenset()
 
+    # The planner makes and compares tens of thousands of layouts per plan: `used` is computed once, with
+    # the check, and the hash on first use (a layout is a key of the rules' and redistribution's caches).
     def __post_init__(self) -> None:
-        used = [a for d in self.dims for a in d]
-        if len(used) != len(set(used)):
-            raise LayoutError(f"layout {self}: an atom shards two dims ({used})")
-        if self.partial & set(used):
-            raise LayoutError(f"layout {self}: atoms {sorted(self.partial & set(used))} are both sharding and partial")
+        used = frozenset().union(*self.dims)
+        if len(used) != sum(map(len, self.dims)):
+            raise LayoutError(f"layout {self}: an atom shards two dims ({[a for d in self.dims for a in d]})")
+        if self.partial and not self.partial.isdisjoint(used):
+            raise LayoutError(f"layout {self}: atoms {sorted(self.partial & used)} are both sharding and partial")
+        object.__setattr__(self, "used", used)
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self.dims == other.dims and self.partial == other.partial
+
+    def __hash__(self) -> int:
+        try:
+            return self.__dict__["_hash"]
+        except KeyError:
+            h = hash((self.dims, self.partial))
+            object.__setattr__(self, "_hash", h)
+            return h
+
+    def __reduce__(self):  # the fields only: a string's hash differs between processes
+        return type(self), (self.dims, self.partial)
 
     # ---------------------------------------------------------------------------- constructors
     @classmethod
@@ -45,9 +65,7 @@ class Layout:
     def ndim(self) -> int:
         return len(self.dims)
 
-    @cached_property
-    def used(self) -> frozenset[str]:
-        return frozenset(a for d in self.dims for a in d)
+    # `used`: the atoms that shard a dim, a frozenset (an attribute __post_init__ sets; not a field)
 
     @property
     def is_replicated(self) -> bool:
@@ -57,8 +75,15 @@ class Layout:
         return mesh.group_size(self.dims[dim])
 
     def local_shape(self, shape: Sequence[int], mesh: Mesh) -> tuple[int, ...]:
-        self.check(shape, mesh)
-        return tuple(s // mesh.group_size(d) for s, d in zip(shape, self.dims))
+        if len(shape) != len(self.dims):
+            self.check(shape, mesh)  # raises
+        out = []
+        for s, d in zip(shape, self.dims):
+            n = mesh.group_size(d) if d else 1
+            if s % n:
+                self.check(shape, mesh)  # raises
+            out.append(s // n)
+        return tuple(out)
 
     def divides(self, shape: Sequence[int], mesh: Mesh) -> bool:
         return len(shape) == self.ndim and all(s % mesh.group_size(d) == 0 for s, d in zip(shape, self.dims))
@@ -78,13 +103,13 @@ class Layout:
     def with_dim(self, dim: int, atoms: Sequence[str]) -> "Layout":
         dims = list(self.dims)
         dims[dim] = tuple(atoms)
-        return replace(self, dims=tuple(dims))
+        return Layout(tuple(dims), self.partial)
 
     def without_partial(self) -> "Layout":
-        return replace(self, partial=frozenset())
+        return Layout(self.dims) if self.partial else self
 
     def with_partial(self, atoms: Sequence[str] | frozenset[str]) -> "Layout":
-        return replace(self, partial=frozenset(atoms))
+        return Layout(self.dims, frozenset(atoms))
 
     # ---------------------------------------------------------------------------- printing
     def notation(self, mesh: Mesh | None = None, names: Sequence[str] | None = None) -> str:

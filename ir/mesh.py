@@ -116,11 +116,19 @@ class Mesh:
 
     def atoms_of(self, axes: Iterable[str]) -> tuple[str, ...]:
         """The atoms of some whole axes, in mesh order: `atoms_of("yz")`."""
-        wanted = set(axes)
-        bad = wanted - set(AXES)
-        if bad:
-            raise MeshError(f"unknown mesh axes {sorted(bad)}: the axes are x, y, z")
-        return tuple(a.name for a in self._atoms if a.axis in wanted)
+        key = axes if isinstance(axes, str) else tuple(axes)
+        got = self._of_axes.get(key)
+        if got is None:
+            wanted = set(key)
+            bad = wanted - set(AXES)
+            if bad:
+                raise MeshError(f"unknown mesh axes {sorted(bad)}: the axes are x, y, z")
+            got = self._of_axes[key] = tuple(a.name for a in self._atoms if a.axis in wanted)
+        return got
+
+    @cached_property
+    def _of_axes(self) -> dict:
+        return {}
 
     @cached_property
     def _sizes(self) -> dict[tuple[str, ...], int]:

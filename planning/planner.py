@@ -35,6 +35,7 @@ from ..runtime.weights import CheckpointSource
 from ..strategies.cost import Precision
 from ..strategies.family import parse_ffn
 from ..strategies.request import parse_layouts
+from . import prototype_cache
 from .apply import apply, choices_for
 from .program import LazyProgram, Program, capture_program
 from .question import Question
@@ -208,9 +209,14 @@ def prototype(model, phase: str, batch: int, seq: int, context: int | None):
     if isinstance(model, str):
         name = model
         full_layers = presets.get(name).config[presets._LAYERS_KEY[presets.get(name).family]]
-        small = presets.build_model(name, layers=1)
-        step = Step(small, last_only=True)
-        proto = capture_program(step, phase_inputs(small, phase, batch=batch, seq=seq, context=context), {})
+
+        def capture() -> fx.GraphModule:
+            small = presets.build_model(name, layers=1)
+            return capture_program(Step(small, last_only=True),
+                                   phase_inputs(small, phase, batch=batch, seq=seq, context=context), {})
+
+        proto = prototype_cache.cached(presets.get(name), capture, phase=str(phase), batch=batch, seq=seq,
+                                       context=context)
         return proto, full_layers, name, lambda: (presets.build_model(name), phase, batch, seq, context)
     with one_block(model) as kept:
         step = Step(model, last_only=True)

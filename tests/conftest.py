@@ -4,15 +4,24 @@ Capturing a model (torch.export, canonicalize, find_layers) is most of what plan
 costs, and the suite plans the same few models with the same shapes hundreds of times (every layout ×
 mesh × phase). `_cached_captures` keeps one capture per (module, call signature) and hands each plan a
 copy (`copy_program`): the plan annotates and rewrites its copy exactly as it would a fresh capture.
-Set SHARDWISE_TEST_FRESH_CAPTURES=1 to capture every time instead.
+Set SHARDWISE_TEST_FRESH_CAPTURES=1 to capture every time instead. Presets' prototypes also go through
+the on-disk prototype cache, in a directory of this run (SHARDWISE_CACHE), so later plans of a preset
+read the graph back as `shardwise inspect` does.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# the prototype cache (planning/prototype_cache.py) of this run, not the user's: emptied when it ends
+if "SHARDWISE_CACHE" not in os.environ:
+    os.environ["SHARDWISE_CACHE"] = tempfile.mkdtemp(prefix="shardwise-tests-")
+    atexit.register(shutil.rmtree, os.environ["SHARDWISE_CACHE"], True)
 torch.set_num_threads(1)
 
 

@@ -72,3 +72,29 @@ def test_dtensor_placements_round_trip():
     assert pl == (Partial(), Shard(1))
     assert from_placements(pl, m, 2) == lay
     assert from_placements((Replicate(), Replicate()), m, 3) == Layout.replicated(3)
+
+
+def test_layout_hash_is_remembered_but_never_pickled():
+    """Layout keeps its hash after the first use (the planner hashes layouts hundreds of thousands of times);
+    a pickle holds only the fields, since a string's hash differs between processes."""
+    import pickle
+    import subprocess
+    import sys
+
+    a = Layout(((), ("x", "y")), frozenset({"z"}))
+    assert hash(a) == hash(Layout(((), ("x", "y")), frozenset({"z"}))) and a.used == frozenset({"x", "y"})
+    b = pickle.loads(pickle.dumps(a))
+    assert b == a and "_hash" not in b.__dict__ and a.__reduce__() == (Layout, (a.dims, a.partial))
+    code = ("import pickle, sys; from shardwise import Layout; b = pickle.loads(sys.stdin.buffer.read()); "
+            "assert hash(b) == hash(Layout(b.dims, b.partial)); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(a), capture_output=True, check=True)
+    assert out.stdout.strip() == b"ok"
+    assert a.without_partial() == Layout(((), ("x", "y"))) and a.with_partial(["w"]).partial == frozenset({"w"})
+    assert Layout(((), ("x",))).with_dim(0, ("y",)) == Layout((("y",), ("x",)))
+
+
+def test_atoms_of_remembered_per_mesh():
+    m = Mesh.parse("2x4x2")
+    assert m.atoms_of("yz") == m.atoms_of(["y", "z"]) == ("y0", "y1", "z")
+    with pytest.raises(MeshError):
+        m.atoms_of("w")

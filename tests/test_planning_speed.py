@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from shardwise.ir.hardware import get_hardware
-from shardwise.ir.meta import IN_LAYOUTS, LAYERS, LAYOUT
+from shardwise.ir.meta import IN_LAYOUTS, LAYERS, LAYOUT, STATE
 from shardwise.ir.mesh import Mesh
 from shardwise.passes.attribute import OUTPUT
 from shardwise.planning.apply import apply, choices_for
@@ -74,3 +74,105 @@ def test_chain_without_hopeless_candidates_is_the_full_chain(proto, shape, n):
         return
     assert [id(c) for c in fast[0]] == [id(c) for c in full[0]]
     assert fast[1] == full[1] and fast[2] == full[2]
+
+
+# ------------------------------------------------------------------------------------ the prototype cache
+def _graph(gm):
+    """Everything of a graph the passes can read: nodes, targets, arguments, meta (values by shape,
+    stride, dtype, device), and the graph's records."""
+    import torch
+
+    def val(v):
+        if isinstance(v, torch.Tensor):
+            return ("tensor", tuple(v.shape), v.stride(), v.dtype, v.device.type, v.requires_grad)
+        if isinstance(v, (list, tuple)):
+            return type(v).__name__, tuple(val(x) for x in v)
+        return v
+
+    nodes = [(n.op, n.name, str(n.target), str(n.args), str(n.kwargs),
+              {k: val(v) for k, v in n.meta.items()}) for n in gm.graph.nodes]
+    return nodes, {k: ({key: val(t) for key, t in v.items()} if k == STATE else v) for k, v in gm.meta.items()}
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_cached_prototype_is_the_captured_one(phase, tmp_path, monkeypatch):
+    """A preset's prototype read back from the cache is the graph capture made (every node, argument and
+    meta entry, the signature, the state and the layers), and plans to the same Plan, to the byte."""
+    import shardwise
+    from shardwise.planning import prototype_cache
+
+    monkeypatch.setenv("SHARDWISE_CACHE", str(tmp_path))
+    args = ("palm-8b", phase, 8, 16 if phase == "prefill" else 1, 64)
+    monkeypatch.setenv("SHARDWISE_PROTOTYPE_CACHE", "0")
+    fresh = prototype(*args)[0]
+    monkeypatch.setenv("SHARDWISE_PROTOTYPE_CACHE", "1")
+    stored = prototype(*args)[0]  # captured and stored
+    assert len(list((tmp_path / "prototypes").iterdir())) == 1
+    cached = prototype(*args)[0]  # read back
+    assert cached is not stored and _graph(cached) == _graph(fresh) == _graph(stored)
+    assert not any(type(n.meta.get("val")).__name__ == "FakeTensor" for n in cached.graph.nodes)
+    kw = dict(chips=8, phase=phase, batch=8, seq=args[3], context=64, weight_dtype="int8")
+    monkeypatch.setenv("SHARDWISE_PROTOTYPE_CACHE", "0")
+    want = shardwise.plan("palm-8b", **kw).to_json()
+    monkeypatch.setenv("SHARDWISE_PROTOTYPE_CACHE", "1")
+    assert shardwise.plan("palm-8b", **kw).to_json() == want
+    assert prototype_cache.load(prototype_cache.dump(fresh)).graph.python_code("self").src == \
+        fresh.graph.python_code("self").src
+
+
+def test_cache_key_holds_what_makes_the_graph(monkeypatch):
+    from dataclasses import replace
+
+    from shardwise.models import presets
+    from shardwise.planning import prototype_cache as pc
+
+    p = presets.get("palm-8b")
+    shapes = dict(phase="decode", batch=8, seq=1, context=64)
+    k = pc.key(p, **shapes)
+    assert k == pc.key(p, **shapes)
+    assert k != pc.key(p, **{**shapes, "context": 128}) and k != pc.key(p, **{**shapes, "phase": "prefill"})
+    assert k != pc.key(replace(p, config={**p.config, "n_heads": p.config["n_heads"] * 2}), **shapes)
+    monkeypatch.setattr(pc, "_SOURCE_HASH", "another shardwise")
+    assert pc.key(p, **shapes) != k
+    monkeypatch.setattr(pc, "_SOURCE_HASH", None)
+    assert pc.key(p, **shapes) == k  # the source hash recomputed: the same files
+    monkeypatch.setattr(pc.torch, "__version__", "0.0.0")
+    assert pc.key(p, **shapes) != k
+
+
+def test_symbolic_graphs_are_not_cached_and_bad_files_are_replaced(tmp_path, monkeypatch):
+    """A Hugging Face preset's step reads its cache position with .item() (an unbacked symbol): not
+    stored. An unreadable file is captured again and overwritten."""
+    from shardwise.planning import prototype_cache as pc
+
+    monkeypatch.setenv("SHARDWISE_CACHE", str(tmp_path))
+    gm = prototype("mixtral-tiny", "decode", 2, 1, 16)[0]
+    with pytest.raises(pc.NotCacheable):
+        pc.dump(gm)
+    assert not (tmp_path / "prototypes").exists()
+    prototype("palm-8b", "decode", 8, 1, 64)
+    (path,) = (tmp_path / "prototypes").iterdir()
+    path.write_bytes(b"not a pickle")
+    gm = prototype("palm-8b", "decode", 8, 1, 64)[0]
+    assert _graph(pc.load(path.read_bytes())) == _graph(gm)
+
+
+def test_a_cached_inspect_does_not_import_dynamo(tmp_path):
+    """The second `shardwise inspect` of a preset reads its prototype from the cache: torch.export, and so
+    torch._dynamo, is never imported, and the output is the first run's (json: every field of the Plan)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, io, contextlib; from shardwise.cli import main\n"
+            "out = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out): main(sys.argv[1:])\n"
+            "print(out.getvalue()); print('torch._dynamo' in sys.modules)")
+    argv = ["inspect", "palm-8b", "--chips", "8", "--phase", "decode", "--batch", "8", "--context", "64",
+            "--format", "json"]
+    env = {**os.environ, "SHARDWISE_CACHE": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True,
+                           timeout=300, check=True).stdout.rsplit("\n", 2) for _ in range(2)]
+    (cold, cold_dynamo, _), (warm, warm_dynamo, _) = runs
+    assert cold_dynamo == "True" and warm_dynamo == "False"
+    assert warm == cold
