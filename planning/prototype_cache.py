@@ -86,15 +86,30 @@ def cache_dir() -> Path:
 _SOURCE_HASH: str | None = None
 
 
+def _sources() -> list[Path]:
+    """The package's own .py files: its subpackages (directories with an __init__.py), walked from the root,
+    tests, benchmarks and experiments aside. Not a glob of the root: a checkout keeps its virtual
+    environment (.venv, thousands of files) inside the package directory."""
+    out, stack = [], [_ROOT]
+    while stack:
+        d = stack.pop()
+        for p in d.iterdir():
+            if p.name.startswith(".") or (d == _ROOT and p.name in _SKIP_DIRS):
+                continue
+            if p.is_dir() and (p / "__init__.py").is_file():
+                stack.append(p)
+            elif p.suffix == ".py" and p.is_file():
+                out.append(p)
+    return sorted(out)
+
+
 def source_hash() -> str:
     """sha256 of every source file of the package (path and contents), tests, benchmarks and experiments aside."""
     global _SOURCE_HASH
     if _SOURCE_HASH is None:
         h = hashlib.sha256()
-        for p in sorted(_ROOT.rglob("*.py")):
+        for p in _sources():
             rel = p.relative_to(_ROOT)
-            if rel.parts[0] in _SKIP_DIRS:
-                continue
             h.update(str(rel).encode() + b"\0")
             h.update(p.read_bytes() + b"\0")
         _SOURCE_HASH = h.hexdigest()
