@@ -172,7 +172,12 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
         owner = attribution.owner(conv.src, conv.first_consumer)
         is_weight = conv.src.op == "placeholder" and conv.src.name in sig.params
         itemsize = size("weights" if is_weight else "activations", conv.src)
-        costs[owner].comm.extend(Comm(s, itemsize, is_weight, fused=i == 0 and id(conv) in riders)
+        load = 1.0
+        if conv.inside:  # an all-to-all dispatch: the busiest chip receives (and returns) its experts' rows
+            node = conv.first_consumer
+            load = expert_load(dims.get(owner, {}), routed_rows(node), experts_groups(node, mesh)[0]).imbalance
+        costs[owner].comm.extend(Comm(s, itemsize, is_weight, fused=i == 0 and id(conv) in riders,
+                                      load=load if s.kind == "all_to_all" else 1.0)
                                  for i, s in enumerate(conv.steps))
     return costs
 

@@ -16,7 +16,8 @@ For one layer under one layout, on a `Hardware` profile (PAPER.md, DESIGN.md):
              the collectives are exactly those insert_collectives puts on the graph
              (`plan_conversions`): one source of truth. Siblings fused into one collective
              (passes/fuse_collectives.py) pay the fixed terms (latency, ring steps) once: every member
-             after the first is `Comm(fused=True)` and adds only its wire bytes / bandwidth
+             after the first is `Comm(fused=True)` and adds only its wire bytes / bandwidth; an uneven
+             all-to-all (a mixture's dispatch) moves the busiest chip's rows: its bytes term × `load`
   time     = max(compute, memory, weight comm) + activation comm      (hw.weight_prefetch)
              weights do not depend on the data, so a weight-gathered layout's weight all-gathers can be
              issued ahead of use and overlap compute (the paper's system does; the TPU v4 fit assumes
@@ -63,9 +64,14 @@ class Comm:
     itemsize: int  # bytes per element in the planned precision
     weight: bool = False  # moves a weight (prefetchable), not an activation
     fused: bool = False  # runs inside the collective of the Comm before it (fused): no fixed latency of its own
+    load: float = 1.0  # the busiest chip's bytes over the charged ones (an uneven all-to-all: load imbalance)
 
     def time(self, hw: Hardware) -> float:
-        return collective_time(self.step, self.itemsize, hw, fixed=not self.fused)
+        if self.load == 1.0:
+            return collective_time(self.step, self.itemsize, hw, fixed=not self.fused)
+        fixed = collective_time(self.step, self.itemsize, hw, fixed=not self.fused) - \
+            collective_time(self.step, self.itemsize, hw, fixed=False)
+        return fixed + self.load * collective_time(self.step, self.itemsize, hw, fixed=False)
 
 
 @dataclass

@@ -271,3 +271,30 @@ def test_all_to_all_dispatch_is_refused_where_it_cannot_run():
     plan = api.plan(_built("mixtral"), (ids,), {"use_cache": False}, mesh="1x1x4", hardware="h100")
     assert any("+experts-a2a" in l for l in plan.explain)  # a candidate wherever some member splits the batch
 
+
+
+def test_dispatch_all_to_alls_are_priced_at_the_busiest_chip():
+    """An all-to-all dispatch is uneven: the busiest chip receives R/g + √(2·R/g·ln g) of the R routed rows
+    (and sends as many back), so its all-to-alls pay their bytes term × that over the mean (the fixed
+    latency once); its bytes stay the rows each chip owns. The counts' all-gather is even."""
+    from shardwise.ir.hardware import get_hardware
+    from shardwise.ir.mesh import Mesh
+    from shardwise.planning.costing import expert_load
+    from shardwise.strategies.cost import Comm, collective_time
+    from shardwise.strategies.redistribute import dispatch
+
+    mesh, hw = Mesh.parse("1x1x4"), get_hardware("h100")
+    counts, move, back = dispatch(("z0", "z1"), 8, 2, 64, 4, mesh, 4)
+    assert (counts.kind, move.kind, back.kind) == ("all_gather", "all_to_all", "all_to_all")
+    assert move.bytes == 8 * 2 * 64 * 4 and counts.bytes == 4 * 4 * 8
+    load = expert_load({"X": 4, "k": 2}, 32, 4).imbalance
+    fixed = collective_time(move, 4, hw) - collective_time(move, 4, hw, fixed=False)
+    assert Comm(move, 4, load=load).time(hw) == pytest.approx(fixed + load * collective_time(move, 4, hw, fixed=False))
+    assert load > 1.2
+
+    ids = torch.randint(0, 256, (4, 8), generator=torch.Generator().manual_seed(0))
+    plan = api.plan(_built("mixtral"), (ids,), {"use_cache": False}, mesh="1x1x4", hardware="h100",
+                    layouts="ffn=wg_xyz,experts=a2a")
+    row = plan.layer("model.layers.0.mlp")
+    moves = [c for c in row.collectives if c.kind == "all_to_all"]
+    assert len(moves) == 2 and {c.bytes for c in moves} == {8 * 2 * 64 * 4}  # 8 tokens per chip, k = 2, E = 64
