@@ -33,9 +33,7 @@ def measured(executed: list[Executed], gm: fx.GraphModule) -> dict[tuple[str, st
     attribution = Attribution(gm.meta[LAYERS])
     out: dict[tuple[str, str], int] = defaultdict(int)
     for e in executed:
-        src, consumer, *owner = nodes[e.origin].meta[CONVERSION]
-        layer = owner[0] if owner and owner[0] else attribution.owner(nodes[src], nodes[consumer])
-        out[(layer, e.kind)] += e.bytes
+        out[(attribution.of_conversion(nodes[e.origin].meta[CONVERSION], nodes), e.kind)] += e.bytes
     return dict(out)
 
 

@@ -152,7 +152,7 @@ def _assign_experts(layer: Layer, member: Member, mode: str, mesh: Mesh, nodes: 
                 f"{mesh.format_atoms(every[:1])} = {mesh.group_size(every[:1])} chips, the first of the chips the "
                 f"block splits over; use experts=sliced, or a mesh whose first axes divide {layer.dims['X']}")
     if mode == "a2a":
-        experts = _dispatch_atoms(layer, member, mesh)
+        experts = _dispatch_atoms(layer, member, b, mesh)
     core = nodes[layer.core] if layer.core else None
     if core is not None:
         if mode == "a2a":
@@ -198,10 +198,9 @@ def _assign_experts(layer: Layer, member: Member, mode: str, mesh: Mesh, nodes: 
     return notes
 
 
-def _dispatch_atoms(layer: Layer, member: Member, mesh: Mesh) -> tuple[str, ...]:
-    """The chips an all-to-all dispatch runs over: the member's batch atoms, over which the tokens are split;
-    the experts split over exactly those."""
-    b = member.atoms(mesh)[0]
+def _dispatch_atoms(layer: Layer, member: Member, b: tuple[str, ...], mesh: Mesh) -> tuple[str, ...]:
+    """The chips an all-to-all dispatch runs over: the member's batch atoms `b`, over which the tokens are
+    split; the experts split over exactly those."""
     if not layer.info.get("dispatch"):
         raise LayoutError(
             f"experts=a2a for {layer.name}: its routing and combine are not in the form shardwise runs over a "

@@ -40,6 +40,12 @@ class Attribution:
             return owner
         return self._first_consumer(consumer, skip) or OUTPUT
 
+    def of_conversion(self, conversion: tuple, nodes: dict[str, fx.Node]) -> str:
+        """The layer an inserted collective is accounted to (its `sw_conversion`): as insert_collectives
+        decided it before inserting, else (no layers then) from its source and first consumer."""
+        src, consumer, owner = conversion
+        return owner or self.owner(nodes[src], nodes[consumer])
+
     def _producer_in_block(self, src: fx.Node) -> str | None:
         block = block_of(src)
         if block is None:

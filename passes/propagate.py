@@ -121,8 +121,7 @@ def _propagate_call(node: fx.Node, mesh: Mesh, unknown: list[UnknownOp], check: 
     key = None
     if memo is not None and rule is not None:
         # what the rule reads (OpCall): the node, the mesh, its inputs' layouts, its `sw_attention` and
-        # `sw_dispatch`, and
-        # its inputs' `sw_weight`
+        # `sw_dispatch`, and its inputs' `sw_weight`
         key = (node, mesh, tuple(tuple(v) if isinstance(v, list) else v for v in layouts.values()),
                node.meta.get(ATTENTION), node.meta.get(DISPATCH), tuple(n.meta.get(WEIGHT) for n in inputs))
         decision = memo.get(key)

@@ -156,7 +156,7 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
         if is_experts_ffn(node) or is_grouped_mm(node):
             # a step reads the experts its tokens touch (the busiest chip's): its local slice times the share
             # touched; and runs one matmul per touched expert and projection
-            rows = routed_rows(node) if is_experts_ffn(node) else node.args[0].meta["val"].shape[0]
+            rows = routed_rows(node)
             groups = experts_groups(node, mesh)[0] if is_experts_ffn(node) else 1
             load = expert_load(dims.get(owner, {}), rows, groups)
             args = tuple(i for i in (1, 2, 3) if node.args[i] is not None) if is_experts_ffn(node) else (1,)

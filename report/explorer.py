@@ -125,8 +125,7 @@ def _annotate(gm: fx.GraphModule, plan: Plan) -> dict[str, NodeInfo]:
     out = {}
     for n in gm.graph.nodes:
         if COLLECTIVE in n.meta:
-            src, consumer, *owner = n.meta[CONVERSION]
-            layer = owner[0] if owner and owner[0] else attribution.owner(by_name[src], by_name[consumer])
+            layer = attribution.of_conversion(n.meta[CONVERSION], by_name)
         elif n.op == "placeholder":
             layer = next((attribution.layer_of(u) for u in n.users if attribution.layer_of(u)), None) or ""
         else:

@@ -160,8 +160,9 @@ def run_received(rows: torch.Tensor, mine: torch.Tensor, w_gate, w_up, w_down, a
     by_source = mine.reshape(-1)  # [source, expert] → row counts, in arrival order
     expert_of = torch.arange(mine.size(1), device=rows.device).repeat(mine.size(0)).repeat_interleave(by_source)
     order = torch.sort(expert_of, stable=True).indices  # expert-major, each expert's rows in arrival order
-    ends = torch.cumsum(mine.sum(0), 0)
-    out = experts_ffn(rows[order], w_gate, w_up, w_down, ends - mine.sum(0), ends, activation, b_gate, b_up,
+    counts = mine.sum(0)
+    ends = torch.cumsum(counts, 0)
+    out = experts_ffn(rows[order], w_gate, w_up, w_down, ends - counts, ends, activation, b_gate, b_up,
                       b_down, down_bias_at)
     back = torch.empty_like(out)
     back[order] = out

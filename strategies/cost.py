@@ -67,11 +67,7 @@ class Comm:
     load: float = 1.0  # the busiest chip's bytes over the charged ones (an uneven all-to-all: load imbalance)
 
     def time(self, hw: Hardware) -> float:
-        if self.load == 1.0:
-            return collective_time(self.step, self.itemsize, hw, fixed=not self.fused)
-        fixed = collective_time(self.step, self.itemsize, hw, fixed=not self.fused) - \
-            collective_time(self.step, self.itemsize, hw, fixed=False)
-        return fixed + self.load * collective_time(self.step, self.itemsize, hw, fixed=False)
+        return collective_time(self.step, self.itemsize, hw, fixed=not self.fused, load=self.load)
 
 
 @dataclass
@@ -103,10 +99,11 @@ class LayerCost:
                          self.kv_bytes + other.kv_bytes, self.comm + other.comm, self.calls + other.calls)
 
 
-def collective_time(c: Collective, itemsize: int, hw: Hardware, *, fixed: bool = True) -> float:
-    """latency + ring steps · hop latency + wire bytes / bandwidth (an all-reduce is two rings);
-    `fixed=False`: only the bytes (a member fused into a collective that pays the fixed terms)."""
+def collective_time(c: Collective, itemsize: int, hw: Hardware, *, fixed: bool = True, load: float = 1.0) -> float:
+    """latency + ring steps · hop latency + load · wire bytes / bandwidth (an all-reduce is two rings);
+    `fixed=False`: only the bytes (a member fused into a collective that pays the fixed terms); `load`: the
+    busiest chip's bytes over the charged ones (an uneven all-to-all)."""
     wire = c.wire_bytes / c.itemsize * itemsize
     rings = 2 if c.kind == "all_reduce" else 1
     latency = hw.collective_latency + rings * (c.group_size - 1) * hw.hop_latency if fixed else 0.0
-    return latency + wire / hw.collective_bandwidth(c.axes)
+    return latency + load * wire / hw.collective_bandwidth(c.axes)
