@@ -160,3 +160,32 @@ def test_prefetch_budget_bounds_gathers_in_flight(tiny):
     pos = {n: i for i, n in enumerate(zero.graph.nodes)}
     assert all(pos[w] == pos[c] + 1 for c, w, _ in _weight_gathers(zero)), "budget 0 issued a gather ahead"
     _check_structure(_programs(plan, prefetch_bytes=budget))
+
+
+def test_cost_prices_the_measured_overlap_of_prefetched_gathers():
+    """comm_overlap 1 hides a prefetched weight gather behind compute (the TPU v4 fit's assumption), 0 adds it
+    up like no prefetch, a fraction in between; activation collectives are never hidden."""
+    import dataclasses
+
+    from shardwise.ir.collective import Collective
+    from shardwise.ir.hardware import TPU_V4
+    from shardwise.ir.layout import Layout
+    from shardwise.strategies.cost import Comm, LayerCost
+
+    hw = dataclasses.replace(TPU_V4, collective_latency=0.0, hop_latency=0.0)
+    bw = hw.collective_bandwidth(("x",))
+    r = Layout.replicated(2)
+    gather = Collective("all_gather", ("x",), r, r, dim=0, elements=int(2e-3 * bw), itemsize=1, group_size=2,
+                        axes=("x",))  # wire bytes half of it: 1 ms
+    flops = 2e-3 * hw.peak_flops * hw.flops_efficiency  # 2 ms of compute
+
+    def time(overlap, weight=True):
+        cost = LayerCost(flops=flops, comm=[Comm(gather, 1, weight=weight)])
+        return cost.times(dataclasses.replace(hw, comm_overlap=overlap))["time"]
+
+    assert time(1.0) == pytest.approx(2e-3)
+    assert time(0.0) == pytest.approx(3e-3)
+    assert time(0.5) == pytest.approx(2.5e-3)
+    assert time(0.0) == pytest.approx(LayerCost(flops=flops, comm=[Comm(gather, 1, weight=True)]).times(
+        dataclasses.replace(hw, weight_prefetch=False))["time"])
+    assert time(1.0, weight=False) == pytest.approx(3e-3)  # an activation collective: on the critical path
