@@ -4,7 +4,9 @@ emit lowers each collective as `_c10d_functional` op → `wait_tensor` right whe
 just before its first consumer, so nothing overlaps. This pass moves, on a rank program:
   start   a collective, with the local ops that only prepare its input (contiguous / movedim / view /
           reshape / permute / stack whose users are all in that preparation), as early as its inputs
-          allow: right after the last of them is computed;
+          allow: right after the last of them is computed, but never more than one block before the
+          block that reads its result (a program whose weights are inputs, as torch.compile's backend
+          emits them, would otherwise gather every weight at its start);
           a *weight gather* (a collective whose inputs are derived only from get_attr: a weight-gathered
           layout's all-gather of a weight shard) no earlier than one block before the block that uses
           it (issued once the previous block's first op has run), and only while the gathered bytes
@@ -103,12 +105,15 @@ def schedule(gm: fx.GraphModule, *, prefetch_bytes: int = DEFAULT_PREFETCH_BYTES
             for s in pending:
                 if s.started or not s.deps <= emitted:
                     continue
+                if blocks_known and s.use_segment - 1 > current[0]:
+                    if s.weight:  # more than one block ahead
+                        weights_blocked = True
+                    continue
                 if s.weight:
                     if weights_blocked:
                         continue
                     held = sum(inflight.values())
-                    ahead = s.use_segment - 1 > current[0] if blocks_known else bool(inflight)
-                    if ahead or held + s.nbytes > prefetch_bytes:
+                    if (not blocks_known and inflight) or held + s.nbytes > prefetch_bytes:
                         weights_blocked = True  # first needed, first issued
                         continue
                 require(s.op)
