@@ -65,10 +65,13 @@ def schedule(gm: fx.GraphModule, *, prefetch_bytes: int = DEFAULT_PREFETCH_BYTES
     g = gm.graph
     order = list(g.nodes)
     index = {n: i for i, n in enumerate(order)}
-    segment, blocks_known = _segments(order, gm.meta[RANK_BLOCKS])
-    starts = _starts(gm, order, index, segment)
+    starts = _starts(gm, order)
     owner = {m: s for s in starts for m in s.nodes}
     wait_of = {s.wait: s for s in starts}
+    # blocks begin and end where the ops that stay in place say (not the collectives moved aside)
+    segment, blocks_known = _segments(order, gm.meta[RANK_BLOCKS], set(owner) | set(wait_of))
+    for s in starts:
+        s.use_segment = segment[min(s.wait.users, key=index.__getitem__)]
 
     out: list[fx.Node] = []
     emitted: set[fx.Node] = set()
@@ -138,13 +141,14 @@ def schedule(gm: fx.GraphModule, *, prefetch_bytes: int = DEFAULT_PREFETCH_BYTES
     return gm
 
 
-def _segments(order: list[fx.Node], blocks: dict) -> tuple[dict[fx.Node, int], bool]:
+def _segments(order: list[fx.Node], blocks: dict, moved: set[fx.Node]) -> tuple[dict[fx.Node, int], bool]:
     """A segment number per node: 0 before the first block's ops, one more at each change of block (ops
     of no block inside, such as lowered collectives' local steps, stay in the segment they sit in), and
-    one more for what follows the last block's last op (the final norm, the head)."""
+    one more for what follows the last block's last op (the final norm, the head). Only ops not in
+    `moved` (collectives, their preparation and waits) mark where blocks begin and end."""
     seg, cur, last, end = {}, 0, None, -1
     for i, n in enumerate(order):
-        b = blocks.get(n.name)
+        b = None if n in moved else blocks.get(n.name)
         if b is not None:
             end = i
             if b != last:
@@ -155,7 +159,7 @@ def _segments(order: list[fx.Node], blocks: dict) -> tuple[dict[fx.Node, int], b
     return seg, last is not None
 
 
-def _starts(gm: fx.GraphModule, order: list[fx.Node], index: dict, segment: dict) -> list[Start]:
+def _starts(gm: fx.GraphModule, order: list[fx.Node]) -> list[Start]:
     const: set[fx.Node] = set()
     for n in order:
         if n.op == "get_attr" or (n.op == "call_function" and n.all_input_nodes
@@ -179,7 +183,7 @@ def _starts(gm: fx.GraphModule, order: list[fx.Node], index: dict, segment: dict
             nodes.add(x)
             grow.extend(a for a in x.all_input_nodes if a not in nodes)
         deps = {a for m in nodes for a in m.all_input_nodes if a not in nodes}
-        s = Start(n, wait, nodes, deps, use_segment=segment[min(wait.users, key=index.__getitem__)])
+        s = Start(n, wait, nodes, deps)
         if deps and deps <= const:
             s.weight = True
             group = n.args[1] if COLLECTIVE_OPS[n.target] == "all_gather" else 1
