@@ -100,7 +100,8 @@ OVERLAP_BYTES = 4 << 20  # the all-gather's output in the overlap measurement
 def comm_overlap(world: int, group: str, repeats: int = 7) -> tuple[float, float, float, float]:
     """(hidden fraction, t_comm, t_compute, t_both) on this rank, every rank running it at once: a gloo
     all-gather alone, a matmul loop of about its length alone, and the two together (the gather started,
-    the loop run, then the gather waited), each the median of `repeats` (barrier before each run)."""
+    the loop run, then the gather waited), each the median of `repeats`; the three run in turn in each
+    repeat, so the machine's other load falls on all three alike (barrier before each run)."""
     import torch.distributed as dist
 
     c10d = torch.ops._c10d_functional
@@ -114,29 +115,25 @@ def comm_overlap(world: int, group: str, repeats: int = 7) -> tuple[float, float
         for _ in range(k):
             torch.mm(a, b)
 
-    def timed(fn):
-        times = []
-        for _ in range(repeats):
-            dist.barrier()
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    comm()
-    t_comm = timed(comm)
-    one = _median_time(lambda: compute(1))
-    k = torch.tensor([max(1, round(t_comm / one))])
-    dist.all_reduce(k, op=dist.ReduceOp.MAX)  # every rank runs the same loop
-    k = int(k)
-    t_compute = timed(lambda: compute(k))
+    def once(fn):
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
 
     def both():
         y = c10d.all_gather_into_tensor(x, world, group)
         compute(k)
         c10d.wait_tensor(y)
 
-    t_both = timed(both)
+    comm()
+    t_comm = statistics.median(once(comm) for _ in range(repeats))
+    one = _median_time(lambda: compute(1))
+    k = torch.tensor([max(1, round(t_comm / one))])
+    dist.all_reduce(k, op=dist.ReduceOp.MAX)  # every rank runs the same loop
+    k = int(k)
+    runs = [(once(comm), once(lambda: compute(k)), once(both)) for _ in range(repeats)]  # interleaved: same load
+    t_comm, t_compute, t_both = (statistics.median(r[i] for r in runs) for i in range(3))
     hidden = (t_comm + t_compute - t_both) / min(t_comm, t_compute)
     return min(1.0, max(0.0, hidden)), t_comm, t_compute, t_both
 
