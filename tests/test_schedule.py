@@ -123,7 +123,8 @@ def _weight_gathers(p: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.Node]]
     pos = {n: i for i, n in enumerate(nodes)}
     const = set()
     for n in nodes:
-        if n.op == "get_attr" or (n.op == "call_function" and n.all_input_nodes and all(a in const for a in n.all_input_nodes)):
+        if n.op == "get_attr" or (n.op == "call_function" and n.all_input_nodes
+                                  and all(a in const for a in n.all_input_nodes)):
             const.add(n)
     out = []
     for n in nodes:
