@@ -6,6 +6,9 @@ large token count:
   * every distinct member of the layout family on the mesh × attention in (heads, batch): planned with
     forced layouts on `cpu-local`, emitted per rank, checked against the unsharded model on rank 0, then
     timed (a step is the slowest rank's time; median over runs) and its collective bytes per chip counted
+  * each layout with and without the overlap schedule (passes/schedule.py): the scheduled and the
+    unscheduled rank programs (same ops, same bytes, only their order differs) timed in alternation, run by
+    run, so both see the same machine load (`--no-unscheduled`: only the scheduled one)
   * the ranking the measurements give next to the one `plan.totals.latency` predicts (Spearman's rho)
   * the planner's own choice (no forced layouts) and its regret: measured(chosen) / best measured
   * the same model under DTensor tensor parallelism (parallelize_module, Colwise q/k/v/gate/up,
@@ -118,6 +121,26 @@ def timed_runs(fn, runs: int, warmup: int) -> list[float]:
     return out
 
 
+def timed_pair(fns, runs: int, warmup: int) -> list[list[float]]:
+    """`timed_runs` for several programs, interleaved run by run (the order rotating), so a burst of load
+    from the machine's other jobs falls on all of them alike."""
+    import torch.distributed as dist
+
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    out = [[] for _ in fns]
+    for i in range(runs):
+        for j in [(i + k) % len(fns) for k in range(len(fns))]:
+            dist.barrier()
+            t0 = time.perf_counter()
+            fns[j]()
+            dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+            out[j].append(float(dt))
+    return out
+
+
 def agreed(ok: bool, message: str) -> tuple[bool, str]:
     """Rank 0's verdict on every rank (only rank 0 compares with the unsharded model)."""
     import torch.distributed as dist
@@ -164,7 +187,7 @@ class CollectiveCounter(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def bench_shardwise(model, ids, rank: int, runs: int, warmup: int, log) -> dict:
+def bench_shardwise(model, ids, rank: int, runs: int, warmup: int, log, unscheduled: bool = True) -> dict:
     import shardwise
     from shardwise.drivers.accounting import predicted
     from shardwise.errors import LayoutError, PlanError
@@ -197,11 +220,26 @@ def bench_shardwise(model, ids, rank: int, runs: int, warmup: int, log) -> dict:
             run_recorded(program.program, plan.program.flat_inputs((ids,), {}), trace)
             row["bytes"] = sum(e.bytes for e in trace.collectives)
             row["collectives"] = len(trace.collectives)
+            fns = [program]
+            if unscheduled:
+                plain = plan.emit(rank, schedule=False)
+                out2 = plain(ids)
+                same, _ = agreed(bool(torch.equal(out2, out)), "")  # bitwise: only the order changed
+                row["unscheduled_equal"] = same
+                trace2 = Trace()
+                run_recorded(plain.program, plan.program.flat_inputs((ids,), {}), trace2)
+                row["unscheduled_bytes"] = sum(e.bytes for e in trace2.collectives)
+                fns.append(plain)
             if row["correct"]:
-                row["times"] = timed_runs(lambda: program(ids), runs, warmup)
-                row["measured_s"] = statistics.median(row["times"])
+                times = timed_pair([lambda f=f: f(ids) for f in fns], runs, warmup)
+                row["times"] = times[0]
+                row["measured_s"] = statistics.median(times[0])
+                if unscheduled:
+                    row["unscheduled_times"] = times[1]
+                    row["unscheduled_s"] = statistics.median(times[1])
         log(f"  {name:<18} predicted {row['predicted_s'] * 1e3:9.2f} ms   measured "
-            + (f"{row['measured_s'] * 1e3:9.2f} ms" if row["correct"] else "WRONG (" + row["check"] + ")"))
+            + (f"{row['measured_s'] * 1e3:9.2f} ms" if row["correct"] else "WRONG (" + row["check"] + ")")
+            + (f"   unscheduled {row['unscheduled_s'] * 1e3:9.2f} ms" if row.get("unscheduled_s") else ""))
         rows.append(row)
         del program, plan
         gc.collect()
@@ -278,7 +316,7 @@ def worker(args) -> None:
     t_start = time.perf_counter()
     for (b, l), ids in zip(counts, ids_list):
         log(f"shardwise layouts at batch {b} × seq {l} = {b * l} tokens")
-        case = bench_shardwise(model, ids, rank, args.runs, args.warmup, log)
+        case = bench_shardwise(model, ids, rank, args.runs, args.warmup, log, not args.no_unscheduled)
         case["tokens"] = [b, l]
         result["cases"].append(case)
     log("DTensor tensor parallelism")
@@ -316,16 +354,18 @@ def table(case: dict) -> list[str]:
     timed = [r for r in rows if r.get("measured_s") is not None]
     pr = dict(zip((r["layout"] for r in timed), average_ranks([r["predicted_s"] for r in timed])))
     mr = dict(zip((r["layout"] for r in timed), average_ranks([r["measured_s"] for r in timed])))
-    head = (f"{'layout':<18} {'predicted ms':>13} {'measured ms':>12} {'bytes/chip':>13} {'pred rank':>10} "
-            f"{'meas rank':>10} {'meas/pred':>10}")
+    head = (f"{'layout':<18} {'predicted ms':>13} {'measured ms':>12} {'unsched ms':>11} {'sched/un':>9} "
+            f"{'bytes/chip':>13} {'pred rank':>10} {'meas rank':>10} {'meas/pred':>10}")
     lines = [head, "-" * len(head)]
     for r in sorted(rows, key=lambda r: r.get("measured_s", float("inf"))):
         if r.get("measured_s") is None:
-            lines.append(f"{r['layout']:<18} {r['predicted_s'] * 1e3:13.2f} {'WRONG':>12} {fmt_bytes(r['bytes']):>13}"
-                         f"   not timed: {r['check']}")
+            lines.append(f"{r['layout']:<18} {r['predicted_s'] * 1e3:13.2f} {'WRONG':>12} {'':>11} {'':>9} "
+                         f"{fmt_bytes(r['bytes']):>13}   not timed: {r['check']}")
             continue
+        un = r.get("unscheduled_s")
         lines.append(f"{r['layout']:<18} {r['predicted_s'] * 1e3:13.2f} {r['measured_s'] * 1e3:12.2f} "
-                     f"{fmt_bytes(r['bytes']):>13} {pr[r['layout']]:10.1f} {mr[r['layout']]:10.1f} "
+                     + (f"{un * 1e3:11.2f} {r['measured_s'] / un:9.3f} " if un else f"{'-':>11} {'-':>9} ")
+                     + f"{fmt_bytes(r['bytes']):>13} {pr[r['layout']]:10.1f} {mr[r['layout']]:10.1f} "
                      f"{r['measured_s'] / r['predicted_s']:10.2f}")
     for s in case["skipped"]:
         lines.append(f"{s['layout']:<18} skipped: {s['reason']}")
@@ -351,6 +391,16 @@ def report(res: dict, small: str, large: str) -> None:
         timed = [r for r in case["rows"] if r.get("measured_s") is not None]
         rho = spearman([r["predicted_s"] for r in timed], [r["measured_s"] for r in timed])
         print(f"\nSpearman's rho (predicted vs measured step time, {len(timed)} layouts): {rho:+.3f}")
+        paired = [r for r in timed if r.get("unscheduled_s")]
+        if paired:
+            ratios = sorted(r["measured_s"] / r["unscheduled_s"] for r in paired)
+            print(f"overlap schedule: scheduled / unscheduled step time over {len(paired)} layouts: median "
+                  f"{statistics.median(ratios):.3f} (min {ratios[0]:.3f}, max {ratios[-1]:.3f}); "
+                  + ("outputs bitwise equal" if all(r.get("unscheduled_equal") for r in paired) else
+                     "outputs DIFFER for " + ", ".join(r["layout"] for r in paired if not r.get("unscheduled_equal")))
+                  + "; " + ("bytes unchanged" if all(r["unscheduled_bytes"] == r["bytes"] for r in paired) else
+                            "bytes CHANGED for " + ", ".join(r["layout"] for r in paired
+                                                             if r["unscheduled_bytes"] != r["bytes"])))
         best = min(timed, key=lambda r: r["measured_s"])
         mism = [r["layout"] for r in case["rows"] if r["predicted_bytes"] != r["bytes"]]
         print("bytes/chip as executed equal the plan's prediction for every layout" if not mism else
@@ -392,6 +442,8 @@ def main() -> None:
     ap.add_argument("--large", default="8x128", help="large token count, BATCHxSEQ (default 8x128)")
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--no-unscheduled", action="store_true",
+                    help="time only the scheduled programs (default: also each layout without the overlap schedule)")
     args = ap.parse_args()
     if args.worker:
         worker(args)
@@ -406,6 +458,8 @@ def main() -> None:
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                "-m", "shardwise.benchmarks.bench_layouts", "--worker", "--out", str(out),
                "--small", args.small, "--large", args.large, "--runs", str(args.runs), "--warmup", str(args.warmup)]
+        if args.no_unscheduled:
+            cmd.append("--no-unscheduled")
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         print(f"launching {NPROC} ranks: {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()

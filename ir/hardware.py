@@ -9,6 +9,12 @@ Interconnect: a chip sends at most `link_bandwidth` bytes/s (all its links); on 
 can also be limited by the links of the axes it spans (`axis_bandwidth` per axis, so a group over two
 axes gets twice one axis's links). None means axes do not limit it: behind a switch (NVLink/NVSwitch)
 any group reaches the chip's full bandwidth.
+
+Overlap: with `weight_prefetch`, weight all-gathers are issued ahead of use (the emitted programs do:
+passes/schedule.py), and `comm_overlap` (0..1) is the fraction of their time that the compute running
+meanwhile hides. cpu-local measures it (`runtime/calibrate.py`: gloo's thread against single-threaded
+ranks sharing the cores); the TPU and GPU profiles assume 1 (DMA engines and links move the data while
+the cores compute; TPU v4's fit was made with full overlap), which is not measured.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ class Hardware:
     topology: Literal["torus", "switch"] = "torus"
     collective_latency: float = 10e-6  # seconds per collective, whatever its size and group
     hop_latency: float = 0.0  # seconds per ring step: a collective over g chips takes g − 1 steps
-    weight_prefetch: bool = True  # weight all-gathers overlap compute (issued ahead of use, async DMA)
+    weight_prefetch: bool = True  # weight all-gathers are issued ahead of use (passes/schedule.py, async DMA)
+    comm_overlap: float = 1.0  # fraction of a prefetched gather's time that compute running meanwhile hides
     flops_efficiency: float = 1.0  # achievable fraction of peak in large matmuls
     hbm_efficiency: float = 1.0  # achievable fraction of HBM bandwidth
     call_overhead: float = 0.0  # seconds one matmul call costs beyond its FLOPs and bytes (launch, dispatch)
@@ -80,12 +87,14 @@ TPU_V4 = Hardware(
         "collective_latency": "2 µs per collective: same fit",
         "hop_latency": "0.5 µs per ring step (g − 1 steps for g chips): same fit",
         "call_overhead": "0: not fitted (PaLM has no experts, and XLA compiles an experts' loop into one program)",
+        "comm_overlap": "1: assumed (prefetched weight gathers fully hidden, as the fit above assumed), not measured",
     },
 )
 # GPUs: published figures; no published rows to fit against, so the efficiencies and latencies are
 # assumed (TPU v4's fitted efficiencies, NVLink-class latencies), not fitted.
 _ASSUMED = {"flops_efficiency": 0.75, "hbm_efficiency": 0.7, "link_efficiency": 0.7, "collective_latency": 5e-6,
-            "hop_latency": 1e-6, "call_overhead": 5e-6}  # call: a CUDA kernel launch and a small GEMM's tail
+            "hop_latency": 1e-6, "call_overhead": 5e-6,  # call: a CUDA kernel launch and a small GEMM's tail
+            "comm_overlap": 1.0}  # NCCL/DMA moves prefetched weights while the SMs compute: assumed fully hidden
 _ASSUMED_NOTE = {k: "assumed, not fitted (no published rows)" for k in _ASSUMED}
 A100_80G = Hardware(
     name="a100-80g", peak_flops=312e12, hbm_bytes=80e9, hbm_bandwidth=2039e9, link_bandwidth=300e9,

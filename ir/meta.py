@@ -66,6 +66,9 @@ IO_LAYOUTS = _declare("sw_io_layouts", G, "builtins.dict",
 UNKNOWN = _declare("sw_unknown_ops", G, "builtins.list",
                    "ops with no layout rule, run on replicated inputs (UnknownOp records)")
 PLAN = _declare("sw_plan", G, "shardwise.ir.plan.Plan", "the Plan record summarize made of the graph")
+RANK_BLOCKS = _declare("sw_rank_blocks", G, "builtins.dict",
+                       "on a rank program (emit): its node name → the block (repeated module, layers.3) of the "
+                       "global-view op it lowers, or None; passes/schedule.py bounds weight prefetch by it")
 PROTOTYPE_NOTE = _declare("sw_prototype_note", G, "builtins.str",
                           "a one-block prototype: how the model's blocks differ from it ('' where they do not)")
 

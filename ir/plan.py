@@ -341,18 +341,20 @@ class Plan:
         return max(self.runs, key=lambda r: r.count, default=None)
 
     # ------------------------------------------------------------------------------------ use
-    def emit(self, rank: int, *, group_name=None, weights=None, device=None):
+    def emit(self, rank: int, *, group_name=None, weights=None, device=None, schedule: bool | None = None):
         """Rank `rank`'s program (an nn.Module holding only its shards) for the real process groups.
 
         `weights`: a WeightSource to read shards from (default: the captured model's tensors);
-        `device`: where to run, when the plan was captured on the meta device.
+        `device`: where to run, when the plan was captured on the meta device;
+        `schedule`: False emits each collective waited where it is lowered, without the overlap schedule
+        (passes/schedule.py; default: the program's setting, on).
         """
         if self.program is None:
             raise ShardwiseError(
                 "this Plan has no program attached (it was loaded from JSON): re-plan with "
                 "shardwise.plan(model, args, layouts=...) to emit"
             )
-        return self.program.emit(rank, group_name=group_name, weights=weights, device=device)
+        return self.program.emit(rank, group_name=group_name, weights=weights, device=device, schedule=schedule)
 
     @property
     def collectives(self) -> list[CollectiveRecord]:

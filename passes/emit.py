@@ -30,10 +30,11 @@ import torch.nn as nn
 from ..errors import TokenIdError
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
-from ..ir.meta import COLLECTIVE, DISPATCH, FUSED_NORM, LAYERS, LAYOUT, SIGNATURE, STATE
+from ..ir.meta import COLLECTIVE, DISPATCH, FUSED_NORM, LAYERS, LAYOUT, RANK_BLOCKS, SIGNATURE, STATE
 from ..runtime.lower import RankEnv, lower_dispatch, lower_step
 from ..runtime.quantize import check_quantize, int8_addmm, int8_linear, int8_mm, quantize_rows, row_scales, scales_of
 from ..runtime.weights import StateSource, WeightSource, shard_index
+from .find_layers import block_of
 from .graph_utils import is_experts_ffn, is_moe_ffn, signature
 from .insert_collectives import REDISTRIBUTE_OPS, dispatch_steps
 from .pipeline import graph_pass
@@ -59,7 +60,7 @@ def local_shape(node: fx.Node, mesh: Mesh) -> tuple[int, ...]:
     return node.meta[LAYOUT].local_shape(tuple(node.meta["val"].shape), mesh)
 
 
-@graph_pass(needs=(SIGNATURE, STATE, LAYOUT))
+@graph_pass(needs=(SIGNATURE, STATE, LAYOUT), makes=(RANK_BLOCKS,))
 def emit(
     gm: fx.GraphModule,
     mesh: Mesh,
@@ -141,6 +142,8 @@ def emit(
             raise NotImplementedError(f"emit: unexpected {node.op} node {node.format_node()}")
     g.lint()
     program = fx.GraphModule(root, g, class_name="RankProgram")
+    program.meta[RANK_BLOCKS] = {v.name: block_of(n) for n, v in vals.items()
+                                 if n.op == "call_function" and isinstance(v, fx.Node)}
     return program
 
 

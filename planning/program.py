@@ -25,6 +25,7 @@ from ..passes.emit import emit
 from ..passes.find_layers import find_layers
 from ..passes.graph_utils import signature
 from ..passes.pipeline import Pass, run_pipeline
+from ..passes.schedule import DEFAULT_PREFETCH_BYTES, schedule as schedule_pass
 from ..runtime.lower import shard_tensor
 from ..runtime.simulate import Trace, run_lockstep, sim_group_name
 from ..runtime.weights import shard_index
@@ -39,9 +40,15 @@ def prepare(gm: fx.GraphModule) -> fx.GraphModule:
     return run_pipeline(gm, [Pass(canonicalize), Pass(find_layers)])
 
 
-def emit_rank(gm: fx.GraphModule, mesh: Mesh, rank: int, **kw) -> fx.GraphModule:
-    """Rank `rank`'s program of a planned graph, through the pipeline (`emit`'s keyword arguments)."""
-    return run_pipeline(gm, [Pass(emit, mesh, rank, **kw)])
+def emit_rank(gm: fx.GraphModule, mesh: Mesh, rank: int, *, schedule: bool = True,
+              prefetch_bytes: int = DEFAULT_PREFETCH_BYTES, **kw) -> fx.GraphModule:
+    """Rank `rank`'s program of a planned graph, through the pipeline (`emit`'s keyword arguments), then
+    scheduled for overlap (passes/schedule.py; `schedule=False`: each collective waited right away, as
+    lowered; `prefetch_bytes`: gathered weight bytes allowed in flight ahead of use)."""
+    passes = [Pass(emit, mesh, rank, **kw)]
+    if schedule:
+        passes.append(Pass(schedule_pass, prefetch_bytes=prefetch_bytes))
+    return run_pipeline(gm, passes)
 
 
 class PlannedCall:
@@ -135,10 +142,16 @@ class Program:
     `quantize`: the weight dtype the plan was made for (`Plan.settings.weights`, the planner's
     `weight_dtype`); "int8" emits rank programs holding projection weights as int8 with per-output-row
     scales and multiplying them as such (passes/emit.py, runtime/quantize.py); anything else (None,
-    "bf16", ...) keeps the weights in the captured dtype. It may be set after construction."""
+    "bf16", ...) keeps the weights in the captured dtype. It may be set after construction.
 
-    def __init__(self, gm: fx.GraphModule, mesh: Mesh, weights=None, quantize: str | None = None):
+    `schedule`: rank programs are reordered so collectives overlap compute (passes/schedule.py); False
+    emits each collective waited right where it is lowered (to compare). It may be set after construction,
+    and `emit(rank, schedule=...)` overrides it for one rank program."""
+
+    def __init__(self, gm: fx.GraphModule, mesh: Mesh, weights=None, quantize: str | None = None,
+                 schedule: bool = True):
         self.gm, self.mesh = gm, mesh
+        self.schedule = schedule
         self.sig = signature(gm)
         self.call = PlannedCall(gm)
         self.weights = weights
@@ -146,20 +159,22 @@ class Program:
         self.bytes_read: dict[int, int] = {}
         self._scales: dict = {}  # per-row int8 scales, shared by the ranks emitted in this process
 
-    def emit(self, rank: int, *, group_name: Callable | None = None, weights=None, device=None) -> ShardedModule:
-        """Rank `rank`'s program; by default on the real process groups of the current world."""
+    def emit(self, rank: int, *, group_name: Callable | None = None, weights=None, device=None,
+             schedule: bool | None = None) -> ShardedModule:
+        """Rank `rank`'s program; by default on the real process groups of the current world.
+        `schedule`: overlap collectives with compute (default: the Program's `schedule`)."""
         if group_name is None:
             from ..runtime.distributed import mesh_groups
 
             group_name = mesh_groups(self.mesh)
-        prog = self._emit(rank, group_name, weights, device)
+        prog = self._emit(rank, group_name, weights, device, schedule)
         return ShardedModule(prog, self.call, self.sig.out_spec, self.input_layouts(), self.mesh, rank)
 
-    def _emit(self, rank: int, group_name, weights, device) -> fx.GraphModule:
+    def _emit(self, rank: int, group_name, weights, device, schedule: bool | None = None) -> fx.GraphModule:
         """Rank `rank`'s graph, its shards read from `weights`, else from the program's own source (counted)."""
-        q = {}
+        q = {"schedule": self.schedule if schedule is None else schedule}
         if self.quantize:  # scales shared across ranks only when read from the same in-memory tensors
-            q = {"quantize": self.quantize, "scales": self._scales if weights is None and self.weights is None else {}}
+            q |= {"quantize": self.quantize, "scales": self._scales if weights is None and self.weights is None else {}}
         if weights is not None or self.weights is None:
             return emit_rank(self.gm, self.mesh, rank, group_name=group_name, weights=weights, device=device, **q)
         source = self.weights.fresh()

@@ -6,6 +6,11 @@ real ranks do (torchrun, OMP_NUM_THREADS=1). So every figure is measured by ever
   hbm_bandwidth   bytes/s of one rank's large tensor copy (read + write), median over ranks
   link_bandwidth  gloo all-gather over the `ranks` processes on 127.0.0.1: the slope of time vs wire
   collective_latency   bytes, fitted by least squares over message sizes from 4 KiB to 16 MiB
+  comm_overlap    how much of a gloo all-gather (4 MiB out) a matmul loop of about the same length, run
+                  while the gather is in flight (started, computed, then waited), hides: (t_comm + t_compute −
+                  t_both) / min(t_comm, t_compute), clamped to 0..1, median over repeats and ranks. gloo runs
+                  collectives on its own threads, so overlap is possible in principle, but with more ranks
+                  than cores its threads compete with the ranks' compute
 The efficiencies are 1: these are what this machine achieves, not peaks to discount. Saved as JSON
 (shardwise/ir/hardware.py reads it for --hardware cpu-local); the profile describes `ranks` ranks.
 """
@@ -80,15 +85,62 @@ def _gloo_worker(rank: int, world: int, port: int, out) -> None:
 
         dist.barrier()
         results.append((size, _median_time(step, repeats=9)))
+    overlap = comm_overlap(world, group)
+    overlaps = [None] * world
+    dist.all_gather_object(overlaps, overlap)
     if rank == 0:
-        out.put((results, per_rank))
+        out.put((results, per_rank, overlaps))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def measure_ranks(ranks: int) -> tuple[float, float, list[tuple[int, float]], list[tuple[float, float]]]:
-    """(latency s, bandwidth bytes/s, raw (output bytes, seconds)) of gloo all-gather on loopback, and
-    each rank's (matmul FLOP/s, copy bytes/s) measured while all ranks run."""
+OVERLAP_BYTES = 4 << 20  # the all-gather's output in the overlap measurement
+
+
+def comm_overlap(world: int, group: str, repeats: int = 7) -> tuple[float, float, float, float]:
+    """(hidden fraction, t_comm, t_compute, t_both) on this rank, every rank running it at once: a gloo
+    all-gather alone, a matmul loop of about its length alone, and the two together (the gather started,
+    the loop run, then the gather waited), each the median of `repeats`; the three run in turn in each
+    repeat, so the machine's other load falls on all three alike (barrier before each run)."""
+    import torch.distributed as dist
+
+    c10d = torch.ops._c10d_functional
+    x = torch.ones(OVERLAP_BYTES // 4 // world)
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+
+    def comm():
+        c10d.wait_tensor(c10d.all_gather_into_tensor(x, world, group))
+
+    def compute(k):
+        for _ in range(k):
+            torch.mm(a, b)
+
+    def once(fn):
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    def both():
+        y = c10d.all_gather_into_tensor(x, world, group)
+        compute(k)
+        c10d.wait_tensor(y)
+
+    comm()
+    t_comm = statistics.median(once(comm) for _ in range(repeats))
+    one = _median_time(lambda: compute(1))
+    k = torch.tensor([max(1, round(t_comm / one))])
+    dist.all_reduce(k, op=dist.ReduceOp.MAX)  # every rank runs the same loop
+    k = int(k)
+    runs = [(once(comm), once(lambda: compute(k)), once(both)) for _ in range(repeats)]  # interleaved: same load
+    t_comm, t_compute, t_both = (statistics.median(r[i] for r in runs) for i in range(3))
+    hidden = (t_comm + t_compute - t_both) / min(t_comm, t_compute)
+    return min(1.0, max(0.0, hidden)), t_comm, t_compute, t_both
+
+
+def measure_ranks(ranks: int) -> tuple[float, float, list[tuple[int, float]], list[tuple[float, float]], list]:
+    """(latency s, bandwidth bytes/s, raw (output bytes, seconds)) of gloo all-gather on loopback, each
+    rank's (matmul FLOP/s, copy bytes/s) measured while all ranks run, and each rank's `comm_overlap`."""
     import torch.multiprocessing as mp
 
     from .distributed import free_port
@@ -96,18 +148,19 @@ def measure_ranks(ranks: int) -> tuple[float, float, list[tuple[int, float]], li
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
     mp.start_processes(_gloo_worker, args=(ranks, free_port(), q), nprocs=ranks, join=True, start_method="spawn")
-    raw, per_rank = q.get()
+    raw, per_rank, overlaps = q.get()
     wire = [size * (ranks - 1) / ranks for size, _ in raw]
     t = [s for _, s in raw]
     n = len(wire)
     mx, my = sum(wire) / n, sum(t) / n
     slope = sum((a - mx) * (b - my) for a, b in zip(wire, t)) / sum((a - mx) ** 2 for a in wire)
     latency = max(my - slope * mx, 0.0)
-    return latency, 1.0 / slope, raw, per_rank
+    return latency, 1.0 / slope, raw, per_rank, overlaps
 
 
 def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Path]:
-    latency, link, raw, per_rank = measure_ranks(ranks)
+    latency, link, raw, per_rank, overlaps = measure_ranks(ranks)
+    overlap = statistics.median(o[0] for o in overlaps)
     flops = statistics.median(r[0] for r in per_rank)
     bandwidth = statistics.median(r[1] for r in per_rank)
     call = statistics.median(r[2] for r in per_rank)
@@ -116,7 +169,8 @@ def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Pa
     hw = Hardware(
         name=CPU_LOCAL, peak_flops=flops, hbm_bytes=float(ram), hbm_bandwidth=bandwidth, link_bandwidth=link,
         topology="switch", collective_latency=latency, hop_latency=0.0, call_overhead=call,
-        weight_prefetch=False,  # gloo runs on the cores that compute: nothing overlaps here
+        weight_prefetch=True,  # emitted programs issue weight gathers ahead of use (passes/schedule.py) ...
+        comm_overlap=overlap,  # ... and this much of them the compute meanwhile hides here, measured
         source=f"measured by `shardwise calibrate` on {socket.gethostname()} at {when}: {ranks} single-threaded "
                f"ranks running at once, gloo on loopback",
         fitted={
@@ -130,6 +184,11 @@ def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Pa
             "link_bandwidth": "slope of gloo all-gather time vs wire bytes, "
                               + ", ".join(f"{s >> 10} KiB: {t * 1e6:.0f} µs" for s, t in raw),
             "collective_latency": "intercept of the same least-squares fit",
+            "comm_overlap": f"a {OVERLAP_BYTES >> 20} MiB gloo all-gather with a 256³ matmul loop of about its length "
+                            f"run while it is in flight, all ranks at once: hidden = (comm + compute − both) / "
+                            f"min(comm, compute), median over ranks; per rank (hidden, comm ms, compute ms, both ms) "
+                            + ", ".join(f"({o[0]:.2f}, {o[1] * 1e3:.1f}, {o[2] * 1e3:.1f}, {o[3] * 1e3:.1f})"
+                                        for o in overlaps),
         },
     )
     path = path or cpu_local_path()

@@ -18,11 +18,15 @@ For one layer under one layout, on a `Hardware` profile (PAPER.md, DESIGN.md):
              (passes/fuse_collectives.py) pay the fixed terms (latency, ring steps) once: every member
              after the first is `Comm(fused=True)` and adds only its wire bytes / bandwidth; an uneven
              all-to-all (a mixture's dispatch) moves the busiest chip's rows: its bytes term × `load`
-  time     = max(compute, memory, weight comm) + activation comm      (hw.weight_prefetch)
-             weights do not depend on the data, so a weight-gathered layout's weight all-gathers can be
-             issued ahead of use and overlap compute (the paper's system does; the TPU v4 fit assumes
-             it); activation collectives sit on the critical path. Without prefetch (cpu-local: gloo
-             shares the cores, and emitted programs gather just before use) all comm adds up.
+  time     = busy + weight comm − hidden + activation comm               (hw.weight_prefetch)
+             busy = max(compute, memory), hidden = hw.comm_overlap · min(weight comm, busy)
+             weights do not depend on the data, so a weight-gathered layout's weight all-gathers are
+             issued ahead of use (passes/schedule.py; the paper's system does too) and overlap compute;
+             `comm_overlap` is the fraction of that overlap the hardware really gets: 1 on the TPU and
+             GPU profiles (assumed; then time = max(compute, memory, weight comm) + activation comm, as
+             the TPU v4 fit assumes), measured by `calibrate` for cpu-local (gloo's thread competes with
+             the ranks for the cores). Activation collectives sit on the critical path. Without prefetch
+             all comm adds up.
              With `overlap`, all communication overlaps: max(compute, memory, comm).
 Byte counts use the planned precisions (bf16 or int8 weights, bf16 activations and KV cache), not the
 dtype the model was captured in. Memory per chip (weights at rest + KV cache) must fit in HBM.
@@ -89,7 +93,11 @@ class LayerCost:
         if overlap:
             time = max(compute, memory, weight + act)
         elif hw.weight_prefetch:
-            time = max(compute, memory, weight) + act
+            busy = max(compute, memory)
+            if hw.comm_overlap >= 1.0:  # the same number as busy + weight − min(weight, busy), without rounding
+                time = max(busy, weight) + act
+            else:
+                time = busy + weight - hw.comm_overlap * min(weight, busy) + act
         else:
             time = max(compute, memory) + weight + act
         return {"compute": compute, "memory": memory, "comm": weight + act, "time": time}

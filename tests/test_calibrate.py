@@ -12,6 +12,8 @@ def test_calibrate_writes_a_profile_the_planner_uses(tmp_path, monkeypatch):
     assert loaded == hw
     # measured, so positive and plausible for a CPU: GFLOP/s to TFLOP/s, a loopback link slower than memory
     assert 1e9 < hw.peak_flops < 1e14 and hw.link_bandwidth < hw.hbm_bandwidth and hw.collective_latency >= 0
+    # the overlap of a gloo gather with compute: a fraction, with the timings it came from
+    assert 0.0 <= hw.comm_overlap <= 1.0 and hw.weight_prefetch and "comm_overlap" in hw.fitted
     plan = shardwise.plan("llama-tiny", mesh="1x1x2", hardware="cpu-local")
     assert plan.hardware == "cpu-local" and plan.totals.latency > 0
 

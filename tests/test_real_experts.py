@@ -20,7 +20,6 @@ their experts' pieces from the files, about 1/4 of the checkpoint, and generate 
 """
 
 import pytest
-import torch
 
 import shardwise
 
