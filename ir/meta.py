@@ -105,6 +105,8 @@ STEP = _declare("sw_step", N, "shardwise.ir.collective.Collective",
                 "on a lowered collective op of a rank program: the Collective it runs")
 GLOBAL = _declare("sw_global", N, "builtins.str",
                   "on a lowered collective op: the name of the global-view node it lowers")
+LOOP = _declare("sw_loop", N, "builtins.tuple",
+                "on a ring step of a looped collective matmul (passes/collective_matmul.py): (the collective kind its loop performs, the group size, whether it is the loop's first step)")
 
 
 def declared(name: str) -> MetaKey:

@@ -166,6 +166,7 @@ class Settings:
     weights: str = "as captured"  # weight precision planned for (bf16, int8, ...)
     kv: str = "as captured"
     overlap: bool = False
+    collective_matmul: bool = False  # collectives over a matmul's last dim run as looped collective matmuls
     requested: dict[str, str] = field(default_factory=dict)  # layouts forced by layer kind
     context: int | None = None  # decode: the KV-cache length planned for
 
@@ -341,20 +342,24 @@ class Plan:
         return max(self.runs, key=lambda r: r.count, default=None)
 
     # ------------------------------------------------------------------------------------ use
-    def emit(self, rank: int, *, group_name=None, weights=None, device=None, schedule: bool | None = None):
+    def emit(self, rank: int, *, group_name=None, weights=None, device=None, schedule: bool | None = None,
+             collective_matmul: bool | None = None):
         """Rank `rank`'s program (an nn.Module holding only its shards) for the real process groups.
 
         `weights`: a WeightSource to read shards from (default: the captured model's tensors);
         `device`: where to run, when the plan was captured on the meta device;
         `schedule`: False emits each collective waited where it is lowered, without the overlap schedule
-        (passes/schedule.py; default: the program's setting, on).
+        (passes/schedule.py; default: the program's setting, on);
+        `collective_matmul`: True runs collectives over a matmul's contracted or produced last dim as the
+        paper's looped collective matmul (passes/collective_matmul.py; default: the program's setting, off).
         """
         if self.program is None:
             raise ShardwiseError(
                 "this Plan has no program attached (it was loaded from JSON): re-plan with "
                 "shardwise.plan(model, args, layouts=...) to emit"
             )
-        return self.program.emit(rank, group_name=group_name, weights=weights, device=device, schedule=schedule)
+        return self.program.emit(rank, group_name=group_name, weights=weights, device=device, schedule=schedule,
+                                 collective_matmul=collective_matmul)
 
     @property
     def collectives(self) -> list[CollectiveRecord]:

@@ -19,6 +19,7 @@ from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..ir.meta import IN_LAYOUTS, LAYERS, LAYOUT
 from ..passes.attribute import OUTPUT, Attribution
+from ..passes.collective_matmul import looped_steps
 from ..passes.fuse_collectives import plan_fusions
 from ..passes.graph_utils import MATMULS, expert_weight, is_experts_ffn, is_grouped_mm, routed_rows, signature
 from ..passes.insert_collectives import Conversion
@@ -128,8 +129,11 @@ def experts_notes(gm: fx.GraphModule, mesh: Mesh) -> dict[str, str]:
     return out
 
 
-def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], precision: Precision) -> dict[str, LayerCost]:
-    """Cost ingredients of every layer of a propagated graph (plus "output" for what no layer owns)."""
+def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], precision: Precision, *,
+                loop: bool = False) -> dict[str, LayerCost]:
+    """Cost ingredients of every layer of a propagated graph (plus "output" for what no layer owns).
+    `loop`: the program runs looped collective matmuls (passes/collective_matmul.py; not over int8
+    matmuls): the collectives it loops are priced as such."""
     layers = gm.meta[LAYERS]
     attribution = Attribution(layers)
     sig = signature(gm)
@@ -167,7 +171,10 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
         if node.target is aten.index_copy.default and node.args[0].op == "placeholder" and node.args[0].name in io_inputs:
             cache = node.args[0]  # the step reads the whole cache it attends over
             c.kv_bytes += _local_numel(cache, cache.meta[LAYOUT], mesh) * size("kv", cache)
-    riders = {id(c) for f in plan_fusions(gm, conversions) for c in f.members[1:]}
+    fusions = plan_fusions(gm, conversions)
+    riders = {id(c) for f in fusions for c in f.members[1:]}
+    fused = {id(c) for f in fusions for c in f.members}
+    looped = looped_steps(conversions, mesh, fused) if loop and precision.weights != "int8" else {}
     for conv in conversions:
         owner = attribution.owner(conv.src, conv.first_consumer)
         is_weight = conv.src.op == "placeholder" and conv.src.name in sig.params
@@ -176,8 +183,9 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
         if conv.inside:  # an all-to-all dispatch: the busiest chip receives (and returns) its experts' rows
             node = conv.first_consumer
             load = expert_load(dims.get(owner, {}), routed_rows(node), experts_groups(node, mesh)[0]).imbalance
+        loops = looped.get(id(conv), ())
         costs[owner].comm.extend(Comm(s, itemsize, is_weight, fused=i == 0 and id(conv) in riders,
-                                      load=load if s.kind == "all_to_all" else 1.0)
+                                      load=load if s.kind == "all_to_all" else 1.0, looped=i in loops)
                                  for i, s in enumerate(conv.steps))
     return costs
 

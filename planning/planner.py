@@ -136,6 +136,7 @@ def plan(
     kv_dtype: str | None = None,
     objective: str = "latency",
     overlap: bool = False,
+    collective_matmul: bool = False,
     strict: bool = False,
 ) -> Plan:
     """Plan `model` on `mesh` (or the best mesh of `chips`): a layout per layer, chosen by cost.
@@ -149,12 +150,16 @@ def plan(
     `model` may be a preset name (see shardwise.models.PRESETS), or the path of a Hugging Face checkpoint
     directory: planned on the meta device, in the checkpoint's dtype, its program reading each rank's
     shards from the checkpoint's files (`plan.program.bytes_read` says how many bytes each rank read).
+    `collective_matmul`: a layout option, the paper's looped collective matmul: where an all-gather feeds
+    matmuls over their contracted last dim, or a matmul feeds a reduce-scatter of its output's last dim,
+    the program runs a ring of g − 1 steps beside partial matmuls (passes/collective_matmul.py), and the
+    cost model prices the overlap with the profile's measured `comm_overlap`.
     """
     phase, objective = Phase.parse(phase, "phase"), Objective.parse(objective, "objective")
     request, notes = parse_layouts(layouts), []
     q = Question(meshes=_meshes(mesh, chips, objective, request, notes), hw=get_hardware(hardware),
                  precision=Precision(weights=weight_dtype, kv=kv_dtype), objective=objective, overlap=overlap,
-                 request=request, phase=phase, notes=notes)
+                 collective_matmul=collective_matmul, request=request, phase=phase, notes=notes)
     check_model(model)
     source = None
     if is_checkpoint(model):  # parameters on the meta device; the ranks read their shards from the files
@@ -196,7 +201,8 @@ def _plan_full(gm: fx.GraphModule, q: Question, weights: CheckpointSource | None
     result = record(gm, choice, results, q, 1)
     run(gm, insert_collectives, choice.mesh)
     result.memory.replicated = replicated_weights(gm, choice.mesh)
-    result.program = Program(gm, choice.mesh, weights, quantize=q.precision.weights)
+    result.program = Program(gm, choice.mesh, weights, quantize=q.precision.weights,
+                             collective_matmul=q.collective_matmul)
     return result
 
 
@@ -230,7 +236,7 @@ def full_program(build_full, choice, q, weights: CheckpointSource | None = None)
     gm = capture_program(Step(model, last_only=True), phase_inputs(model, phase, batch=batch, seq=seq,
                                                                    context=context), {})
     apply(gm, choice.mesh, choices_for(gm.meta[LAYERS], choice.blocks, q.forced), insert=True)
-    return Program(gm, choice.mesh, weights, quantize=q.precision.weights)
+    return Program(gm, choice.mesh, weights, quantize=q.precision.weights, collective_matmul=q.collective_matmul)
 
 
 def plan_graph(gm: fx.GraphModule, meshes: list[Mesh], request: dict[str, str], *, model: str, hardware: str,

@@ -25,6 +25,7 @@ from ..passes.emit import emit
 from ..passes.find_layers import find_layers
 from ..passes.graph_utils import signature
 from ..passes.pipeline import Pass, run_pipeline
+from ..passes.collective_matmul import collective_matmul as collective_matmul_pass
 from ..passes.schedule import DEFAULT_PREFETCH_BYTES, schedule as schedule_pass
 from ..runtime.lower import shard_tensor
 from ..runtime.simulate import Trace, run_lockstep, sim_group_name
@@ -41,11 +42,15 @@ def prepare(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def emit_rank(gm: fx.GraphModule, mesh: Mesh, rank: int, *, schedule: bool = True,
-              prefetch_bytes: int = DEFAULT_PREFETCH_BYTES, **kw) -> fx.GraphModule:
+              prefetch_bytes: int = DEFAULT_PREFETCH_BYTES, collective_matmul: bool = False, **kw) -> fx.GraphModule:
     """Rank `rank`'s program of a planned graph, through the pipeline (`emit`'s keyword arguments), then
     scheduled for overlap (passes/schedule.py; `schedule=False`: each collective waited right away, as
-    lowered; `prefetch_bytes`: gathered weight bytes allowed in flight ahead of use)."""
+    lowered; `prefetch_bytes`: gathered weight bytes allowed in flight ahead of use). `collective_matmul`:
+    collectives feeding or fed by a matmul over its last dim become rings of partial matmuls first
+    (passes/collective_matmul.py)."""
     passes = [Pass(emit, mesh, rank, **kw)]
+    if collective_matmul:
+        passes.append(Pass(collective_matmul_pass, mesh, rank))
     if schedule:
         passes.append(Pass(schedule_pass, prefetch_bytes=prefetch_bytes))
     return run_pipeline(gm, passes)
@@ -145,13 +150,16 @@ class Program:
     "bf16", ...) keeps the weights in the captured dtype. It may be set after construction.
 
     `schedule`: rank programs are reordered so collectives overlap compute (passes/schedule.py); False
-    emits each collective waited right where it is lowered (to compare). It may be set after construction,
-    and `emit(rank, schedule=...)` overrides it for one rank program."""
+    emits each collective waited right where it is lowered (to compare). `collective_matmul`: collectives
+    over a matmul's contracted or produced last dim run as the paper's looped collective matmul
+    (passes/collective_matmul.py). Both may be set after construction, and `emit(rank, ...)` overrides
+    them for one rank program."""
 
     def __init__(self, gm: fx.GraphModule, mesh: Mesh, weights=None, quantize: str | None = None,
-                 schedule: bool = True):
+                 schedule: bool = True, collective_matmul: bool = False):
         self.gm, self.mesh = gm, mesh
         self.schedule = schedule
+        self.collective_matmul = collective_matmul
         self.sig = signature(gm)
         self.call = PlannedCall(gm)
         self.weights = weights
@@ -160,19 +168,21 @@ class Program:
         self._scales: dict = {}  # per-row int8 scales, shared by the ranks emitted in this process
 
     def emit(self, rank: int, *, group_name: Callable | None = None, weights=None, device=None,
-             schedule: bool | None = None) -> ShardedModule:
+             schedule: bool | None = None, collective_matmul: bool | None = None) -> ShardedModule:
         """Rank `rank`'s program; by default on the real process groups of the current world.
-        `schedule`: overlap collectives with compute (default: the Program's `schedule`)."""
+        `schedule`, `collective_matmul`: as the Program's (its own settings by default)."""
         if group_name is None:
             from ..runtime.distributed import mesh_groups
 
             group_name = mesh_groups(self.mesh)
-        prog = self._emit(rank, group_name, weights, device, schedule)
+        prog = self._emit(rank, group_name, weights, device, schedule, collective_matmul)
         return ShardedModule(prog, self.call, self.sig.out_spec, self.input_layouts(), self.mesh, rank)
 
-    def _emit(self, rank: int, group_name, weights, device, schedule: bool | None = None) -> fx.GraphModule:
+    def _emit(self, rank: int, group_name, weights, device, schedule: bool | None = None,
+              collective_matmul: bool | None = None) -> fx.GraphModule:
         """Rank `rank`'s graph, its shards read from `weights`, else from the program's own source (counted)."""
-        q = {"schedule": self.schedule if schedule is None else schedule}
+        q = {"schedule": self.schedule if schedule is None else schedule,
+             "collective_matmul": self.collective_matmul if collective_matmul is None else collective_matmul}
         if self.quantize:  # scales shared across ranks only when read from the same in-memory tensors
             q |= {"quantize": self.quantize, "scales": self._scales if weights is None and self.weights is None else {}}
         if weights is not None or self.weights is None:

@@ -18,6 +18,7 @@ class Question:
     precision: Precision
     objective: Objective = Objective.LATENCY
     overlap: bool = False
+    collective_matmul: bool = False  # the program loops collectives with their matmuls (passes/collective_matmul)
     request: dict[str, str] = field(default_factory=dict)  # layouts forced by layer kind
     phase: Phase = Phase.PREFILL
     model: str = ""

@@ -52,7 +52,7 @@ def record(proto: fx.GraphModule, choice: Choice, results: list, q: Question, n_
             tally.add(proto, start, end, first=k == 0, last=k == len(runs) - 1)
         elif k == len(runs) - 1:  # the whole graph, as it is left planned
             tally.add(proto, 0, 0, first=True, last=True)
-        costs = layer_costs(proto, mesh, conversions, q.precision)
+        costs = layer_costs(proto, mesh, conversions, q.precision, loop=q.collective_matmul)
         loads = experts_notes(proto, mesh)
         plan = plan or part
         for row in part.layers:
@@ -130,7 +130,8 @@ def _totals(plan: Plan, choice: Choice, q: Question, *, params: float, weight_by
                          replicated_per_chip=mem["weights"] - weight_bytes / mesh.size,
                          kv_cache_per_chip=mem["kv_cache"], hbm_per_chip=q.hw.hbm_bytes)
     plan.settings = Settings(objective=q.objective, weights=q.precision.weights or "as captured",
-                             kv=q.precision.kv or "as captured", overlap=q.overlap, requested=dict(q.request),
+                             kv=q.precision.kv or "as captured", overlap=q.overlap, collective_matmul=q.collective_matmul,
+                             requested=dict(q.request),
                              context=q.context)
 
 

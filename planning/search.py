@@ -47,7 +47,7 @@ def factorizations(n: int) -> list[tuple[int, int, int]]:
 
 def evaluate(proto: fx.GraphModule, mesh: Mesh, member: Member, attention: str, *, hw: Hardware,
              precision: Precision, n_blocks: int, overlap: bool, forced: dict[str, str],
-             experts: str = "", latent: str = "") -> Candidate:
+             experts: str = "", latent: str = "", loop: bool = False) -> Candidate:
     """Cost one candidate on the prototype graph (one block), scaled to n_blocks for memory."""
     cand = Candidate(member, attention, mesh, experts=experts, latent=latent)
     layers: Layers = proto.meta[LAYERS]
@@ -60,7 +60,7 @@ def evaluate(proto: fx.GraphModule, mesh: Mesh, member: Member, attention: str, 
     if cores:
         split = [w for w, atoms in (("heads", cores[0].heads), ("batch", cores[0].batch)) if atoms]
         cand.core = "+".join(split) or "replicated"
-    per_layer = layer_costs(proto, mesh, conversions, precision)
+    per_layer = layer_costs(proto, mesh, conversions, precision, loop=loop)
     kinds = {l.name: l.kind for l in layers.layers}
     for name, cost in per_layer.items():
         kind = kinds.get(name, OUTPUT)
@@ -97,7 +97,7 @@ def transition_steps(a: Member, b: Member, mesh: Mesh, shape: tuple[int, ...], i
 
 
 def plan_mesh(proto: fx.GraphModule, mesh: Mesh, *, hw: Hardware, precision: Precision, n_blocks: int,
-              overlap: bool = False, members: list[Member] | None = None,
+              overlap: bool = False, loop: bool = False, members: list[Member] | None = None,
               attention: tuple[str, ...] = ATTENTION_MODES, forced: dict[str, str] | None = None,
               cache: dict | None = None) -> Choice:
     """The best chain of candidates on one mesh."""
@@ -121,7 +121,7 @@ def plan_mesh(proto: fx.GraphModule, mesh: Mesh, *, hw: Hardware, precision: Pre
                     cands.append(Candidate(m, a, mesh, c.refused, c.parts, c.times, c.memory, c.core, x, lat))
                     continue
                 c = evaluate(proto, mesh, m, a, hw=hw, precision=precision, n_blocks=n_blocks, overlap=overlap,
-                             forced=forced, experts=x, latent=lat)
+                             forced=forced, experts=x, latent=lat, loop=loop)
                 if cache is not None:
                     cache[ck] = c
                 cands.append(c)
@@ -300,4 +300,5 @@ def choose(proto: fx.GraphModule, q: Question, n_blocks: int) -> tuple[Choice, l
     """The best plan for question `q` on the prototype (n_blocks identical blocks), and every mesh's result."""
     _check_forced(proto, q.forced)
     return search(proto, q.meshes, objective=q.objective, hw=q.hw, precision=q.precision, n_blocks=n_blocks,
-                  overlap=q.overlap, members=q.members, attention=q.attention, forced=q.forced)
+                  overlap=q.overlap, loop=q.collective_matmul, members=q.members, attention=q.attention,
+                  forced=q.forced)

@@ -146,6 +146,18 @@ COLLECTIVE_OPS = {
 }
 
 
+def ring_splits(t: torch.Tensor, group: int, me: int, to: int) -> tuple[list[int], list[int]]:
+    """One step of a ring as an all-to-all over dim 0: (rows received from each member, rows sent to each)
+    for member `me` sending all of `t` to member me + `to` and receiving as much from member me − `to`
+    (every member of a ring holds a tensor of the same shape). Read at run time: a rank program has no
+    static shapes."""
+    n = t.size(0)
+    send, recv = [0] * group, [0] * group
+    send[(me + to) % group] = n
+    recv[(me - to) % group] = n
+    return recv, send
+
+
 def lower_dispatch(g: fx.Graph, args: tuple, steps: Sequence[Collective], atoms: tuple[str, ...], top_k: int,
                    env: RankEnv, *, origin: str) -> fx.Node:
     """A moe_ffn with all-to-all dispatch over `atoms` (runtime/experts.py), as this rank runs it: route its

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from ..ir.mesh import Mesh
-from ..ir.meta import GLOBAL, RAGGED
+from ..ir.meta import GLOBAL, LOOP, RAGGED
 from .lower import COLLECTIVE_OPS, c10d
 
 PREFIX = "shardwise-sim:"
@@ -102,8 +102,8 @@ def _collective(graphs, envs, i, mesh: Mesh, trace: Trace | None) -> None:
             envs[m][graphs[m][i]] = out
     if trace is not None:
         x = envs[0][graphs[0][i] if n0.meta.get(RAGGED) else graphs[0][i].args[0]]
-        trace.collectives.append(Executed(n0.name, kind, atoms, charged_bytes(kind, x, mesh.group_size(atoms)),
-                                          n0.meta.get(GLOBAL, "")))
+        kind, charged = charge(n0, kind, x, mesh.group_size(atoms))
+        trace.collectives.append(Executed(n0.name, kind, atoms, charged, n0.meta.get(GLOBAL, "")))
 
 
 def _compute(kind: str, xs: list[torch.Tensor], splits: list | None) -> list[torch.Tensor]:
@@ -136,6 +136,20 @@ def charged_bytes(kind: str, x: torch.Tensor, group: int) -> int:
     return {"all_gather": nbytes * group, "reduce_scatter": nbytes, "all_reduce": 2 * nbytes, "all_to_all": nbytes}[kind]
 
 
+def charge(n: fx.Node, kind: str, x: torch.Tensor, group: int) -> tuple[str, int]:
+    """The kind and bytes a trace charges collective `n` run on `x`: a ring step of a looped collective
+    matmul (`sw_loop`) is charged as a share of the collective its loop performs (g − 1 steps on blocks
+    of the same size; the first step takes the remainder), so a loop and the collective it unrolls are
+    charged the same in total."""
+    loop = n.meta.get(LOOP)
+    if loop is None:
+        return kind, charged_bytes(kind, x, group)
+    performs, g, first = loop
+    total = charged_bytes(performs, x, g) if performs == "all_gather" else g * charged_bytes(performs, x, g)
+    share = total // (g - 1)
+    return performs, share + (total - share * (g - 1) if first else 0)
+
+
 class _Recorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, trace: Trace):
         super().__init__(gm)
@@ -146,9 +160,9 @@ class _Recorder(fx.Interpreter):
         if n.op == "call_function" and n.target in COLLECTIVE_OPS:
             kind = COLLECTIVE_OPS[n.target]
             group = n.args[1] if kind == "all_gather" else 1  # all_gather_into_tensor(x, group_size, name)
-            charged = out if n.meta.get(RAGGED) else self.env[n.args[0]]
-            self.trace.collectives.append(Executed(n.name, kind, (), charged_bytes(kind, charged, group),
-                                                   n.meta.get(GLOBAL, "")))
+            x = out if n.meta.get(RAGGED) else self.env[n.args[0]]
+            kind, charged = charge(n, kind, x, group)
+            self.trace.collectives.append(Executed(n.name, kind, (), charged, n.meta.get(GLOBAL, "")))
         return out
 
 

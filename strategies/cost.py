@@ -27,6 +27,10 @@ For one layer under one layout, on a `Hardware` profile (PAPER.md, DESIGN.md):
              the TPU v4 fit assumes), measured by `calibrate` for cpu-local (gloo's thread competes with
              the ranks for the cores). Activation collectives sit on the critical path. Without prefetch
              all comm adds up.
+             A looped collective matmul (`Comm(looped=True)`, plan(..., collective_matmul=True);
+             passes/collective_matmul.py) takes an activation collective off the critical path: its g − 1
+             ring steps (each a collective: g − 1 fixed latencies, the same wire bytes) run beside the
+             partial matmuls, so comm_overlap · min(looped comm, busy left after weight gathers) is hidden.
              With `overlap`, all communication overlaps: max(compute, memory, comm).
 Byte counts use the planned precisions (bf16 or int8 weights, bf16 activations and KV cache), not the
 dtype the model was captured in. Memory per chip (weights at rest + KV cache) must fit in HBM.
@@ -69,8 +73,13 @@ class Comm:
     weight: bool = False  # moves a weight (prefetchable), not an activation
     fused: bool = False  # runs inside the collective of the Comm before it (fused): no fixed latency of its own
     load: float = 1.0  # the busiest chip's bytes over the charged ones (an uneven all-to-all: load imbalance)
+    looped: bool = False  # run as a looped collective matmul: g − 1 ring steps, each beside a partial matmul
 
     def time(self, hw: Hardware) -> float:
+        if self.looped:  # every ring step is a collective of its own: g − 1 fixed latencies, the same wire bytes
+            steps = self.step.group_size - 1
+            bytes_term = collective_time(self.step, self.itemsize, hw, fixed=False)
+            return steps * (hw.collective_latency + hw.hop_latency) + bytes_term
         return collective_time(self.step, self.itemsize, hw, fixed=not self.fused, load=self.load)
 
 
@@ -90,16 +99,21 @@ class LayerCost:
         memory = (self.weight_bytes + self.kv_bytes) / (hw.hbm_bandwidth * hw.hbm_efficiency)
         weight = sum((c.time(hw) for c in self.comm if c.weight and c.step.communicates), 0.0)
         act = sum((c.time(hw) for c in self.comm if not c.weight and c.step.communicates), 0.0)
+        looped = sum((c.time(hw) for c in self.comm if c.looped), 0.0)  # activation comm beside partial matmuls
+        busy = max(compute, memory)
         if overlap:
             time = max(compute, memory, weight + act)
         elif hw.weight_prefetch:
-            busy = max(compute, memory)
-            if hw.comm_overlap >= 1.0:  # the same number as busy + weight − min(weight, busy), without rounding
+            if hw.comm_overlap >= 1.0 and not looped:  # busy + weight − min(weight, busy), without rounding
                 time = max(busy, weight) + act
             else:
                 time = busy + weight - hw.comm_overlap * min(weight, busy) + act
+                if looped:  # what compute is left beside the weight gathers hides the ring steps
+                    time -= hw.comm_overlap * min(looped, busy - min(weight, busy))
         else:
-            time = max(compute, memory) + weight + act
+            time = busy + weight + act
+            if looped:
+                time -= hw.comm_overlap * min(looped, busy)
         return {"compute": compute, "memory": memory, "comm": weight + act, "time": time}
 
     def add(self, other: "LayerCost") -> "LayerCost":
