@@ -19,8 +19,8 @@ import torch.fx as fx
 import shardwise
 from shardwise.drivers.accounting import compare
 from shardwise.ir.hardware import get_hardware
-from shardwise.ir.meta import COLLECTIVE, LAYERS, LOOP
 from shardwise.ir.mesh import Mesh
+from shardwise.ir.meta import COLLECTIVE, LAYERS, LOOP
 from shardwise.models import example_inputs
 from shardwise.passes.collective_matmul import looped_steps
 from shardwise.passes.fuse_collectives import plan_fusions
