@@ -60,10 +60,10 @@ def collective_matmul(gm: fx.GraphModule, mesh: Mesh, rank: int) -> fx.GraphModu
     for n in list(g.nodes):
         if n.op != "call_function":
             continue
-        if n.target is c10d.all_gather_into_tensor.default and (m := _gather_into_linears(n)) is not None:
+        if n.target is c10d.all_gather_into_tensor.default and (m := _gather_into_linears(n, mesh)) is not None:
             _loop_gather(g, n, *m, mesh, rank, blocks, order)
             looped += 1
-        elif n.target is c10d.reduce_scatter_tensor.default and (m := _linear_into_scatter(n)) is not None:
+        elif n.target is c10d.reduce_scatter_tensor.default and (m := _linear_into_scatter(n, mesh)) is not None:
             _loop_scatter(g, n, *m, mesh, rank, blocks)
             looped += 1
     if looped:
@@ -77,64 +77,75 @@ def _only_user(n: fx.Node) -> fx.Node | None:
     return next(iter(n.users)) if len(n.users) == 1 else None
 
 
-def _is(n: fx.Node | None, target) -> bool:
-    return n is not None and n.op == "call_function" and n.target is target
+def _is(n, target) -> bool:
+    """`n` is a call of `target` (any call where `target` is None)."""
+    return isinstance(n, fx.Node) and n.op == "call_function" and (target is None or n.target is target)
 
 
-def _last_dim(op: fx.Node) -> int | None:
-    """The dim a lowered collective runs over, if it is the last of its tensor's dims and needs no
-    block permutation (its atoms already in mesh order); None otherwise."""
+def _last_dim(op: fx.Node, mesh: Mesh) -> int | None:
+    """The dim a lowered collective runs over, if it is the last of its tensor's dims and its atoms are in
+    mesh order (no block permutation); None otherwise."""
     step = op.meta.get(STEP)
     if step is None or step.dim is None or step.dim != len(step.src.dims) - 1 or step.dim == 0:
         return None
-    return step.dim
+    return step.dim if tuple(step.atoms) == tuple(mesh.mesh_order(step.atoms)) else None
 
 
-def _gather_into_linears(op: fx.Node):
-    """all_gather(contiguous(movedim(x, d, 0))) → wait → contiguous(movedim(·, 0, d)) read only as the input
-    of linears: (x, the node the linears read, the linears)."""
-    d = _last_dim(op)
-    prep = op.args[0]
-    if d is None or not _is(prep, aten.contiguous.default) or len(prep.users) != 1:
-        return None
-    moved = prep.args[0]
-    if not _is(moved, aten.movedim.int) or tuple(moved.args[1:]) != (d, 0) or len(moved.users) != 1:
-        return None
-    wait = _only_user(op)
-    back = _only_user(wait) if _is(wait, WAIT) else None
-    if not _is(back, aten.movedim.int) or tuple(back.args[1:]) != (0, d):
-        return None
-    whole = _only_user(back)
-    if not _is(whole, aten.contiguous.default) or not whole.users:
+def _chain(start: fx.Node, targets: list, backwards: bool) -> fx.Node | None:
+    """Follow exactly the ops `targets` from `start` (each the only user of the one before; backwards:
+    through first arguments, each used only by the next): the node reached, or None where the chain differs.
+    Only the relayout ops runtime/lower.py puts around a collective are followed, never the model's own."""
+    n = start
+    for t in targets:
+        nxt = n.args[0] if backwards else _only_user(n)
+        if not _is(nxt, t) or (backwards and len(nxt.users) != 1):
+            return None
+        n = nxt
+    return n
+
+
+def _before(op: fx.Node) -> fx.Node | None:
+    """The tensor a lowered collective over a dim > 0 prepares: all-gather: contiguous(x); reduce-scatter:
+    contiguous(reshape(contiguous(permute(reshape(x)))))."""
+    if op.target is c10d.all_gather_into_tensor.default:
+        prep = _chain(op, [aten.contiguous.default], backwards=True)
+    else:
+        prep = _chain(op, [aten.contiguous.default, aten.reshape.default, aten.contiguous.default,
+                           aten.permute.default, aten.reshape.default], backwards=True)
+    return None if prep is None else prep.args[0]
+
+
+def _after(op: fx.Node) -> fx.Node | None:
+    """The node holding a lowered collective's result over a dim > 0: all-gather:
+    contiguous(reshape(permute(view(wait))));
+    reduce-scatter: its wait."""
+    if op.target is c10d.all_gather_into_tensor.default:
+        return _chain(op, [WAIT, aten.view.default, aten.permute.default, aten.reshape.default,
+                           aten.contiguous.default], backwards=False)
+    return _chain(op, [WAIT], backwards=False)
+
+
+def _gather_into_linears(op: fx.Node, mesh: Mesh):
+    """An all-gather over the last dim whose result is read only as the input of linears:
+    (the tensor gathered, the node the linears read, the linears)."""
+    if _last_dim(op, mesh) is None or (whole := _after(op)) is None or not whole.users or _before(op) is None:
         return None
     linears = list(whole.users)
     if not all(_is(u, aten.linear.default) and u.args[0] is whole and whole not in u.args[1:] and not u.kwargs
                for u in linears):
         return None
-    return moved.args[0], whole, linears
+    return _before(op), whole, linears
 
 
-def _linear_into_scatter(op: fx.Node):
-    """contiguous(movedim(linear(h, W), d, 0)) → reduce_scatter → wait → contiguous(movedim(·, 0, d)), the
-    linear without bias and read by nothing else: (the linear, the node holding the scattered result)."""
-    d = _last_dim(op)
-    prep = op.args[0]
-    if d is None or not _is(prep, aten.contiguous.default) or len(prep.users) != 1:
+def _linear_into_scatter(op: fx.Node, mesh: Mesh):
+    """A reduce-scatter over the last dim of a linear without bias read by nothing else:
+    (the linear, the node holding the scattered result)."""
+    lin = _before(op)
+    if (_last_dim(op, mesh) is None or lin is None or not _is(lin, aten.linear.default) or len(lin.users) != 1
+            or (len(lin.args) > 2 and lin.args[2] is not None) or lin.kwargs):
         return None
-    moved = prep.args[0]
-    if not _is(moved, aten.movedim.int) or tuple(moved.args[1:]) != (d, 0) or len(moved.users) != 1:
-        return None
-    lin = moved.args[0]
-    if not _is(lin, aten.linear.default) or len(lin.users) != 1 or len(lin.args) > 2 and lin.args[2] is not None:
-        return None
-    wait = _only_user(op)
-    back = _only_user(wait) if _is(wait, WAIT) else None
-    if not _is(back, aten.movedim.int) or tuple(back.args[1:]) != (0, d):
-        return None
-    result = _only_user(back)
-    if not _is(result, aten.contiguous.default):
-        return None
-    return lin, result
+    result = _after(op)
+    return None if result is None else (lin, result)
 
 
 # ------------------------------------------------------------------------------------ rewriting

@@ -88,23 +88,34 @@ def lower_step(g: fx.Graph, x: fx.Node, step: Collective, local: Sequence[int], 
         return op(c10d.wait_tensor.default, op(c10d.all_reduce.default, op(aten.contiguous.default, x), "sum", name))
 
     if step.kind == "all_gather":
-        d = step.dim
-        rest = local[:d] + local[d + 1 :]
-        t = op(aten.contiguous.default, op(aten.movedim.int, x, d, 0) if d else x)
-        y = op(c10d.wait_tensor.default, op(c10d.all_gather_into_tensor.default, t, G, name))
-        if reorder:
-            y = _permute_blocks(op, y, sizes_mesh, to_chunk, [local[d]] + rest)
-        return op(aten.contiguous.default, op(aten.movedim.int, y, 0, d)) if d else y
+        # every member's tensor as it is, stacked: [G·local[0], ...] viewed as [blocks in mesh order, *local];
+        # then the blocks go in chunk order to just before dim d, and merge with it (one copy of the
+        # output, in runs of whole rows below d, where d > 0; none for d = 0 in mesh order)
+        d, k, n = step.dim, len(sizes_mesh), len(local)
+        y = op(c10d.wait_tensor.default, op(c10d.all_gather_into_tensor.default, op(aten.contiguous.default, x), G,
+                                            name))
+        if not d and not reorder:
+            return y
+        v = op(aten.view.default, y, sizes_mesh + local)
+        blocks = to_chunk if reorder else list(range(k))
+        v = op(aten.permute.default, v, [k + i for i in range(d)] + blocks + [k + i for i in range(d, n)])
+        # contiguous as the model's own tensor was (a reshape that could merge the blocks without copying
+        # returns a strided view, which a view() downstream would refuse): then a no-op
+        return op(aten.contiguous.default, op(aten.reshape.default, v, local[:d] + [G * local[d]] + local[d + 1 :]))
 
     if step.kind == "reduce_scatter":
-        d = step.dim
-        rest = local[:d] + local[d + 1 :]
-        t = op(aten.movedim.int, x, d, 0) if d else x
-        if reorder:
-            t = _permute_blocks(op, t, sizes_chunk, to_mesh, [local[d] // G] + rest)
-        t = op(aten.contiguous.default, t)
-        y = op(c10d.wait_tensor.default, op(c10d.reduce_scatter_tensor.default, t, "sum", G, name))
-        return op(aten.contiguous.default, op(aten.movedim.int, y, 0, d)) if d else y
+        # dim d viewed as [blocks in chunk order, its rows per member]; the blocks moved to the front in mesh
+        # order (one copy of the input, in runs of whole rows below d), so member i's sum is the i-th slab:
+        # the result is this member's tensor as it is, no copy after
+        d, k, n = step.dim, len(sizes_chunk), len(local)
+        out = local[:d] + [local[d] // G] + local[d + 1 :]
+        if d or reorder:
+            v = op(aten.reshape.default, x, local[:d] + sizes_chunk + out[d:])  # x may be a strided view
+            v = op(aten.permute.default, v, [d + to_mesh[i] for i in range(k)] + list(range(d))
+                   + [d + k + i for i in range(n - d)])
+            x = op(aten.reshape.default, op(aten.contiguous.default, v), [G * out[0]] + out[1:])
+        t = op(aten.contiguous.default, x)
+        return op(c10d.wait_tensor.default, op(c10d.reduce_scatter_tensor.default, t, "sum", G, name))
 
     if step.kind == "all_to_all":
         a, b = step.dim, step.dst_dim  # atoms leave dim a (it grows ×G) and join dim b (it shrinks ÷G)
