@@ -46,8 +46,22 @@ class Hardware:
     flops_efficiency: float = 1.0  # achievable fraction of peak in large matmuls
     hbm_efficiency: float = 1.0  # achievable fraction of HBM bandwidth
     call_overhead: float = 0.0  # seconds one matmul call costs beyond its FLOPs and bytes (launch, dispatch)
+    # measured per collective: (kind, group size, latency s, wire bytes/s) fitted on this machine; where one
+    # matches a collective, it replaces collective_latency / the link bandwidth (strategies/cost.py)
+    collectives: tuple[tuple[str, int, float, float], ...] = ()
     source: str = ""
     fitted: dict[str, str] = field(default_factory=dict, compare=False)  # constant → how it was fitted
+
+    def __post_init__(self) -> None:  # from JSON: lists back to tuples (hashable, equal to the saved profile)
+        object.__setattr__(self, "collectives", tuple((str(k), int(g), float(a), float(b))
+                                                      for k, g, a, b in self.collectives))
+
+    def collective_fit(self, kind: str, group: int) -> tuple[float, float] | None:
+        """(latency s, wire bytes/s) measured for `kind` over `group` chips, if this profile has it."""
+        for k, g, latency, bandwidth in self.collectives:
+            if k == kind and g == group:
+                return latency, bandwidth
+        return None
 
     def collective_bandwidth(self, axes: Sequence[str]) -> float:
         """Bytes/s one chip sends in a collective whose group spans these mesh axes."""

@@ -11,6 +11,10 @@ real ranks do (torchrun, OMP_NUM_THREADS=1). So every figure is measured by ever
                   t_both) / min(t_comm, t_compute), clamped to 0..1, median over repeats and ranks. gloo runs
                   collectives on its own threads, so overlap is possible in principle, but with more ranks
                   than cores its threads compete with the ranks' compute
+  collectives     the same least-squares fit for each kind shardwise emits (all-gather, reduce-scatter,
+                  all-reduce, all-to-all) over the whole world and over groups of 2 (all pairs at once): gloo
+                  implements each differently, and a mesh axis of 2 is another ring than all ranks; the cost
+                  model uses the fit of a collective's own kind and group size where there is one
 The efficiencies are 1: these are what this machine achieves, not peaks to discount. Saved as JSON
 (shardwise/ir/hardware.py reads it for --hardware cpu-local); the profile describes `ranks` ranks.
 """
@@ -85,13 +89,64 @@ def _gloo_worker(rank: int, world: int, port: int, out) -> None:
 
         dist.barrier()
         results.append((size, _median_time(step, repeats=9)))
+    kinds = collective_times(rank, world)
     overlap = comm_overlap(world, group)
     overlaps = [None] * world
     dist.all_gather_object(overlaps, overlap)
     if rank == 0:
-        out.put((results, per_rank, overlaps))
+        out.put((results, per_rank, overlaps, kinds))
     dist.barrier()
     dist.destroy_process_group()
+
+
+KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
+
+
+def collective_times(rank: int, world: int) -> dict[tuple[str, int], list[tuple[int, float]]]:
+    """(kind, group size) → [(charged bytes, seconds)]: each kind of collective shardwise emits, over the whole
+    world and over groups of 2 (every pair at once, as a mesh axis of 2 runs them), on tensors whose
+    charged bytes (ir/collective.py: all-gather output, reduce-scatter / all-to-all input, all-reduce twice
+    its input) are SIZES; every rank running, median of 9 after 2 warm-ups."""
+    import torch.distributed as dist
+
+    c10d = torch.ops._c10d_functional
+    groups = {world: dist.group.WORLD.group_name}
+    if world > 2 and world % 2 == 0:
+        pairs = [dist.new_group([r, r + 1]) for r in range(0, world, 2)]  # every rank creates every group
+        groups[2] = pairs[rank // 2].group_name
+    out = {}
+    for g, name in groups.items():
+        for kind in KINDS:
+            rows = []
+            for size in SIZES:
+                n = size // 4
+                if kind == "all_gather":
+                    x = torch.ones(n // g)
+                    fn = lambda x=x: c10d.all_gather_into_tensor(x, g, name)  # noqa: E731
+                elif kind == "reduce_scatter":
+                    x = torch.ones(n)
+                    fn = lambda x=x: c10d.reduce_scatter_tensor(x, "sum", g, name)  # noqa: E731
+                elif kind == "all_reduce":
+                    x = torch.ones(n // 2)
+                    fn = lambda x=x: c10d.all_reduce(x, "sum", name)  # noqa: E731
+                else:
+                    x = torch.ones(n)
+                    fn = lambda x=x: c10d.all_to_all_single(x, [n // g] * g, [n // g] * g, name)  # noqa: E731
+                dist.barrier()
+                rows.append((size, _median_time(lambda fn=fn: c10d.wait_tensor(fn()), repeats=9)))
+            out[(kind, g)] = rows
+    return out
+
+
+def fit_line(rows: list[tuple[int, float]], group: int) -> tuple[float, float]:
+    """(latency s ≥ 0, wire bytes/s) by least squares of seconds against wire bytes, (g − 1)/g of charged."""
+    wire = [size * (group - 1) / group for size, _ in rows]
+    t = [s for _, s in rows]
+    n = len(wire)
+    mx, my = sum(wire) / n, sum(t) / n
+    slope = sum((a - mx) * (b - my) for a, b in zip(wire, t)) / sum((a - mx) ** 2 for a in wire)
+    slope = max(slope, 1e-15)  # a flat fit (all latency) still has a finite bandwidth
+    return max(my - slope * mx, 0.0), 1.0 / slope
 
 
 OVERLAP_BYTES = 4 << 20  # the all-gather's output in the overlap measurement
@@ -138,9 +193,10 @@ def comm_overlap(world: int, group: str, repeats: int = 7) -> tuple[float, float
     return min(1.0, max(0.0, hidden)), t_comm, t_compute, t_both
 
 
-def measure_ranks(ranks: int) -> tuple[float, float, list[tuple[int, float]], list[tuple[float, float]], list]:
+def measure_ranks(ranks: int) -> tuple:
     """(latency s, bandwidth bytes/s, raw (output bytes, seconds)) of gloo all-gather on loopback, each
-    rank's (matmul FLOP/s, copy bytes/s) measured while all ranks run, and each rank's `comm_overlap`."""
+    rank's (matmul FLOP/s, copy bytes/s) measured while all ranks run, each rank's `comm_overlap`, and
+    every kind's times over each group size (`collective_times`)."""
     import torch.multiprocessing as mp
 
     from .distributed import free_port
@@ -148,18 +204,14 @@ def measure_ranks(ranks: int) -> tuple[float, float, list[tuple[int, float]], li
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
     mp.start_processes(_gloo_worker, args=(ranks, free_port(), q), nprocs=ranks, join=True, start_method="spawn")
-    raw, per_rank, overlaps = q.get()
-    wire = [size * (ranks - 1) / ranks for size, _ in raw]
-    t = [s for _, s in raw]
-    n = len(wire)
-    mx, my = sum(wire) / n, sum(t) / n
-    slope = sum((a - mx) * (b - my) for a, b in zip(wire, t)) / sum((a - mx) ** 2 for a in wire)
-    latency = max(my - slope * mx, 0.0)
-    return latency, 1.0 / slope, raw, per_rank, overlaps
+    raw, per_rank, overlaps, kinds = q.get()
+    latency, bandwidth = fit_line(raw, ranks)
+    return latency, bandwidth, raw, per_rank, overlaps, kinds
 
 
 def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Path]:
-    latency, link, raw, per_rank, overlaps = measure_ranks(ranks)
+    latency, link, raw, per_rank, overlaps, kinds = measure_ranks(ranks)
+    fits = {key: fit_line(rows, key[1]) for key, rows in kinds.items()}
     overlap = statistics.median(o[0] for o in overlaps)
     flops = statistics.median(r[0] for r in per_rank)
     bandwidth = statistics.median(r[1] for r in per_rank)
@@ -171,6 +223,7 @@ def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Pa
         topology="switch", collective_latency=latency, hop_latency=0.0, call_overhead=call,
         weight_prefetch=True,  # emitted programs issue weight gathers ahead of use (passes/schedule.py) ...
         comm_overlap=overlap,  # ... and this much of them the compute meanwhile hides here, measured
+        collectives=tuple((k, g, a, b) for (k, g), (a, b) in sorted(fits.items())),
         source=f"measured by `shardwise calibrate` on {socket.gethostname()} at {when}: {ranks} single-threaded "
                f"ranks running at once, gloo on loopback",
         fitted={
@@ -184,6 +237,10 @@ def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Pa
             "link_bandwidth": "slope of gloo all-gather time vs wire bytes, "
                               + ", ".join(f"{s >> 10} KiB: {t * 1e6:.0f} µs" for s, t in raw),
             "collective_latency": "intercept of the same least-squares fit",
+            "collectives": "per kind and group size, the same fit of its own times (every rank at once; groups "
+                           "of 2: every pair at once), used for those collectives instead of the two above: "
+                           + "; ".join(f"{k}/{g}: " + ", ".join(f"{s >> 10} KiB {t * 1e6:.0f} µs" for s, t in rows)
+                                       for (k, g), rows in sorted(kinds.items())),
             "comm_overlap": f"a {OVERLAP_BYTES >> 20} MiB gloo all-gather with a 256³ matmul loop of about its length "
                             f"run while it is in flight, all ranks at once: hidden = (comm + compute − both) / "
                             f"min(comm, compute), median over ranks; per rank (hidden, comm ms, compute ms, both ms) "

@@ -79,7 +79,8 @@ class Comm:
         if self.looped:  # every ring step is a collective of its own: g − 1 fixed latencies, the same wire bytes
             steps = self.step.group_size - 1
             bytes_term = collective_time(self.step, self.itemsize, hw, fixed=False)
-            return steps * (hw.collective_latency + hw.hop_latency) + bytes_term
+            fit = hw.collective_fit("all_to_all", self.step.group_size)  # a ring step is an all-to-all
+            return steps * (fit[0] if fit else hw.collective_latency + hw.hop_latency) + bytes_term
         return collective_time(self.step, self.itemsize, hw, fixed=not self.fused, load=self.load)
 
 
@@ -122,10 +123,15 @@ class LayerCost:
 
 
 def collective_time(c: Collective, itemsize: int, hw: Hardware, *, fixed: bool = True, load: float = 1.0) -> float:
-    """latency + ring steps · hop latency + load · wire bytes / bandwidth (an all-reduce is two rings);
+    """latency + ring steps · hop latency + load · wire bytes / bandwidth (an all-reduce is two rings), or,
+    where the profile measured this kind over this many chips (`Hardware.collectives`), its own latency +
+    load · wire bytes / its bandwidth;
     `fixed=False`: only the bytes (a member fused into a collective that pays the fixed terms); `load`: the
     busiest chip's bytes over the charged ones (an uneven all-to-all)."""
     wire = c.wire_bytes / c.itemsize * itemsize
+    fit = hw.collective_fit(c.kind, c.group_size)
+    if fit is not None:  # measured for this kind and group size (calibrate): its own latency and bandwidth
+        return (fit[0] if fixed else 0.0) + load * wire / fit[1]
     rings = 2 if c.kind == "all_reduce" else 1
     latency = hw.collective_latency + rings * (c.group_size - 1) * hw.hop_latency if fixed else 0.0
     return latency + load * wire / hw.collective_bandwidth(c.axes)

@@ -14,6 +14,18 @@ def test_calibrate_writes_a_profile_the_planner_uses(tmp_path, monkeypatch):
     assert 1e9 < hw.peak_flops < 1e14 and hw.link_bandwidth < hw.hbm_bandwidth and hw.collective_latency >= 0
     # the overlap of a gloo gather with compute: a fraction, with the timings it came from
     assert 0.0 <= hw.comm_overlap <= 1.0 and hw.weight_prefetch and "comm_overlap" in hw.fitted
+    # every kind of collective the programs run, measured over the group (2 ranks: the world), and used
+    kinds = {k for k, g, _, _ in hw.collectives if g == 2}
+    assert kinds == {"all_gather", "reduce_scatter", "all_reduce", "all_to_all"} and "collectives" in hw.fitted
+    assert all(latency >= 0 and bandwidth > 0 for _, _, latency, bandwidth in hw.collectives)
+    from shardwise.ir.collective import Collective
+    from shardwise.ir.layout import Layout
+    from shardwise.strategies.cost import collective_time
+
+    rep = Layout.replicated(2)
+    step = Collective("all_reduce", ("z",), rep, rep, elements=1 << 20, itemsize=4, group_size=2)
+    latency, bandwidth = hw.collective_fit("all_reduce", 2)
+    assert collective_time(step, 4, hw) == latency + step.wire_bytes / bandwidth
     plan = shardwise.plan("llama-tiny", mesh="1x1x2", hardware="cpu-local")
     assert plan.hardware == "cpu-local" and plan.totals.latency > 0
 
