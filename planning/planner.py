@@ -235,7 +235,7 @@ def full_program(build_full, choice, q, weights: CheckpointSource | None = None)
     model, phase, batch, seq, context = build_full()
     gm = capture_program(Step(model, last_only=True), phase_inputs(model, phase, batch=batch, seq=seq,
                                                                    context=context), {})
-    apply(gm, choice.mesh, choices_for(gm.meta[LAYERS], choice.blocks, q.forced), insert=True)
+    apply(gm, choice.mesh, choices_for(gm.meta[LAYERS], choice.blocks, choice.forced(q.forced)), insert=True)
     return Program(gm, choice.mesh, weights, quantize=q.precision.weights, collective_matmul=q.collective_matmul)
 
 

@@ -21,12 +21,13 @@ from ..ir.mesh import Mesh
 from ..ir.meta import IO_LAYOUTS, STATE
 from ..passes.canonicalize import canonicalize
 from ..passes.capture import capture
+from ..passes.collective_matmul import collective_matmul as collective_matmul_pass
 from ..passes.emit import emit
 from ..passes.find_layers import find_layers
 from ..passes.graph_utils import signature
 from ..passes.pipeline import Pass, run_pipeline
-from ..passes.collective_matmul import collective_matmul as collective_matmul_pass
-from ..passes.schedule import DEFAULT_PREFETCH_BYTES, schedule as schedule_pass
+from ..passes.schedule import DEFAULT_PREFETCH_BYTES
+from ..passes.schedule import schedule as schedule_pass
 from ..runtime.lower import shard_tensor
 from ..runtime.simulate import Trace, run_lockstep, sim_group_name
 from ..runtime.weights import shard_index

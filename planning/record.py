@@ -44,7 +44,7 @@ def record(proto: fx.GraphModule, choice: Choice, results: list, q: Question, n_
     in_block = {l.name for l in layers.layers if l.block is not None}
     tally = Tally(mesh)
     for k, (cand, start, end) in enumerate(runs):
-        conversions = apply(proto, mesh, choices_for(layers, [cand], q.forced))
+        conversions = apply(proto, mesh, choices_for(layers, [cand], choice.forced(q.forced)))
         run(proto, summarize, mesh, conversions, model=q.model, hardware=q.hw.name, phase=q.phase,
             quantize=q.precision.weights)
         part = proto.meta[PLAN]

@@ -20,6 +20,7 @@ that put the same atoms in the same roles on a mesh are costed once.
 from __future__ import annotations
 
 import gc
+from dataclasses import replace
 from functools import lru_cache
 from itertools import product
 
@@ -27,6 +28,7 @@ import torch.fx as fx
 
 from ..errors import LayoutError, PlanError
 from ..ir.hardware import Hardware
+from ..ir.kinds import LayerKind
 from ..ir.mesh import Mesh
 from ..ir.meta import ATTENTION, LAYERS
 from ..passes.attribute import OUTPUT
@@ -285,7 +287,38 @@ def search(proto: fx.GraphModule, meshes: list[Mesh], *, objective: str = "laten
     if objective not in ("latency", "cost"):
         raise PlanError(f"unknown objective {objective!r}: use 'latency' or 'cost'")
     key = (lambda c: c.total) if objective == "latency" else (lambda c: c.total * c.mesh.size)
-    return min(good, key=key), results
+    return _head_by_cost(proto, min(good, key=key), **kw), results
+
+
+def _head_by_cost(proto: fx.GraphModule, choice: Choice, *, hw: Hardware, precision: Precision, n_blocks: int,
+                  overlap: bool = False, loop: bool = False, forced: dict[str, str] | None = None,
+                  **_) -> Choice:
+    """The head split over the vocabulary (logits gathered) or over d_model (logits summed), whichever costs
+    less with the chosen mesh's last block, unless one was asked for: `auto` is only a rule (the vocabulary
+    where it divides), and which collective is cheaper depends on the logits' size and on the hardware's
+    collectives (gloo all-gathers and all-reduces are not priced alike). Two evaluations, on the chosen mesh
+    only: a mesh that would win only through its head's split is not searched for."""
+    forced = forced or {}
+    if LayerKind.HEAD in forced or not proto.meta[LAYERS].by_kind(LayerKind.HEAD):
+        return choice
+    last = choice.blocks[-1]
+
+    def tail(c: Candidate) -> float:
+        return sum(c.times.get(k, {}).get("time", 0.0) for k in (LayerKind.HEAD, OUTPUT))
+
+    best, mode = tail(last), None
+    for split in ("vocab", "E"):
+        try:
+            alt = evaluate(proto, choice.mesh, last.member, last.attention, hw=hw, precision=precision,
+                           n_blocks=n_blocks, overlap=overlap, forced={**forced, LayerKind.HEAD: split},
+                           experts=last.experts, latent=last.latent, loop=loop)
+        except LayoutError:
+            continue
+        if alt.refused is None and tail(alt) < best * (1 - 1e-9):
+            best, mode = tail(alt), split
+    if mode is None:
+        return choice
+    return replace(choice, total=choice.total - tail(last) + best, tables={LayerKind.HEAD: mode})
 
 
 def meshes_for(chips: int) -> list[Mesh]:
