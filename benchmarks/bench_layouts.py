@@ -9,6 +9,8 @@ large token count:
   * each layout with and without the overlap schedule (passes/schedule.py): the scheduled and the
     unscheduled rank programs (same ops, same bytes, only their order differs) timed in alternation, run by
     run, so both see the same machine load (`--no-unscheduled`: only the scheduled one)
+  * with `--looped`, each layout also as the paper's looped collective matmul (plan(..., collective_matmul=True),
+    passes/collective_matmul.py): checked, bytes counted, timed in the same alternation, with its prediction
   * the ranking the measurements give next to the one `plan.totals.latency` predicts (Spearman's rho)
   * the planner's own choice (no forced layouts) and its regret: measured(chosen) / best measured
   * the same model under DTensor tensor parallelism (parallelize_module, Colwise q/k/v/gate/up,
@@ -187,7 +189,8 @@ class CollectiveCounter(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def bench_shardwise(model, ids, rank: int, runs: int, warmup: int, log, unscheduled: bool = True) -> dict:
+def bench_shardwise(model, ids, rank: int, runs: int, warmup: int, log, unscheduled: bool = True,
+                    looped: bool = False) -> dict:
     import shardwise
     from shardwise.drivers.accounting import predicted
     from shardwise.errors import LayoutError, PlanError
@@ -230,6 +233,17 @@ def bench_shardwise(model, ids, rank: int, runs: int, warmup: int, log, unschedu
                 run_recorded(plain.program, plan.program.flat_inputs((ids,), {}), trace2)
                 row["unscheduled_bytes"] = sum(e.bytes for e in trace2.collectives)
                 fns.append(plain)
+            if looped:  # the same layout with collective_matmul: its own prediction, numbers, bytes and time
+                lplan = shardwise.plan(model, (ids,), {}, mesh=MESH, hardware="cpu-local", collective_matmul=True,
+                                       layouts={"ffn": member.name, "attention": attn})
+                lprog = lplan.emit(rank)
+                row["looped_predicted_s"] = lplan.totals.latency
+                row["looped_correct"], row["looped_check"] = check(rank, lprog(ids), want)
+                trace3 = Trace()
+                run_recorded(lprog.program, lplan.program.flat_inputs((ids,), {}), trace3)
+                row["looped_bytes"] = sum(e.bytes for e in trace3.collectives)
+                row["looped_steps"] = sum(1 for e in trace3.collectives) - row["collectives"]
+                fns.append(lprog)
             if row["correct"]:
                 times = timed_pair([lambda f=f: f(ids) for f in fns], runs, warmup)
                 row["times"] = times[0]
@@ -237,9 +251,14 @@ def bench_shardwise(model, ids, rank: int, runs: int, warmup: int, log, unschedu
                 if unscheduled:
                     row["unscheduled_times"] = times[1]
                     row["unscheduled_s"] = statistics.median(times[1])
+                if looped:
+                    row["looped_times"] = times[-1]
+                    row["looped_s"] = statistics.median(times[-1])
         log(f"  {name:<18} predicted {row['predicted_s'] * 1e3:9.2f} ms   measured "
             + (f"{row['measured_s'] * 1e3:9.2f} ms" if row["correct"] else "WRONG (" + row["check"] + ")")
-            + (f"   unscheduled {row['unscheduled_s'] * 1e3:9.2f} ms" if row.get("unscheduled_s") else ""))
+            + (f"   unscheduled {row['unscheduled_s'] * 1e3:9.2f} ms" if row.get("unscheduled_s") else "")
+            + (f"   looped {row['looped_s'] * 1e3:9.2f} ms (predicted {row['looped_predicted_s'] * 1e3:.2f})"
+               if row.get("looped_s") else ""))
         rows.append(row)
         del program, plan
         gc.collect()
@@ -316,7 +335,7 @@ def worker(args) -> None:
     t_start = time.perf_counter()
     for (b, l), ids in zip(counts, ids_list):
         log(f"shardwise layouts at batch {b} × seq {l} = {b * l} tokens")
-        case = bench_shardwise(model, ids, rank, args.runs, args.warmup, log, not args.no_unscheduled)
+        case = bench_shardwise(model, ids, rank, args.runs, args.warmup, log, not args.no_unscheduled, args.looped)
         case["tokens"] = [b, l]
         result["cases"].append(case)
     log("DTensor tensor parallelism")
@@ -401,6 +420,14 @@ def report(res: dict, small: str, large: str) -> None:
                   + "; " + ("bytes unchanged" if all(r["unscheduled_bytes"] == r["bytes"] for r in paired) else
                             "bytes CHANGED for " + ", ".join(r["layout"] for r in paired
                                                              if r["unscheduled_bytes"] != r["bytes"])))
+        loops = [r for r in timed if r.get("looped_s")]
+        if loops:
+            print("looped collective matmul (collective_matmul=True) / scheduled, per layout (measured; predicted): "
+                  + ", ".join(f"{r['layout']} {r['looped_s'] / r['measured_s']:.2f}; "
+                              f"{r['looped_predicted_s'] / r['predicted_s']:.2f}" for r in loops if r.get("looped_steps")))
+            bad = [r["layout"] for r in loops if not r["looped_correct"] or r["looped_bytes"] != r["bytes"]]
+            print("  looped outputs checked against the model and bytes equal to unlooped for every layout" if not bad
+                  else f"  looped WRONG or bytes differ for: {', '.join(bad)}")
         best = min(timed, key=lambda r: r["measured_s"])
         mism = [r["layout"] for r in case["rows"] if r["predicted_bytes"] != r["bytes"]]
         print("bytes/chip as executed equal the plan's prediction for every layout" if not mism else
@@ -444,6 +471,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-unscheduled", action="store_true",
                     help="time only the scheduled programs (default: also each layout without the overlap schedule)")
+    ap.add_argument("--looped", action="store_true",
+                    help="also time each layout as looped collective matmuls (plan(..., collective_matmul=True))")
     args = ap.parse_args()
     if args.worker:
         worker(args)
@@ -460,6 +489,8 @@ def main() -> None:
                "--small", args.small, "--large", args.large, "--runs", str(args.runs), "--warmup", str(args.warmup)]
         if args.no_unscheduled:
             cmd.append("--no-unscheduled")
+        if args.looped:
+            cmd.append("--looped")
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         print(f"launching {NPROC} ranks: {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
