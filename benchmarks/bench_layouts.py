@@ -242,7 +242,7 @@ def bench_shardwise(model, ids, rank: int, runs: int, warmup: int, log, unschedu
                 trace3 = Trace()
                 run_recorded(lprog.program, lplan.program.flat_inputs((ids,), {}), trace3)
                 row["looped_bytes"] = sum(e.bytes for e in trace3.collectives)
-                row["looped_steps"] = sum(1 for e in trace3.collectives) - row["collectives"]
+                row["looped_steps"] = sum(1 for n in lprog.program.graph.nodes if "sw_loop" in n.meta)  # ring steps
                 fns.append(lprog)
             if row["correct"]:
                 times = timed_pair([lambda f=f: f(ids) for f in fns], runs, warmup)
@@ -422,9 +422,12 @@ def report(res: dict, small: str, large: str) -> None:
                                                              if r["unscheduled_bytes"] != r["bytes"])))
         loops = [r for r in timed if r.get("looped_s")]
         if loops:
-            print("looped collective matmul (collective_matmul=True) / scheduled, per layout (measured; predicted): "
-                  + ", ".join(f"{r['layout']} {r['looped_s'] / r['measured_s']:.2f}; "
-                              f"{r['looped_predicted_s'] / r['predicted_s']:.2f}" for r in loops if r.get("looped_steps")))
+            meas = sorted(r["looped_s"] / r["measured_s"] for r in loops)
+            pred = sorted(r["looped_predicted_s"] / r["predicted_s"] for r in loops)
+            print(f"looped collective matmul (collective_matmul=True) / scheduled over {len(loops)} layouts "
+                  f"({sum(1 for r in loops if r.get('looped_steps'))} with loops): measured median "
+                  f"{statistics.median(meas):.3f} (min {meas[0]:.3f}, max {meas[-1]:.3f}), predicted median "
+                  f"{statistics.median(pred):.3f} (min {pred[0]:.3f}, max {pred[-1]:.3f})")
             bad = [r["layout"] for r in loops if not r["looped_correct"] or r["looped_bytes"] != r["bytes"]]
             print("  looped outputs checked against the model and bytes equal to unlooped for every layout" if not bad
                   else f"  looped WRONG or bytes differ for: {', '.join(bad)}")
