@@ -195,6 +195,7 @@ def bench_shardwise(model, ids, rank: int, runs: int, warmup: int, log, unschedu
     from shardwise.drivers.accounting import predicted
     from shardwise.errors import LayoutError, PlanError
     from shardwise.ir.mesh import Mesh
+    from shardwise.ir.meta import LOOP
     from shardwise.runtime.simulate import Trace, run_recorded
     from shardwise.strategies.family import parse_ffn
 
@@ -242,7 +243,7 @@ def bench_shardwise(model, ids, rank: int, runs: int, warmup: int, log, unschedu
                 trace3 = Trace()
                 run_recorded(lprog.program, lplan.program.flat_inputs((ids,), {}), trace3)
                 row["looped_bytes"] = sum(e.bytes for e in trace3.collectives)
-                row["looped_steps"] = sum(1 for n in lprog.program.graph.nodes if "sw_loop" in n.meta)  # ring steps
+                row["looped_steps"] = sum(1 for n in lprog.program.graph.nodes if LOOP in n.meta)  # ring steps
                 fns.append(lprog)
             if row["correct"]:
                 times = timed_pair([lambda f=f: f(ids) for f in fns], runs, warmup)

@@ -78,11 +78,12 @@ def test_what_the_program_loops_is_what_the_cost_model_prices(tiny, name, mesh, 
     gm = capture_program(m, args, kwargs)
     msh = Mesh.parse(mesh)
     ffn, attn = (part.split("=")[1] for part in layouts.split(","))
-    conversions = apply(gm, msh, choices_for(gm.meta[LAYERS], [Candidate(parse_ffn(ffn), attn, msh)], {}))
+    _, _, _, plan = _plan(tiny, name, mesh, layouts)
+    head = {"head": next(l.choice for l in plan.layers if l.kind == "head")}  # as the plan chose it, by cost
+    conversions = apply(gm, msh, choices_for(gm.meta[LAYERS], [Candidate(parse_ffn(ffn), attn, msh)], head))
     fused = {id(c) for f in plan_fusions(gm, conversions) for c in f.members}
     loops = looped_steps(conversions, msh, fused)
     priced = sorted((c.steps[i].kind, c.steps[i].group_size) for c in conversions for i in loops.get(id(c), ()))
-    _, _, _, plan = _plan(tiny, name, mesh, layouts)
     looped = sorted(_loops(emit_rank(plan.program.gm, plan.mesh, 0, group_name=sim_group_name,
                                      collective_matmul=True)))
     assert priced and priced == looped
