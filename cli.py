@@ -138,6 +138,8 @@ def _main(argv: list[str]) -> int:
                    help="prefill: compare logits; decode: compare --tokens greedy tokens")
     p.add_argument("--tokens", type=_whole, default=16, help="tokens to generate for --phase decode")
     p.add_argument("--bytes", action="store_true", help="compare executed collective bytes with the plan, per layer")
+    p.add_argument("--collective-matmul", action="store_true",
+                   help="run the looped collective matmul: rings of partial matmuls (prefill)")
     p.add_argument("--timeout", type=_amount, default=None, metavar="SECONDS",
                    help="with --nproc: how long a rank may wait for the others, or stay stopped (default 300)")
     p.add_argument("--trace", metavar="DIR", help="with --nproc: each rank's profiled step, merged with the plan's "
@@ -311,7 +313,8 @@ def _verify(a) -> int:
     if a.trace:
         Path(a.trace).mkdir(parents=True, exist_ok=True)
     report = api.verify(a.model, mesh=a.mesh, layouts=a.layouts, batch=a.batch, seq=a.seq, nproc=a.nproc, atol=a.atol,
-                        phase=a.phase, tokens=a.tokens, bytes=a.bytes, timeout=a.timeout, trace_dir=a.trace)
+                        phase=a.phase, tokens=a.tokens, bytes=a.bytes, timeout=a.timeout, trace_dir=a.trace,
+                        collective_matmul=a.collective_matmul)
     print(report)
     if a.trace:
         _merge_measured(a)

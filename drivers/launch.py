@@ -508,7 +508,8 @@ def _worker(job_path: str) -> None:
                 return t.to("meta") if isinstance(t, torch.Tensor) else t
 
             plan = make_plan(meta, tuple(to_meta(a) for a in args), {k: to_meta(v) for k, v in kwargs.items()},
-                            mesh=job["mesh"], layouts=job["layouts"], phase=job["phase"])
+                            mesh=job["mesh"], layouts=job["layouts"], phase=job["phase"],
+                            collective_matmul=job.get("collective_matmul", False))
             program = plan.emit(rank, weights=weights, device=device)
             read = _read(weights)
             flat = plan.program.flat_inputs(args, kwargs)

@@ -110,6 +110,7 @@ def verify(
     timeout: float | None = None,
     trace_dir: str | None = None,
     strict: bool = False,
+    collective_matmul: bool = False,
 ) -> VerifyReport:
     """Plan, run every rank, and compare with the unsharded model.
 
@@ -122,6 +123,8 @@ def verify(
     `trace_dir`: with `nproc`, each rank profiles one more prefill step into `trace_dir/rank{r}.json`.
     The report states how much of the parameters and matmul FLOPs the plan splits; a block's matmul left
     unsharded is a NotShardedWarning, or with `strict` a ShardwiseError (before anything runs).
+    `collective_matmul`: plan and run the looped collective matmul (plan(..., collective_matmul=True));
+    prefill of a preset only.
 
     `model` may be a Hugging Face checkpoint directory: the ranks (simulated, or `nproc` real ones) read
     their shards from its files and are compared with the model transformers loads whole; the report
@@ -131,17 +134,22 @@ def verify(
     mesh = Mesh.parse(mesh)
     phase = Phase.parse(phase, "phase")
     _check_request(model, atol=1e-5 if atol is None else atol, tokens=tokens, nproc=nproc)
+    if collective_matmul and phase != Phase.PREFILL:
+        raise ShardwiseError("verify(..., collective_matmul=True) checks a prefill step; decode steps are "
+                             "generated with the plain collectives: use phase='prefill'")
     if is_checkpoint(model):
         return _verify_checkpoint(str(model), mesh=mesh, layouts=layouts, atol=atol, batch=batch, seq=seq,
                                   nproc=nproc, phase=phase, tokens=tokens, timeout=timeout, strict=strict,
-                                  unsupported={"bytes": bytes, "trace_dir": trace_dir})
+                                  unsupported={"bytes": bytes, "trace_dir": trace_dir,
+                                               "collective_matmul": collective_matmul})
     atol = 1e-5 if atol is None else atol
     if nproc is not None:
         return _verify_real(model, args, kwargs, mesh=mesh, layouts=layouts, atol=atol, batch=batch, seq=seq,
                             nproc=nproc, phase=phase, tokens=tokens, record=bytes, timeout=timeout,
-                            trace_dir=trace_dir, strict=strict)
+                            trace_dir=trace_dir, strict=strict, collective_matmul=collective_matmul)
     model, args, kwargs, name = model_and_inputs(model, args, kwargs, batch, seq)
-    p = check_sharded(plan(model, args, kwargs, mesh=mesh, layouts=layouts), strict)
+    p = check_sharded(plan(model, args, kwargs, mesh=mesh, layouts=layouts, collective_matmul=collective_matmul),
+                      strict)
     trace = Trace()
     with torch.no_grad():
         want = model(*args, **kwargs)
@@ -185,18 +193,20 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def _verify_real(model, args, kwargs, *, mesh: Mesh, layouts, atol, batch, seq, nproc, phase, tokens, trace_dir,
-                 record, timeout, strict: bool = False) -> VerifyReport:
+                 record, timeout, strict: bool = False, collective_matmul: bool = False) -> VerifyReport:
     if not isinstance(model, str):
         raise ShardwiseError("verify(..., nproc=N) launches fresh processes: pass a preset name as the model")
     if nproc != mesh.size:
         raise MeshError(f"mesh {mesh} has {mesh.size} chips but --nproc is {nproc}: they must be equal")
     name = model
     model, args, kwargs, _ = model_and_inputs(model, args, kwargs, batch, seq)
-    p = check_sharded(plan(model, args, kwargs, mesh=mesh, layouts=layouts), strict)
+    p = check_sharded(plan(model, args, kwargs, mesh=mesh, layouts=layouts, collective_matmul=collective_matmul),
+                      strict)
     state = p.program.state
     run = run_real(model=name, mesh=str(mesh), layouts=layouts, args=args, kwargs=kwargs, state=state, nproc=nproc,
                    phase=phase, timeout=timeout, extra={"tokens": tokens, "record": record,
-                                                                   "trace_dir": trace_dir})
+                                                                   "trace_dir": trace_dir,
+                                                                   "collective_matmul": collective_matmul})
     report = VerifyReport(model=name, mesh=str(mesh), layouts=p.settings.requested, max_abs_diff=None, atol=atol,
                           ranks=run.backend, param_bytes_per_rank=run.param_bytes, param_bytes_total=model_bytes(model),
                           replicated=p.memory.replicated, phase=phase, bytes_rows=run.bytes_rows,

@@ -136,3 +136,22 @@ def test_cost_prices_ring_latencies_and_the_measured_overlap(tiny):
 
 def _collectives(plan):
     return [n.meta[COLLECTIVE] for n in plan.program.gm.graph.nodes if COLLECTIVE in n.meta]
+
+
+def test_looped_on_real_gloo_ranks(tiny):
+    """The ring steps on real process groups (4 gloo processes): the uneven all-to-alls of each loop run,
+    the logits equal the model's, and every layer's executed bytes equal the plan's."""
+    layouts = "ffn=ws1d,attn=heads"
+    report = shardwise.verify("llama-tiny", mesh="2x2x1", layouts=layouts, nproc=4, bytes=True,
+                              collective_matmul=True)
+    assert report.ranks == "gloo" and report.ok, str(report)
+    assert report.max_abs_diff <= ATOL
+    assert report.bytes_rows and all(p == m for _, _, p, m in report.bytes_rows)
+    # the program the ranks ran loops (the same plan, emitted here for rank 0)
+    _, _, _, plan = _plan(tiny, "llama-tiny", "2x2x1", layouts, collective_matmul=True)
+    assert _loops(emit_rank(plan.program.gm, plan.mesh, 0, group_name=sim_group_name, collective_matmul=True))
+
+
+def test_looped_verify_is_for_prefill():
+    with pytest.raises(shardwise.ShardwiseError, match="prefill"):
+        shardwise.verify("llama-tiny", mesh="1x1x2", phase="decode", collective_matmul=True)
