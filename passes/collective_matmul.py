@@ -19,8 +19,8 @@ dependent computation via decomposition"):
 Each ring step is an `all_to_all_single` whose split sizes send the whole tensor to one member
 (runtime/lower.ring_splits), so the simulator and real process groups run it like any collective, and
 passes/schedule.py overlaps step i + 1 with partial product i (one collective in flight per group).
-Neither the gathered activation nor the full partial sum is ever materialised, and the movedim /
-contiguous copies around a collective over the last dim disappear with them.
+Neither the gathered activation nor the full partial sum is ever materialised, and the copy the
+lowering makes around a collective over the last dim (merging or splitting its blocks) disappears with them.
 
 Bytes are unchanged: the g − 1 steps move what the collective's ring moves ((g − 1)/g of its charged
 bytes each way). The steps carry `sw_loop` (the collective's kind, g): a trace charges the loop the
@@ -78,17 +78,14 @@ def _only_user(n: fx.Node) -> fx.Node | None:
 
 
 def _is(n, target) -> bool:
-    """`n` is a call of `target` (any call where `target` is None)."""
-    return isinstance(n, fx.Node) and n.op == "call_function" and (target is None or n.target is target)
+    return isinstance(n, fx.Node) and n.op == "call_function" and n.target is target
 
 
-def _last_dim(op: fx.Node, mesh: Mesh) -> int | None:
-    """The dim a lowered collective runs over, if it is the last of its tensor's dims and its atoms are in
-    mesh order (no block permutation); None otherwise."""
-    step = op.meta.get(STEP)
-    if step is None or step.dim is None or step.dim != len(step.src.dims) - 1 or step.dim == 0:
-        return None
-    return step.dim if tuple(step.atoms) == tuple(mesh.mesh_order(step.atoms)) else None
+def over_last_dim(step, mesh: Mesh) -> bool:
+    """A collective step over the last of its tensor's dims (not the only one), its atoms in mesh order (no
+    block permutation): the steps a loop can replace. One rule for the rank programs and the cost model."""
+    return (step is not None and step.dim is not None and 0 < step.dim == len(step.src.dims) - 1
+            and tuple(step.atoms) == tuple(mesh.mesh_order(step.atoms)))
 
 
 def _chain(start: fx.Node, targets: list, backwards: bool) -> fx.Node | None:
@@ -128,20 +125,22 @@ def _after(op: fx.Node) -> fx.Node | None:
 def _gather_into_linears(op: fx.Node, mesh: Mesh):
     """An all-gather over the last dim whose result is read only as the input of linears:
     (the tensor gathered, the node the linears read, the linears)."""
-    if _last_dim(op, mesh) is None or (whole := _after(op)) is None or not whole.users or _before(op) is None:
+    if not over_last_dim(op.meta.get(STEP), mesh) or (whole := _after(op)) is None or not whole.users:
+        return None
+    if (x := _before(op)) is None:
         return None
     linears = list(whole.users)
     if not all(_is(u, aten.linear.default) and u.args[0] is whole and whole not in u.args[1:] and not u.kwargs
                for u in linears):
         return None
-    return _before(op), whole, linears
+    return x, whole, linears
 
 
 def _linear_into_scatter(op: fx.Node, mesh: Mesh):
     """A reduce-scatter over the last dim of a linear without bias read by nothing else:
     (the linear, the node holding the scattered result)."""
     lin = _before(op)
-    if (_last_dim(op, mesh) is None or lin is None or not _is(lin, aten.linear.default) or len(lin.users) != 1
+    if (not over_last_dim(op.meta.get(STEP), mesh) or lin is None or not _is(lin, aten.linear.default) or len(lin.users) != 1
             or (len(lin.args) > 2 and lin.args[2] is not None) or lin.kwargs):
         return None
     result = _after(op)
@@ -262,21 +261,17 @@ def looped_steps(conversions, mesh: Mesh, fused: set[int]) -> dict[int, set[int]
       its first, a reduce-scatter over the last dim in mesh order of a linear without bias read by
       nothing else, unless that linear's input is looped (the gather's loop replaces the linear first)."""
 
-    def last_dim_in_order(s) -> bool:
-        return (s.dim is not None and s.dim == len(s.src.dims) - 1 and s.dim > 0
-                and tuple(s.atoms) == tuple(mesh.mesh_order(s.atoms)))
-
     out: dict[int, set[int]] = {}
     gathered_into: set[fx.Node] = set()  # linears whose input arrives by a looped gather
     for c in conversions:
         s = c.steps[-1] if c.steps else None
-        if (s is not None and s.kind == "all_gather" and last_dim_in_order(s) and id(c) not in fused
+        if (s is not None and s.kind == "all_gather" and over_last_dim(s, mesh) and id(c) not in fused
                 and all(u.target is aten.linear.default and name == "input" for u, name, _ in c.uses)):
             out.setdefault(id(c), set()).add(len(c.steps) - 1)
             gathered_into.update(u for u, _, _ in c.uses)
     for c in conversions:
         s, src = (c.steps[0] if c.steps else None), c.src
-        if (s is not None and s.kind == "reduce_scatter" and last_dim_in_order(s) and id(c) not in fused
+        if (s is not None and s.kind == "reduce_scatter" and over_last_dim(s, mesh) and id(c) not in fused
                 and src.op == "call_function" and src.target is aten.linear.default and len(src.users) == 1
                 and (len(src.args) < 3 or src.args[2] is None) and src not in gathered_into):
             out.setdefault(id(c), set()).add(0)
