@@ -78,23 +78,12 @@ def _gloo_worker(rank: int, world: int, port: int, out) -> None:
     local = (matmul_flops(512), memory_bandwidth(64 << 20), call_overhead())  # every rank at once, one thread each
     per_rank = [None] * world
     dist.all_gather_object(per_rank, local)
-    c10d = torch.ops._c10d_functional
-    group = dist.group.WORLD.group_name
-    results = []
-    for size in SIZES:
-        x = torch.ones(size // 4 // world)
-
-        def step():
-            c10d.wait_tensor(c10d.all_gather_into_tensor(x, world, group))
-
-        dist.barrier()
-        results.append((size, _median_time(step, repeats=9)))
     kinds = collective_times(rank, world)
-    overlap = comm_overlap(world, group)
+    overlap = comm_overlap(world, dist.group.WORLD.group_name)
     overlaps = [None] * world
     dist.all_gather_object(overlaps, overlap)
     if rank == 0:
-        out.put((results, per_rank, overlaps, kinds))
+        out.put((per_rank, overlaps, kinds))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -119,23 +108,26 @@ def collective_times(rank: int, world: int) -> dict[tuple[str, int], list[tuple[
         for kind in KINDS:
             rows = []
             for size in SIZES:
-                n = size // 4
-                if kind == "all_gather":
-                    x = torch.ones(n // g)
-                    fn = lambda x=x: c10d.all_gather_into_tensor(x, g, name)  # noqa: E731
-                elif kind == "reduce_scatter":
-                    x = torch.ones(n)
-                    fn = lambda x=x: c10d.reduce_scatter_tensor(x, "sum", g, name)  # noqa: E731
-                elif kind == "all_reduce":
-                    x = torch.ones(n // 2)
-                    fn = lambda x=x: c10d.all_reduce(x, "sum", name)  # noqa: E731
-                else:
-                    x = torch.ones(n)
-                    fn = lambda x=x: c10d.all_to_all_single(x, [n // g] * g, [n // g] * g, name)  # noqa: E731
+                step = _collective_step(c10d, kind, size // 4, g, name)
                 dist.barrier()
-                rows.append((size, _median_time(lambda fn=fn: c10d.wait_tensor(fn()), repeats=9)))
+                rows.append((size, _median_time(step, repeats=9)))
             out[(kind, g)] = rows
     return out
+
+
+def _collective_step(c10d, kind: str, n: int, g: int, name: str):
+    """One `kind` collective over group `name` of `g` ranks, charged n float32 elements, run and waited."""
+    if kind == "all_gather":
+        x = torch.ones(n // g)
+        return lambda: c10d.wait_tensor(c10d.all_gather_into_tensor(x, g, name))
+    if kind == "reduce_scatter":
+        x = torch.ones(n)
+        return lambda: c10d.wait_tensor(c10d.reduce_scatter_tensor(x, "sum", g, name))
+    if kind == "all_reduce":
+        x = torch.ones(n // 2)
+        return lambda: c10d.wait_tensor(c10d.all_reduce(x, "sum", name))
+    x = torch.ones(n)
+    return lambda: c10d.wait_tensor(c10d.all_to_all_single(x, [n // g] * g, [n // g] * g, name))
 
 
 def fit_line(rows: list[tuple[int, float]], group: int) -> tuple[float, float]:
@@ -204,7 +196,8 @@ def measure_ranks(ranks: int) -> tuple:
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
     mp.start_processes(_gloo_worker, args=(ranks, free_port(), q), nprocs=ranks, join=True, start_method="spawn")
-    raw, per_rank, overlaps, kinds = q.get()
+    per_rank, overlaps, kinds = q.get()
+    raw = kinds[("all_gather", ranks)]  # the generic link figures: an all-gather over every rank
     latency, bandwidth = fit_line(raw, ranks)
     return latency, bandwidth, raw, per_rank, overlaps, kinds
 
