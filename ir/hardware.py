@@ -55,13 +55,12 @@ class Hardware:
     def __post_init__(self) -> None:  # from JSON: lists back to tuples (hashable, equal to the saved profile)
         object.__setattr__(self, "collectives", tuple((str(k), int(g), float(a), float(b))
                                                       for k, g, a, b in self.collectives))
+        # looked up for every collective the search prices: a dict, not a scan
+        object.__setattr__(self, "_fits", {(k, g): (a, b) for k, g, a, b in self.collectives})
 
     def collective_fit(self, kind: str, group: int) -> tuple[float, float] | None:
         """(latency s, wire bytes/s) measured for `kind` over `group` chips, if this profile has it."""
-        for k, g, latency, bandwidth in self.collectives:
-            if k == kind and g == group:
-                return latency, bandwidth
-        return None
+        return self._fits.get((kind, group))
 
     def collective_bandwidth(self, axes: Sequence[str]) -> float:
         """Bytes/s one chip sends in a collective whose group spans these mesh axes."""
