@@ -156,6 +156,9 @@ def plan(
     cost model prices the overlap with the profile's measured `comm_overlap`.
     """
     phase, objective = Phase.parse(phase, "phase"), Objective.parse(objective, "objective")
+    if not isinstance(collective_matmul, bool):
+        raise ShardwiseError(f"collective_matmul={collective_matmul!r}: expected True (loop collectives with "
+                             f"their matmuls) or False")
     request, notes = parse_layouts(layouts), []
     q = Question(meshes=_meshes(mesh, chips, objective, request, notes), hw=get_hardware(hardware),
                  precision=Precision(weights=weight_dtype, kv=kv_dtype), objective=objective, overlap=overlap,

@@ -164,6 +164,7 @@ def test_decode_without_a_context_states_the_default():
     (dict(mesh="1x1x2", phase="train"), "phase 'train'"), (dict(mesh="1x1x2", weight_dtype="fp7"), "fp7"),
     (dict(mesh="1x1x2", objective="speed"), "objective 'speed'"), (dict(chips=0), "chips=0"),
     (dict(mesh="1x1x2", seq=200), "at most 128 positions"),
+    (dict(mesh="1x1x2", collective_matmul="yes"), "collective_matmul='yes'"),
 ])
 def test_bad_arguments_are_clear_errors(kwargs, named):
     with pytest.raises(shardwise.ShardwiseError, match=named.replace("(", r"\(")):
