@@ -62,6 +62,7 @@ from shardwise.benchmarks.bench_layouts import (
     fmt_bytes,
     parse_tokens,
     spearman,
+    start_rank,
     timed_runs,
 )
 
@@ -247,12 +248,7 @@ def worker(args) -> None:
 
     import shardwise
 
-    rank = shardwise.init()
-    torch.set_num_threads(1)
-
-    def log(msg: str) -> None:
-        if rank == 0:
-            print(f"[rank 0 {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    rank, log = start_rank()
 
     model = build_model()
     sums = [None] * dist.get_world_size()

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from .bench_layouts import CollectiveCounter, check, ensure_profile, fmt_bytes, parse_tokens, timed_runs
+from .bench_layouts import CollectiveCounter, check, ensure_profile, fmt_bytes, parse_tokens, start_rank, timed_runs
 
 NPROC = 4
 LLAMA = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 4, "num_attention_heads": 16,
@@ -205,15 +205,9 @@ def interleaved(sides: dict[str, dict], runs: int, warmup: int) -> None:
 def worker(args) -> None:
     import torch.distributed as dist
 
-    import shardwise
     from shardwise.strategies.request import parse_layouts
 
-    rank = shardwise.init()
-    torch.set_num_threads(1)
-
-    def log(msg: str) -> None:
-        if rank == 0:
-            print(f"[rank 0 {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    rank, log = start_rank()
 
     model = build_model()
     dt_model = build_model()

@@ -87,6 +87,21 @@ def fmt_bytes(n: float) -> str:
 
 
 # ------------------------------------------------------------------------------------ worker
+def start_rank():
+    """A torchrun worker's start: the process group joined (shardwise.init), one thread, and a log
+    function that prints from rank 0 only, timestamped. (rank, log)."""
+    import shardwise
+
+    rank = shardwise.init()
+    torch.set_num_threads(1)
+
+    def log(msg: str) -> None:
+        if rank == 0:
+            print(f"[rank 0 {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    return rank, log
+
+
 def build_model():
     from shardwise.models.reference import RefConfig, RefDecoder
 
@@ -318,14 +333,8 @@ def bench_dtensor(ids_list, rank: int, runs: int, warmup: int, log, reference) -
 def worker(args) -> None:
     import torch.distributed as dist
 
-    import shardwise
 
-    rank = shardwise.init()
-    torch.set_num_threads(1)
-
-    def log(msg: str) -> None:
-        if rank == 0:
-            print(f"[rank 0 {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    rank, log = start_rank()
 
     model = build_model()
     counts = [parse_tokens(args.small), parse_tokens(args.large)]
