@@ -9,8 +9,8 @@ random weights, float32, eval, no_grad; 4 gloo ranks on 127.0.0.1, one thread ea
   * DTensor: `parallelize_module` on a 1-D mesh of the 4 ranks, ColwiseParallel on q/k/v/gate/up and
     RowwiseParallel on o/down (embedding, norms and lm_head replicated); checked the same way
   * optionally (`--alt`), forced shardwise layouts (`ffn=ws1d,attention=heads`, ...), checked the same way
-  * all of them timed interleaved, run by run (order reversed every other run), after warm-ups: a run is the
-    slowest rank's time (bench_layouts.timed_runs), the table shows the median run and the ratio
+  * all of them timed interleaved, run by run (the order rotating), after warm-ups: a run is the
+    slowest rank's time (bench_layouts.timed_pair), the table shows the median run and the ratio
     shardwise / DTensor, against the acceptance target (≤ 0.8× at every token count)
   * `--profile`: one profiled step of each side at the largest token count on every rank; rank 0's self
     CPU time split into matmuls, attention, collectives (issue + wait), copies and the rest
@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from .bench_layouts import CollectiveCounter, check, ensure_profile, fmt_bytes, parse_tokens, start_rank, timed_runs
+from .bench_layouts import CollectiveCounter, check, ensure_profile, fmt_bytes, parse_tokens, start_rank, timed_pair
 
 NPROC = 4
 LLAMA = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 4, "num_attention_heads": 16,
@@ -188,18 +188,12 @@ def dtensor_side(dt_model, ids, rank: int, want, log) -> dict:
 
 
 def interleaved(sides: dict[str, dict], runs: int, warmup: int) -> None:
-    """Warm every side up, then time them run by run in turn (reversed order every other run): load that
-    drifts during the benchmark falls on every side alike. Adds `times` and `measured_s` to each row."""
-    live = {name: s for name, s in sides.items() if s["row"]["correct"]}
-    for s in live.values():
-        timed_runs(s["fn"], 0, warmup)
-        s["row"]["times"] = []
-    names = list(live)
-    for r in range(runs):
-        for name in names if r % 2 == 0 else names[::-1]:
-            live[name]["row"]["times"] += timed_runs(live[name]["fn"], 1, 0)
-    for s in live.values():
-        s["row"]["measured_s"] = statistics.median(s["row"]["times"])
+    """Time every correct side run by run in turn (bench_layouts.timed_pair): load that drifts during the
+    benchmark falls on every side alike. Adds `times` and `measured_s` to each row."""
+    live = [s for s in sides.values() if s["row"]["correct"]]
+    for s, times in zip(live, timed_pair([s["fn"] for s in live], runs, warmup)):
+        s["row"]["times"] = times
+        s["row"]["measured_s"] = statistics.median(times)
 
 
 def worker(args) -> None:
