@@ -153,6 +153,7 @@ COLLECTIVE_OPS = {
     c10d.all_gather_into_tensor.default: "all_gather",
     c10d.reduce_scatter_tensor.default: "reduce_scatter",
     c10d.all_reduce.default: "all_reduce",
+    c10d.all_reduce_.default: "all_reduce",  # passes/in_place.py: a buffer nothing else reads
     c10d.all_to_all_single.default: "all_to_all",
 }
 

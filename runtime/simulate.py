@@ -98,6 +98,8 @@ def _collective(graphs, envs, i, mesh: Mesh, trace: Trace | None) -> None:
         splits = [fx.node.map_arg(graphs[m][i].args[2], envs[m].__getitem__) for m in members] \
             if kind == "all_to_all" else None
         outs = _compute(kind, xs, splits)
+        if n0.target is c10d.all_reduce_.default:  # in place (passes/in_place.py): the sum lands in the input
+            outs = [x.copy_(out) for x, out in zip(xs, outs)]
         for m, out in zip(members, outs):
             envs[m][graphs[m][i]] = out
     if trace is not None:
