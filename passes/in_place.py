@@ -18,7 +18,6 @@ Numerics are unchanged: the same sum of the same tensors, in the same order, int
 
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 
 from ..runtime.lower import c10d
