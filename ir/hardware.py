@@ -46,6 +46,11 @@ class Hardware:
     flops_efficiency: float = 1.0  # achievable fraction of peak in large matmuls
     hbm_efficiency: float = 1.0  # achievable fraction of HBM bandwidth
     call_overhead: float = 0.0  # seconds one matmul call costs beyond its FLOPs and bytes (launch, dispatch)
+    # a collective over a dim other than the first needs a local copy to merge or order its blocks, as the
+    # emitted programs do (runtime/lower.py): priced as memory traffic on the step's critical path. False
+    # where the fit assumed none (TPU v4: the ICI's DMA gathers into strided layouts, and the fitted rows
+    # did not price them)
+    relayout_copies: bool = True
     # measured per collective: (kind, group size, latency s, wire bytes/s) fitted on this machine; where one
     # matches a collective, it replaces collective_latency / the link bandwidth (strategies/cost.py)
     collectives: tuple[tuple[str, int, float, float], ...] = ()
@@ -92,6 +97,7 @@ TPU_V4 = Hardware(
     link_efficiency=100 / 270,
     collective_latency=2e-6,
     hop_latency=0.5e-6,
+    relayout_copies=False,
     source="PAPER.md (Pope et al. 2022, TPU v4)",
     fitted={
         "flops_efficiency": "0.75: grid search on PaLM 540B's four published rows (experiments/fit_tpu_v4.py)",
@@ -101,6 +107,7 @@ TPU_V4 = Hardware(
         "hop_latency": "0.5 µs per ring step (g − 1 steps for g chips): same fit",
         "call_overhead": "0: not fitted (PaLM has no experts, and XLA compiles an experts' loop into one program)",
         "comm_overlap": "1: assumed (prefetched weight gathers fully hidden, as the fit above assumed), not measured",
+        "relayout_copies": "False: the fit above priced no local copies around collectives",
     },
 )
 # GPUs: published figures; no published rows to fit against, so the efficiencies and latencies are

@@ -1,7 +1,8 @@
 """assign_layouts: write each layer's chosen layout onto the graph.
 
 Input: `gm.meta["sw_layers"]` and one choice per layer (a feed-forward family member per block,
-`heads`/`batch` per attention, `E`/`vocab` per embedding and head). Output on the graph:
+`heads`/`batch` per attention, `E`/`vocab` per embedding and head, `replicated` per
+embedding, `tokens` per head). Output on the graph:
   `sw_weight`     on every planned weight placeholder: its layout at rest and in use
   `sw_anchor`     on every block's input: the residual layout of that block's member
   `sw_attention`  on every attention core: how its batch and heads are split
@@ -93,6 +94,9 @@ def assign_layouts(gm: fx.GraphModule, mesh: Mesh, choices: dict[str, str]) -> f
             notes[layer.name] = [f"weight tied to the embedding: uses its layout ({table_specs[ph.name].in_use})"]
             continue
         resolved[layer.name], ph.meta[WEIGHT] = _head_spec(layer, mode, last, mesh, shape(ph))
+        if mode == "tokens":
+            x = nodes[proj.input]
+            x.meta[ANCHOR] = _token_rows(x, last, mesh, layer.name)
     gm.meta[ASSIGNMENT] = Assignment(resolved, members, notes)
     return gm
 
@@ -286,6 +290,9 @@ def _table_spec(layer: Layer, mode: str, member: Member, mesh: Mesh) -> tuple[st
         # split E when no axis plays batch (the lookup lands in the residual layout, no communication);
         # else split the vocabulary over every chip, so the table is not replicated over batch axes
         mode = "vocab" if b and V % mesh.group_size(b + e + f) == 0 else "E"
+    if mode == "replicated":  # no collective: every chip looks its rows up in its own copy
+        whole = Layout.replicated(2)
+        return mode, WeightSpec(at_rest=whole, in_use=whole)
     if mode == "vocab":
         atoms = mesh.mesh_order(b + e + f)
         require_divides("the vocabulary (V)", V, atoms, mesh, f"embed=vocab for {layer.name}")
@@ -308,11 +315,29 @@ def _head_spec(layer: Layer, mode: str, member: Member, mesh: Mesh, wshape) -> t
                 f"{member} for {layer.name} splits the head over {mesh.format_atoms(e + f)} = {n} chips, which "
                 f"divides neither the vocabulary V = {V} (head=vocab) nor d_model E = {E} (head=E); choose a "
                 f"mesh whose F and E axes divide one of them, or another layout")
+    if mode == "tokens":  # every chip its own rows of the input with the whole weight (_token_rows)
+        whole = Layout.replicated(2)
+        return mode, WeightSpec(at_rest=whole, in_use=whole)
     if mode == "vocab":
         require_divides("the vocabulary (V)", layer.dims["V"], e + f, mesh, f"head=vocab for {layer.name}")
         return mode, weight_spec(e + f, (), b, wshape, p.rows_out, mesh)
     require_divides("d_model (E)", layer.dims["E"], e + f, mesh, f"head=E for {layer.name}")
     return mode, weight_spec((), e + f, b, wshape, p.rows_out, mesh)
+
+
+def _token_rows(x: fx.Node, member: Member, mesh: Mesh, where: str) -> Layout:
+    """head=tokens: the head's input split by rows over every chip the member uses, its batch (dim 0)
+    where that divides, else its sequence (dim 1). Each chip multiplies its rows by the whole weight: the
+    logits come out split by rows, so making them whole is an all-gather over dim 0 (or 1) that needs no
+    copy to merge, and nothing is summed. Reached from the residual by a slice where that is replicated."""
+    b, e, f = member.atoms(mesh)
+    atoms = mesh.mesh_order(b + e + f)
+    s = shape(x)
+    for d in range(min(2, len(s) - 1)):
+        if s[d] % mesh.group_size(atoms) == 0:
+            return Layout.sharded(len(s), d, atoms)
+    require_divides("the head's rows (batch or sequence)", s[0], atoms, mesh, f"head=tokens for {where}")
+    raise AssertionError("require_divides refuses what does not divide")
 
 
 # ------------------------------------------------------------------------------------ KV caches

@@ -187,7 +187,23 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
         costs[owner].comm.extend(Comm(s, itemsize, is_weight, fused=i == 0 and id(conv) in riders,
                                       load=load if s.kind == "all_to_all" else 1.0, looped=i in loops)
                                  for i, s in enumerate(conv.steps))
+        costs[owner].copy_bytes += sum(2 * relayout_copies(s, mesh) * s.elements * itemsize
+                                       for i, s in enumerate(conv.steps) if i not in loops)
     return costs
+
+
+def relayout_copies(step, mesh: Mesh) -> int:
+    """How many local copies of its charged tensor the lowering of `step` makes (runtime/lower.py): a
+    collective over the first dim, its group in mesh order, needs none; an all-gather over another dim
+    merges its blocks (one copy), a reduce-scatter moves them to the front first (one); an all-to-all
+    moves the leaving blocks to the front (one, unless they are there) and merges the arriving ones
+    (one, and one more to move them back to a dim other than the first)."""
+    reorder = tuple(mesh.mesh_order(step.atoms)) != tuple(step.atoms)
+    if step.kind in ("all_gather", "reduce_scatter"):
+        return int(bool(step.dim) or reorder)
+    if step.kind == "all_to_all":
+        return int(bool(step.dst_dim) or reorder) + 1 + int(bool(step.dst_dim))
+    return 0
 
 
 def memory_per_chip(proto: fx.GraphModule, mesh: Mesh, precision: Precision, n_blocks: int) -> dict[str, float]:

@@ -148,7 +148,8 @@ def _layout_cell(l: LayerPlan, p: Plan) -> str:
     elif l.kind == LayerKind.TRANSITION:
         word = "the residual stream redistributed"
     else:
-        word = {"E": "split over d_model", "vocab": "split over the vocabulary"}.get(l.choice, "")
+        word = {"E": "split over d_model", "vocab": "split over the vocabulary",
+                "tokens": "split over its rows (tokens), the weight whole on every chip"}.get(l.choice, "")
     weights = "".join(f"<div class='w'><span class='role'>{escape(role)}</span> <code>{escape(w['in_use'])}</code></div>"
                       for role, w in l.weights.items())
     return f"<code class='choice'>{escape(l.choice)}</code> <span class='muted'>{escape(word)}</span>{weights}"

@@ -32,6 +32,12 @@ For one layer under one layout, on a `Hardware` profile (PAPER.md, DESIGN.md):
              ring steps (each a collective: g − 1 fixed latencies, the same wire bytes) run beside the
              partial matmuls, so comm_overlap · min(looped comm, busy left after weight gathers) is hidden.
              With `overlap`, all communication overlaps: max(compute, memory, comm).
+  copy     = relayout bytes / (HBM bandwidth · hbm_efficiency), added to time   (hw.relayout_copies)
+             a collective over a dim other than the first needs a local copy (runtime/lower.py): an
+             all-gather merges its blocks into the dim (one copy of its output), a reduce-scatter moves
+             them to the front (one of its input), an all-to-all moves them before and merges them after
+             (two or three of its input); a read and a write each. Serial with the rank's compute, so
+             not hidden under it. A looped collective matmul's ring steps are not priced so.
 Byte counts use the planned precisions (bf16 or int8 weights, bf16 activations and KV cache), not the
 dtype the model was captured in. Memory per chip (weights at rest + KV cache) must fit in HBM.
 """
@@ -91,6 +97,7 @@ class LayerCost:
     kv_bytes: float = 0.0  # HBM bytes of KV cache read per chip
     comm: list[Comm] = field(default_factory=list)
     calls: float = 0.0  # matmul calls per chip whose count depends on the layout (experts' loops)
+    copy_bytes: float = 0.0  # bytes read + written per chip by local copies around collectives (relayouts)
 
     def comm_bytes(self) -> float:
         return sum((c.step.bytes / c.step.itemsize * c.itemsize for c in self.comm if c.step.communicates), 0.0)
@@ -102,6 +109,7 @@ class LayerCost:
         act = sum((c.time(hw) for c in self.comm if not c.weight and c.step.communicates), 0.0)
         looped = sum((c.time(hw) for c in self.comm if c.looped), 0.0)  # activation comm beside partial matmuls
         busy = max(compute, memory)
+        copy = self.copy_bytes / (hw.hbm_bandwidth * hw.hbm_efficiency) if hw.relayout_copies else 0.0
         if overlap:
             time = max(compute, memory, weight + act)
         elif hw.weight_prefetch:
@@ -115,11 +123,12 @@ class LayerCost:
             time = busy + weight + act
             if looped:
                 time -= hw.comm_overlap * min(looped, busy)
-        return {"compute": compute, "memory": memory, "comm": weight + act, "time": time}
+        return {"compute": compute, "memory": memory, "comm": weight + act, "copy": copy, "time": time + copy}
 
     def add(self, other: "LayerCost") -> "LayerCost":
         return LayerCost(self.flops + other.flops, self.weight_bytes + other.weight_bytes,
-                         self.kv_bytes + other.kv_bytes, self.comm + other.comm, self.calls + other.calls)
+                         self.kv_bytes + other.kv_bytes, self.comm + other.comm, self.calls + other.calls,
+                         self.copy_bytes + other.copy_bytes)
 
 
 def collective_time(c: Collective, itemsize: int, hw: Hardware, *, fixed: bool = True, load: float = 1.0) -> float:

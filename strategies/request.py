@@ -12,7 +12,9 @@ from .family import ATTENTION_MODES, parse_ffn
 KINDS = {"ffn": "ffn", "attn": "attention", "attention": "attention", "embed": "embedding",
          "embedding": "embedding", "head": "head", "experts": "experts", "latent": "latent"}
 DEFAULTS = {"ffn": "ws1d", "attention": "heads", "embedding": "auto", "head": "auto"}  # auto: whatever divides
-EMBED_MODES = ("auto", "E", "vocab")
+TABLE_MODES = ("auto", "E", "vocab")
+EMBED_MODES = (*TABLE_MODES, "replicated")  # replicated: the whole table on every chip, looked up locally
+HEAD_MODES = (*TABLE_MODES, "tokens")  # tokens: the rows split over every chip, the weight whole on each
 EXPERT_MODES = ("sliced", "parallel", "a2a", "replicated")  # F split; the experts; the experts by all-to-all; nothing
 LATENT_MODES = ("replicated", "split")  # multi-head latent attention's low-rank projections: whole, or over q's atoms
 
@@ -53,8 +55,10 @@ def parse_layouts(text: str | dict | None) -> dict[str, str]:
             raise LayoutError(f"unknown experts layout {v!r}: use one of {', '.join(EXPERT_MODES)}")
         elif kind == "latent" and v not in LATENT_MODES:
             raise LayoutError(f"unknown latent layout {v!r}: use one of {', '.join(LATENT_MODES)}")
-        elif kind in ("embedding", "head") and v not in EMBED_MODES:
+        elif kind == "embedding" and v not in EMBED_MODES:
             raise LayoutError(f"unknown {kind} layout {v!r}: use one of {', '.join(EMBED_MODES)}")
+        elif kind == "head" and v not in HEAD_MODES:
+            raise LayoutError(f"unknown {kind} layout {v!r}: use one of {', '.join(HEAD_MODES)}")
         if kind in out:
             raise LayoutError(f"layouts names the {kind} layout twice ({out[kind]!r} and {v!r}): give one")
         out[kind] = v
