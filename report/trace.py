@@ -12,6 +12,7 @@ each layer of the plan, block by block, is a slice holding what the cost model c
                  with `overlap`), named for whichever is largest; the overlapped collectives are its
                  children, so nothing on the lane overlaps without nesting
     collectives  the ones on the critical path (activations), one after another
+    copy         the local relayout copies around its collectives, last (where the hardware pays them)
 
 so a layer's slice lasts exactly the time the plan gives it, and a step the plan's latency. Every
 collective slice carries its kind, group, layouts, bytes per chip and the ranks of this rank's group in
@@ -97,7 +98,7 @@ def _timeline(plan: Plan, hw: Hardware | None) -> list[tuple[str, str, float, fl
 
 
 def _layer(layer: LayerPlan, name: str, t: float, hw: Hardware | None, plan: Plan) -> list[tuple]:
-    c = {k: layer.cost.get(k, 0.0) * 1e6 for k in ("compute", "memory", "comm", "time")}
+    c = {k: layer.cost.get(k, 0.0) * 1e6 for k in ("compute", "memory", "comm", "copy", "time")}
     prefetch = hw is None or hw.weight_prefetch
     overlapped = [plan.settings.overlap or (prefetch and rec.weight) for rec in layer.collectives]
     shares = _comm_shares(layer.collectives, overlapped, c, hw, plan.mesh)
@@ -121,6 +122,8 @@ def _layer(layer: LayerPlan, name: str, t: float, hw: Hardware | None, plan: Pla
         else:
             out.append((_collective_name(rec), "collective", after, d, args, rec))
             after += d
+    if c["copy"] > 0:  # the relayout copies around its collectives, serial with the rest (strategies/cost.py)
+        out.append(("relayout copies", "copy", after, c["copy"], {"copy_ms": c["copy"] / 1e3}, None))
     return sorted(out, key=lambda e: (e[2], -e[3]))  # by start, enclosing slices first (a stable sort)
 
 
@@ -145,7 +148,7 @@ def _comm_shares(records: list[CollectiveRecord], overlapped: list[bool], c: dic
         g = mesh.group_size(_group_atoms(r.group, mesh))
         rings = 2 if r.kind == "all_reduce" else 1
         own.append(hw.collective_latency + rings * (g - 1) * hw.hop_latency + r.wire_bytes / hw.collective_bandwidth(r.axes))
-    comm, busy = c["comm"], max(c["compute"], c["memory"])
+    comm, busy = c["comm"], max(c["compute"], c["memory"]) + c.get("copy", 0.0)  # time = busy + copies + exposed
     est_h = sum(o for o, h in zip(own, overlapped) if h)
     est_e = sum(own) - est_h
     if not est_e or not est_h:
