@@ -30,9 +30,10 @@ just before its first consumer, so nothing overlaps. This pass moves, on a rank 
           products, one per ring step, would otherwise pile up before the first step's wait); ops of
           weights alone (hoisted only as inputs of an op hoisted); the wait of a weight gather (prefetch
           overlaps it already; one issued at its use is one the budget held back, and compute before
-          its wait would hold the gathered weight longer than asked); a wait while an earlier wait has no reader yet (it would then sit
-          before ops its reader does not need). Random ops keep their order among themselves; an op
-          writing in place ends the frontier; without block information nothing is hoisted.
+          its wait would hold the gathered weight longer than asked); a wait while an earlier wait has
+          no reader yet (it would then sit before ops its reader does not need). Random ops keep their
+          order among themselves; an op writing in place ends the frontier; without block information
+          nothing is hoisted.
 At most one collective is in flight per process group: one does not start before the one before it
 on its group is waited (two works of one gloo group in flight at once corrupted the heap of a rank:
 `malloc(): unaligned tcache chunk detected`, seen in test_real_experts' all-to-all dispatch on real ranks
@@ -134,7 +135,7 @@ def schedule(gm: fx.GraphModule, *, prefetch_bytes: int = DEFAULT_PREFETCH_BYTES
             return
         ran = seeded_behind = False
         candidates = hoistable.get(here[0], ())
-        eligible = set(candidates)
+        eligible = {m for m in candidates if all(r.started for r in reserved.get(m, ()))}
         for m in candidates:
             if m in emitted:
                 continue
@@ -142,7 +143,7 @@ def schedule(gm: fx.GraphModule, *, prefetch_bytes: int = DEFAULT_PREFETCH_BYTES
                 break
             seeded = _seeded(m)
             weights = None
-            if m not in const and all(r.started for r in reserved.get(m, ())):
+            if m in eligible and m not in const:
                 weights = _weight_inputs(m, emitted, const, eligible)
             if weights is None or (seeded and seeded_behind):
                 # random ops keep their order among themselves: each draws what it drew before
