@@ -7,6 +7,9 @@
              the first op reading its result (only that op's own inputs between them); weight gathers start
              earlier than unscheduled, at most one block before the block that uses them; a budget of 0
              issues no gather ahead; at most one collective is in flight per process group
+  hoisting   in a parallel block, the feed-forward projections run between the start and the wait of an
+             activation collective of the attention alone (not in the unscheduled program); in a serial
+             block no matmul or attention core changes place among the compute ops
 """
 
 import pytest
@@ -235,3 +238,110 @@ def test_weights_as_inputs_gathered_within_one_block(tiny):
         assert _one_block_ahead(prog, c, use), c.name
         moved += pos[use] - pos[c] > 2
     assert moved >= 4  # and they do start early
+
+
+def _window(prog: fx.GraphModule, c: fx.Node) -> list[fx.Node]:
+    """The ops between collective `c`'s start and its wait."""
+    nodes = list(prog.graph.nodes)
+    return nodes[nodes.index(c) + 1: nodes.index(next(iter(c.users)))]
+
+
+def _ancestors(n: fx.Node) -> set[str]:
+    seen, grow = set(), [n]
+    while grow:
+        for a in grow.pop().all_input_nodes:
+            if a.name not in seen:
+                seen.add(a.name)
+                grow.append(a)
+    return seen
+
+
+@pytest.mark.parametrize("mesh,layouts", [("2x2x1", "ffn=ws2d,attn=heads"), ("1x1x4", "ffn=ws1d,attn=batch")])
+def test_parallel_block_ffn_runs_inside_attention_collective(tiny, mesh, layouts):
+    """x + attn(h) + ffn(h): the attention has an activation collective of its own (a reduce-scatter of q; the
+    heads→batch all-to-all of q, k, v); the feed-forward projections read only h, so they run while it is in
+    flight. Unscheduled, each wait follows its start at once."""
+    from shardwise.ir.meta import LAYERS
+
+    m, args, kwargs, plan = _plan(tiny, "ref-tiny-parallel", mesh, layouts)
+    blocks = plan.program.gm.meta[LAYERS].blocks
+    assert blocks and all(b.parallel for b in blocks)
+    plain, sched = _programs(plan, schedule=False), _programs(plan)
+    _check_structure(sched)
+    for prog, scheduled in ((plain[0], False), (sched[0], True)):
+        for b in blocks:
+            attn = {p.node for p in b.attention.projections.values()}
+            ffn = {p.node for p in b.ffn.projections.values()}
+            own = [c for c in prog.graph.nodes if c.target in COLLECTIVE_OPS
+                   and (up := _ancestors(c)) & attn and not up & ffn
+                   and any(n.op == "placeholder" for n in prog.graph.nodes if n.name in up)]
+            assert own, f"{b.name}: the attention has no activation collective of its own under {layouts}"
+            inside = {n.name for c in own for n in _window(prog, c)} & ffn
+            if scheduled:
+                assert inside, f"{b.name}: no feed-forward projection runs inside the attention's collectives"
+            else:
+                assert not inside
+    with torch.no_grad():
+        want = _logits(m(*args, **kwargs))
+        got_plain = _logits(plan.program.simulate(args, kwargs, programs=plain))
+        got = _logits(plan.program.simulate(args, kwargs, programs=sched))
+    assert torch.equal(got, got_plain)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def _compute(prog: fx.GraphModule) -> list[fx.Node]:
+    """The ops that are neither collectives, their waits, nor the preparation moved with a collective."""
+    from shardwise.passes.schedule import _starts
+
+    order = list(prog.graph.nodes)
+    moved = {m for s in _starts(prog, order) for m in s.nodes | {s.wait}}
+    return [n for n in order if n.op == "call_function" and n not in moved and n.target not in COLLECTIVE_OPS
+            and n.target is not WAIT]
+
+
+def _hoisted(plain: fx.GraphModule, sched: fx.GraphModule) -> list[str]:
+    """The compute ops the scheduled program runs before some op that preceded them unscheduled."""
+    before = [n.name for n in _compute(plain)]
+    after = [n.name for n in _compute(sched)]
+    assert sorted(before) == sorted(after)
+    pos = {n: i for i, n in enumerate(before)}
+    out, done, first = [], set(), 0
+    for n in after:
+        while first < len(before) and before[first] in done:
+            first += 1
+        if pos[n] > first:
+            out.append(n)
+        done.add(n)
+    return out
+
+
+MATMUL_LIKE = {torch.ops.aten.linear.default, torch.ops.aten.addmm.default, torch.ops.aten.mm.default,
+               torch.ops.aten.bmm.default, torch.ops.aten.scaled_dot_product_attention.default}
+
+
+@pytest.mark.parametrize("name,mesh,layouts,looped", [("ref-tiny", "2x2x1", "ffn=ws2d,attn=heads", False),
+                                                      ("ref-tiny", "1x1x4", "ffn=ws1d,attn=batch", False),
+                                                      ("ref-tiny", "2x2x1", "ffn=ws1d,attn=heads", True),
+                                                      ("llama-tiny", "2x2x2", "ffn=wg_x,attn=heads", False)])
+def test_serial_block_compute_keeps_its_order(tiny, name, mesh, layouts, looped):
+    """In a serial block what follows the attention reads its output: no matmul or attention core moves.
+    The reference decoder moves nothing at all, also with looped collective matmuls (each partial product
+    stays beside its ring step, not all before the first step's wait); Llama moves only what reads no
+    collective's result (RoPE's cos/sin unsqueezed, placed by the model after the projections)."""
+    *_, plan = _plan(tiny, name, mesh, layouts)
+    plain, sched = (_programs(plan, schedule=s, collective_matmul=looped)[0] for s in (False, True))
+    moved = _hoisted(plain, sched)
+    if name == "ref-tiny":
+        assert moved == []
+    targets = {n.name: n.target for n in sched.graph.nodes}
+    assert not [n for n in moved if targets[n] in MATMUL_LIKE]
+    for n in (x for x in sched.graph.nodes if x.name in moved):
+        assert not any(a.target is WAIT for a in n.all_input_nodes), f"{n.name} read a collective and moved"
+
+
+def test_hoisting_moves_the_parallel_ffn(tiny):
+    """The helper above sees a move where there is one: the parallel block's feed-forward projections."""
+    *_, plan = _plan(tiny, "ref-tiny-parallel", "1x1x4", "ffn=ws1d,attn=batch")
+    plain, sched = (_programs(plan, schedule=s)[0] for s in (False, True))
+    targets = {n.name: n.target for n in sched.graph.nodes}
+    assert sum(targets[n] in MATMUL_LIKE for n in _hoisted(plain, sched)) >= 3 * 2  # 3 projections, 2 blocks
