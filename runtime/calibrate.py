@@ -123,9 +123,9 @@ def _collective_step(c10d, kind: str, n: int, g: int, name: str):
     if kind == "reduce_scatter":
         x = torch.ones(n)
         return lambda: c10d.wait_tensor(c10d.reduce_scatter_tensor(x, "sum", g, name))
-    if kind == "all_reduce":
-        x = torch.ones(n // 2)
-        return lambda: c10d.wait_tensor(c10d.all_reduce(x, "sum", name))
+    if kind == "all_reduce":  # in place, as a rank program reduces the buffers nothing else reads (passes/in_place.py)
+        x = torch.zeros(n // 2)  # zeros: the sums stay finite however often it runs
+        return lambda: c10d.wait_tensor(c10d.all_reduce_(x, "sum", name))
     x = torch.ones(n)
     return lambda: c10d.wait_tensor(c10d.all_to_all_single(x, [n // g] * g, [n // g] * g, name))
 
