@@ -7,17 +7,20 @@
 Every rank is a process (`pid` = rank, named "rank r") with one lane (`tid` 0, "predicted"). Along it,
 each layer of the plan, block by block, is a slice holding what the cost model charges it:
 
-    busy         the largest of compute, memory traffic and the communication that overlaps them
-                 (weight all-gathers, prefetched ahead of use where the hardware does; every collective
-                 with `overlap`), named for whichever is largest; the overlapped collectives are its
-                 children, so nothing on the lane overlaps without nesting
-    collectives  the ones on the critical path (activations), one after another
+    busy         the larger of compute and memory traffic, named for it; the part of each collective
+                 that overlaps it (weight all-gathers, prefetched ahead of use where the hardware does;
+                 the ring steps of a looped collective matmul, beside its partial matmuls; every
+                 collective with `overlap`) is its child, so nothing on the lane overlaps without nesting
+    collectives  the ones on the critical path (activations), and what the busy time leaves exposed of
+                 the others, one after another
     copy         the local relayout copies around its collectives, last (where the hardware pays them)
 
-so a layer's slice lasts exactly the time the plan gives it, and a step the plan's latency. Every
-collective slice carries its kind, group, layouts, bytes per chip and the ranks of this rank's group in
-`args`. A collective's share of its layer's communication time is its own time on the hardware
-(latency, ring steps, bytes over bandwidth) scaled so the shares add up to the layer's.
+so a layer's slice lasts exactly the time the plan gives it, and a step the plan's latency. A collective
+lasts the time the cost model priced it at (`CollectiveRecord.time`): one slice where it is wholly hidden
+or wholly exposed, two ("overlapped" true, then false) where the busy time hides only part of it (a
+weight gather that outlasts its layer's compute, a looped one beside too little of it). Every collective
+slice carries its kind, group, layouts, bytes per chip, priced time and the ranks of this rank's group in
+`args`.
 
 Times are in microseconds (`ts`, `dur`), as the format wants; a step starts at 0.
 """
@@ -99,11 +102,7 @@ def _timeline(plan: Plan, hw: Hardware | None) -> list[tuple[str, str, float, fl
 
 def _layer(layer: LayerPlan, name: str, t: float, hw: Hardware | None, plan: Plan) -> list[tuple]:
     c = {k: layer.cost.get(k, 0.0) * 1e6 for k in ("compute", "memory", "comm", "copy", "time")}
-    prefetch = hw is None or hw.weight_prefetch
-    overlapped = [plan.settings.overlap or (prefetch and rec.weight) for rec in layer.collectives]
-    shares = _comm_shares(layer.collectives, overlapped, c, hw, plan.mesh)
-    hidden = sum(d for d, o in zip(shares, overlapped) if o)
-    busy = max(c["compute"], c["memory"], hidden)
+    hidden, exposed, busy = _comm_parts(layer, c, hw, plan)
     what = ("compute" if busy == c["compute"] else "memory" if busy == c["memory"] else "overlapped collectives")
     out = [(name, str(layer.kind), t, c["time"],
             {"layout": layer.choice, "count": layer.count, **{f"{k}_ms": c[k] / 1e3 for k in c}}, None)]
@@ -113,33 +112,58 @@ def _layer(layer: LayerPlan, name: str, t: float, hw: Hardware | None, plan: Pla
                      "flops": layer.cost.get("flops", 0.0), "weight_bytes": layer.cost.get("weight_bytes", 0.0),
                      "kv_bytes": layer.cost.get("kv_bytes", 0.0)}, None))
     inner, after = t, t + busy
-    for rec, d, o in zip(layer.collectives, shares, overlapped):
+    for rec, h, e in zip(layer.collectives, hidden, exposed):
         args = {"kind": rec.kind, "group": rec.group, "src": rec.src, "dst": rec.dst, "bytes": rec.bytes,
-                "wire_bytes": rec.wire_bytes, "weight": rec.weight, "overlapped": o}
-        if o:
-            out.append((_collective_name(rec), "collective", inner, d, args, rec))
-            inner += d
-        else:
-            out.append((_collective_name(rec), "collective", after, d, args, rec))
-            after += d
+                "wire_bytes": rec.wire_bytes, "weight": rec.weight, "looped": rec.looped, "time_ms": rec.time * 1e3}
+        if h > _TINY:  # the part the busy slice hides
+            out.append((_collective_name(rec), "collective", inner, h, {**args, "overlapped": True}, rec))
+            inner += h
+        if e > _TINY or h <= _TINY:  # the part on the critical path
+            out.append((_collective_name(rec), "collective", after, e, {**args, "overlapped": False}, rec))
+            after += e
     if c["copy"] > 0:  # the relayout copies around its collectives, serial with the rest (strategies/cost.py)
         out.append(("relayout copies", "copy", after, c["copy"], {"copy_ms": c["copy"] / 1e3}, None))
     return sorted(out, key=lambda e: (e[2], -e[3]))  # by start, enclosing slices first (a stable sort)
 
 
-def _comm_shares(records: list[CollectiveRecord], overlapped: list[bool], c: dict[str, float], hw: Hardware | None,
-                 mesh: Mesh) -> list[float]:
-    """Each collective's part (µs) of the layer's communication time `c["comm"]`.
+def _comm_parts(layer: LayerPlan, c: dict[str, float], hw: Hardware | None,
+                plan: Plan) -> tuple[list[float], list[float], float]:
+    """Each collective's part (µs) hidden under the layer's busy slice, its part on the critical path after
+    it, and the busy slice's length.
 
-    The plan gives a layer's compute, memory, comm and time, with time = max(compute, memory, H) + E for
-    the overlapped communication H and the exposed E (H + E = comm). When both kinds occur, E = time −
-    max(compute, memory) and H the rest; within each kind, a collective's part is in proportion to its own
-    time on `hw` (strategies.cost.collective_time's latency + ring steps + wire bytes over bandwidth, here
-    from the record; without a profile, its wire bytes).
-    Records count bytes in the captured dtype, the layer's times are in the planned one: solving for the
-    parts is what keeps every layer's slices equal to the plan's time."""
+    The plan gives a layer's compute, memory, comm and time, with time = busy + copy + E for busy =
+    max(compute, memory), the exposed communication E and the hidden H = comm − E. The collectives that
+    can overlap the busy time (prefetched weight gathers, looped ones, all with `overlap`) share H in
+    proportion to their time, each at most its whole time; what is left of them and the others share E.
+    A collective's time is what the cost model priced (`CollectiveRecord.time`); without it (a plan that
+    does not carry it), its time on `hw` (strategies.cost.collective_time's latency + ring steps + wire
+    bytes over bandwidth, from the record), or its wire bytes where no profile can be read. Either is
+    scaled to add up to the layer's comm: solving for the parts keeps every layer's slices equal to the
+    plan's time."""
+    records = layer.collectives
+    busy = max(c["compute"], c["memory"])
     if not records:
-        return []
+        return [], [], busy
+    own = _comm_times(records, hw, plan.mesh)
+    scale = c["comm"] / sum(own) if sum(own) > 0 else 0.0
+    full = [o * scale for o in own]
+    prefetch = hw is None or hw.weight_prefetch
+    can = [plan.settings.overlap or (prefetch and r.weight) or r.looped for r in records]
+    exposed_all = min(c["comm"], max(0.0, c["time"] - busy - c["copy"]))
+    overlappable = sum(f for f, o in zip(full, can) if o)
+    share = min(1.0, (c["comm"] - exposed_all) / overlappable) if overlappable > 0 else 0.0
+    hidden = [f * share if o else 0.0 for f, o in zip(full, can)]
+    if sum(hidden) > busy + _TINY:  # (the hidden parts fill the busy time at most, but for rounding)
+        busy = sum(hidden)
+    exposed = [f - h for f, h in zip(full, hidden)]
+    left, drawn = max(0.0, c["time"] - busy - c["copy"]), sum(exposed)
+    return hidden, [e * left / drawn for e in exposed] if drawn > 0 else exposed, busy
+
+
+def _comm_times(records: list[CollectiveRecord], hw: Hardware | None, mesh: Mesh) -> list[float]:
+    """Each collective's time as the cost model priced it or, where a record lacks it, as estimated."""
+    if all(r.time > 0 for r in records):
+        return [r.time for r in records]
     own = []
     for r in records:
         if hw is None:
@@ -148,15 +172,7 @@ def _comm_shares(records: list[CollectiveRecord], overlapped: list[bool], c: dic
         g = mesh.group_size(_group_atoms(r.group, mesh))
         rings = 2 if r.kind == "all_reduce" else 1
         own.append(hw.collective_latency + rings * (g - 1) * hw.hop_latency + r.wire_bytes / hw.collective_bandwidth(r.axes))
-    comm, busy = c["comm"], max(c["compute"], c["memory"]) + c.get("copy", 0.0)  # time = busy + copies + exposed
-    est_h = sum(o for o, h in zip(own, overlapped) if h)
-    est_e = sum(own) - est_h
-    if not est_e or not est_h:
-        hidden, exposed = (comm, 0.0) if est_h else (0.0, comm)
-    else:  # time = busy + exposed (when H > busy, time = comm and H = busy is the split that shows it)
-        exposed = min(comm, max(0.0, c["time"] - busy))
-        hidden = comm - exposed
-    return [(hidden if h else exposed) * o / (est_h if h else est_e) for o, h in zip(own, overlapped)]
+    return own
 
 
 def _hardware(name: str) -> Hardware | None:
@@ -229,6 +245,7 @@ def check_trace(trace: Any) -> None:
 
 
 _EPS = 0.01  # µs: rounding of ts and dur to nanoseconds
+_TINY = 1e-6  # µs: a part of a collective this short is rounding, not drawn
 
 
 def lanes(trace: dict) -> dict[tuple[int, int], list[dict]]:
