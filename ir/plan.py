@@ -41,9 +41,13 @@ class CollectiveRecord:
     wire_bytes: float  # per chip, with the (g−1)/g factor
     axes: list[str] = field(default_factory=list)
     weight: bool = False  # moves a weight (weight-gathered layouts), not an activation
+    looped: bool = False  # run as a looped collective matmul: its ring steps beside the partial matmuls
+    time: float = 0.0  # seconds on the plan's hardware, as the cost model prices it (0: not priced)
+    # a parallel block's attention collective that its feed-forward computes beside: that feed-forward's row
+    beside: str = ""
 
     def __post_init__(self) -> None:
-        _non_negative(self, "bytes", "wire_bytes")
+        _non_negative(self, "bytes", "wire_bytes", "time")
 
     @classmethod
     def of(cls, step, mesh: Mesh, dims, *, node: str, weight: bool = False) -> CollectiveRecord:

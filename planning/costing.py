@@ -5,6 +5,8 @@ layer's FLOPs come from the *local* shapes of its matmuls (2·M·N·K) and atten
 its weight bytes from the layout each matmul reads its weight in, its KV-cache bytes from the caches it
 updates, and its collectives from `plan_conversions` — what insert_collectives inserts, siblings fused
 as `plan_fusions` fuses them (the fused members after the first pay no fixed latency of their own).
+A parallel block's attention also carries its feed-forward as a `Branch`, with the attention's
+collectives that the feed-forward neither reads nor feeds: the feed-forward computes while they run.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from ..ir.mesh import Mesh
 from ..ir.meta import IN_LAYOUTS, LAYERS, LAYOUT
 from ..passes.attribute import OUTPUT, Attribution
 from ..passes.collective_matmul import looped_steps
+from ..passes.find_layers import Layers, block_of
 from ..passes.fuse_collectives import plan_fusions
 from ..passes.graph_utils import MATMULS, expert_weight, is_experts_ffn, is_grouped_mm, routed_rows, signature
 from ..passes.insert_collectives import Conversion
 from ..passes.storage import stored_tensors
-from ..strategies.cost import Comm, LayerCost, Precision
+from ..strategies.cost import Branch, Comm, LayerCost, Precision
 
 aten = torch.ops.aten
 
@@ -175,6 +178,8 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
     riders = {id(c) for f in fusions for c in f.members[1:]}
     fused = {id(c) for f in fusions for c in f.members}
     looped = looped_steps(conversions, mesh, fused) if loop and precision.weights != "int8" else {}
+    beside = _beside_ffn(gm, layers, attribution)
+    branch: dict[str, list[Comm]] = {}  # a parallel block's attention → its collectives its feed-forward runs beside
     for conv in conversions:
         owner = attribution.owner(conv.src, conv.first_consumer)
         is_weight = conv.src.op == "placeholder" and conv.src.name in sig.params
@@ -184,12 +189,48 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
             node = conv.first_consumer
             load = expert_load(dims.get(owner, {}), routed_rows(node), experts_groups(node, mesh)[0]).imbalance
         loops = looped.get(id(conv), ())
-        costs[owner].comm.extend(Comm(s, itemsize, is_weight, fused=i == 0 and id(conv) in riders,
-                                      load=load if s.kind == "all_to_all" else 1.0, looped=i in loops)
-                                 for i, s in enumerate(conv.steps))
+        made = [Comm(s, itemsize, is_weight, fused=i == 0 and id(conv) in riders,
+                     load=load if s.kind == "all_to_all" else 1.0, looped=i in loops)
+                for i, s in enumerate(conv.steps)]
+        costs[owner].comm.extend(made)
         costs[owner].copy_bytes += sum(2 * relayout_copies(s, mesh) * s.elements * itemsize
                                        for i, s in enumerate(conv.steps) if i not in loops)
+        if owner in beside and not is_weight and conv.src in beside[owner][1]:
+            # (ring steps are hidden beside their partial matmuls already)
+            branch.setdefault(owner, []).extend(c for c in made if c.step.communicates and not c.looped)
+    for attn, comms in branch.items():
+        ffn = costs[beside[attn][0]]
+        # a weight-gathered feed-forward waits for its gathers, which the schedule does not wait early for it
+        if comms and not any(c.weight and c.step.communicates for c in ffn.comm):
+            costs[attn].branches.append(Branch(tuple(comms), ffn, beside[attn][0]))
     return costs
+
+
+def _beside_ffn(gm: fx.GraphModule, layers: Layers, attribution: Attribution) -> dict[str, tuple[str, set[fx.Node]]]:
+    """For each parallel block's attention: (its feed-forward, the ops of the block whose collectives run
+    beside it): the block's ops that neither feed the feed-forward (h and what makes it) nor read what it
+    makes (the sum attn + ffn and on), nor are its own. A source outside the block counts as shared."""
+    parallel = {b.name: b for b in layers.blocks if b.parallel and b.attention and b.ffn}
+    if not parallel:
+        return {}
+    by_block: dict[str, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and (name := block_of(n)) in parallel:
+            by_block.setdefault(name, []).append(n)
+    out = {}
+    for b in parallel.values():
+        inside = by_block.get(b.name, [])
+        ffn = {n for n in inside if attribution.layer_of(n) == b.ffn.name}
+        tied = set(ffn)
+        for step in (lambda n: n.all_input_nodes, lambda n: n.users):  # what it reads, what reads it
+            grow = list(ffn)
+            while grow:
+                for m in step(grow.pop()):
+                    if m not in tied and m.op == "call_function" and block_of(m) == b.name:
+                        tied.add(m)
+                        grow.append(m)
+        out[b.attention.name] = (b.ffn.name, {n for n in inside if n not in tied})
+    return out
 
 
 def relayout_copies(step, mesh: Mesh) -> int:

@@ -7,6 +7,8 @@ the residual's redistribution costs; totals and memory are the whole model's, pe
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch.fx as fx
 
 from ..ir.kinds import LayerKind
@@ -54,6 +56,7 @@ def record(proto: fx.GraphModule, choice: Choice, results: list, q: Question, n_
             tally.add(proto, 0, 0, first=True, last=True)
         costs = layer_costs(proto, mesh, conversions, q.precision, loop=q.collective_matmul)
         loads = experts_notes(proto, mesh)
+        renamed: dict[str, str] = {}
         plan = plan or part
         for row in part.layers:
             if (row.name not in in_block and k > 0 and row.kind == LayerKind.EMBEDDING) or (
@@ -61,14 +64,19 @@ def record(proto: fx.GraphModule, choice: Choice, results: list, q: Question, n_
                 continue  # the embedding feeds the first run, the head reads the last
             c = costs.get(row.name)
             if c is not None:
+                _mark(row, c, q)
                 row.cost = {**c.times(q.hw, overlap=q.overlap), "flops": c.flops, "weight_bytes": c.weight_bytes,
                             "kv_bytes": c.kv_bytes, "comm_bytes": c.comm_bytes()}
             if row.name in loads:
                 row.notes.append(loads[row.name])
             if row.name in in_block and len(layers.blocks) == 1 and n_blocks > 1:
                 row.count = end - start + 1
-                row.name = blocks_named(row.name, layers.blocks[0].name, start, end)
+                renamed[row.name] = blocks_named(row.name, layers.blocks[0].name, start, end)
+                row.name = renamed[row.name]
             rows.append(row)
+        for row in part.layers:  # a feed-forward computing beside an attention's collectives, by its row's name
+            for r in row.collectives:
+                r.beside = renamed.get(r.beside, r.beside)
         if k < len(runs) - 1:
             rows.append(_transition_row(cand, runs[k + 1][0], end, proto, q))
     plan.layers = _order(rows)
@@ -81,6 +89,19 @@ def record(proto: fx.GraphModule, choice: Choice, results: list, q: Question, n_
     plan.sharding = tally.sharding()
     plan.notes = list(q.notes) + ([note] if (note := plan.sharding.experts_note()) else [])
     return plan
+
+
+def _mark(row: LayerPlan, cost: LayerCost, q: Question) -> None:
+    """The row's collectives as the cost model prices them (the trace draws them so): their time on the
+    hardware, and which are looped. summarize records, and layer_costs prices, the same conversions step by
+    step in the same order. `beside`: the prototype's name of the layer, renamed with the rows."""
+    comms = [c for c in cost.comm if c.step.communicates]
+    if [c.step.kind for c in comms] != [r.kind for r in row.collectives]:
+        raise AssertionError(f"{row.name}: the plan records collectives {[r.kind for r in row.collectives]}, the cost "
+                             f"model prices {[c.step.kind for c in comms]}")
+    beside = {id(c): b.layer for b in cost.branches for c in b.comm}
+    for r, c in zip(row.collectives, comms):
+        r.looped, r.time, r.beside = c.looped, c.time(q.hw), beside.get(id(c), "")
 
 
 def _runs(blocks: list[Candidate], n_blocks: int) -> list[tuple[Candidate, int, int]]:
@@ -111,8 +132,9 @@ def _transition_row(a: Candidate, b: Candidate, after: int, proto: fx.GraphModul
     steps = transition_steps(a.member, b.member, mesh, shape, item) or ()
     row = LayerPlan(name=f"after block {after}", kind=LayerKind.TRANSITION, block=after,
                     choice=f"{a.member.on(mesh)} → {b.member.on(mesh)}")
-    row.collectives = [CollectiveRecord.of(s, mesh, "BLE", node=f"residual→{s.kind}") for s in steps if s.communicates]
     cost = LayerCost(comm=[Comm(s, item) for s in steps])
+    row.collectives = [replace(CollectiveRecord.of(c.step, mesh, "BLE", node=f"residual→{c.step.kind}"), time=c.time(q.hw))
+                       for c in cost.comm if c.step.communicates]
     row.cost = {**cost.times(q.hw), "comm_bytes": cost.comm_bytes()}
     return row
 

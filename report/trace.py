@@ -7,17 +7,24 @@
 Every rank is a process (`pid` = rank, named "rank r") with one lane (`tid` 0, "predicted"). Along it,
 each layer of the plan, block by block, is a slice holding what the cost model charges it:
 
-    busy         the largest of compute, memory traffic and the communication that overlaps them
-                 (weight all-gathers, prefetched ahead of use where the hardware does; every collective
-                 with `overlap`), named for whichever is largest; the overlapped collectives are its
-                 children, so nothing on the lane overlaps without nesting
-    collectives  the ones on the critical path (activations), one after another
+    busy         the larger of compute and memory traffic, named for it; the part of each collective
+                 that overlaps it (weight all-gathers, prefetched ahead of use where the hardware does;
+                 the ring steps of a looped collective matmul, beside its partial matmuls; every
+                 collective with `overlap`) is its child, so nothing on the lane overlaps without nesting;
+                 in a parallel block's feed-forward, so is what it hides of its attention's own
+                 collectives, computing beside them (`CollectiveRecord.beside`; args "layer": the
+                 attention), though the lane draws the attention first
+    collectives  the ones on the critical path (activations), and what the busy time leaves exposed of
+                 the others, one after another
     copy         the local relayout copies around its collectives, last (where the hardware pays them)
 
-so a layer's slice lasts exactly the time the plan gives it, and a step the plan's latency. Every
-collective slice carries its kind, group, layouts, bytes per chip and the ranks of this rank's group in
-`args`. A collective's share of its layer's communication time is its own time on the hardware
-(latency, ring steps, bytes over bandwidth) scaled so the shares add up to the layer's.
+so a layer's slice lasts exactly the time the plan gives it, and a step the plan's latency. A collective
+lasts the time the cost model priced it at (`CollectiveRecord.time`): one slice where it is wholly hidden
+or wholly exposed, two ("overlapped" true, then false) where the busy time hides only part of it (a
+weight gather that outlasts its layer's compute, a looped one beside too little of it; the part a parallel
+feed-forward hides, in that one's slice, and the rest in its attention's). Every collective
+slice carries its kind, group, layouts, bytes per chip, priced time and the ranks of this rank's group in
+`args`.
 
 Times are in microseconds (`ts`, `dur`), as the format wants; a step starts at 0.
 """
@@ -28,7 +35,7 @@ import json
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import ShardwiseError
 from ..ir.hardware import Hardware, get_hardware
@@ -88,22 +95,35 @@ def write_trace(trace: dict, path: str | Path) -> Path:
 # ------------------------------------------------------------------------------------ the schedule
 def _timeline(plan: Plan, hw: Hardware | None) -> list[tuple[str, str, float, float, dict, CollectiveRecord | None]]:
     """One step of one rank as (name, category, start µs, duration µs, args, collective or None)."""
+    rows = {l.name: l for l in plan.layers}
+    parts = {id(l): _comm_parts(l, hw, plan) for l in plan.layers}
+    guests: dict[str, list[tuple[LayerPlan, CollectiveRecord, float]]] = defaultdict(list)
+    for l in plan.layers:  # a parallel block's attention collectives its feed-forward hides: in that one's slice
+        for rec, b in zip(l.collectives, parts[id(l)].beside):
+            if b > _TINY and rec.beside in rows:
+                guests[rec.beside].append((l, rec, b))
     out = []
     t = 0.0
     for layer in plan.layers:
-        for name in block_names(layer):
-            out += _layer(layer, name, t, hw, plan)
+        for i, name in enumerate(block_names(layer)):
+            out += _layer(layer, name, i, t, parts[id(layer)], rows, guests.get(layer.name, []))
             t += layer.cost.get("time", 0.0) * 1e6
     return out
 
 
-def _layer(layer: LayerPlan, name: str, t: float, hw: Hardware | None, plan: Plan) -> list[tuple]:
-    c = {k: layer.cost.get(k, 0.0) * 1e6 for k in ("compute", "memory", "comm", "copy", "time")}
-    prefetch = hw is None or hw.weight_prefetch
-    overlapped = [plan.settings.overlap or (prefetch and rec.weight) for rec in layer.collectives]
-    shares = _comm_shares(layer.collectives, overlapped, c, hw, plan.mesh)
-    hidden = sum(d for d, o in zip(shares, overlapped) if o)
-    busy = max(c["compute"], c["memory"], hidden)
+class _Parts(NamedTuple):
+    c: dict[str, float]  # the layer's compute, memory, comm, copy, time, beside (µs)
+    hidden: list[float]  # each collective's part (µs) under the layer's own busy slice
+    exposed: list[float]  # on the critical path after it
+    beside: list[float]  # under the busy slice of the feed-forward computing beside it (`CollectiveRecord.beside`)
+    busy: float  # the busy slice's length
+
+
+def _layer(layer: LayerPlan, name: str, i: int, t: float, p: _Parts, rows: dict[str, LayerPlan],
+           guests: list[tuple[LayerPlan, CollectiveRecord, float]]) -> list[tuple]:
+    """The slices of the i-th block `name` of a row starting at t: the layer, busy, the collectives (and the
+    parts of its guests' it hides: a parallel block's attention collectives), the relayout copies."""
+    c, busy = p.c, p.busy
     what = ("compute" if busy == c["compute"] else "memory" if busy == c["memory"] else "overlapped collectives")
     out = [(name, str(layer.kind), t, c["time"],
             {"layout": layer.choice, "count": layer.count, **{f"{k}_ms": c[k] / 1e3 for k in c}}, None)]
@@ -113,33 +133,82 @@ def _layer(layer: LayerPlan, name: str, t: float, hw: Hardware | None, plan: Pla
                      "flops": layer.cost.get("flops", 0.0), "weight_bytes": layer.cost.get("weight_bytes", 0.0),
                      "kv_bytes": layer.cost.get("kv_bytes", 0.0)}, None))
     inner, after = t, t + busy
-    for rec, d, o in zip(layer.collectives, shares, overlapped):
-        args = {"kind": rec.kind, "group": rec.group, "src": rec.src, "dst": rec.dst, "bytes": rec.bytes,
-                "wire_bytes": rec.wire_bytes, "weight": rec.weight, "overlapped": o}
-        if o:
+    for rec, h, e, b in zip(layer.collectives, p.hidden, p.exposed, p.beside):
+        args = _collective_args(rec)
+        if b > _TINY and rec.beside in rows:
+            args["beside"] = _nth(rows[rec.beside], i)
+        if h > _TINY:  # the part the busy slice hides
+            out.append((_collective_name(rec), "collective", inner, h, {**args, "overlapped": True}, rec))
+            inner += h
+        if e > _TINY or h <= _TINY and b <= _TINY:  # the part on the critical path
+            out.append((_collective_name(rec), "collective", after, e, {**args, "overlapped": False}, rec))
+            after += e
+    for of, rec, b in guests:  # what this feed-forward's busy time hides of its attention's collectives
+        d = min(b, t + busy - inner)
+        if d > _TINY:
+            args = {**_collective_args(rec), "layer": _nth(of, i), "beside": name, "overlapped": True}
             out.append((_collective_name(rec), "collective", inner, d, args, rec))
             inner += d
-        else:
-            out.append((_collective_name(rec), "collective", after, d, args, rec))
-            after += d
     if c["copy"] > 0:  # the relayout copies around its collectives, serial with the rest (strategies/cost.py)
         out.append(("relayout copies", "copy", after, c["copy"], {"copy_ms": c["copy"] / 1e3}, None))
-    return sorted(out, key=lambda e: (e[2], -e[3]))  # by start, enclosing slices first (a stable sort)
+    # by start, enclosing slices first: the layer, its busy slice (equal to what it hides but for rounding)
+    return out[:1] + sorted(out[1:], key=lambda e: (e[2], e[1] != "busy", -e[3]))
 
 
-def _comm_shares(records: list[CollectiveRecord], overlapped: list[bool], c: dict[str, float], hw: Hardware | None,
-                 mesh: Mesh) -> list[float]:
-    """Each collective's part (µs) of the layer's communication time `c["comm"]`.
+def _collective_args(rec: CollectiveRecord) -> dict[str, Any]:
+    return {"kind": rec.kind, "group": rec.group, "src": rec.src, "dst": rec.dst, "bytes": rec.bytes,
+            "wire_bytes": rec.wire_bytes, "weight": rec.weight, "looped": rec.looped, "time_ms": rec.time * 1e3}
 
-    The plan gives a layer's compute, memory, comm and time, with time = max(compute, memory, H) + E for
-    the overlapped communication H and the exposed E (H + E = comm). When both kinds occur, E = time −
-    max(compute, memory) and H the rest; within each kind, a collective's part is in proportion to its own
-    time on `hw` (strategies.cost.collective_time's latency + ring steps + wire bytes over bandwidth, here
-    from the record; without a profile, its wire bytes).
-    Records count bytes in the captured dtype, the layer's times are in the planned one: solving for the
-    parts is what keeps every layer's slices equal to the plan's time."""
+
+def _nth(row: LayerPlan, i: int) -> str:
+    """The name of a row's i-th block (rows of one run stand for as many blocks)."""
+    names = block_names(row)
+    return names[min(i, len(names) - 1)]
+
+
+def _comm_parts(layer: LayerPlan, hw: Hardware | None, plan: Plan) -> _Parts:
+    """Each collective's part (µs) hidden under the layer's busy slice, its part on the critical path after
+    it, its part hidden beside a parallel feed-forward, and the busy slice's length.
+
+    The plan gives a layer's compute, memory, comm, time and beside, with time = busy + copy + E for busy =
+    max(compute, memory), the exposed communication E, the part `beside` a parallel block's feed-forward
+    hides, and the hidden H = comm − beside − E. The collectives that can overlap the busy time
+    (prefetched weight gathers, looped ones, all with `overlap`) share H in proportion to their time, each
+    at most its whole time; those the feed-forward runs beside share `beside` so; what is left of them all
+    shares E.
+    A collective's time is what the cost model priced (`CollectiveRecord.time`); without it (a plan that
+    does not carry it), its time on `hw` (strategies.cost.collective_time's latency + ring steps + wire
+    bytes over bandwidth, from the record), or its wire bytes where no profile can be read. Either is
+    scaled to add up to the layer's comm: solving for the parts keeps every layer's slices equal to the
+    plan's time."""
+    c = {k: layer.cost.get(k, 0.0) * 1e6 for k in ("compute", "memory", "comm", "copy", "time", "beside")}
+    records = layer.collectives
+    busy = max(c["compute"], c["memory"])
     if not records:
-        return []
+        return _Parts(c, [], [], [], busy)
+    own = _comm_times(records, hw, plan.mesh)
+    scale = c["comm"] / sum(own) if sum(own) > 0 else 0.0
+    full = [o * scale for o in own]
+    prefetch = hw is None or hw.weight_prefetch
+    can = [plan.settings.overlap or (prefetch and r.weight) or r.looped for r in records]
+    exposed_all = min(c["comm"], max(0.0, c["time"] + c["beside"] - busy - c["copy"]))
+    overlappable = sum(f for f, o in zip(full, can) if o)
+    share = min(1.0, (c["comm"] - exposed_all) / overlappable) if overlappable > 0 else 0.0
+    hidden = [f * share if o else 0.0 for f, o in zip(full, can)]
+    if sum(hidden) > busy + _TINY:  # (the hidden parts fill the busy time at most, but for rounding)
+        busy = sum(hidden)
+    branch = sum(f for f, o, r in zip(full, can, records) if r.beside and not o)
+    share = min(1.0, c["beside"] / branch) if branch > 0 else 0.0
+    beside = [f * share if r.beside and not o else 0.0 for f, o, r in zip(full, can, records)]
+    exposed = [f - h - b for f, h, b in zip(full, hidden, beside)]
+    left, drawn = max(0.0, c["time"] - busy - c["copy"]), sum(exposed)
+    return _Parts(c, hidden, [e * left / drawn for e in exposed] if drawn > 0 else exposed, beside, busy)
+
+
+def _comm_times(records: list[CollectiveRecord], hw: Hardware | None, mesh: Mesh) -> list[float]:
+    """Each collective's time as the cost model priced it or, where a record lacks it, as estimated."""
+    if all(r.time > 0 for r in records):
+        return [r.time for r in records]
     own = []
     for r in records:
         if hw is None:
@@ -148,15 +217,7 @@ def _comm_shares(records: list[CollectiveRecord], overlapped: list[bool], c: dic
         g = mesh.group_size(_group_atoms(r.group, mesh))
         rings = 2 if r.kind == "all_reduce" else 1
         own.append(hw.collective_latency + rings * (g - 1) * hw.hop_latency + r.wire_bytes / hw.collective_bandwidth(r.axes))
-    comm, busy = c["comm"], max(c["compute"], c["memory"]) + c.get("copy", 0.0)  # time = busy + copies + exposed
-    est_h = sum(o for o, h in zip(own, overlapped) if h)
-    est_e = sum(own) - est_h
-    if not est_e or not est_h:
-        hidden, exposed = (comm, 0.0) if est_h else (0.0, comm)
-    else:  # time = busy + exposed (when H > busy, time = comm and H = busy is the split that shows it)
-        exposed = min(comm, max(0.0, c["time"] - busy))
-        hidden = comm - exposed
-    return [(hidden if h else exposed) * o / (est_h if h else est_e) for o, h in zip(own, overlapped)]
+    return own
 
 
 def _hardware(name: str) -> Hardware | None:
@@ -229,6 +290,7 @@ def check_trace(trace: Any) -> None:
 
 
 _EPS = 0.01  # µs: rounding of ts and dur to nanoseconds
+_TINY = 1e-6  # µs: a part of a collective this short is rounding, not drawn
 
 
 def lanes(trace: dict) -> dict[tuple[int, int], list[dict]]:

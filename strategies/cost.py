@@ -31,6 +31,18 @@ For one layer under one layout, on a `Hardware` profile (PAPER.md, DESIGN.md):
              passes/collective_matmul.py) takes an activation collective off the critical path: its g − 1
              ring steps (each a collective: g − 1 fixed latencies, the same wire bytes) run beside the
              partial matmuls, so comm_overlap · min(looped comm, busy left after weight gathers) is hidden.
+             A parallel block's attention (x + attn(h) + ffn(h); `LayerCost.branches`): its activation
+             collectives that the feed-forward branch neither reads nor feeds (not h's gather, the norm's
+             statistics, nor the reduce-scatter of attn + ffn: those it shares) have the branch run while
+             they are in flight (passes/schedule.py hoists it before their waits), so branch_overlap ·
+             min(those collectives, the branch's spare busy time) is hidden, priced on the attention
+             (they are its collectives; the feed-forward's own time is unchanged) and returned as
+             "beside". Spare: its busy time less what already hides its own prefetched weight gathers
+             and ring steps. Only where the branch gathers no weights: the schedule never waits a gather
+             early to run it, and its gathers queue behind the attention's on their group. (The schedule
+             runs the whole branch before the first of those collectives' waits: when the branch
+             outlasts that one, the ones after it are priced hidden but run bare.) `branch_overlap` is
+             the profile's (hw.branch_overlap; None: comm_overlap); 0 on TPU v4, whose fit priced none.
              With `overlap`, all communication overlaps: max(compute, memory, comm).
   copy     = relayout bytes / (HBM bandwidth · hbm_efficiency), added to time   (hw.relayout_copies)
              a collective over a dim other than the first needs a local copy (runtime/lower.py): an
@@ -98,16 +110,35 @@ class LayerCost:
     comm: list[Comm] = field(default_factory=list)
     calls: float = 0.0  # matmul calls per chip whose count depends on the layout (experts' loops)
     copy_bytes: float = 0.0  # bytes read + written per chip by local copies around collectives (relayouts)
+    branches: list[Branch] = field(default_factory=list)  # a parallel block's attention: its feed-forward beside it
 
     def comm_bytes(self) -> float:
         return sum((c.step.bytes / c.step.itemsize * c.itemsize for c in self.comm if c.step.communicates), 0.0)
 
-    def times(self, hw: Hardware, *, overlap: bool = False) -> dict[str, float]:
+    def _terms(self, hw: Hardware) -> tuple[float, float, float, float, float]:
+        """compute, memory, weight comm, activation comm, looped comm (seconds)."""
         compute = self.flops / (hw.peak_flops * hw.flops_efficiency) + self.calls * hw.call_overhead
         memory = (self.weight_bytes + self.kv_bytes) / (hw.hbm_bandwidth * hw.hbm_efficiency)
         weight = sum((c.time(hw) for c in self.comm if c.weight and c.step.communicates), 0.0)
         act = sum((c.time(hw) for c in self.comm if not c.weight and c.step.communicates), 0.0)
         looped = sum((c.time(hw) for c in self.comm if c.looped), 0.0)  # activation comm beside partial matmuls
+        return compute, memory, weight, act, looped
+
+    def spare(self, hw: Hardware) -> float:
+        """Busy seconds (max(compute, memory)) not already spent hiding this layer's own collectives, as
+        `times` spends them: prefetched weight gathers first, then looped ring steps."""
+        compute, memory, weight, _, looped = self._terms(hw)
+        busy = max(compute, memory)
+        used = min(weight, busy) if hw.weight_prefetch else 0.0
+        return busy - used - min(looped, busy - used)
+
+    def beside(self, hw: Hardware) -> float:
+        """Seconds of this layer's collectives hidden beside its parallel feed-forward (`branches`)."""
+        overlap = hw.comm_overlap if hw.branch_overlap is None else hw.branch_overlap
+        return sum((overlap * b.hidden(hw) for b in self.branches), 0.0) if overlap else 0.0
+
+    def times(self, hw: Hardware, *, overlap: bool = False) -> dict[str, float]:
+        compute, memory, weight, act, looped = self._terms(hw)
         busy = max(compute, memory)
         copy = self.copy_bytes / (hw.hbm_bandwidth * hw.hbm_efficiency) if hw.relayout_copies else 0.0
         if overlap:
@@ -123,12 +154,29 @@ class LayerCost:
             time = busy + weight + act
             if looped:
                 time -= hw.comm_overlap * min(looped, busy)
-        return {"compute": compute, "memory": memory, "comm": weight + act, "copy": copy, "time": time + copy}
+        beside = 0.0 if overlap else self.beside(hw)  # (with `overlap` every collective is hidden already)
+        return {"compute": compute, "memory": memory, "comm": weight + act, "copy": copy, "beside": beside,
+                "time": time - beside + copy}
 
     def add(self, other: "LayerCost") -> "LayerCost":
         return LayerCost(self.flops + other.flops, self.weight_bytes + other.weight_bytes,
                          self.kv_bytes + other.kv_bytes, self.comm + other.comm, self.calls + other.calls,
-                         self.copy_bytes + other.copy_bytes)
+                         self.copy_bytes + other.copy_bytes, self.branches + other.branches)
+
+
+@dataclass(frozen=True)
+class Branch:
+    """A parallel block's feed-forward (`ffn`, the layer named `layer`) beside its attention: `comm` are the
+    attention's activation collectives (of its own `LayerCost.comm`, none looped) that the feed-forward
+    neither reads nor feeds, so it computes while they are in flight."""
+
+    comm: tuple[Comm, ...]
+    ffn: LayerCost
+    layer: str = ""
+
+    def hidden(self, hw: Hardware) -> float:
+        """Seconds of `comm` the feed-forward's spare busy time covers (before `branch_overlap`)."""
+        return min(sum((c.time(hw) for c in self.comm if c.step.communicates), 0.0), self.ffn.spare(hw))
 
 
 def collective_time(c: Collective, itemsize: int, hw: Hardware, *, fixed: bool = True, load: float = 1.0) -> float:
