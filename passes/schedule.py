@@ -121,7 +121,7 @@ def schedule(gm: fx.GraphModule, *, prefetch_bytes: int = DEFAULT_PREFETCH_BYTES
     here = [0]  # the segment of the op the main loop is placing
     open_waits: set[fx.Node] = set()  # moved waits emitted whose result no emitted op has read yet
 
-    def emit(m: fx.Node) -> None:
+    def place(m: fx.Node) -> None:
         out.append(m)
         emitted.add(m)
         if open_waits:
@@ -150,8 +150,8 @@ def schedule(gm: fx.GraphModule, *, prefetch_bytes: int = DEFAULT_PREFETCH_BYTES
                 seeded_behind |= seeded
                 continue
             for w in sorted(weights, key=index.__getitem__):
-                emit(w)
-            emit(m)
+                place(w)
+            place(m)
             ran = True
         if ran:  # its segment has begun: collectives those ops feed start now, by the usual rules
             current[0] = here[0]
@@ -174,7 +174,7 @@ def schedule(gm: fx.GraphModule, *, prefetch_bytes: int = DEFAULT_PREFETCH_BYTES
                 continue
             if m in wait_of and not wait_of[m].weight:
                 hoist()  # an activation collective: independent compute of the segment first
-            emit(m)
+            place(m)
             if s is not None and m is s.op:
                 s.started = True
                 on_group[_group(m)] = s

@@ -52,12 +52,11 @@ class Choice:
     total: float  # seconds per step
     candidates: list[Candidate]
     transitions: list[float]  # seconds, between consecutive blocks
-    tables: dict[str, str] = field(default_factory=dict)  # splits chosen by cost ({"head": "E", "embedding": ...})
-    table_weights: float = 0.0  # weight bytes per chip those splits add to the candidates' (a whole table)
+    tables: dict[str, str] = field(default_factory=dict)  # the head's split chosen by cost ({"head": "E"})
 
     def forced(self, forced: dict[str, str]) -> dict[str, str]:
         """The layouts forced outside the blocks as this choice applies them: what was asked, and what the
-        search chose by cost for the rest (the head's and the embedding's splits)."""
+        search chose by cost for the rest (the head's split)."""
         return {**forced, **self.tables}
 
     @property

@@ -158,13 +158,11 @@ def _totals(plan: Plan, choice: Choice, q: Question, *, params: float, weight_by
 
 
 def _chain_memory(choice: Choice) -> dict[str, float]:
-    """Per chip: the first candidate's whole model with each block replaced by its own candidate's block,
-    and the embedding's and head's splits chosen by cost (search._tables_by_cost)."""
+    """Per chip: the first candidate's whole model with each block replaced by its own candidate's block."""
     first = choice.first.memory
     out = {}
     for kind, block in (("weights", "block_weights"), ("kv_cache", "block_kv_cache")):
         out[kind] = first[kind] + sum(c.memory[block] - first[block] for c in choice.blocks)
-    out["weights"] += choice.table_weights
     return out
 
 

@@ -20,7 +20,6 @@ that put the same atoms in the same roles on a mesh are costed once.
 from __future__ import annotations
 
 import gc
-import math
 from dataclasses import replace
 from functools import lru_cache
 from itertools import product
@@ -34,7 +33,6 @@ from ..ir.mesh import Mesh
 from ..ir.meta import ATTENTION, LAYERS
 from ..passes.attribute import OUTPUT
 from ..passes.find_layers import Layers
-from ..passes.graph_utils import shape
 from ..strategies.cost import Comm, LayerCost, Precision
 from ..strategies.family import ATTENTION_MODES, Member, all_members, residual
 from ..strategies.redistribute import redistribute
@@ -289,77 +287,41 @@ def search(proto: fx.GraphModule, meshes: list[Mesh], *, objective: str = "laten
     if objective not in ("latency", "cost"):
         raise PlanError(f"unknown objective {objective!r}: use 'latency' or 'cost'")
     key = (lambda c: c.total) if objective == "latency" else (lambda c: c.total * c.mesh.size)
-    return _tables_by_cost(proto, min(good, key=key), **kw), results
+    return _head_by_cost(proto, min(good, key=key), **kw), results
 
 
-def _tables_by_cost(proto: fx.GraphModule, choice: Choice, *, hw: Hardware, precision: Precision, n_blocks: int,
-                    overlap: bool = False, loop: bool = False, forced: dict[str, str] | None = None,
-                    **_) -> Choice:
-    """The head's and the embedding's splits chosen by cost on the chosen mesh, where none was asked for.
-
-    head        over the vocabulary (logits gathered), over d_model (logits summed) or over its rows
-                (tokens: the whole weight on every chip, logits gathered by rows), with the last block's
-                candidate: `auto` is only a rule (the vocabulary where it divides), and which is cheaper
-                depends on the logits' size, on the weight's (a whole head per chip is read every step)
-                and on the hardware's collectives (gloo all-gathers and all-reduces are not priced alike)
-    embedding   replicated (no collective: every chip looks its rows up in its own copy) against `auto`,
-                with the first block's candidate
-    A whole weight on every chip (head=tokens, embed=replicated) is considered only where it takes at most
-    WHOLE_TABLE_SHARE of a chip's memory: the step's cost does not see the memory it takes from the KV cache
-    and the batch (PaLM 540B's table is 9 GiB in bf16). A few evaluations of the one-block prototype, on
-    the chosen mesh only: a mesh that would win only through these splits is not searched for."""
+def _head_by_cost(proto: fx.GraphModule, choice: Choice, *, hw: Hardware, precision: Precision, n_blocks: int,
+                  overlap: bool = False, loop: bool = False, forced: dict[str, str] | None = None,
+                  **_) -> Choice:
+    """The head split over the vocabulary (logits gathered) or over d_model (logits summed), whichever costs
+    less with the chosen mesh's last block, unless one was asked for: `auto` is only a rule (the vocabulary
+    where it divides), and which collective is cheaper depends on the logits' size and on the hardware's
+    collectives (gloo all-gathers and all-reduces are not priced alike). Two evaluations, on the chosen mesh
+    only: a mesh that would win only through its head's split is not searched for.
+    Splits that hold a whole weight on every chip (head=tokens, embed=replicated) are never chosen here,
+    only when asked for: a program holds its shards, and what a whole copy costs (memory taken from the
+    KV cache and the batch, a rank reading the whole table from the checkpoint) is not in the step's time."""
     forced = forced or {}
-    layers = proto.meta[LAYERS]
-    tables: dict[str, str] = {}
-    total = choice.total
+    if LayerKind.HEAD in forced or not proto.meta[LAYERS].by_kind(LayerKind.HEAD):
+        return choice
+    last = choice.blocks[-1]
 
-    def step(c: Candidate) -> float:  # the prototype's step: its block, embedding, head and output
-        return sum(t["time"] for t in c.times.values())
+    def tail(c: Candidate) -> float:
+        return sum(c.times.get(k, {}).get("time", 0.0) for k in (LayerKind.HEAD, OUTPUT))
 
-    def evaluated(base: Candidate, extra: dict[str, str]) -> Candidate | None:
+    best, mode = tail(last), None
+    for split in ("vocab", "E"):
         try:
-            alt = evaluate(proto, choice.mesh, base.member, base.attention, hw=hw, precision=precision,
-                           n_blocks=n_blocks, overlap=overlap, forced={**forced, **tables, **extra},
-                           experts=base.experts, latent=base.latent, loop=loop)
+            alt = evaluate(proto, choice.mesh, last.member, last.attention, hw=hw, precision=precision,
+                           n_blocks=n_blocks, overlap=overlap, forced={**forced, LayerKind.HEAD: split},
+                           experts=last.experts, latent=last.latent, loop=loop)
         except LayoutError:
-            return None
-        return alt if alt.refused is None else None
-
-    def small(layer, role: str) -> bool:
-        return _weight_bytes(proto, layer.params.get(role) or layer.projections[role].weight,
-                             precision) <= WHOLE_TABLE_SHARE * hw.hbm_bytes
-
-    options = []
-    if LayerKind.HEAD not in forced and (heads := layers.by_kind(LayerKind.HEAD)):
-        modes = ("vocab", "E", "tokens") if small(heads[0], "w") else ("vocab", "E")
-        options.append((choice.blocks[-1], LayerKind.HEAD, modes))
-    if LayerKind.EMBEDDING not in forced and (embeds := layers.by_kind(LayerKind.EMBEDDING)) \
-            and small(embeds[0], "table"):
-        options.append((choice.blocks[0], LayerKind.EMBEDDING, ("replicated",)))
-    held = 0.0  # weight bytes per chip the picks add (a whole table or head)
-    for base, kind, modes in options:
-        current = evaluated(base, {}) if tables else base  # with the splits picked before this one
-        if current is None:
             continue
-        best, pick = current, None
-        for mode in modes:
-            alt = evaluated(base, {kind: mode})
-            if alt is not None and step(alt) < step(best) * (1 - 1e-9):
-                best, pick = alt, mode
-        if pick is not None:
-            tables[kind] = pick
-            total += step(best) - step(current)
-            held += best.memory["weights"] - current.memory["weights"]
-    return replace(choice, total=total, tables=tables, table_weights=held) if tables else choice
-
-
-WHOLE_TABLE_SHARE = 0.01  # of a chip's memory: the largest table or head worth a whole copy on every chip
-
-
-def _weight_bytes(proto: fx.GraphModule, name: str, precision: Precision) -> int:
-    """A whole weight's bytes in the planned weight precision."""
-    node = next(n for n in proto.graph.nodes if n.name == name)
-    return math.prod(shape(node)) * precision.nbytes("weights", node.meta["val"].element_size())
+        if alt.refused is None and tail(alt) < best * (1 - 1e-9):
+            best, mode = tail(alt), split
+    if mode is None:
+        return choice
+    return replace(choice, total=choice.total - tail(last) + best, tables={LayerKind.HEAD: mode})
 
 
 def meshes_for(chips: int) -> list[Mesh]:
