@@ -36,6 +36,7 @@ from ..runtime.quantize import check_quantize, int8_addmm, int8_linear, int8_mm,
 from ..runtime.weights import StateSource, WeightSource, shard_index
 from .find_layers import block_of
 from .graph_utils import is_experts_ffn, is_moe_ffn, signature
+from .in_place import reduce_in_place
 from .insert_collectives import REDISTRIBUTE_OPS, dispatch_steps
 from .pipeline import graph_pass
 
@@ -140,6 +141,7 @@ def emit(
             vals[node] = g.output(fx.node.map_arg(node.args[0], vals.__getitem__))
         else:
             raise NotImplementedError(f"emit: unexpected {node.op} node {node.format_node()}")
+    reduce_in_place(g)
     g.lint()
     program = fx.GraphModule(root, g, class_name="RankProgram")
     program.meta[RANK_BLOCKS] = {v.name: block_of(n) for n, v in vals.items()

@@ -1,4 +1,4 @@
-"""in_place: an all-reduce whose input nothing else reads reduces that buffer in place.
+"""in_place: an all-reduce whose input nothing else reads reduces that buffer in place (run by emit).
 
 `_c10d_functional.all_reduce` is out of place: it clones its input, then reduces the clone. On a rank
 program that is one full copy of the tensor per all-reduce (a Megatron block's two [tokens, E]
@@ -21,23 +21,21 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..runtime.lower import c10d
-from .pipeline import graph_pass
 
 OUT_OF_PLACE = c10d.all_reduce.default
 IN_PLACE = c10d.all_reduce_.default
 
 
-@graph_pass()
-def in_place(gm: fx.GraphModule) -> fx.GraphModule:
-    """Swap every all-reduce of a fresh, otherwise unread buffer for the in-place op (see module doc)."""
-    changed = False
-    for n in gm.graph.nodes:
+def reduce_in_place(g: fx.Graph) -> int:
+    """Swap every all-reduce of a fresh, otherwise unread buffer for the in-place op (see module doc);
+    the number swapped. emit runs it on a rank program's graph before compiling it (a pass of its own
+    would compile every rank program a second time)."""
+    swapped = 0
+    for n in g.nodes:
         if n.op == "call_function" and n.target is OUT_OF_PLACE and _private(n.args[0]):
             n.target = IN_PLACE
-            changed = True
-    if changed:
-        gm.recompile()
-    return gm
+            swapped += 1
+    return swapped
 
 
 def _private(x: object) -> bool:

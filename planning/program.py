@@ -25,7 +25,6 @@ from ..passes.collective_matmul import collective_matmul as collective_matmul_pa
 from ..passes.emit import emit
 from ..passes.find_layers import find_layers
 from ..passes.graph_utils import signature
-from ..passes.in_place import in_place
 from ..passes.pipeline import Pass, run_pipeline
 from ..passes.schedule import DEFAULT_PREFETCH_BYTES
 from ..passes.schedule import schedule as schedule_pass
@@ -49,12 +48,10 @@ def emit_rank(gm: fx.GraphModule, mesh: Mesh, rank: int, *, schedule: bool = Tru
     scheduled for overlap (passes/schedule.py; `schedule=False`: each collective waited right away, as
     lowered; `prefetch_bytes`: gathered weight bytes allowed in flight ahead of use). `collective_matmul`:
     collectives feeding or fed by a matmul over its last dim become rings of partial matmuls first
-    (passes/collective_matmul.py). An all-reduce of a buffer nothing else reads reduces it in place
-    (passes/in_place.py)."""
+    (passes/collective_matmul.py)."""
     passes = [Pass(emit, mesh, rank, **kw)]
     if collective_matmul:
         passes.append(Pass(collective_matmul_pass, mesh, rank))
-    passes.append(Pass(in_place))
     if schedule:
         passes.append(Pass(schedule_pass, prefetch_bytes=prefetch_bytes))
     return run_pipeline(gm, passes)

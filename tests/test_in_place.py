@@ -12,7 +12,7 @@ import torch.fx as fx
 
 import shardwise
 from shardwise.models import example_inputs
-from shardwise.passes.in_place import IN_PLACE, OUT_OF_PLACE, in_place
+from shardwise.passes.in_place import IN_PLACE, OUT_OF_PLACE, reduce_in_place
 from shardwise.planning.program import emit_rank
 from shardwise.runtime.simulate import sim_group_name
 
@@ -62,7 +62,8 @@ def _reduce(g: fx.Graph, t: fx.Node) -> fx.Node:
 
 
 def _targets(gm: fx.GraphModule) -> list:
-    return [n.target for n in in_place(gm).graph.nodes if n.target in (IN_PLACE, OUT_OF_PLACE)]
+    reduce_in_place(gm.graph)
+    return [n.target for n in gm.graph.nodes if n.target in (IN_PLACE, OUT_OF_PLACE)]
 
 
 def test_fresh_private_buffer_through_views_in_place():
