@@ -3,10 +3,10 @@
   cost     branch_overlap · min(the attention's collectives the feed-forward neither reads nor feeds, the
            feed-forward's spare busy time) comes off the attention's time ("beside"); the feed-forward's
            own time is unchanged; None takes comm_overlap; TPU v4 prices none (its fit did not)
-  search   on the prototype, a parallel block's time drops by exactly that; a serial block's not at all;
-           the collectives priced so are those the rank program's attention has of its own
-  trace    the hidden part is a child of the feed-forward's busy slice (same block), the rest stays in the
-           attention's slice; every layer still lasts its planned time and check_trace passes
+  search   on the prototype, a parallel block's time drops by exactly that; a serial block's not at all
+The rank program's side (the collectives priced so are the attention's own, and the feed-forward runs
+inside them) is in test_schedule.py; the predicted trace's (the hidden part drawn in the feed-forward's
+slice) in test_report_trace.py.
 """
 
 import dataclasses
@@ -19,7 +19,6 @@ from shardwise.ir.hardware import A100_80G, H100, H200, PROFILES, TPU_V4
 from shardwise.ir.layout import Layout
 from shardwise.ir.meta import LAYERS
 from shardwise.models import example_inputs
-from shardwise.report.trace import PREDICTED_TID, check_trace, lanes, predicted_trace
 from shardwise.strategies.cost import Branch, Comm, LayerCost
 
 
@@ -80,16 +79,14 @@ def test_tpu_v4_prices_no_branch_overlap():
 
 def test_search_prices_the_parallel_ffn_overlap(tiny):
     """On the prototype: a parallel block's time drops, from branch_overlap 0 to 1, by min(the attention's own
-    collectives, the feed-forward's busy time) per block (here its heads→batch all-to-alls, the collectives
-    the rank program's attention has of its own); a serial block's not at all (no weight gathers under ws1d)."""
+    collectives, the feed-forward's busy time) per block (here its heads→batch all-to-alls); a serial block's
+    not at all (no weight gathers under ws1d)."""
     from shardwise.ir.mesh import Mesh
     from shardwise.planning.apply import apply, choices_for
     from shardwise.planning.candidate import Candidate
     from shardwise.planning.costing import layer_costs
-    from shardwise.planning.program import capture_program, emit_rank
+    from shardwise.planning.program import capture_program
     from shardwise.planning.search import evaluate
-    from shardwise.runtime.lower import COLLECTIVE_OPS
-    from shardwise.runtime.simulate import sim_group_name
     from shardwise.strategies.cost import Precision
     from shardwise.strategies.family import parse_ffn
 
@@ -116,89 +113,3 @@ def test_search_prices_the_parallel_ffn_overlap(tiny):
             assert [br.layer for br in costs[b.attention.name].branches] == [b.ffn.name]
             want += min(sum(c.time(on) for c in own), max(ffn["compute"], ffn["memory"]))
         assert drop > 0 and drop == pytest.approx(want, rel=1e-9)
-    m = tiny("ref-tiny-parallel")
-    plan = shardwise.plan(m, *example_inputs(m, 8, 16), mesh="1x1x4", layouts="ffn=ws1d,attn=batch")
-    prog = emit_rank(plan.program.gm, plan.mesh, 0, group_name=sim_group_name, schedule=False)
-    blocks = plan.program.gm.meta[LAYERS].blocks
-    attn = {p.node for b in blocks for p in b.attention.projections.values()}
-    ffn = {p.node for b in blocks for p in b.ffn.projections.values()}
-    own = {COLLECTIVE_OPS[c.target] for c in prog.graph.nodes if c.target in COLLECTIVE_OPS
-           and (up := _ancestors(c)) & attn and not up & ffn}
-    assert own == {"all_to_all"}
-    assert {r.kind for l in plan.layers for r in l.collectives if r.beside} == {"all_to_all"}
-
-
-def _ancestors(n) -> set[str]:
-    seen, grow = set(), [n]
-    while grow:
-        for a in grow.pop().all_input_nodes:
-            if a.name not in seen:
-                seen.add(a.name)
-                grow.append(a)
-    return seen
-
-
-def _top_level(slices):
-    out, end = [], 0.0
-    for e in slices:
-        if e["ts"] >= end - 0.01:
-            out.append(e)
-            end = e["ts"] + e["dur"]
-    return out
-
-
-def _check(plan):
-    """check_trace passes, every layer lasts its planned time, holds its own slices, and its collectives' parts
-    add up: what a parallel feed-forward hides of its attention's is a child of that one's busy slice."""
-    trace = predicted_trace(plan, ranks=[0])
-    check_trace(trace)
-    lane = lanes(trace)[(0, PREDICTED_TID)]
-    layers = _top_level(lane)
-    assert [e["dur"] for e in layers] == pytest.approx([l.cost["time"] * 1e6 for l in plan.layers for _ in range(l.count)],
-                                                       rel=1e-6, abs=2e-3)
-    collectives = [e for e in lane if e["cat"] == "collective"]
-    assert sum(e["dur"] for e in collectives) == pytest.approx(
-        sum(l.cost["comm"] * l.count for l in plan.layers) * 1e6, abs=5e-4 * len(collectives))  # each as priced (ns)
-    guests = [e for e in collectives if "layer" in e["args"]]
-    for e in layers:
-        inside = [c for c in lane if e["ts"] <= c["ts"] < e["ts"] + e["dur"] - 0.01]
-        assert all(c["ts"] + c["dur"] <= e["ts"] + e["dur"] + 0.01 for c in inside)
-        busy = next((c for c in inside if c["cat"] == "busy"), None)
-        for g in (c for c in inside if c in guests):
-            assert g["args"]["overlapped"] and g["args"]["beside"] == e["name"] and e["cat"] == "ffn"
-            assert g["args"]["layer"].replace("attn", "") == e["name"].replace("mlp", "")  # the same block
-            assert busy["ts"] <= g["ts"] and g["ts"] + g["dur"] <= busy["ts"] + busy["dur"] + 0.01
-    return lane, layers, guests
-
-
-def test_trace_draws_the_hidden_part_in_the_ffn(tiny):
-    """a100-80g (branch_overlap = comm_overlap = 1): the feed-forward's busy time hides part of each block's
-    heads→batch all-to-alls (the tiny model's busy time is far shorter): that part in the feed-forward's
-    slice, the rest in the attention's."""
-    m = tiny("ref-tiny-parallel")
-    plan = shardwise.plan(m, *example_inputs(m, 8, 16), mesh="1x1x4", layouts="ffn=ws1d,attn=batch",
-                          hardware="a100-80g")
-    attn = [l for l in plan.layers if str(l.kind) == "attention"]
-    assert attn and all(l.cost["beside"] > 0 for l in attn)
-    lane, _, guests = _check(plan)
-    assert len(guests) == sum(1 for l in attn for r in l.collectives if r.beside)
-    for g in guests:
-        rest = [e for e in lane if e["cat"] == "collective" and e["args"].get("beside") == g["args"]["beside"]
-                and "layer" not in e["args"] and e["name"] == g["name"] and e["ts"] < g["ts"]]
-        assert rest and not rest[-1]["args"]["overlapped"]
-        assert g["dur"] + rest[-1]["dur"] == pytest.approx(g["args"]["time_ms"] * 1e3, abs=2e-3)
-    for l in attn:
-        assert sum(g["dur"] for g in guests if g["args"]["layer"] == l.name) == pytest.approx(l.cost["beside"] * 1e6,
-                                                                                            abs=2e-3)
-
-
-def test_trace_of_block_runs_on_a_gpu():
-    """PaLM 8B decode on 8 A100s: every block's all-to-alls wholly hidden in its own feed-forward's slice, row
-    by row of a run of 32 blocks; with collective matmuls too."""
-    for loop in (False, True):
-        plan = shardwise.plan("palm-8b", mesh="2x2x2", phase="decode", batch=64, seq=1, context=2048,
-                              hardware="a100-80g", layouts="ffn=ws1d,attn=batch", collective_matmul=loop)
-        attn = next(l for l in plan.layers if str(l.kind) == "attention")
-        assert attn.count == 32 and attn.cost["beside"] > 0
-        *_, guests = _check(plan)
-        assert {g["args"]["layer"] for g in guests} == {f"blocks.{i}.attn" for i in range(32)}

@@ -11,6 +11,7 @@ import pytest
 
 import shardwise
 from shardwise.errors import ShardwiseError
+from shardwise.models import example_inputs
 from shardwise.report.measure import STEP, load_trace, merge_traces, profile_step, step_times
 from shardwise.report.trace import PREDICTED_TID, check_trace, lanes, predicted_trace, write_trace
 
@@ -190,3 +191,61 @@ def test_measured_trace_errors(tmp_path):
         merge_traces({0: {"traceEvents": []}})
     with pytest.raises(ShardwiseError, match="folder does not exist"):
         profile_step(lambda: None, tmp_path / "missing" / "rank0.json", rank=0)
+
+
+# ------------------------------------------------------------------ a parallel block's feed-forward beside its attention
+def _check_beside(plan):
+    """check_trace passes, every layer lasts its planned time, holds its own slices, and its collectives' parts
+    add up: what a parallel feed-forward hides of its attention's is a child of that one's busy slice."""
+    trace = predicted_trace(plan, ranks=[0])
+    check_trace(trace)
+    lane = lanes(trace)[(0, PREDICTED_TID)]
+    layers = top_level(lane)
+    assert [e["dur"] for e in layers] == pytest.approx([l.cost["time"] * 1e6 for l in plan.layers for _ in range(l.count)],
+                                                       rel=1e-6, abs=2e-3)
+    collectives = [e for e in lane if e["cat"] == "collective"]
+    assert sum(e["dur"] for e in collectives) == pytest.approx(
+        sum(l.cost["comm"] * l.count for l in plan.layers) * 1e6, abs=5e-4 * len(collectives))  # each as priced (ns)
+    guests = [e for e in collectives if "layer" in e["args"]]
+    for e in layers:
+        inside = [c for c in lane if e["ts"] <= c["ts"] < e["ts"] + e["dur"] - 0.01]
+        assert all(c["ts"] + c["dur"] <= e["ts"] + e["dur"] + 0.01 for c in inside)
+        busy = next((c for c in inside if c["cat"] == "busy"), None)
+        for g in (c for c in inside if c in guests):
+            assert g["args"]["overlapped"] and g["args"]["beside"] == e["name"] and e["cat"] == "ffn"
+            assert g["args"]["layer"].replace("attn", "") == e["name"].replace("mlp", "")  # the same block
+            assert busy["ts"] <= g["ts"] and g["ts"] + g["dur"] <= busy["ts"] + busy["dur"] + 0.01
+    return lane, layers, guests
+
+
+def test_trace_draws_the_hidden_part_in_the_ffn(tiny):
+    """a100-80g (branch_overlap = comm_overlap = 1): the feed-forward's busy time hides part of each block's
+    heads→batch all-to-alls (the tiny model's busy time is far shorter): that part in the feed-forward's
+    slice, the rest in the attention's."""
+    m = tiny("ref-tiny-parallel")
+    plan = shardwise.plan(m, *example_inputs(m, 8, 16), mesh="1x1x4", layouts="ffn=ws1d,attn=batch",
+                          hardware="a100-80g")
+    attn = [l for l in plan.layers if str(l.kind) == "attention"]
+    assert attn and all(l.cost["beside"] > 0 for l in attn)
+    lane, _, guests = _check_beside(plan)
+    assert len(guests) == sum(1 for l in attn for r in l.collectives if r.beside)
+    for g in guests:
+        rest = [e for e in lane if e["cat"] == "collective" and e["args"].get("beside") == g["args"]["beside"]
+                and "layer" not in e["args"] and e["name"] == g["name"] and e["ts"] < g["ts"]]
+        assert rest and not rest[-1]["args"]["overlapped"]
+        assert g["dur"] + rest[-1]["dur"] == pytest.approx(g["args"]["time_ms"] * 1e3, abs=2e-3)
+    for l in attn:
+        assert sum(g["dur"] for g in guests if g["args"]["layer"] == l.name) == pytest.approx(l.cost["beside"] * 1e6,
+                                                                                            abs=2e-3)
+
+
+def test_trace_of_block_runs_on_a_gpu():
+    """PaLM 8B decode on 8 A100s: every block's all-to-alls wholly hidden in its own feed-forward's slice, row
+    by row of a run of 32 blocks; with collective matmuls too."""
+    for loop in (False, True):
+        plan = shardwise.plan("palm-8b", mesh="2x2x2", phase="decode", batch=64, seq=1, context=2048,
+                              hardware="a100-80g", layouts="ffn=ws1d,attn=batch", collective_matmul=loop)
+        attn = next(l for l in plan.layers if str(l.kind) == "attention")
+        assert attn.count == 32 and attn.cost["beside"] > 0
+        *_, guests = _check_beside(plan)
+        assert {g["args"]["layer"] for g in guests} == {f"blocks.{i}.attn" for i in range(32)}

@@ -256,6 +256,16 @@ def _ancestors(n: fx.Node) -> set[str]:
     return seen
 
 
+def _attention_own(prog: fx.GraphModule, blocks) -> list[fx.Node]:
+    """The activation collectives of these parallel blocks' attention that the feed-forward neither reads nor
+    feeds: downstream of an attention projection and of an input, upstream of no feed-forward projection."""
+    attn = {p.node for b in blocks for p in b.attention.projections.values()}
+    ffn = {p.node for b in blocks for p in b.ffn.projections.values()}
+    inputs = {n.name for n in prog.graph.nodes if n.op == "placeholder"}
+    return [c for c in prog.graph.nodes if c.target in COLLECTIVE_OPS
+            and (up := _ancestors(c)) & attn and not up & ffn and up & inputs]
+
+
 @pytest.mark.parametrize("mesh,layouts", [("2x2x1", "ffn=ws2d,attn=heads"), ("1x1x4", "ffn=ws1d,attn=batch")])
 def test_parallel_block_ffn_runs_inside_attention_collective(tiny, mesh, layouts):
     """x + attn(h) + ffn(h): the attention has an activation collective of its own (a reduce-scatter of q; the
@@ -270,11 +280,8 @@ def test_parallel_block_ffn_runs_inside_attention_collective(tiny, mesh, layouts
     _check_structure(sched)
     for prog, scheduled in ((plain[0], False), (sched[0], True)):
         for b in blocks:
-            attn = {p.node for p in b.attention.projections.values()}
             ffn = {p.node for p in b.ffn.projections.values()}
-            own = [c for c in prog.graph.nodes if c.target in COLLECTIVE_OPS
-                   and (up := _ancestors(c)) & attn and not up & ffn
-                   and any(n.op == "placeholder" for n in prog.graph.nodes if n.name in up)]
+            own = _attention_own(prog, [b])
             assert own, f"{b.name}: the attention has no activation collective of its own under {layouts}"
             inside = {n.name for c in own for n in _window(prog, c)} & ffn
             if scheduled:
@@ -287,6 +294,18 @@ def test_parallel_block_ffn_runs_inside_attention_collective(tiny, mesh, layouts
         got = _logits(plan.program.simulate(args, kwargs, programs=sched))
     assert torch.equal(got, got_plain)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_priced_beside_are_the_attentions_own_collectives(tiny):
+    """The collectives the cost model prices beside the feed-forward (strategies/cost.py `Branch`, the plan's
+    records with `beside`) are of the kinds the rank program's attention has of its own."""
+    from shardwise.ir.meta import LAYERS
+
+    *_, plan = _plan(tiny, "ref-tiny-parallel", "1x1x4", "ffn=ws1d,attn=batch")
+    prog = _programs(plan, schedule=False)[0]
+    own = {COLLECTIVE_OPS[c.target] for c in _attention_own(prog, plan.program.gm.meta[LAYERS].blocks)}
+    assert own == {"all_to_all"}
+    assert {r.kind for l in plan.layers for r in l.collectives if r.beside} == own
 
 
 def _compute(prog: fx.GraphModule) -> list[fx.Node]:
