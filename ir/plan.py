@@ -463,7 +463,7 @@ def check_member_names_with(check: Callable[[str], None]) -> None:
 
 EXPERT_SPLITS = ("sliced", "parallel", "a2a", "replicated")  # a2a: expert parallel with all-to-all dispatch
 _CORE_SPLITS = ("", "heads", "batch", "heads+batch", "replicated")
-_TABLE_SPLITS = ("auto", "E", "vocab", "replicated")
+_EMBED_SPLITS = ("auto", "E", "vocab", "replicated")
 _HEAD_SPLITS = ("auto", "E", "vocab", "tokens")
 
 
@@ -486,8 +486,8 @@ def _check_choice(kind: LayerKind, choice: str, where: str) -> None:
         AttentionMode.parse(mode, f"attention layout of {where}")
         if latent not in ("", "split"):
             raise ShardwiseError(f"{where}: attention layout {choice!r}: expected 'heads' or 'batch', then ':split' or nothing")
-    elif kind == LayerKind.EMBEDDING and choice not in _TABLE_SPLITS:
-        raise ShardwiseError(f"{where}: {kind} layout {choice!r}: expected one of {', '.join(_TABLE_SPLITS)}")
+    elif kind == LayerKind.EMBEDDING and choice not in _EMBED_SPLITS:
+        raise ShardwiseError(f"{where}: {kind} layout {choice!r}: expected one of {', '.join(_EMBED_SPLITS)}")
     elif kind == LayerKind.HEAD and choice not in _HEAD_SPLITS:
         raise ShardwiseError(f"{where}: {kind} layout {choice!r}: expected one of {', '.join(_HEAD_SPLITS)}")
 
