@@ -35,7 +35,7 @@ from ..runtime.lower import RankEnv, lower_dispatch, lower_step
 from ..runtime.quantize import check_quantize, int8_addmm, int8_linear, int8_mm, quantize_rows, row_scales, scales_of
 from ..runtime.weights import StateSource, WeightSource, shard_index
 from .find_layers import block_of
-from .graph_utils import is_experts_ffn, is_moe_ffn, signature
+from .graph_utils import graph_module, is_experts_ffn, is_moe_ffn, signature
 from .in_place import reduce_in_place
 from .insert_collectives import REDISTRIBUTE_OPS, dispatch_steps
 from .pipeline import graph_pass
@@ -143,7 +143,7 @@ def emit(
             raise NotImplementedError(f"emit: unexpected {node.op} node {node.format_node()}")
     reduce_in_place(g)
     g.lint()
-    program = fx.GraphModule(root, g, class_name="RankProgram")
+    program = graph_module(root, g, class_name="RankProgram")
     program.meta[RANK_BLOCKS] = {v.name: block_of(n) for n, v in vals.items()
                                  if n.op == "call_function" and isinstance(v, fx.Node)}
     return program
