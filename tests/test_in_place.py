@@ -2,7 +2,8 @@
 
   applied    a Megatron layout's all-reduces (attention and feed-forward outputs) become `all_reduce_`
              on every rank; the outputs are bitwise those of the out-of-place programs and equal the
-             unsharded model within the numerics tests' 1e-5; on 4 real gloo ranks too (bytes as planned)
+             unsharded model within the numerics tests' 1e-5; on 4 real gloo ranks too (bytes as planned:
+             tests/test_real_ranks.py's verify of llama-tiny, whose plan reduces in place)
   refused    an input that another op reads, a program input, a weight, and a view of any of them keep
              the out-of-place op (reducing them in place would change what the other reader sees)
 """
@@ -89,12 +90,3 @@ def test_shared_input_program_input_and_weight_stay_out_of_place():
 
     for build in (read_twice, program_input, weight, written):
         assert _targets(_graph(build)) == [OUT_OF_PLACE], build.__name__
-
-
-def test_real_ranks_in_place_all_reduce():
-    """`all_reduce_` on real gloo process groups: logits as the model's, bytes as planned."""
-    report = shardwise.verify("llama-tiny", mesh="1x1x4", layouts="ffn=ws1d_ar,attn=heads", nproc=4, bytes=True,
-                              tokens=16)
-    assert report.ranks == "gloo" and report.ok, str(report)
-    assert report.max_abs_diff <= ATOL
-    assert report.bytes_rows and all(p == m for _, _, p, m in report.bytes_rows)

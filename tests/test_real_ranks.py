@@ -17,10 +17,13 @@ HERE = Path(__file__).parent
 
 def test_verify_llama_tiny_on_4_gloo_ranks(tmp_path):
     """Issue 2 acceptance: real ranks, each capturing on meta and reading only its shards, match the model.
-    Each rank also profiles a step: its measured lane sits beside its predicted lane in one Perfetto trace."""
-    report = shardwise.verify("llama-tiny", mesh="1x1x4", nproc=4, trace_dir=str(tmp_path))
+    Each rank also profiles a step: its measured lane sits beside its predicted lane in one Perfetto trace.
+    The plan (ws1d_ar+heads) reduces its all-reduces in place (passes/in_place.py): `all_reduce_` on real
+    gloo groups gives the model's logits, and every layer's collective bytes are the plan's."""
+    report = shardwise.verify("llama-tiny", mesh="1x1x4", nproc=4, trace_dir=str(tmp_path), bytes=True)
     assert report.ranks == "gloo"
     assert report.max_abs_diff <= 1e-5, report
+    assert report.bytes_rows and all(p == m for _, _, p, m in report.bytes_rows), report.bytes_rows
     # each rank holds a quarter of the weights plus the KV projections replicated ×2
     assert all(b == report.param_bytes_per_rank[0] for b in report.param_bytes_per_rank)
     assert report.param_bytes_per_rank[0] < 0.27 * report.param_bytes_total
@@ -31,6 +34,11 @@ def test_verify_llama_tiny_on_4_gloo_ranks(tmp_path):
     model = build_model("llama-tiny")
     args, kwargs = example_inputs(model, 8, 16)
     plan = shardwise.plan(model, args, kwargs, mesh="1x1x4")
+    from shardwise.passes.in_place import IN_PLACE
+    from shardwise.runtime.simulate import sim_group_name
+
+    ran = plan.program.emit(0, group_name=sim_group_name).program  # the program each rank built and ran
+    assert any(n.target is IN_PLACE for n in ran.graph.nodes), "the real run did not reduce in place"
     merged = merge_traces({r: tmp_path / f"rank{r}.json" for r in range(4)}, predicted_trace(plan))
     check_trace(merged)
     times = step_times(merged)
