@@ -4,18 +4,22 @@ For RefDecoder(E = 1024, F = 4096, 4 layers, 16 heads, SwiGLU, RMSNorm) on mesh 
 large token count:
 
   * every distinct member of the layout family on the mesh × attention in (heads, batch): planned with
-    forced layouts on `cpu-local`, emitted per rank, checked against the unsharded model on rank 0, then
-    timed (a step is the slowest rank's time; median over runs) and its collective bytes per chip counted
+    forced layouts on `cpu-local`, emitted per rank, checked against the unsharded model on rank 0, its
+    collective bytes per chip counted, and timed (a step is the slowest rank's time; median over runs)
   * each layout with and without the overlap schedule (passes/schedule.py): the scheduled and the
-    unscheduled rank programs (same ops, same bytes, only their order differs) timed in alternation, run by
-    run, so both see the same machine load (`--no-unscheduled`: only the scheduled one)
+    unscheduled rank programs (same ops, same bytes, only their order differs; `--no-unscheduled`: only
+    the scheduled one)
   * with `--looped`, each layout also as the paper's looped collective matmul (plan(..., collective_matmul=True),
-    passes/collective_matmul.py): checked, bytes counted, timed in the same alternation, with its prediction
+    passes/collective_matmul.py): checked, bytes counted, timed, with its prediction
+  * every program of every layout, and DTensor's step, timed together in rounds: each once per round, the
+    order rotating from round to round, so a burst of load from the machine's other jobs falls on all of
+    them alike instead of on whichever layout was being timed then (the variants of one layout share their
+    weight tensors, so all stay resident)
   * the ranking the measurements give next to the one `plan.totals.latency` predicts (Spearman's rho)
   * the planner's own choice (no forced layouts) and its regret: measured(chosen) / best measured
   * the same model under DTensor tensor parallelism (parallelize_module, Colwise q/k/v/gate/up,
-    Rowwise o/down on a 1-D mesh of the 4 ranks): checked, timed the same way, bytes counted from the
-    `_c10d_functional` collectives it runs
+    Rowwise o/down on a 1-D mesh of the 4 ranks): checked, timed in the same rounds, bytes counted from
+    the `_c10d_functional` collectives it runs
 
     python -m shardwise.benchmarks.bench_layouts                 # ~ a few minutes on 2 cores
     python -m shardwise.benchmarks.bench_layouts --runs 3 --large 4x64    # quicker
@@ -204,93 +208,134 @@ class CollectiveCounter(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def bench_shardwise(model, ids, rank: int, runs: int, warmup: int, log, unscheduled: bool = True,
-                    looped: bool = False) -> dict:
+def share_weights(dst, src) -> int:
+    """`dst`'s weights that are bitwise `src`'s (same name, shape, dtype, values) become `src`'s tensors:
+    the variants of one layout (scheduled, unscheduled, looped: the same shards) hold one copy, so every
+    layout's programs can stay resident for the interleaved timing. Bytes no longer held twice."""
+    mine = {**dict(src.named_parameters()), **dict(src.named_buffers())}
+    saved = 0
+    for name, t in [*dst.named_parameters(), *dst.named_buffers()]:
+        s = mine.get(name)
+        if s is None or s is t or s.shape != t.shape or s.dtype != t.dtype or not torch.equal(s, t):
+            continue
+        holder, _, attr = name.rpartition(".")
+        setattr(dst.get_submodule(holder) if holder else dst, attr, s)
+        saved += t.numel() * t.element_size()
+    return saved
+
+
+def build_layout(model, ids, want, rank: int, member, attn, unscheduled: bool, looped: bool) -> tuple[dict, list]:
+    """One layout planned, emitted, checked and its bytes counted: its row and the programs to time
+    (scheduled first, then unscheduled and looped where asked; none when its output is wrong)."""
     import shardwise
     from shardwise.drivers.accounting import predicted
-    from shardwise.errors import LayoutError, PlanError
     from shardwise.ir.mesh import Mesh
     from shardwise.ir.meta import LOOP
     from shardwise.runtime.simulate import Trace, run_recorded
+
+    mesh = Mesh.parse(MESH)
+    plan = shardwise.plan(model, (ids,), {}, mesh=MESH, layouts={"ffn": member.name, "attention": attn},
+                          hardware="cpu-local")
+    row = {"layout": f"{member.on(mesh)}+{attn}", "member": member.name, "key": repr(member.key(mesh)),
+           "attention": attn, "predicted_s": plan.totals.latency,
+           "predicted_parts": {k: sum(l.cost.get(k, 0.0) * l.count for l in plan.layers)
+                               for k in ("compute", "memory", "comm")},
+           "predicted_bytes": sum(predicted(plan).values())}
+    with torch.no_grad():
+        program = plan.emit(rank)
+        out = program(ids)
+        row["correct"], row["check"] = check(rank, out, want)
+        trace = Trace()
+        run_recorded(program.program, plan.program.flat_inputs((ids,), {}), trace)
+        row["bytes"] = sum(e.bytes for e in trace.collectives)
+        row["collectives"] = len(trace.collectives)
+        programs = [program]
+        if unscheduled:
+            plain = plan.emit(rank, schedule=False)
+            share_weights(plain.program, program.program)
+            out2 = plain(ids)
+            same, _ = agreed(bool(torch.equal(out2, out)), "")  # bitwise: only the order changed
+            row["unscheduled_equal"] = same
+            trace2 = Trace()
+            run_recorded(plain.program, plan.program.flat_inputs((ids,), {}), trace2)
+            row["unscheduled_bytes"] = sum(e.bytes for e in trace2.collectives)
+            programs.append(plain)
+        if looped:  # the same layout with collective_matmul: its own prediction, numbers, bytes and time
+            lplan = shardwise.plan(model, (ids,), {}, mesh=MESH, hardware="cpu-local", collective_matmul=True,
+                                   layouts={"ffn": member.name, "attention": attn})
+            lprog = lplan.emit(rank)
+            share_weights(lprog.program, program.program)
+            row["looped_predicted_s"] = lplan.totals.latency
+            row["looped_correct"], row["looped_check"] = check(rank, lprog(ids), want)
+            trace3 = Trace()
+            run_recorded(lprog.program, lplan.program.flat_inputs((ids,), {}), trace3)
+            row["looped_bytes"] = sum(e.bytes for e in trace3.collectives)
+            row["looped_steps"] = sum(1 for n in lprog.program.graph.nodes if LOOP in n.meta)  # ring steps
+            programs.append(lprog)
+    return row, programs if row["correct"] else []
+
+
+def bench_shardwise(model, ids, rank: int, runs: int, warmup: int, log, unscheduled: bool = True,
+                    looped: bool = False, others: dict | None = None) -> dict:
+    """Every layout built and checked first, all its programs kept; then all of them (and `others`: name →
+    step function, e.g. DTensor's) timed together in rounds, each program once per round, the order
+    rotating (`timed_pair`). A program measured in a block of its own would carry whatever load the
+    machine's other jobs put on that block; in rounds a slow minute falls on every layout alike, so the
+    ranking the measurements give is the layouts', not the minutes'."""
+    import shardwise
+    from shardwise.errors import LayoutError, PlanError
+    from shardwise.ir.mesh import Mesh
     from shardwise.strategies.family import parse_ffn
 
     mesh = Mesh.parse(MESH)
     with torch.no_grad():
         want = model(ids) if rank == 0 else None
-    rows, skipped = [], []
+    rows, skipped, timed = [], [], []  # timed: (row, its programs)
     for member, attn in layouts_on(mesh):
-        name = f"{member.on(mesh)}+{attn}"
         try:
-            plan = shardwise.plan(model, (ids,), {}, mesh=MESH, layouts={"ffn": member.name, "attention": attn},
-                                  hardware="cpu-local")
+            row, programs = build_layout(model, ids, want, rank, member, attn, unscheduled, looped)
         except (LayoutError, PlanError) as e:
-            skipped.append({"layout": name, "reason": str(e).splitlines()[0]})
+            skipped.append({"layout": f"{member.on(mesh)}+{attn}", "reason": str(e).splitlines()[0]})
             continue
-        row = {"layout": name, "member": member.name, "key": repr(member.key(mesh)), "attention": attn,
-               "predicted_s": plan.totals.latency,
-               "predicted_parts": {k: sum(l.cost.get(k, 0.0) * l.count for l in plan.layers)
-                                   for k in ("compute", "memory", "comm")},
-               "predicted_bytes": sum(predicted(plan).values())}
-        with torch.no_grad():
-            program = plan.emit(rank)
-            out = program(ids)
-            row["correct"], row["check"] = check(rank, out, want)
-            trace = Trace()
-            run_recorded(program.program, plan.program.flat_inputs((ids,), {}), trace)
-            row["bytes"] = sum(e.bytes for e in trace.collectives)
-            row["collectives"] = len(trace.collectives)
-            fns = [program]
-            if unscheduled:
-                plain = plan.emit(rank, schedule=False)
-                out2 = plain(ids)
-                same, _ = agreed(bool(torch.equal(out2, out)), "")  # bitwise: only the order changed
-                row["unscheduled_equal"] = same
-                trace2 = Trace()
-                run_recorded(plain.program, plan.program.flat_inputs((ids,), {}), trace2)
-                row["unscheduled_bytes"] = sum(e.bytes for e in trace2.collectives)
-                fns.append(plain)
-            if looped:  # the same layout with collective_matmul: its own prediction, numbers, bytes and time
-                lplan = shardwise.plan(model, (ids,), {}, mesh=MESH, hardware="cpu-local", collective_matmul=True,
-                                       layouts={"ffn": member.name, "attention": attn})
-                lprog = lplan.emit(rank)
-                row["looped_predicted_s"] = lplan.totals.latency
-                row["looped_correct"], row["looped_check"] = check(rank, lprog(ids), want)
-                trace3 = Trace()
-                run_recorded(lprog.program, lplan.program.flat_inputs((ids,), {}), trace3)
-                row["looped_bytes"] = sum(e.bytes for e in trace3.collectives)
-                row["looped_steps"] = sum(1 for n in lprog.program.graph.nodes if LOOP in n.meta)  # ring steps
-                fns.append(lprog)
-            if row["correct"]:
-                times = timed_pair([lambda f=f: f(ids) for f in fns], runs, warmup)
-                row["times"] = times[0]
-                row["measured_s"] = statistics.median(times[0])
-                if unscheduled:
-                    row["unscheduled_times"] = times[1]
-                    row["unscheduled_s"] = statistics.median(times[1])
-                if looped:
-                    row["looped_times"] = times[-1]
-                    row["looped_s"] = statistics.median(times[-1])
-        log(f"  {name:<18} predicted {row['predicted_s'] * 1e3:9.2f} ms   measured "
-            + (f"{row['measured_s'] * 1e3:9.2f} ms" if row["correct"] else "WRONG (" + row["check"] + ")")
+        log(f"  {row['layout']:<18} predicted {row['predicted_s'] * 1e3:9.2f} ms   "
+            + ("checked" if row["correct"] else "WRONG (" + row["check"] + ")"))
+        rows.append(row)
+        if programs:
+            timed.append((row, programs))
+    others = others or {}
+    fns = [lambda f=f: f(ids) for _, programs in timed for f in programs] + list(others.values())
+    log(f"  timing {len(fns)} programs in {runs} rounds (after {warmup} warm-up rounds)")
+    with torch.no_grad():
+        times = iter(timed_pair(fns, runs, warmup))
+    for row, programs in timed:
+        for what in ["", "unscheduled_" if unscheduled else None, "looped_" if looped else None]:
+            if what is None:
+                continue
+            row[what + "times"] = next(times)
+            row[what + "s" if what else "measured_s"] = statistics.median(row[what + "times"])
+        log(f"  {row['layout']:<18} predicted {row['predicted_s'] * 1e3:9.2f} ms   measured "
+            f"{row['measured_s'] * 1e3:9.2f} ms"
             + (f"   unscheduled {row['unscheduled_s'] * 1e3:9.2f} ms" if row.get("unscheduled_s") else "")
             + (f"   looped {row['looped_s'] * 1e3:9.2f} ms (predicted {row['looped_predicted_s'] * 1e3:.2f})"
                if row.get("looped_s") else ""))
-        rows.append(row)
-        del program, plan
-        gc.collect()
+    other_times = {name: next(times) for name in others}
+    del timed, fns
+    gc.collect()
     free = shardwise.plan(model, (ids,), {}, mesh=MESH, hardware="cpu-local")
-    chosen = free.chosen
     member_name, attn = free.main.member, free.main.attention
     key = repr(parse_ffn(member_name).key(mesh))
     match = [r for r in rows if r["key"] == key and r["attention"] == attn]
     mixed = [n for l in free.layers if l.kind == "note" for n in l.notes]
-    return {"rows": rows, "skipped": skipped, "chosen": chosen, "chosen_row": match[0]["layout"] if match else None,
-            "chosen_predicted_s": free.totals.latency, "chosen_notes": mixed, "explain": free.explain}
+    return {"rows": rows, "skipped": skipped, "chosen": free.chosen,
+            "chosen_row": match[0]["layout"] if match else None, "chosen_predicted_s": free.totals.latency,
+            "chosen_notes": mixed, "explain": free.explain, "other_times": other_times}
 
 
-def bench_dtensor(ids_list, rank: int, runs: int, warmup: int, log, reference) -> list[dict]:
+def dtensor_model(rank: int, reference):
+    """The model under DTensor tensor parallelism (Colwise q/k/v/gate/up, Rowwise o/down on a 1-D mesh of
+    the ranks; embedding, norms and head replicated), whether its weights are the reference's, and the
+    bytes a rank holds."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.debug import CommDebugMode
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     model = build_model()
@@ -305,34 +350,33 @@ def bench_dtensor(ids_list, rank: int, runs: int, warmup: int, log, reference) -
     model = parallelize_module(model, tp, plan)
     held = sum(t.to_local().numel() * t.element_size() if hasattr(t, "to_local") else t.numel() * t.element_size()
                for t in model.state_dict().values())
-    out = []
-    for ids in ids_list:
-        with torch.no_grad():
-            want = reference(ids) if rank == 0 else None
-            got = model(ids)
-            ok, msg = check(rank, got, want)
-            counter = CollectiveCounter()
-            with counter:
-                model(ids)
-            debug = CommDebugMode()
-            with debug:
-                model(ids)
-            row = {"tokens": list(ids.shape), "correct": ok, "check": msg, "same_weights": same, "held_bytes": held,
-                   "bytes": sum(b for _, b in counter.ops), "collectives": len(counter.ops),
-                   "kinds": sorted({k for k, _ in counter.ops}), "other_ops": sorted(set(counter.other)),
-                   "commdebug_count": debug.get_total_counts()}
-            if ok:
-                row["times"] = timed_runs(lambda: model(ids), runs, warmup)
-                row["measured_s"] = statistics.median(row["times"])
-        log(f"  DTensor TP {tuple(ids.shape)}: " + (f"{row['measured_s'] * 1e3:.2f} ms, {row['collectives']} "
-            f"collectives ({row['commdebug_count']} by CommDebugMode)" if ok else "WRONG (" + msg + ")"))
-        out.append(row)
-    return out
+    return model, same, held
+
+
+def dtensor_row(model, ids, rank: int, reference, same: bool, held: int, log) -> dict:
+    """DTensor's step checked against the reference and its collectives counted (timed with the layouts)."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    with torch.no_grad():
+        want = reference(ids) if rank == 0 else None
+        ok, msg = check(rank, model(ids), want)
+        counter = CollectiveCounter()
+        with counter:
+            model(ids)
+        debug = CommDebugMode()
+        with debug:
+            model(ids)
+    row = {"tokens": list(ids.shape), "correct": ok, "check": msg, "same_weights": same, "held_bytes": held,
+           "bytes": sum(b for _, b in counter.ops), "collectives": len(counter.ops),
+           "kinds": sorted({k for k, _ in counter.ops}), "other_ops": sorted(set(counter.other)),
+           "commdebug_count": debug.get_total_counts()}
+    log(f"  DTensor TP {tuple(ids.shape)}: " + (f"checked, {row['collectives']} collectives "
+        f"({row['commdebug_count']} by CommDebugMode)" if ok else "WRONG (" + msg + ")"))
+    return row
 
 
 def worker(args) -> None:
     import torch.distributed as dist
-
 
     rank, log = start_rank()
 
@@ -343,14 +387,20 @@ def worker(args) -> None:
     result = {"config": CONFIG, "mesh": MESH, "nproc": dist.get_world_size(), "backend": dist.get_backend(),
               "runs": args.runs, "warmup": args.warmup, "threads": torch.get_num_threads(), "cases": []}
     t_start = time.perf_counter()
+    dt_model, same, held = dtensor_model(rank, model)
     for (b, l), ids in zip(counts, ids_list):
-        log(f"shardwise layouts at batch {b} × seq {l} = {b * l} tokens")
-        case = bench_shardwise(model, ids, rank, args.runs, args.warmup, log, not args.no_unscheduled, args.looped)
+        log(f"shardwise layouts and DTensor TP at batch {b} × seq {l} = {b * l} tokens")
+        dt = dtensor_row(dt_model, ids, rank, model, same, held, log)
+        others = {"dtensor": lambda ids=ids: dt_model(ids)} if dt["correct"] else {}
+        case = bench_shardwise(model, ids, rank, args.runs, args.warmup, log, not args.no_unscheduled, args.looped,
+                               others)
+        if dt["correct"]:
+            dt["times"] = case["other_times"]["dtensor"]
+            dt["measured_s"] = statistics.median(dt["times"])
+            log(f"  DTensor TP {tuple(ids.shape)}: {dt['measured_s'] * 1e3:.2f} ms")
+        case["dtensor"] = dt
         case["tokens"] = [b, l]
         result["cases"].append(case)
-    log("DTensor tensor parallelism")
-    for case, row in zip(result["cases"], bench_dtensor(ids_list, rank, args.runs, args.warmup, log, model)):
-        case["dtensor"] = row
     result["seconds"] = time.perf_counter() - t_start
     if rank == 0:
         Path(args.out).write_text(json.dumps(result, indent=1))
@@ -358,7 +408,6 @@ def worker(args) -> None:
     dist.destroy_process_group()
 
 
-# ------------------------------------------------------------------------------------ parent
 def ensure_profile():
     import shardwise
     from shardwise.errors import ShardwiseError
@@ -407,8 +456,9 @@ def report(res: dict, small: str, large: str) -> None:
     print(f"mesh {res['mesh']} on {res['nproc']} real {res['backend']} ranks (torchrun, 127.0.0.1), "
           f"{res['threads']} thread per rank")
     print(f"token counts: small {small} = batch × seq, large {large}")
-    print(f"timing: {res['warmup']} warm-ups, then {res['runs']} runs; each run is the max over ranks (a step ends "
-          f"when the slowest rank ends), the table shows the median run. This is a shared 2-core machine: "
+    print(f"timing: {res['warmup']} warm-up rounds, then {res['runs']} rounds; a round runs every program once (all "
+          f"layouts and their variants, and DTensor), the order rotating; each run is the max over ranks (a step "
+          f"ends when the slowest rank ends), the table shows the median run. This is a shared 2-core machine: "
           f"{res['nproc']} ranks time-share 2 cores, so compare ratios, not absolute numbers.")
     print("bytes/chip: collective bytes one rank's step moves (all-gather: output, reduce-scatter / all-to-all: "
           "input, all-reduce: 2× input), as executed.")
