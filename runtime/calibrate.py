@@ -5,10 +5,11 @@ real ranks do (torchrun, OMP_NUM_THREADS=1). So every figure is measured by ever
   peak_flops      float32 matmul FLOP/s of one rank (2·n³ per n×n×n product), median over ranks
   hbm_bandwidth   bytes/s of one rank's large tensor copy (read + write), median over ranks
   link_bandwidth  gloo all-gather over the `ranks` processes on 127.0.0.1: the slope of time vs wire
-  collective_latency   bytes, fitted by least squares over message sizes from 4 KiB to 16 MiB
+  collective_latency   bytes, fitted by least squares over message sizes from 4 KiB to 16 MiB; each
+                  collective timed as a rank program runs it, after compute (`collective_times`)
   comm_overlap    how much of a gloo all-gather (4 MiB out) a matmul loop of about the same length, run
                   while the gather is in flight (started, computed, then waited), hides: (t_comm + t_compute −
-                  t_both) / min(t_comm, t_compute), clamped to 0..1, median over repeats and ranks. gloo runs
+                  t_both) / min(t_comm, t_compute) of the slowest rank's times, clamped to 0..1, median over repeats. gloo runs
                   collectives on its own threads, so overlap is possible in principle, but with more ranks
                   than cores its threads compete with the ranks' compute
   collectives     the same least-squares fit for each kind shardwise emits (all-gather, reduce-scatter,
@@ -91,11 +92,23 @@ def _gloo_worker(rank: int, world: int, port: int, out) -> None:
 KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
 
 
-def collective_times(rank: int, world: int) -> dict[tuple[str, int], list[tuple[int, float]]]:
+CONTEXT_S = 1e-3  # the compute before each collective in its measurement: a rank program's op between two
+
+
+def collective_times(rank: int, world: int, rounds: int = 7, calls: int = 4) -> dict[tuple[str, int], list[tuple[int, float]]]:
     """(kind, group size) → [(charged bytes, seconds)]: each kind of collective shardwise emits, over the whole
     world and over groups of 2 (every pair at once, as a mesh axis of 2 runs them), on tensors whose
     charged bytes (ir/collective.py: all-gather output, reduce-scatter / all-to-all input, all-reduce twice
-    its input) are SIZES; every rank running, median of 9 after 2 warm-ups."""
+    its input) are SIZES.
+
+    Each is timed where a rank program runs it: after some compute (a matmul loop of about CONTEXT_S), its
+    wait right away. Its cost is what it adds to that compute: (compute, collective) × `calls` minus
+    compute × `calls`, the two timed in the same round. Back to back, with nothing between them, collectives
+    here cost several times less than in a program: with more ranks than cores, a rank that computes
+    holds a core the others' gloo threads need, and the last rank to arrive decides when everyone goes
+    on. A round times every collective once (the order rotating from round to round, so the machine's
+    other load falls on all of them alike); a time is the slowest rank's; each figure is the median
+    over `rounds`."""
     import torch.distributed as dist
 
     c10d = torch.ops._c10d_functional
@@ -103,15 +116,40 @@ def collective_times(rank: int, world: int) -> dict[tuple[str, int], list[tuple[
     if world > 2 and world % 2 == 0:
         pairs = [dist.new_group([r, r + 1]) for r in range(0, world, 2)]  # every rank creates every group
         groups[2] = pairs[rank // 2].group_name
-    out = {}
-    for g, name in groups.items():
-        for kind in KINDS:
-            rows = []
-            for size in SIZES:
-                step = _collective_step(c10d, kind, size // 4, g, name)
-                dist.barrier()
-                rows.append((size, _median_time(step, repeats=9)))
-            out[(kind, g)] = rows
+    keys = [(kind, g, size) for g in groups for kind in KINDS for size in SIZES]
+    steps = {(kind, g, size): _collective_step(c10d, kind, size // 4, g, groups[g]) for kind, g, size in keys}
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    k = torch.tensor([max(1, round(CONTEXT_S / _median_time(lambda: torch.mm(a, b))))])
+    dist.all_reduce(k, op=dist.ReduceOp.MAX)  # every rank computes the same before each collective
+    k = int(k)
+
+    def compute():
+        for _ in range(k):
+            torch.mm(a, b)
+
+    def timed(step=None) -> float:
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            compute()
+            if step is not None:
+                step()
+        return time.perf_counter() - t0
+
+    for key in keys:  # warm-up: gloo's buffers and pairs set up
+        steps[key]()
+        steps[key]()
+    raw: dict = {key: [] for key in keys}  # (with, without) per round, this rank's
+    for r in range(rounds):
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            raw[key].append((timed(steps[key]), timed()))
+    every = [None] * world
+    dist.all_gather_object(every, raw)
+    out: dict = {}
+    for kind, g, size in keys:
+        per_round = [(max(e[(kind, g, size)][i][0] for e in every) - max(e[(kind, g, size)][i][1] for e in every))
+                     / calls for i in range(rounds)]
+        out.setdefault((kind, g), []).append((size, max(statistics.median(per_round), 1e-6)))
     return out
 
 
@@ -144,11 +182,11 @@ def fit_line(rows: list[tuple[int, float]], group: int) -> tuple[float, float]:
 OVERLAP_BYTES = 4 << 20  # the all-gather's output in the overlap measurement
 
 
-def comm_overlap(world: int, group: str, repeats: int = 7) -> tuple[float, float, float, float]:
-    """(hidden fraction, t_comm, t_compute, t_both) on this rank, every rank running it at once: a gloo
-    all-gather alone, a matmul loop of about its length alone, and the two together (the gather started,
-    the loop run, then the gather waited), each the median of `repeats`; the three run in turn in each
-    repeat, so the machine's other load falls on all three alike (barrier before each run)."""
+def comm_overlap(world: int, group: str, repeats: int = 11) -> list[tuple[float, float, float]]:
+    """This rank's (t_comm, t_compute, t_both) per repeat, every rank running it at once: a gloo all-gather
+    alone, a matmul loop of about its length alone, and the two together (the gather started, the loop
+    run, then the gather waited); the three run in turn in each repeat, so the machine's other load falls
+    on all three alike (barrier before each run). `hidden_fraction` makes one figure of every rank's."""
     import torch.distributed as dist
 
     c10d = torch.ops._c10d_functional
@@ -179,10 +217,20 @@ def comm_overlap(world: int, group: str, repeats: int = 7) -> tuple[float, float
     k = torch.tensor([max(1, round(t_comm / one))])
     dist.all_reduce(k, op=dist.ReduceOp.MAX)  # every rank runs the same loop
     k = int(k)
-    runs = [(once(comm), once(lambda: compute(k)), once(both)) for _ in range(repeats)]  # interleaved: same load
-    t_comm, t_compute, t_both = (statistics.median(r[i] for r in runs) for i in range(3))
-    hidden = (t_comm + t_compute - t_both) / min(t_comm, t_compute)
-    return min(1.0, max(0.0, hidden)), t_comm, t_compute, t_both
+    return [(once(comm), once(lambda: compute(k)), once(both)) for _ in range(repeats)]  # interleaved: same load
+
+
+def hidden_fraction(runs: list[list[tuple[float, float, float]]]) -> tuple[float, list[float]]:
+    """The fraction of the gather the compute hides, from every rank's `comm_overlap` runs: per repeat, each
+    time the slowest rank's (a step ends when its last rank does), hidden = (comm + compute − both) /
+    min(comm, compute) clamped to 0..1; the median over repeats, and each repeat's. (One rank's own
+    times swing between hiding a third and nothing as the four ranks share two cores; medians of
+    per-rank figures gave 0 to 0.8 from one calibration to the next.)"""
+    hidden = []
+    for i in range(len(runs[0])):
+        comm, compute, both = (max(r[i][j] for r in runs) for j in range(3))
+        hidden.append(min(1.0, max(0.0, (comm + compute - both) / min(comm, compute))))
+    return statistics.median(hidden), hidden
 
 
 def measure_ranks(ranks: int) -> tuple:
@@ -205,7 +253,7 @@ def measure_ranks(ranks: int) -> tuple:
 def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Path]:
     latency, link, raw, per_rank, overlaps, kinds = measure_ranks(ranks)
     fits = {key: fit_line(rows, key[1]) for key, rows in kinds.items()}
-    overlap = statistics.median(o[0] for o in overlaps)
+    overlap, hidden = hidden_fraction(overlaps)
     flops = statistics.median(r[0] for r in per_rank)
     bandwidth = statistics.median(r[1] for r in per_rank)
     call = statistics.median(r[2] for r in per_rank)
@@ -231,14 +279,17 @@ def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Pa
                               + ", ".join(f"{s >> 10} KiB: {t * 1e6:.0f} µs" for s, t in raw),
             "collective_latency": "intercept of the same least-squares fit",
             "collectives": "per kind and group size, the same fit of its own times (every rank at once; groups "
-                           "of 2: every pair at once), used for those collectives instead of the two above: "
+                           "of 2: every pair at once), each the time it adds after 1 ms of compute, used for "
+                           "those collectives instead of the two above: "
                            + "; ".join(f"{k}/{g}: " + ", ".join(f"{s >> 10} KiB {t * 1e6:.0f} µs" for s, t in rows)
                                        for (k, g), rows in sorted(kinds.items())),
             "comm_overlap": f"a {OVERLAP_BYTES >> 20} MiB gloo all-gather with a 256³ matmul loop of about its length "
-                            f"run while it is in flight, all ranks at once: hidden = (comm + compute − both) / "
-                            f"min(comm, compute), median over ranks; per rank (hidden, comm ms, compute ms, both ms) "
-                            + ", ".join(f"({o[0]:.2f}, {o[1] * 1e3:.1f}, {o[2] * 1e3:.1f}, {o[3] * 1e3:.1f})"
-                                        for o in overlaps),
+                            f"run while it is in flight, all ranks at once: per repeat, the slowest rank's times, "
+                            f"hidden = (comm + compute − both) / min(comm, compute); the median of "
+                            + ", ".join(f"{h:.2f}" for h in hidden)
+                            + "; median times (comm, compute, both) per rank, ms: "
+                            + ", ".join("(" + ", ".join(f"{statistics.median(x[j] for x in o) * 1e3:.1f}"
+                                                        for j in range(3)) + ")" for o in overlaps),
         },
     )
     path = path or cpu_local_path()
