@@ -2,8 +2,9 @@
 
 A "chip" here is one rank: a single-threaded process, with all `ranks` processes running at once, as
 real ranks do (torchrun, OMP_NUM_THREADS=1). So every figure is measured by every rank concurrently:
-  peak_flops      float32 matmul FLOP/s of one rank (2·n³ per n×n×n product), median over ranks
-  hbm_bandwidth   bytes/s of one rank's large tensor copy (read + write), median over ranks
+  peak_flops      float32 matmul FLOP/s of one rank (2·n³ per n×n×n product), every rank computing at
+                  once (a barrier before each repeat), each repeat the slowest rank's time, median over repeats
+  hbm_bandwidth   bytes/s of one rank's large tensor copy (read + write), measured the same way
   link_bandwidth  gloo all-gather over the `ranks` processes on 127.0.0.1: the slope of time vs wire
   collective_latency   bytes, fitted by least squares over message sizes from 4 KiB to 16 MiB; each
                   collective timed as a rank program runs it, after compute (`collective_times`)
@@ -16,6 +17,9 @@ real ranks do (torchrun, OMP_NUM_THREADS=1). So every figure is measured by ever
                   all-reduce, all-to-all) over the whole world and over groups of 2 (all pairs at once): gloo
                   implements each differently, and a mesh axis of 2 is another ring than all ranks; the cost
                   model uses the fit of a collective's own kind and group size where there is one
+  relayout_copies whether the local copy around a collective over a dim other than the first (an
+                  all-gather merging its blocks) shows in a step here: priced when a 16 MiB all-gather over
+                  dim 1 takes at least half that copy's time at the measured bandwidth more than one over dim 0
 The efficiencies are 1: these are what this machine achieves, not peaks to discount. Saved as JSON
 (shardwise/ir/hardware.py reads it for --hardware cpu-local); the profile describes `ranks` ranks.
 """
@@ -36,23 +40,41 @@ from ..ir.hardware import CPU_LOCAL, Hardware, cpu_local_path
 SIZES = [4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20]
 
 
-def _median_time(fn, repeats: int = 7, warmup: int = 2) -> float:
+def _median_time(fn, repeats: int = 7, warmup: int = 2, *, together: bool = False) -> float:
+    """Median seconds of `fn` over `repeats` after `warmup` calls. `together` (inside the process group): every
+    rank starts each repeat at once (a barrier) and a repeat takes the slowest rank's time, as a step does.
+    Timed each on its own, one rank can find a core to itself while the others wait, and measure twice
+    the FLOP/s that ranks computing together get (one calibration here saw 36, 35, 36 and 84 GFLOP/s)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        if together:
+            import torch.distributed as dist
+
+            dist.barrier()
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
+        if together:
+            slowest = torch.tensor([dt], dtype=torch.float64)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            dt = float(slowest)
+        times.append(dt)
     return statistics.median(times)
 
 
-def matmul_flops(n: int = 1024) -> float:
+def matmul_flops(n: int = 1024, calls: int = 1, *, together: bool = False) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n**3 / _median_time(lambda: torch.mm(a, b))
+
+    def loop():
+        for _ in range(calls):
+            torch.mm(a, b)
+
+    return 2 * n**3 * calls / _median_time(loop, together=together)
 
 
-def call_overhead(n: int = 64, calls: int = 200) -> float:
+def call_overhead(n: int = 64, calls: int = 200, *, together: bool = False) -> float:
     """Seconds one small matmul call costs ([1, n] · [n, n]: its FLOPs are nothing): what a mixture's
     experts pay per touched expert and projection beyond their FLOPs and bytes."""
     a, b = torch.randn(1, n), torch.randn(n, n)
@@ -61,13 +83,13 @@ def call_overhead(n: int = 64, calls: int = 200) -> float:
         for _ in range(calls):
             torch.mm(a, b)
 
-    return _median_time(loop) / calls
+    return _median_time(loop, together=together) / calls
 
 
-def memory_bandwidth(nbytes: int = 256 << 20) -> float:
+def memory_bandwidth(nbytes: int = 256 << 20, *, together: bool = False) -> float:
     src = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
     dst = torch.empty_like(src)
-    return 2 * nbytes / _median_time(lambda: dst.copy_(src), repeats=5)
+    return 2 * nbytes / _median_time(lambda: dst.copy_(src), repeats=5, together=together)
 
 
 def _gloo_worker(rank: int, world: int, port: int, out) -> None:
@@ -76,15 +98,18 @@ def _gloo_worker(rank: int, world: int, port: int, out) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     dist.barrier()
-    local = (matmul_flops(512), memory_bandwidth(64 << 20), call_overhead())  # every rank at once, one thread each
+    # every rank at once, one thread each, each repeat the slowest rank's time (so every rank has the same figures)
+    local = (matmul_flops(512, calls=4, together=True), memory_bandwidth(64 << 20, together=True),
+             call_overhead(together=True))
     per_rank = [None] * world
     dist.all_gather_object(per_rank, local)
     kinds = collective_times(rank, world)
     overlap = comm_overlap(world, dist.group.WORLD.group_name)
     overlaps = [None] * world
     dist.all_gather_object(overlaps, overlap)
+    relayout = relayout_cost(world, dist.group.WORLD.group_name)
     if rank == 0:
-        out.put((per_rank, overlaps, kinds))
+        out.put((per_rank, overlaps, kinds, relayout))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -168,6 +193,49 @@ def _collective_step(c10d, kind: str, n: int, g: int, name: str):
     return lambda: c10d.wait_tensor(c10d.all_to_all_single(x, [n // g] * g, [n // g] * g, name))
 
 
+RELAYOUT_BYTES = 16 << 20  # the gathered output in the relayout measurement
+
+
+def relayout_cost(world: int, group: str, rounds: int = 9) -> tuple[float, float]:
+    """(seconds an all-gather over dim 1 adds to one over dim 0 of the same bytes, the merge copy's bytes
+    read + written): the gather of a [1024, cols / world] block into [1024, cols] as runtime/lower.py
+    lowers it (all-gathered stacked, then its blocks merged into dim 1: one copy of the output), against
+    the gather of [1024 / world, cols] that needs no copy. Both timed after 1 ms of compute, as a program
+    runs them, in alternation; each round the slowest rank's; median over rounds of the difference."""
+    import torch.distributed as dist
+
+    c10d = torch.ops._c10d_functional
+    rows, cols = 1024, RELAYOUT_BYTES // 4 // 1024
+    by_rows = torch.ones(rows // world, cols)
+    by_cols = torch.ones(rows, cols // world)
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    k = max(1, round(CONTEXT_S / _median_time(lambda: torch.mm(a, b))))
+    k = torch.tensor([k])
+    dist.all_reduce(k, op=dist.ReduceOp.MAX)
+    k = int(k)
+
+    def dim0():
+        return c10d.wait_tensor(c10d.all_gather_into_tensor(by_rows, world, group))
+
+    def dim1():
+        y = c10d.wait_tensor(c10d.all_gather_into_tensor(by_cols, world, group))
+        return y.view(world, rows, cols // world).permute(1, 0, 2).reshape(rows, cols).contiguous()
+
+    def timed(fn) -> float:
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(k):
+            torch.mm(a, b)
+        fn()
+        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+        return float(dt)
+
+    dim0(), dim1()
+    extra = [timed(dim1) - timed(dim0) for _ in range(rounds)]
+    return statistics.median(extra), 2.0 * RELAYOUT_BYTES
+
+
 def fit_line(rows: list[tuple[int, float]], group: int) -> tuple[float, float]:
     """(latency s ≥ 0, wire bytes/s) by least squares of seconds against wire bytes, (g − 1)/g of charged."""
     wire = [size * (group - 1) / group for size, _ in rows]
@@ -244,19 +312,21 @@ def measure_ranks(ranks: int) -> tuple:
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
     mp.start_processes(_gloo_worker, args=(ranks, free_port(), q), nprocs=ranks, join=True, start_method="spawn")
-    per_rank, overlaps, kinds = q.get()
+    per_rank, overlaps, kinds, relayout = q.get()
     raw = kinds[("all_gather", ranks)]  # the generic link figures: an all-gather over every rank
     latency, bandwidth = fit_line(raw, ranks)
-    return latency, bandwidth, raw, per_rank, overlaps, kinds
+    return latency, bandwidth, raw, per_rank, overlaps, kinds, relayout
 
 
 def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Path]:
-    latency, link, raw, per_rank, overlaps, kinds = measure_ranks(ranks)
+    latency, link, raw, per_rank, overlaps, kinds, (extra, copied) = measure_ranks(ranks)
     fits = {key: fit_line(rows, key[1]) for key, rows in kinds.items()}
     overlap, hidden = hidden_fraction(overlaps)
     flops = statistics.median(r[0] for r in per_rank)
     bandwidth = statistics.median(r[1] for r in per_rank)
     call = statistics.median(r[2] for r in per_rank)
+    priced = copied / bandwidth  # what the cost model would add for that copy (strategies/cost.py: copy)
+    relayout = extra >= 0.5 * priced
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     when = datetime.datetime.now().isoformat(timespec="seconds")
     hw = Hardware(
@@ -264,17 +334,22 @@ def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Pa
         topology="switch", collective_latency=latency, hop_latency=0.0, call_overhead=call,
         weight_prefetch=True,  # emitted programs issue weight gathers ahead of use (passes/schedule.py) ...
         comm_overlap=overlap,  # ... and this much of them the compute meanwhile hides here, measured
+        relayout_copies=relayout,  # priced where a relayout's copy shows in a step here at all, measured
         collectives=tuple((k, g, a, b) for (k, g), (a, b) in sorted(fits.items())),
         source=f"measured by `shardwise calibrate` on {socket.gethostname()} at {when}: {ranks} single-threaded "
                f"ranks running at once, gloo on loopback",
         fitted={
             "ranks": str(ranks),
-            "peak_flops": f"float32 512³ matmul per rank, all {ranks} ranks at once, median over ranks "
-                          f"({', '.join(f'{r[0] / 1e9:.1f}' for r in per_rank)} GFLOP/s)",
-            "hbm_bandwidth": f"64 MiB copy (read + write) per rank, all ranks at once, median over ranks "
-                             f"({', '.join(f'{r[1] / 1e9:.1f}' for r in per_rank)} GB/s)",
-            "call_overhead": f"[1, 64]·[64, 64] matmul call, all ranks at once, median over ranks "
-                             f"({', '.join(f'{r[2] * 1e6:.1f}' for r in per_rank)} µs)",
+            "peak_flops": f"float32 512³ matmuls (4 per repeat) per rank, all {ranks} ranks at once, each repeat the "
+                          f"slowest rank's time, median over repeats: {flops / 1e9:.1f} GFLOP/s",
+            "hbm_bandwidth": f"64 MiB copy (read + write) per rank, all ranks at once, each repeat the slowest "
+                             f"rank's time, median over repeats: {bandwidth / 1e9:.1f} GB/s",
+            "call_overhead": f"[1, 64]·[64, 64] matmul call, all ranks at once, each repeat the slowest rank's "
+                             f"time, median over repeats: {call * 1e6:.1f} µs",
+            "relayout_copies": f"{relayout}: a {RELAYOUT_BYTES >> 20} MiB all-gather over dim 1 (its blocks merged, "
+                               f"one copy) took {extra * 1e3:.1f} ms more than one over dim 0, after 1 ms of compute, "
+                               f"the slowest rank's, median over rounds; the copy's bytes at the measured "
+                               f"bandwidth are {priced * 1e3:.1f} ms (priced when the difference is at least half that)",
             "link_bandwidth": "slope of gloo all-gather time vs wire bytes, "
                               + ", ".join(f"{s >> 10} KiB: {t * 1e6:.0f} µs" for s, t in raw),
             "collective_latency": "intercept of the same least-squares fit",
