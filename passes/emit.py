@@ -35,6 +35,7 @@ from ..runtime.lower import RankEnv, lower_dispatch, lower_step
 from ..runtime.quantize import check_quantize, int8_addmm, int8_linear, int8_mm, quantize_rows, row_scales, scales_of
 from ..runtime.weights import StateSource, WeightSource, shard_index
 from .find_layers import block_of
+from .fold_constants import fold_constants, keep_out_of_state
 from .graph_utils import graph_module, is_experts_ffn, is_moe_ffn, signature
 from .in_place import reduce_in_place
 from .insert_collectives import REDISTRIBUTE_OPS, dispatch_steps
@@ -72,6 +73,7 @@ def emit(
     device: torch.device | str | None = None,
     quantize: str | None = None,
     scales: dict | None = None,
+    fold: bool = True,
 ) -> fx.GraphModule:
     """Build rank `rank`'s program: a GraphModule whose forward takes the flat user inputs.
 
@@ -80,6 +82,8 @@ def emit(
     the meta device bakes `device="meta"` into factory and `.to` calls; those are rewritten).
     `quantize="int8"`: projection weights held and multiplied as int8 (see the module's docstring);
     `scales`: a cache of per-row scales shared by the ranks emitted in one process ({(key, rows): scales}).
+    `fold`: values computed from shapes alone (a causal mask, rotary angles) computed once, here, and held
+    as buffers (passes/fold_constants.py); False keeps every op in the program.
     """
     sig = signature(gm)
     quantized = quantizable(gm) if check_quantize(quantize) else {}
@@ -141,9 +145,11 @@ def emit(
             vals[node] = g.output(fx.node.map_arg(node.args[0], vals.__getitem__))
         else:
             raise NotImplementedError(f"emit: unexpected {node.op} node {node.format_node()}")
+    folded = fold_constants(g, root) if fold else []
     reduce_in_place(g)
     g.lint()
     program = graph_module(root, g, class_name="RankProgram")
+    keep_out_of_state(program, folded)
     program.meta[RANK_BLOCKS] = {v.name: block_of(n) for n, v in vals.items()
                                  if n.op == "call_function" and isinstance(v, fx.Node)}
     return program
