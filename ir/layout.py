@@ -16,20 +16,23 @@ from .mesh import Mesh
 _DEFAULT_NAMES = "abcdefghijklmnop"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Layout:
     dims: tuple[tuple[str, ...], ...]
     partial: frozenset[str] = frozenset()
 
     # The planner makes and compares tens of thousands of layouts per plan: `used` is computed once, with
     # the check, and the hash on first use (a layout is a key of the rules' and redistribution's caches).
-    def __post_init__(self) -> None:
-        used = frozenset().union(*self.dims)
-        if len(used) != sum(map(len, self.dims)):
-            raise LayoutError(f"layout {self}: an atom shards two dims ({[a for d in self.dims for a in d]})")
-        if self.partial and not self.partial.isdisjoint(used):
-            raise LayoutError(f"layout {self}: atoms {sorted(self.partial & used)} are both sharding and partial")
-        object.__setattr__(self, "used", used)
+    # The fields are written straight into the instance's dict (what a frozen dataclass's own __init__
+    # does through object.__setattr__, one call per field, which was most of making a layout).
+    def __init__(self, dims: tuple[tuple[str, ...], ...], partial: frozenset[str] = frozenset()) -> None:
+        used = frozenset().union(*dims)
+        state = self.__dict__
+        state["dims"], state["partial"], state["used"] = dims, partial, used
+        if len(used) != sum(map(len, dims)):
+            raise LayoutError(f"layout {self}: an atom shards two dims ({[a for d in dims for a in d]})")
+        if partial and not partial.isdisjoint(used):
+            raise LayoutError(f"layout {self}: atoms {sorted(partial & used)} are both sharding and partial")
 
     def __eq__(self, other: object) -> bool:
         if self is other:
