@@ -138,8 +138,8 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
     `loop`: the program runs looped collective matmuls (passes/collective_matmul.py; not over int8
     matmuls): the collectives it loops are priced as such."""
     layers = gm.meta[LAYERS]
-    attribution = Attribution(layers)
-    sig = signature(gm)
+    facts = graph_facts(gm)
+    sig = facts.sig
     costs: dict[str, LayerCost] = {l.name: LayerCost() for l in layers.layers}
     dims = {l.name: l.dims for l in layers.by_kind("experts")}
     costs[OUTPUT] = LayerCost()
@@ -147,12 +147,7 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
 
     def size(kind: str, n: fx.Node) -> int:
         return precision.nbytes(kind, n.meta["val"].element_size())
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        owner = attribution.layer_of(node)
-        if owner is None:
-            continue
+    for node, owner in facts.costed:  # the ops below that can cost anything (the rest add 0 FLOPs)
         c = costs[owner]
         c.flops += op_flops(node, mesh)
         if node.target in MATMULS:
@@ -174,14 +169,14 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
         if node.target is aten.index_copy.default and node.args[0].op == "placeholder" and node.args[0].name in io_inputs:
             cache = node.args[0]  # the step reads the whole cache it attends over
             c.kv_bytes += _local_numel(cache, cache.meta[LAYOUT], mesh) * size("kv", cache)
-    fusions = plan_fusions(gm, conversions)
+    owners = [facts.owner(conv.src, conv.first_consumer) for conv in conversions]
+    fusions = plan_fusions(gm, conversions, owners=owners, positions=facts.positions)
     riders = {id(c) for f in fusions for c in f.members[1:]}
     fused = {id(c) for f in fusions for c in f.members}
     looped = looped_steps(conversions, mesh, fused) if loop and precision.weights != "int8" else {}
-    beside = _beside_ffn(gm, layers, attribution)
+    beside = facts.beside
     branch: dict[str, list[Comm]] = {}  # a parallel block's attention → its collectives its feed-forward runs beside
-    for conv in conversions:
-        owner = attribution.owner(conv.src, conv.first_consumer)
+    for conv, owner in zip(conversions, owners):
         is_weight = conv.src.op == "placeholder" and conv.src.name in sig.params
         itemsize = size("weights" if is_weight else "activations", conv.src)
         load = 1.0
@@ -204,6 +199,55 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
         if comms and not any(c.weight and c.step.communicates for c in ffn.comm):
             costs[attn].branches.append(Branch(tuple(comms), ffn, beside[attn][0]))
     return costs
+
+
+class GraphFacts:
+    """What costing reads off a graph that no choice of layouts changes: the ops that can cost anything
+    (matmuls, attention cores, experts, KV-cache updates) with their layers, the parallel blocks' ops that
+    run beside their feed-forwards, node positions, and the layer each (source, first consumer) pair of a
+    conversion is accounted to (remembered as asked). The planner costs hundreds of candidates on one
+    prototype graph; `graph_facts` keeps these on it while its nodes and their arguments stay the same
+    objects (inserting collectives, or rewiring a node, makes new ones)."""
+
+    def __init__(self, gm: fx.GraphModule, nodes: tuple[fx.Node, ...]):
+        self.nodes, self.args = nodes, tuple(n.args for n in nodes)
+        self.layers, self.sig = gm.meta[LAYERS], signature(gm)
+        self.attribution = Attribution(self.layers)
+        self.positions = {n: i for i, n in enumerate(nodes)}
+        self.costed = [(n, owner) for n in nodes if n.op == "call_function" and _may_cost(n)
+                       and (owner := self.attribution.layer_of(n)) is not None]
+        self.beside = _beside_ffn(gm, self.layers, self.attribution)
+        self._owners: dict[tuple[fx.Node, fx.Node], str] = {}
+
+    def owner(self, src: fx.Node, consumer: fx.Node) -> str:
+        """`Attribution.owner` of a conversion from `src` first read by `consumer` (remembered)."""
+        key = (src, consumer)
+        got = self._owners.get(key)
+        if got is None:
+            got = self._owners[key] = self.attribution.owner(src, consumer)
+        return got
+
+    def holds(self, gm: fx.GraphModule, nodes: tuple[fx.Node, ...]) -> bool:
+        return (nodes == self.nodes and gm.meta[LAYERS] is self.layers and signature(gm) is self.sig
+                and all(n.args is a for n, a in zip(nodes, self.args)))
+
+
+_FACTS = "_shardwise_graph_facts"
+
+
+def graph_facts(gm: fx.GraphModule) -> GraphFacts:
+    """The graph's `GraphFacts`, made again when its nodes, their arguments, layers or signature changed."""
+    nodes = tuple(gm.graph.nodes)
+    facts = gm.__dict__.get(_FACTS)
+    if facts is None or not facts.holds(gm, nodes):
+        facts = gm.__dict__[_FACTS] = GraphFacts(gm, nodes)
+    return facts
+
+
+def _may_cost(node: fx.Node) -> bool:
+    """Whether layer_costs can charge `node` anything: FLOPs (`op_flops`), weight or KV-cache bytes."""
+    return (node.target in MATMULS or is_grouped_mm(node) or is_experts_ffn(node)
+            or node.target is aten.scaled_dot_product_attention.default or node.target is aten.index_copy.default)
 
 
 def _beside_ffn(gm: fx.GraphModule, layers: Layers, attribution: Attribution) -> dict[str, tuple[str, set[fx.Node]]]:
