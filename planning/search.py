@@ -132,7 +132,7 @@ def plan_mesh(proto: fx.GraphModule, mesh: Mesh, *, hw: Hardware, precision: Pre
         raise PlanError(_no_plan_message(cands, mesh))
     layers: Layers = proto.meta[LAYERS]
     shape = (layers.dims.get("B", 1), layers.dims.get("L", 1), layers.dims.get("E", 1))
-    blocks, total, trans = _chain(ok, n_blocks, mesh, shape, hw, precision, residual_itemsize(proto))
+    blocks, total, trans = _chain(ok, n_blocks, mesh, shape, hw, precision, residual_itemsize(proto), cache=cache)
     return Choice(mesh, blocks, total, cands, trans)
 
 
@@ -191,9 +191,10 @@ def residual_itemsize(proto: fx.GraphModule) -> int:
 
 
 def _chain(ok: list[Candidate], n: int, mesh: Mesh, shape, hw, precision,
-           itemsize: int = 2) -> tuple[list[Candidate], float, list[float]]:
+           itemsize: int = 2, cache: dict | None = None) -> tuple[list[Candidate], float, list[float]]:
     """Dynamic programming over the blocks (a shortest path through blocks × candidates):
-    best[i][c] = cheapest way to end block i with candidate c; one vectorized step per block."""
+    best[i][c] = cheapest way to end block i with candidate c; one vectorized step per block.
+    `cache`: the search's, where transitions are remembered across meshes (`_transition`)."""
     import numpy as np
 
     S = len(ok)
@@ -213,11 +214,11 @@ def _chain(ok: list[Candidate], n: int, mesh: Mesh, shape, hw, precision,
     bound = emb.min() + tail.min() + (n - 1) * block.min() + block
     kept = [i for i in range(S) if not bound[i] > uniform[j] * (1 + 1e-9)]
     return _chain_dp([ok[i] for i in kept], n, mesh, shape, hw, precision, itemsize, block[kept], emb[kept],
-                     tail[kept])
+                     tail[kept], cache)
 
 
 def _chain_dp(ok: list[Candidate], n: int, mesh: Mesh, shape, hw, precision, itemsize: int, block, emb,
-              tail) -> tuple[list[Candidate], float, list[float]]:
+              tail, cache: dict | None = None) -> tuple[list[Candidate], float, list[float]]:
     import numpy as np
 
     S = len(ok)
@@ -225,7 +226,7 @@ def _chain_dp(ok: list[Candidate], n: int, mesh: Mesh, shape, hw, precision, ite
     res = [residual(c.member, mesh, len(shape)) for c in ok]
     kinds = list(dict.fromkeys(res))
     rep = {r: next(c.member for c, rc in zip(ok, res) if rc == r) for r in kinds}
-    t = {(a, b): transition(rep[a], rep[b], mesh, shape, hw, precision, itemsize) if a != b else 0.0
+    t = {(a, b): _transition(rep[a], rep[b], mesh, shape, hw, precision, itemsize, cache) if a != b else 0.0
          for a in kinds for b in kinds}
     trans = np.array([[t[(ra, rb)] for rb in res] for ra in res])
     best = emb + block
@@ -243,6 +244,20 @@ def _chain_dp(ok: list[Candidate], n: int, mesh: Mesh, shape, hw, precision, ite
     path.reverse()
     chosen = [ok[i] for i in path]
     return chosen, float(last[j]), [float(trans[a, b]) for a, b in zip(path, path[1:])]
+
+
+def _transition(a: Member, b: Member, mesh: Mesh, shape, hw: Hardware, precision: Precision, itemsize: int,
+                cache: dict | None) -> float:
+    """`transition`, remembered in the search's cache under the two members' `_canonical` keys: what
+    redistribute and the cost model do with the two residual layouts uses atom names only as labels
+    (the argument of `_canonical`), so meshes whose atoms line up alike share their transitions. Every
+    mesh of the search meets each pair of its residual layouts again."""
+    if cache is None:
+        return transition(a, b, mesh, shape, hw, precision, itemsize)
+    key = ("transition", _canonical(a, mesh, hw), _canonical(b, mesh, hw), tuple(shape), itemsize)
+    if key not in cache:
+        cache[key] = transition(a, b, mesh, shape, hw, precision, itemsize)
+    return cache[key]
 
 
 def _no_plan_message(cands: list[Candidate], mesh: Mesh) -> str:
