@@ -24,7 +24,15 @@ from ..passes.attribute import OUTPUT, Attribution
 from ..passes.collective_matmul import looped_steps
 from ..passes.find_layers import Layers, block_of
 from ..passes.fuse_collectives import plan_fusions
-from ..passes.graph_utils import MATMULS, expert_weight, is_experts_ffn, is_grouped_mm, routed_rows, signature
+from ..passes.graph_utils import (
+    MATMULS,
+    expert_weight,
+    is_experts_ffn,
+    is_grouped_mm,
+    routed_rows,
+    signature,
+    structure_fact,
+)
 from ..passes.insert_collectives import Conversion
 from ..passes.storage import stored_tensors
 from ..strategies.cost import Branch, Comm, LayerCost, Precision
@@ -202,15 +210,14 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
 
 
 class GraphFacts:
-    """What costing reads off a graph that no choice of layouts changes: the ops that can cost anything
-    (matmuls, attention cores, experts, KV-cache updates) with their layers, the parallel blocks' ops that
-    run beside their feed-forwards, node positions, and the layer each (source, first consumer) pair of a
-    conversion is accounted to (remembered as asked). The planner costs hundreds of candidates on one
-    prototype graph; `graph_facts` keeps these on it while its nodes and their arguments stay the same
-    objects (inserting collectives, or rewiring a node, makes new ones)."""
+    """What costing reads off a graph's structure alone: the ops that can cost anything (matmuls, attention
+    cores, experts, KV-cache updates) with their layers, the parallel blocks' ops that run beside their
+    feed-forwards, node positions, and the layer each (source, first consumer) pair of a conversion is
+    accounted to (remembered as asked). The planner costs hundreds of candidates on one prototype graph,
+    inside `fixed_structure`: there these are made once (`graph_facts`), elsewhere for every call."""
 
-    def __init__(self, gm: fx.GraphModule, nodes: tuple[fx.Node, ...]):
-        self.nodes, self.args = nodes, tuple(n.args for n in nodes)
+    def __init__(self, gm: fx.GraphModule):
+        nodes = list(gm.graph.nodes)
         self.layers, self.sig = gm.meta[LAYERS], signature(gm)
         self.attribution = Attribution(self.layers)
         self.positions = {n: i for i, n in enumerate(nodes)}
@@ -227,21 +234,9 @@ class GraphFacts:
             got = self._owners[key] = self.attribution.owner(src, consumer)
         return got
 
-    def holds(self, gm: fx.GraphModule, nodes: tuple[fx.Node, ...]) -> bool:
-        return (nodes == self.nodes and gm.meta[LAYERS] is self.layers and signature(gm) is self.sig
-                and all(n.args is a for n, a in zip(nodes, self.args)))
-
-
-_FACTS = "_shardwise_graph_facts"
-
 
 def graph_facts(gm: fx.GraphModule) -> GraphFacts:
-    """The graph's `GraphFacts`, made again when its nodes, their arguments, layers or signature changed."""
-    nodes = tuple(gm.graph.nodes)
-    facts = gm.__dict__.get(_FACTS)
-    if facts is None or not facts.holds(gm, nodes):
-        facts = gm.__dict__[_FACTS] = GraphFacts(gm, nodes)
-    return facts
+    return structure_fact(gm, "costing", GraphFacts)
 
 
 def _may_cost(node: fx.Node) -> bool:

@@ -33,6 +33,7 @@ from ..ir.mesh import Mesh
 from ..ir.meta import ATTENTION, LAYERS
 from ..passes.attribute import OUTPUT
 from ..passes.find_layers import Layers
+from ..passes.graph_utils import fixed_structure
 from ..strategies.cost import Comm, LayerCost, Precision
 from ..strategies.family import ATTENTION_MODES, Member, all_members, residual
 from ..strategies.redistribute import redistribute
@@ -103,6 +104,14 @@ def plan_mesh(proto: fx.GraphModule, mesh: Mesh, *, hw: Hardware, precision: Pre
               attention: tuple[str, ...] = ATTENTION_MODES, forced: dict[str, str] | None = None,
               cache: dict | None = None) -> Choice:
     """The best chain of candidates on one mesh."""
+    with fixed_structure(proto):  # only layouts change while candidates are costed
+        return _plan_mesh(proto, mesh, hw=hw, precision=precision, n_blocks=n_blocks, overlap=overlap, loop=loop,
+                          members=members, attention=attention, forced=forced, cache=cache)
+
+
+def _plan_mesh(proto: fx.GraphModule, mesh: Mesh, *, hw: Hardware, precision: Precision, n_blocks: int,
+               overlap: bool, loop: bool, members: list[Member] | None, attention: tuple[str, ...],
+               forced: dict[str, str] | None, cache: dict | None) -> Choice:
     forced = forced or {}
     members = members or all_members()
     cands: list[Candidate] = []
@@ -277,6 +286,12 @@ def search(proto: fx.GraphModule, meshes: list[Mesh], *, objective: str = "laten
     """The best plan over several meshes by `objective` (latency: seconds per step; cost: chip-seconds
     per step, which only differs from latency when meshes of different chip counts compete); also
     every mesh's result (or why it had none)."""
+    with fixed_structure(proto):  # one set of the graph's structural facts for every mesh and the head's split
+        return _search(proto, meshes, objective=objective, **kw)
+
+
+def _search(proto: fx.GraphModule, meshes: list[Mesh], *, objective: str,
+            **kw) -> tuple[Choice, list[tuple[Mesh, Choice | str]]]:
     cache: dict = {}
     results: list[tuple[Mesh, Choice | str]] = []
     # the search makes hundreds of thousands of small objects: while it runs, the cyclic collector leaves
