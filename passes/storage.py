@@ -17,7 +17,7 @@ from ..ir.mesh import Mesh
 from ..ir.meta import IO_LAYOUTS, LAYOUT
 from ..ir.plan import ReplicatedWeight
 from .find_layers import block_of
-from .graph_utils import signature
+from .graph_utils import signature, structure_fact
 
 
 @dataclass(frozen=True)
@@ -42,22 +42,31 @@ class Stored:
 def stored_tensors(gm: fx.GraphModule, mesh: Mesh | None = None) -> list[Stored]:
     """Every weight placeholder and every sharded program input, with its size on one rank of `mesh`
     under its planned layout (replicated when it has none; whole when `mesh` is None)."""
-    sig = signature(gm)
     io = gm.meta.get(IO_LAYOUTS, {})
+    out = []
+    for n, key, is_parameter, in_block, shape, numel, itemsize in structure_fact(gm, "placeholders", _placeholders):
+        if key is None and n.name not in io:
+            continue
+        layout = n.meta.get(LAYOUT) or Layout.replicated(len(shape))
+        local = math.prod(layout.local_shape(shape, mesh)) if mesh is not None else numel
+        factor = mesh.size // mesh.group_size(layout.used) if mesh is not None else 1
+        out.append(Stored(n, key, is_parameter, in_block, numel, local, itemsize, factor))
+    return out
+
+
+def _placeholders(gm: fx.GraphModule) -> list[tuple]:
+    """(node, state key or None, is a parameter, in a block, shape, numel, itemsize) of every tensor
+    placeholder: what `stored_tensors` reads that no layout changes."""
+    sig = signature(gm)
     out = []
     for n in gm.graph.nodes:
         if n.op != "placeholder" or not isinstance(n.meta.get("val"), torch.Tensor):
             continue
         key = sig.params.get(n.name)
-        if key is None and n.name not in io:
-            continue
         v = n.meta["val"]
-        layout = n.meta.get(LAYOUT) or Layout.replicated(v.ndim)
-        local = math.prod(layout.local_shape(tuple(v.shape), mesh)) if mesh is not None else v.numel()
-        factor = mesh.size // mesh.group_size(layout.used) if mesh is not None else 1
         in_block = bool(n.users) and block_of(next(iter(n.users))) is not None
-        out.append(Stored(n, key, key is not None and key not in sig.buffers, in_block, v.numel(), local,
-                          v.element_size(), factor))
+        out.append((n, key, key is not None and key not in sig.buffers, in_block, tuple(v.shape), v.numel(),
+                    v.element_size()))
     return out
 
 
