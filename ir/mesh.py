@@ -62,6 +62,12 @@ class Mesh:
             for i, p in enumerate(primes):
                 atoms.append(Atom(axis if len(primes) == 1 else f"{axis}{i}", axis, p))
         object.__setattr__(self, "_atoms", tuple(atoms))
+        # a mesh is a key of every cache the planner keeps (rules, redistribution): its hash (the value a
+        # frozen dataclass's hash gives) made once
+        object.__setattr__(self, "_hash", hash((self.shape,)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     # ----------------------------------------------------------------------------------- parsing
     @classmethod
