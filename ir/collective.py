@@ -26,7 +26,7 @@ _SYMBOL = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Collective:
     kind: Kind
     atoms: tuple[str, ...]  # the group, in chunk order (major first)
@@ -38,6 +38,14 @@ class Collective:
     itemsize: int = 4
     group_size: int = 1
     axes: tuple[str, ...] = ()  # mesh axes whose links it uses
+
+    def __init__(self, kind: Kind, atoms: tuple[str, ...], src: Layout, dst: Layout, dim: int | None = None,
+                 dst_dim: int | None = None, elements: int = 0, itemsize: int = 4, group_size: int = 1,
+                 axes: tuple[str, ...] = ()) -> None:
+        # the fields written straight into the dict (a frozen dataclass's own __init__ sets each through
+        # object.__setattr__): the planner makes thousands per plan
+        self.__dict__.update(kind=kind, atoms=atoms, src=src, dst=dst, dim=dim, dst_dim=dst_dim, elements=elements,
+                             itemsize=itemsize, group_size=group_size, axes=axes)
 
     @property
     def communicates(self) -> bool:

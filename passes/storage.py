@@ -20,7 +20,7 @@ from .find_layers import block_of
 from .graph_utils import signature, structure_fact
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Stored:
     node: fx.Node
     key: str | None  # state key of a weight; None for a sharded program input (a KV cache)
@@ -30,6 +30,13 @@ class Stored:
     local_numel: int  # one rank's piece under the node's layout
     itemsize: int  # bytes per element as captured
     factor: int  # how many ranks hold each element (1: split over every chip)
+
+    def __init__(self, node: fx.Node, key: str | None, is_parameter: bool, in_block: bool, numel: int,
+                 local_numel: int, itemsize: int, factor: int) -> None:
+        # the fields written straight into the dict (a frozen dataclass's own __init__ sets each through
+        # object.__setattr__): the planner makes one per stored tensor of every candidate it costs
+        self.__dict__.update(node=node, key=key, is_parameter=is_parameter, in_block=in_block, numel=numel,
+                             local_numel=local_numel, itemsize=itemsize, factor=factor)
 
     @property
     def kind(self) -> str:

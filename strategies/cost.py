@@ -84,7 +84,7 @@ class Precision:
         return captured if name is None else DTYPE_BYTES[name]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Comm:
     step: Collective
     itemsize: int  # bytes per element in the planned precision
@@ -92,6 +92,12 @@ class Comm:
     fused: bool = False  # runs inside the collective of the Comm before it (fused): no fixed latency of its own
     load: float = 1.0  # the busiest chip's bytes over the charged ones (an uneven all-to-all: load imbalance)
     looped: bool = False  # run as a looped collective matmul: g − 1 ring steps, each beside a partial matmul
+
+    def __init__(self, step: Collective, itemsize: int, weight: bool = False, fused: bool = False, load: float = 1.0,
+                 looped: bool = False) -> None:
+        # the fields written straight into the dict (a frozen dataclass's own __init__ sets each through
+        # object.__setattr__): the planner makes one per collective of every candidate it costs
+        self.__dict__.update(step=step, itemsize=itemsize, weight=weight, fused=fused, load=load, looped=looped)
 
     def time(self, hw: Hardware) -> float:
         if self.looped:  # every ring step is a collective of its own: g − 1 fixed latencies, the same wire bytes
