@@ -53,7 +53,7 @@ def propagate(gm: fx.GraphModule, mesh: Mesh, *, check: bool = True) -> fx.Graph
     with the same rules, and validates the one it chooses when it records the plan."""
     io = gm.meta.get(IO_LAYOUTS, {})
     unknown: list[UnknownOp] = []
-    memo = None if check else gm.__dict__.setdefault(_MEMO, {})
+    memo = None if check else gm.__dict__.setdefault(_MEMO, {}).setdefault(mesh, {})
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             node.meta[LAYOUT] = _placeholder_layout(node, io)
@@ -88,12 +88,12 @@ def _placeholder_layout(node: fx.Node, io: dict) -> Layout | None:
 # The planner propagates hundreds of candidates through one prototype graph, and most nodes see the
 # same inputs under many of them: a rule's decision depends only on the node, the mesh, the layouts its
 # inputs are seen with, the node's `sw_attention` and `sw_dispatch` and its inputs' `sw_weight` (what
-# OpCall reads), so it is remembered per node under that key (only with check=False: a checked
+# OpCall reads), so it is remembered per mesh and node under that key (only with check=False: a checked
 # propagation recomputes), beside what does not change between candidates (the rule, the bound
 # arguments, which nodes feed which tensor argument: `_Static`). A remembered decision is found without
 # building the rule's view of the inputs (the dict of layouts an OpCall holds): the key is read straight
-# off the input nodes. The memo lives on the graph module itself (an attribute, not graph meta), and
-# goes with it.
+# off the input nodes. The memo (mesh → node → `_Static`) lives on the graph module itself (an
+# attribute, not graph meta), and goes with it.
 _MEMO = "_shardwise_propagate_memo"
 
 
@@ -114,7 +114,8 @@ class _Static:
         # with the fixed structure of `tensors`, their layouts say as much as the OpCall's dict of them
         self.sources = tuple(n if isinstance(n, fx.Node) else None
                              for v in self.tensors.values() for n in (v if isinstance(v, list) else (v,)))
-        self.decisions: dict[tuple, Decision] = {}
+        # key → (decision, whether its inputs hold a list: the copy `_record` makes)
+        self.decisions: dict[tuple, tuple[Decision, bool]] = {}
 
 
 def _propagate_call(node: fx.Node, mesh: Mesh, unknown: list[UnknownOp], check: bool = True,
@@ -132,14 +133,19 @@ def _propagate_call(node: fx.Node, mesh: Mesh, unknown: list[UnknownOp], check: 
     rule, args, tensors = static.rule, static.bound, static.tensors
     key = None
     if memo is not None and rule is not None:
-        # what the rule reads (OpCall): the mesh, its inputs' layouts (as `seen` gives them), its
-        # `sw_attention` and `sw_dispatch`, and its inputs' `sw_weight`
+        # what the rule reads (OpCall) but the mesh (the memo's): its inputs' layouts (as `seen` gives
+        # them), its `sw_attention` and `sw_dispatch`, and its inputs' `sw_weight`
         meta = node.meta
-        key = (mesh, tuple(None if n is None else (n.meta.get(ANCHOR) or n.meta.get(LAYOUT)) for n in static.sources),
+        key = (tuple(None if n is None else (n.meta.get(ANCHOR) or n.meta.get(LAYOUT)) for n in static.sources),
                meta.get(ATTENTION), meta.get(DISPATCH), tuple(n.meta.get(WEIGHT) for n in static.inputs))
-        decision = static.decisions.get(key)
-        if decision is not None:
-            _record(node, decision)
+        found = static.decisions.get(key)
+        if found is not None:
+            decision, lists = found
+            meta[LAYOUT] = decision.output
+            # a copy: a remembered decision is shared by every candidate that meets it
+            meta[IN_LAYOUTS] = _copy(decision.inputs) if lists else decision.inputs.copy()
+            if decision.note:
+                meta[NOTE] = decision.note
             return
     layouts = {
         k: [seen(n) if isinstance(n, fx.Node) else None for n in v] if isinstance(v, list) else seen(v)
@@ -158,16 +164,19 @@ def _propagate_call(node: fx.Node, mesh: Mesh, unknown: list[UnknownOp], check: 
     if check:
         _check(node, call, decision, mesh)
     if key is not None:
-        static.decisions[key] = decision
+        static.decisions[key] = (decision, any(isinstance(v, list) for v in decision.inputs.values()))
     _record(node, decision)
 
 
 def _record(node: fx.Node, decision: Decision) -> None:
     node.meta[LAYOUT] = decision.output
-    # a copy: a remembered decision is shared by every candidate that meets it
-    node.meta[IN_LAYOUTS] = {k: list(v) if isinstance(v, list) else v for k, v in decision.inputs.items()}
+    node.meta[IN_LAYOUTS] = _copy(decision.inputs)  # (a decision may be remembered: shared)
     if decision.note:
         node.meta[NOTE] = decision.note
+
+
+def _copy(inputs: dict) -> dict:
+    return {k: list(v) if isinstance(v, list) else v for k, v in inputs.items()}
 
 
 def _replicated(call: OpCall) -> Decision:
