@@ -33,6 +33,17 @@ class WeightSpec:
     in_use: Layout
     fixed: bool = True  # False: the weight may adopt whatever layout its use needs (a free local slice)
 
+    def __hash__(self) -> int:  # the frozen dataclass's value, made once (a key of propagate's memo)
+        try:
+            return self.__dict__["_hash"]
+        except KeyError:
+            h = hash((self.at_rest, self.in_use, self.fixed))
+            object.__setattr__(self, "_hash", h)
+            return h
+
+    def __reduce__(self):  # the fields only: a string's hash differs between processes
+        return type(self), (self.at_rest, self.in_use, self.fixed)
+
 
 @dataclass(frozen=True)
 class AttentionSpec:
