@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.fx as fx
@@ -55,10 +56,16 @@ def stored_tensors(gm: fx.GraphModule, mesh: Mesh | None = None) -> list[Stored]
         if key is None and n.name not in io:
             continue
         layout = n.meta.get(LAYOUT) or Layout.replicated(len(shape))
-        local = math.prod(layout.local_shape(shape, mesh)) if mesh is not None else numel
-        factor = mesh.size // mesh.group_size(layout.used) if mesh is not None else 1
+        local, factor = _split(layout, shape, mesh) if mesh is not None else (numel, 1)
         out.append(Stored(n, key, is_parameter, in_block, numel, local, itemsize, factor))
     return out
+
+
+@lru_cache(maxsize=1 << 14)
+def _split(layout: Layout, shape: tuple[int, ...], mesh: Mesh) -> tuple[int, int]:
+    """(elements one rank holds, how many ranks hold each element) of a tensor of `shape` in `layout`
+    (remembered: the planner asks it for every stored tensor of every candidate)."""
+    return math.prod(layout.local_shape(shape, mesh)), mesh.size // mesh.group_size(layout.used)
 
 
 def _placeholders(gm: fx.GraphModule) -> list[tuple]:
