@@ -99,14 +99,15 @@ def plan_conversions(gm: fx.GraphModule, mesh: Mesh) -> list[Conversion]:
             for idx, src in positions.get(name, ()):
                 want = req[name][idx] if idx is not None else req[name]
                 have = src.meta.get(LAYOUT)
-                if want is None or have is None or want == have:
+                if want is None or have is None or want is have or want == have:
                     continue
                 key = (src.name, want)
-                if key not in made:
+                conversion = made.get(key)
+                if conversion is None:
                     val = src.meta["val"]
                     steps = redistribute(have, want, tuple(val.shape), mesh, itemsize=val.element_size())
-                    made[key] = Conversion(src, want, steps)
-                made[key].uses.append((node, name, idx))
+                    conversion = made[key] = Conversion(src, want, steps)
+                conversion.uses.append((node, name, idx))
     return list(made.values()) + [_dispatch(n, mesh) for n in gm.graph.nodes if n.meta.get(DISPATCH)]
 
 
