@@ -136,8 +136,8 @@ def _propagate_call(node: fx.Node, mesh: Mesh, unknown: list[UnknownOp], check: 
         # what the rule reads (OpCall) but the mesh (the memo's): its inputs' layouts (as `seen` gives
         # them), its `sw_attention` and `sw_dispatch`, and its inputs' `sw_weight`
         meta = node.meta
-        key = (tuple(None if n is None else (n.meta.get(ANCHOR) or n.meta.get(LAYOUT)) for n in static.sources),
-               meta.get(ATTENTION), meta.get(DISPATCH), tuple(n.meta.get(WEIGHT) for n in static.inputs))
+        key = (tuple([None if n is None else (n.meta.get(ANCHOR) or n.meta.get(LAYOUT)) for n in static.sources]),
+               meta.get(ATTENTION), meta.get(DISPATCH), tuple([n.meta.get(WEIGHT) for n in static.inputs]))
         found = static.decisions.get(key)
         if found is not None:
             decision, lists = found
