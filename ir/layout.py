@@ -8,6 +8,7 @@ An atom shards at most one dim and is never both sharding and partial.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 from ..errors import LayoutError
@@ -55,7 +56,7 @@ class Layout:
     # ---------------------------------------------------------------------------- constructors
     @classmethod
     def replicated(cls, ndim: int) -> "Layout":
-        return cls(((),) * ndim)
+        return _replicated(cls, ndim)
 
     @classmethod
     def sharded(cls, ndim: int, dim: int, atoms: Sequence[str]) -> "Layout":
@@ -133,3 +134,9 @@ class Layout:
 
     def __str__(self) -> str:
         return self.notation()
+
+
+@lru_cache(maxsize=64)
+def _replicated(cls: type, ndim: int) -> Layout:
+    """One replicated layout per rank (a layout never changes; every candidate's placeholders ask for them)."""
+    return cls(((),) * ndim)
