@@ -47,6 +47,19 @@ class Collective:
         self.__dict__.update(kind=kind, atoms=atoms, src=src, dst=dst, dim=dim, dst_dim=dst_dim, elements=elements,
                              itemsize=itemsize, group_size=group_size, axes=axes)
 
+    def __hash__(self) -> int:  # the frozen dataclass's value, made once (fusion groups are keyed by steps)
+        try:
+            return self.__dict__["_hash"]
+        except KeyError:
+            h = hash((self.kind, self.atoms, self.src, self.dst, self.dim, self.dst_dim, self.elements, self.itemsize,
+                      self.group_size, self.axes))
+            object.__setattr__(self, "_hash", h)
+            return h
+
+    def __reduce__(self):  # the fields only: a string's hash differs between processes
+        return type(self), (self.kind, self.atoms, self.src, self.dst, self.dim, self.dst_dim, self.elements,
+                            self.itemsize, self.group_size, self.axes)
+
     @property
     def communicates(self) -> bool:
         return self.kind in COMMUNICATING
