@@ -230,7 +230,6 @@ def _chain_dp(ok: list[Candidate], n: int, mesh: Mesh, shape, hw, precision, ite
               tail, cache: dict | None = None) -> tuple[list[Candidate], float, list[float]]:
     import numpy as np
 
-    S = len(ok)
     # a transition depends only on the two residual layouts, of which there are far fewer than candidates
     res = [residual(c.member, mesh, len(shape)) for c in ok]
     kinds = list(dict.fromkeys(res))
@@ -242,9 +241,8 @@ def _chain_dp(ok: list[Candidate], n: int, mesh: Mesh, shape, hw, precision, ite
     back = []
     for _ in range(1, n):
         through = best[:, None] + trans  # [from, to]
-        arg = through.argmin(axis=0)
-        best = through[arg, np.arange(S)] + block
-        back.append(arg)
+        back.append(through.argmin(axis=0))
+        best = through.min(axis=0) + block  # (the values at the argmins)
     last = best + tail
     j = int(last.argmin())
     path = [j]
