@@ -232,6 +232,8 @@ def broadcast_map(in_shape: Sequence[int], out_shape: Sequence[int]) -> list[int
 
 def project(out_layout: Layout, in_shape: Sequence[int], out_shape: Sequence[int], partial=frozenset()) -> Layout:
     """The layout an input of `in_shape` needs so that it broadcasts against an output in `out_layout`."""
+    if partial == out_layout.partial and tuple(in_shape) == tuple(out_shape):
+        return out_layout  # (what the rest would make again: the output's own dims and partial)
     dims = tuple(() if j is None else out_layout.dims[j] for j in broadcast_map(in_shape, out_shape))
     return Layout(dims, frozenset(partial))
 
