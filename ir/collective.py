@@ -44,8 +44,9 @@ class Collective:
                  axes: tuple[str, ...] = ()) -> None:
         # the fields written straight into the dict (a frozen dataclass's own __init__ sets each through
         # object.__setattr__): the planner makes thousands per plan
-        self.__dict__.update(kind=kind, atoms=atoms, src=src, dst=dst, dim=dim, dst_dim=dst_dim, elements=elements,
-                             itemsize=itemsize, group_size=group_size, axes=axes)
+        d = self.__dict__
+        d["kind"], d["atoms"], d["src"], d["dst"], d["dim"], d["dst_dim"] = kind, atoms, src, dst, dim, dst_dim
+        d["elements"], d["itemsize"], d["group_size"], d["axes"] = elements, itemsize, group_size, axes
 
     def __hash__(self) -> int:  # the frozen dataclass's value, made once (fusion groups are keyed by steps)
         try:

@@ -36,8 +36,9 @@ class Stored:
                  local_numel: int, itemsize: int, factor: int) -> None:
         # the fields written straight into the dict (a frozen dataclass's own __init__ sets each through
         # object.__setattr__): the planner makes one per stored tensor of every candidate it costs
-        self.__dict__.update(node=node, key=key, is_parameter=is_parameter, in_block=in_block, numel=numel,
-                             local_numel=local_numel, itemsize=itemsize, factor=factor)
+        d = self.__dict__
+        d["node"], d["key"], d["is_parameter"], d["in_block"] = node, key, is_parameter, in_block
+        d["numel"], d["local_numel"], d["itemsize"], d["factor"] = numel, local_numel, itemsize, factor
 
     @property
     def kind(self) -> str:

@@ -97,7 +97,8 @@ class Comm:
                  looped: bool = False) -> None:
         # the fields written straight into the dict (a frozen dataclass's own __init__ sets each through
         # object.__setattr__): the planner makes one per collective of every candidate it costs
-        self.__dict__.update(step=step, itemsize=itemsize, weight=weight, fused=fused, load=load, looped=looped)
+        d = self.__dict__
+        d["step"], d["itemsize"], d["weight"], d["fused"], d["load"], d["looped"] = step, itemsize, weight, fused, load, looped
 
     def time(self, hw: Hardware) -> float:
         if self.looped:  # every ring step is a collective of its own: g − 1 fixed latencies, the same wire bytes
