@@ -126,9 +126,10 @@ class LayerCost:
         """compute, memory, weight comm, activation comm, looped comm (seconds)."""
         compute = self.flops / (hw.peak_flops * hw.flops_efficiency) + self.calls * hw.call_overhead
         memory = (self.weight_bytes + self.kv_bytes) / (hw.hbm_bandwidth * hw.hbm_efficiency)
-        weight = sum((c.time(hw) for c in self.comm if c.weight and c.step.communicates), 0.0)
-        act = sum((c.time(hw) for c in self.comm if not c.weight and c.step.communicates), 0.0)
-        looped = sum((c.time(hw) for c in self.comm if c.looped), 0.0)  # activation comm beside partial matmuls
+        timed = [(c, c.time(hw)) for c in self.comm]  # (each priced once, summed in order as before)
+        weight = sum((t for c, t in timed if c.weight and c.step.communicates), 0.0)
+        act = sum((t for c, t in timed if not c.weight and c.step.communicates), 0.0)
+        looped = sum((t for c, t in timed if c.looped), 0.0)  # activation comm beside partial matmuls
         return compute, memory, weight, act, looped
 
     def spare(self, hw: Hardware) -> float:
