@@ -148,7 +148,15 @@ class Mesh:
         return size
 
     def mesh_order(self, atoms: Iterable[str]) -> tuple[str, ...]:
-        return tuple(sorted(atoms, key=lambda a: self._by_name[a][0]))
+        key = tuple(atoms)
+        got = self._orders.get(key)
+        if got is None:
+            got = self._orders[key] = tuple(sorted(key, key=lambda a: self._by_name[a][0]))
+        return got
+
+    @cached_property
+    def _orders(self) -> dict[tuple[str, ...], tuple[str, ...]]:
+        return {}
 
     def axes_of(self, atoms: Iterable[str]) -> tuple[str, ...]:
         """The axes an atom set touches, in mesh order (its collectives use those axes' links)."""
