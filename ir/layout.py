@@ -7,8 +7,9 @@ An atom shards at most one dim and is never both sharding and partial.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Sequence
 
 from ..errors import LayoutError
@@ -17,46 +18,54 @@ from .mesh import Mesh
 _DEFAULT_NAMES = "abcdefghijklmnop"
 
 
-@dataclass(frozen=True, init=False)
+@dataclass(frozen=True, init=False, eq=False)
 class Layout:
+    """Interned: making a layout equal to one that exists returns that one, so equal layouts are one object,
+    and equality and hashing are identity (object's own, in C). The planner makes, compares and hashes
+    tens of thousands of layouts per plan (keys of the rules' and redistribution's caches), a few thousand
+    distinct ones: looking one up costs a fifth of making and checking it, and a Python-level __eq__ or
+    __hash__ call was the most frequent call of the search. Layouts no one holds are forgotten (weak
+    references), and interning is atomic across threads. `used` (the atoms that shard a dim) is computed
+    once, with the check."""
+
     dims: tuple[tuple[str, ...], ...]
     partial: frozenset[str] = frozenset()
 
-    # The planner makes and compares tens of thousands of layouts per plan: `used` is computed once, with
-    # the check, and the hash on first use (a layout is a key of the rules' and redistribution's caches).
-    # The fields are written straight into the instance's dict (what a frozen dataclass's own __init__
-    # does through object.__setattr__, one call per field, which was most of making a layout).
-    def __init__(self, dims: tuple[tuple[str, ...], ...], partial: frozenset[str] = frozenset()) -> None:
+    def __new__(cls, dims: tuple[tuple[str, ...], ...], partial: frozenset[str] = frozenset()) -> "Layout":
+        key = (dims, partial)
+        try:
+            got = _INTERNED[key]()
+            if got is not None:
+                return got
+        except KeyError:
+            pass
+        except TypeError:  # given as lists or a set: the same layout as tuples and a frozenset
+            dims, partial = tuple(tuple(d) for d in dims), frozenset(partial)
+            key = (dims, partial)
+        self = object.__new__(cls)
         used = frozenset().union(*dims)
-        state = self.__dict__
+        state = self.__dict__  # (a frozen dataclass: its fields written straight into its dict)
         state["dims"], state["partial"], state["used"] = dims, partial, used
         if len(used) != sum(map(len, dims)):
             raise LayoutError(f"layout {self}: an atom shards two dims ({[a for d in dims for a in d]})")
         if partial and not partial.isdisjoint(used):
             raise LayoutError(f"layout {self}: atoms {sorted(partial & used)} are both sharding and partial")
+        with _LOCK:  # another thread may have made it meanwhile: theirs is the one
+            ref = _INTERNED.get(key)
+            got = ref() if ref is not None else None
+            if got is not None:
+                return got
+            ref = _INTERNED[key] = _Ref(self, _forget)
+            ref.key = key
+        return self
 
-    def __eq__(self, other: object) -> bool:
-        if self is other:
-            return True
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return self.dims == other.dims and self.partial == other.partial
-
-    def __hash__(self) -> int:
-        try:
-            return self.__dict__["_hash"]
-        except KeyError:
-            h = hash((self.dims, self.partial))
-            object.__setattr__(self, "_hash", h)
-            return h
-
-    def __reduce__(self):  # the fields only: a string's hash differs between processes
+    def __reduce__(self):  # the fields only: unpickled or copied, it is interned again
         return type(self), (self.dims, self.partial)
 
     # ---------------------------------------------------------------------------- constructors
     @classmethod
     def replicated(cls, ndim: int) -> "Layout":
-        return _replicated(cls, ndim)
+        return cls(((),) * ndim)
 
     @classmethod
     def sharded(cls, ndim: int, dim: int, atoms: Sequence[str]) -> "Layout":
@@ -136,7 +145,17 @@ class Layout:
         return self.notation()
 
 
-@lru_cache(maxsize=64)
-def _replicated(cls: type, ndim: int) -> Layout:
-    """One replicated layout per rank (a layout never changes; every candidate's placeholders ask for them)."""
-    return cls(((),) * ndim)
+class _Ref(weakref.ref):
+    """The table's reference to a layout, knowing its key (to forget it when the layout goes)."""
+
+    __slots__ = ("key",)
+
+
+_INTERNED: dict[tuple, _Ref] = {}  # (dims, partial) → the layout
+_LOCK = threading.RLock()  # (reentrant: a layout may go, and be forgotten, while its thread holds it)
+
+
+def _forget(ref: _Ref) -> None:
+    with _LOCK:
+        if _INTERNED.get(ref.key) is ref:  # (not a newer layout made under the same key)
+            del _INTERNED[ref.key]
