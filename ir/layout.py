@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import weakref
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 from ..errors import LayoutError
@@ -88,15 +89,11 @@ class Layout:
         return mesh.group_size(self.dims[dim])
 
     def local_shape(self, shape: Sequence[int], mesh: Mesh) -> tuple[int, ...]:
-        if len(shape) != len(self.dims):
-            self.check(shape, mesh)  # raises
-        out = []
-        for s, d in zip(shape, self.dims):
-            n = mesh.group_size(d) if d else 1
-            if s % n:
-                self.check(shape, mesh)  # raises
-            out.append(s // n)
-        return tuple(out)
+        shape = tuple(shape)
+        try:
+            return _local_shape(self, shape, mesh)
+        except TypeError:  # a size no one can hash (symbolic): worked out each time
+            return _local_shape.__wrapped__(self, shape, mesh)
 
     def divides(self, shape: Sequence[int], mesh: Mesh) -> bool:
         return len(shape) == self.ndim and all(s % mesh.group_size(d) == 0 for s, d in zip(shape, self.dims))
@@ -159,3 +156,18 @@ def _forget(ref: _Ref) -> None:
     with _LOCK:
         if _INTERNED.get(ref.key) is ref:  # (not a newer layout made under the same key)
             del _INTERNED[ref.key]
+
+
+@lru_cache(maxsize=1 << 16)
+def _local_shape(layout: Layout, shape: tuple[int, ...], mesh: Mesh) -> tuple[int, ...]:
+    """One rank's piece of a tensor of `shape` (remembered: the cost model asks it of every matmul, weight
+    and cache of every candidate); a LayoutError where the layout does not split the shape."""
+    if len(shape) != len(layout.dims):
+        layout.check(shape, mesh)  # raises
+    out = []
+    for s, d in zip(shape, layout.dims):
+        n = mesh.group_size(d) if d else 1
+        if s % n:
+            layout.check(shape, mesh)  # raises
+        out.append(s // n)
+    return tuple(out)
