@@ -43,7 +43,7 @@ class _State:
         self.local = local
 
     def layout(self) -> Layout:
-        return Layout(tuple(tuple(d) for d in self.dims), frozenset(self.partial))
+        return Layout(tuple(map(tuple, self.dims)), frozenset(self.partial))
 
     @property
     def used(self) -> set[str]:
@@ -66,9 +66,9 @@ def redistribute(
 def _redistribute(src: Layout, dst: Layout, shape: tuple[int, ...], mesh: Mesh, itemsize: int) -> tuple[Collective, ...]:
     if src == dst:
         return ()
-    src.check(shape, mesh)
+    local = src.local_shape(shape, mesh)  # (checks src against the shape)
     dst.check(shape, mesh)
-    state = _State(src, list(src.local_shape(shape, mesh)))
+    state = _State(src, list(local))
     steps: list[Collective] = []
     cur = src  # the state's layout: each step's target is the next one's source
     for _ in range(4 * (len(mesh.atoms) + 1) * (len(shape) + 1)):
