@@ -160,8 +160,16 @@ class Mesh:
 
     def axes_of(self, atoms: Iterable[str]) -> tuple[str, ...]:
         """The axes an atom set touches, in mesh order (its collectives use those axes' links)."""
-        touched = {self.atom(a).axis for a in atoms}
-        return tuple(ax for ax in AXES if ax in touched)
+        key = tuple(atoms)
+        got = self._axes.get(key)
+        if got is None:
+            touched = {self.atom(a).axis for a in key}
+            got = self._axes[key] = tuple(ax for ax in AXES if ax in touched)
+        return got
+
+    @cached_property
+    def _axes(self) -> dict[tuple[str, ...], tuple[str, ...]]:
+        return {}
 
     # ----------------------------------------------------------------------------------- ranks
     def coords(self, rank: int) -> dict[str, int]:
