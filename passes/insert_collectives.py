@@ -90,8 +90,12 @@ def plan_conversions(gm: fx.GraphModule, mesh: Mesh) -> list[Conversion]:
     """Every layout change the propagated graph needs, without touching it (the cost model reads this)."""
     made: dict[tuple[str, Layout], Conversion] = {}
     memo = gm.__dict__.setdefault(_ARGS, {})
+    dispatched = []  # moe_ffns with an all-to-all dispatch, in order
     for node in gm.graph.nodes:
-        req = node.meta.get(IN_LAYOUTS)
+        meta = node.meta
+        if meta.get(DISPATCH):
+            dispatched.append(node)
+        req = meta.get(IN_LAYOUTS)
         if not req:
             continue
         positions = _positions(node, memo)
@@ -108,7 +112,7 @@ def plan_conversions(gm: fx.GraphModule, mesh: Mesh) -> list[Conversion]:
                     steps = redistribute(have, want, tuple(val.shape), mesh, itemsize=val.element_size())
                     conversion = made[key] = Conversion(src, want, steps)
                 conversion.uses.append((node, name, idx))
-    return list(made.values()) + [_dispatch(n, mesh) for n in gm.graph.nodes if n.meta.get(DISPATCH)]
+    return list(made.values()) + [_dispatch(n, mesh) for n in dispatched]
 
 
 # The planner plans the conversions of hundreds of candidates on one prototype graph: where each
