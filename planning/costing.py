@@ -233,10 +233,11 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
 
 class GraphFacts:
     """What costing reads off a graph's structure alone: the ops that can cost anything (matmuls, attention
-    cores, experts, KV-cache updates) with their layers, kinds and the placeholders they read, the parallel blocks' ops that run beside their
-    feed-forwards, node positions, and the layer each (source, first consumer) pair of a conversion is
-    accounted to (remembered as asked). The planner costs hundreds of candidates on one prototype graph,
-    inside `fixed_structure`: there these are made once (`graph_facts`), elsewhere for every call."""
+    cores, experts, KV-cache updates) with their layers, kinds and the placeholders they read, the parallel
+    blocks' ops that run beside their feed-forwards, node positions, and the layer each (source, first
+    consumer) pair of a conversion is accounted to (remembered as asked). The planner costs hundreds of
+    candidates on one prototype graph, inside `fixed_structure`: there these are made once
+    (`graph_facts`), elsewhere for every call."""
 
     def __init__(self, gm: fx.GraphModule):
         nodes = list(gm.graph.nodes)

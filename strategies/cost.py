@@ -98,7 +98,8 @@ class Comm:
         # the fields written straight into the dict (a frozen dataclass's own __init__ sets each through
         # object.__setattr__): the planner makes one per collective of every candidate it costs
         d = self.__dict__
-        d["step"], d["itemsize"], d["weight"], d["fused"], d["load"], d["looped"] = step, itemsize, weight, fused, load, looped
+        d["step"], d["itemsize"], d["weight"] = step, itemsize, weight
+        d["fused"], d["load"], d["looped"] = fused, load, looped
 
     def time(self, hw: Hardware) -> float:
         if self.looped:  # every ring step is a collective of its own: g − 1 fixed latencies, the same wire bytes
