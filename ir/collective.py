@@ -57,7 +57,7 @@ class Collective:
             object.__setattr__(self, "_hash", h)
             return h
 
-    def __reduce__(self):  # the fields only: a string's hash differs between processes
+    def __reduce__(self):  # the fields only: hashes (of strings, of layouts) differ between processes
         return type(self), (self.kind, self.atoms, self.src, self.dst, self.dim, self.dst_dim, self.elements,
                             self.itemsize, self.group_size, self.axes)
 

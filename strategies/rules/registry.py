@@ -41,7 +41,7 @@ class WeightSpec:
             object.__setattr__(self, "_hash", h)
             return h
 
-    def __reduce__(self):  # the fields only: a string's hash differs between processes
+    def __reduce__(self):  # the fields only: hashes (of strings, of layouts) differ between processes
         return type(self), (self.at_rest, self.in_use, self.fixed)
 
 
