@@ -26,7 +26,7 @@ _SYMBOL = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Collective:
     kind: Kind
     atoms: tuple[str, ...]  # the group, in chunk order (major first)
@@ -38,6 +38,28 @@ class Collective:
     itemsize: int = 4
     group_size: int = 1
     axes: tuple[str, ...] = ()  # mesh axes whose links it uses
+
+    def __init__(self, kind: Kind, atoms: tuple[str, ...], src: Layout, dst: Layout, dim: int | None = None,
+                 dst_dim: int | None = None, elements: int = 0, itemsize: int = 4, group_size: int = 1,
+                 axes: tuple[str, ...] = ()) -> None:
+        # the fields written straight into the dict (a frozen dataclass's own __init__ sets each through
+        # object.__setattr__): the planner makes thousands per plan
+        d = self.__dict__
+        d["kind"], d["atoms"], d["src"], d["dst"], d["dim"], d["dst_dim"] = kind, atoms, src, dst, dim, dst_dim
+        d["elements"], d["itemsize"], d["group_size"], d["axes"] = elements, itemsize, group_size, axes
+
+    def __hash__(self) -> int:  # the frozen dataclass's value, made once (fusion groups are keyed by steps)
+        try:
+            return self.__dict__["_hash"]
+        except KeyError:
+            h = hash((self.kind, self.atoms, self.src, self.dst, self.dim, self.dst_dim, self.elements, self.itemsize,
+                      self.group_size, self.axes))
+            object.__setattr__(self, "_hash", h)
+            return h
+
+    def __reduce__(self):  # the fields only: hashes (of strings, of layouts) differ between processes
+        return type(self), (self.kind, self.atoms, self.src, self.dst, self.dim, self.dst_dim, self.elements,
+                            self.itemsize, self.group_size, self.axes)
 
     @property
     def communicates(self) -> bool:

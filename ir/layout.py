@@ -7,7 +7,10 @@ An atom shards at most one dim and is never both sharding and partial.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 from ..errors import LayoutError
@@ -16,37 +19,48 @@ from .mesh import Mesh
 _DEFAULT_NAMES = "abcdefghijklmnop"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False, eq=False)
 class Layout:
+    """Interned: making a layout equal to one that exists returns that one, so equal layouts are one object,
+    and equality and hashing are identity (object's own, in C). The planner makes, compares and hashes
+    tens of thousands of layouts per plan (keys of the rules' and redistribution's caches), a few thousand
+    distinct ones: looking one up costs a fifth of making and checking it, and a Python-level __eq__ or
+    __hash__ call was the most frequent call of the search. Layouts no one holds are forgotten (weak
+    references), and interning is atomic across threads. `used` (the atoms that shard a dim) is computed
+    once, with the check."""
+
     dims: tuple[tuple[str, ...], ...]
     partial: frozenset[str] = frozenset()
 
-    # The planner makes and compares tens of thousands of layouts per plan: `used` is computed once, with
-    # the check, and the hash on first use (a layout is a key of the rules' and redistribution's caches).
-    def __post_init__(self) -> None:
-        used = frozenset().union(*self.dims)
-        if len(used) != sum(map(len, self.dims)):
-            raise LayoutError(f"layout {self}: an atom shards two dims ({[a for d in self.dims for a in d]})")
-        if self.partial and not self.partial.isdisjoint(used):
-            raise LayoutError(f"layout {self}: atoms {sorted(self.partial & used)} are both sharding and partial")
-        object.__setattr__(self, "used", used)
-
-    def __eq__(self, other: object) -> bool:
-        if self is other:
-            return True
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return self.dims == other.dims and self.partial == other.partial
-
-    def __hash__(self) -> int:
+    def __new__(cls, dims: tuple[tuple[str, ...], ...], partial: frozenset[str] = frozenset()) -> "Layout":
+        key = (dims, partial)
         try:
-            return self.__dict__["_hash"]
+            got = _INTERNED[key]()
+            if got is not None:
+                return got
         except KeyError:
-            h = hash((self.dims, self.partial))
-            object.__setattr__(self, "_hash", h)
-            return h
+            pass
+        except TypeError:  # given as lists or a set: the same layout as tuples and a frozenset
+            dims, partial = tuple(tuple(d) for d in dims), frozenset(partial)
+            key = (dims, partial)
+        self = object.__new__(cls)
+        used = frozenset().union(*dims)
+        state = self.__dict__  # (a frozen dataclass: its fields written straight into its dict)
+        state["dims"], state["partial"], state["used"] = dims, partial, used
+        if len(used) != sum(map(len, dims)):
+            raise LayoutError(f"layout {self}: an atom shards two dims ({[a for d in dims for a in d]})")
+        if partial and not partial.isdisjoint(used):
+            raise LayoutError(f"layout {self}: atoms {sorted(partial & used)} are both sharding and partial")
+        with _LOCK:  # another thread may have made it meanwhile: theirs is the one
+            ref = _INTERNED.get(key)
+            got = ref() if ref is not None else None
+            if got is not None:
+                return got
+            ref = _INTERNED[key] = _Ref(self, _forget)
+            ref.key = key
+        return self
 
-    def __reduce__(self):  # the fields only: a string's hash differs between processes
+    def __reduce__(self):  # the fields only: unpickled or copied, it is interned again
         return type(self), (self.dims, self.partial)
 
     # ---------------------------------------------------------------------------- constructors
@@ -75,15 +89,11 @@ class Layout:
         return mesh.group_size(self.dims[dim])
 
     def local_shape(self, shape: Sequence[int], mesh: Mesh) -> tuple[int, ...]:
-        if len(shape) != len(self.dims):
-            self.check(shape, mesh)  # raises
-        out = []
-        for s, d in zip(shape, self.dims):
-            n = mesh.group_size(d) if d else 1
-            if s % n:
-                self.check(shape, mesh)  # raises
-            out.append(s // n)
-        return tuple(out)
+        shape = tuple(shape)
+        try:
+            return _local_shape(self, shape, mesh)
+        except TypeError:  # a size no one can hash (symbolic): worked out each time
+            return _local_shape.__wrapped__(self, shape, mesh)
 
     def divides(self, shape: Sequence[int], mesh: Mesh) -> bool:
         return len(shape) == self.ndim and all(s % mesh.group_size(d) == 0 for s, d in zip(shape, self.dims))
@@ -130,3 +140,34 @@ class Layout:
 
     def __str__(self) -> str:
         return self.notation()
+
+
+class _Ref(weakref.ref):
+    """The table's reference to a layout, knowing its key (to forget it when the layout goes)."""
+
+    __slots__ = ("key",)
+
+
+_INTERNED: dict[tuple, _Ref] = {}  # (dims, partial) → the layout
+_LOCK = threading.RLock()  # (reentrant: a layout may go, and be forgotten, while its thread holds it)
+
+
+def _forget(ref: _Ref) -> None:
+    with _LOCK:
+        if _INTERNED.get(ref.key) is ref:  # (not a newer layout made under the same key)
+            del _INTERNED[ref.key]
+
+
+@lru_cache(maxsize=1 << 16)
+def _local_shape(layout: Layout, shape: tuple[int, ...], mesh: Mesh) -> tuple[int, ...]:
+    """One rank's piece of a tensor of `shape` (remembered: the cost model asks it of every matmul, weight
+    and cache of every candidate); a LayoutError where the layout does not split the shape."""
+    if len(shape) != len(layout.dims):
+        layout.check(shape, mesh)  # raises
+    out = []
+    for s, d in zip(shape, layout.dims):
+        n = mesh.group_size(d) if d else 1
+        if s % n:
+            layout.check(shape, mesh)  # raises
+        out.append(s // n)
+    return tuple(out)

@@ -62,6 +62,12 @@ class Mesh:
             for i, p in enumerate(primes):
                 atoms.append(Atom(axis if len(primes) == 1 else f"{axis}{i}", axis, p))
         object.__setattr__(self, "_atoms", tuple(atoms))
+        # a mesh is a key of every cache the planner keeps (rules, redistribution): its hash (the value a
+        # frozen dataclass's hash gives) made once
+        object.__setattr__(self, "_hash", hash((self.shape,)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     # ----------------------------------------------------------------------------------- parsing
     @classmethod
@@ -142,12 +148,28 @@ class Mesh:
         return size
 
     def mesh_order(self, atoms: Iterable[str]) -> tuple[str, ...]:
-        return tuple(sorted(atoms, key=lambda a: self._by_name[a][0]))
+        key = tuple(atoms)
+        got = self._orders.get(key)
+        if got is None:
+            got = self._orders[key] = tuple(sorted(key, key=lambda a: self._by_name[a][0]))
+        return got
+
+    @cached_property
+    def _orders(self) -> dict[tuple[str, ...], tuple[str, ...]]:
+        return {}
 
     def axes_of(self, atoms: Iterable[str]) -> tuple[str, ...]:
         """The axes an atom set touches, in mesh order (its collectives use those axes' links)."""
-        touched = {self.atom(a).axis for a in atoms}
-        return tuple(ax for ax in AXES if ax in touched)
+        key = tuple(atoms)
+        got = self._axes.get(key)
+        if got is None:
+            touched = {self.atom(a).axis for a in key}
+            got = self._axes[key] = tuple(ax for ax in AXES if ax in touched)
+        return got
+
+    @cached_property
+    def _axes(self) -> dict[tuple[str, ...], tuple[str, ...]]:
+        return {}
 
     # ----------------------------------------------------------------------------------- ranks
     def coords(self, rank: int) -> dict[str, int]:

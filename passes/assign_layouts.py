@@ -31,7 +31,7 @@ from ..strategies.family import (
 from ..strategies.request import DEFAULTS
 from ..strategies.rules import WeightSpec, longest_dividing_prefix
 from .find_layers import Layer, Layers, block_of
-from .graph_utils import module_path, shape, signature
+from .graph_utils import module_path, shape, signature, structure_fact
 from .pipeline import graph_pass
 
 
@@ -45,11 +45,11 @@ class Assignment:
 @graph_pass(needs=(SIGNATURE, LAYERS), makes=(ASSIGNMENT, IO_LAYOUTS))
 def assign_layouts(gm: fx.GraphModule, mesh: Mesh, choices: dict[str, str]) -> fx.GraphModule:
     layers: Layers = gm.meta[LAYERS]
-    nodes = {n.name: n for n in gm.graph.nodes}
+    nodes = structure_fact(gm, "nodes by name", _by_name)
     members: dict[int, Member] = {}
     notes: dict[str, list[str]] = {}
     io = gm.meta.setdefault(IO_LAYOUTS, {})
-    caches = _cache_inputs(gm)
+    caches = structure_fact(gm, "cache inputs", _cache_inputs)
     for block in layers.blocks:
         owner = block.ffn or block.experts  # the layer whose choice names the block's member
         ffn_choice = choices.get(owner.name).partition(":")[0] if owner and choices.get(owner.name) else None
@@ -99,6 +99,10 @@ def assign_layouts(gm: fx.GraphModule, mesh: Mesh, choices: dict[str, str]) -> f
             x.meta[ANCHOR] = _token_rows(x, last, mesh, layer.name)
     gm.meta[ASSIGNMENT] = Assignment(resolved, members, notes)
     return gm
+
+
+def _by_name(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    return {n.name: n for n in gm.graph.nodes}
 
 
 # ------------------------------------------------------------------------------------ per layer
@@ -379,16 +383,19 @@ def _gather_free_weights(gm: fx.GraphModule, layers: Layers, members: dict[int, 
     member they are stored split over its batch atoms too (propagate adopts, then splits them)."""
     from ..ir.meta import GATHER
 
-    sig = signature(gm)
     index = {b.name: b.index for b in layers.blocks}
     last = members.get(len(layers.blocks) - 1)
-    for n in gm.graph.nodes:
-        if n.op != "placeholder" or n.name not in sig.params or sig.params[n.name] in sig.buffers:
-            continue
+    for n, block in structure_fact(gm, "parameters by block", _parameters):
         n.meta.pop(GATHER, None)
         if WEIGHT in n.meta or not n.users:
             continue
-        block = block_of(next(iter(n.users)))
         member = members.get(index[block]) if block in index else last
         if member is not None and member.batch:
             n.meta[GATHER] = member.atoms(mesh)[0]
+
+
+def _parameters(gm: fx.GraphModule) -> list[tuple[fx.Node, str | None]]:
+    """Every parameter placeholder (buffers aside) and the block of its first user (None: none)."""
+    sig = signature(gm)
+    return [(n, block_of(next(iter(n.users))) if n.users else None) for n in gm.graph.nodes
+            if n.op == "placeholder" and n.name in sig.params and sig.params[n.name] not in sig.buffers]

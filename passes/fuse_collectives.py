@@ -74,25 +74,30 @@ class Fusion:
         return self.members[0].steps[0]
 
 
-def plan_fusions(gm: fx.GraphModule, conversions: Sequence) -> list[Fusion]:
-    """The fusion groups (two members or more) among `conversions`, without touching the graph."""
+def plan_fusions(gm: fx.GraphModule, conversions: Sequence, *, owners: Sequence[str] | None = None,
+                 positions: dict[fx.Node, int] | None = None) -> list[Fusion]:
+    """The fusion groups (two members or more) among `conversions`, without touching the graph.
+    `owners` (the layer each conversion is accounted to) and `positions` (node → its index in the graph),
+    where the caller has them already: the cost model, which reads both for every candidate."""
     if not enabled() or LAYERS not in gm.meta or len(conversions) < 2:
         return []
-    attribution = Attribution(gm.meta[LAYERS])
-    pos = {n: i for i, n in enumerate(gm.graph.nodes)}
+    if owners is None:
+        attribution = Attribution(gm.meta[LAYERS])
+        owners = [attribution.owner(c.src, c.first_consumer) for c in conversions]
+    pos = positions if positions is not None else {n: i for i, n in enumerate(gm.graph.nodes)}
     uses: dict[fx.Node, list] = {}
     for c in conversions:
         for node, _, _ in c.uses:
             uses.setdefault(node, []).append(c)
 
     buckets: dict[tuple, list] = {}
-    for c in conversions:
+    for c, owner in zip(conversions, owners):
         if not c.steps or not c.steps[0].communicates or getattr(c, "inside", False):
             continue
         val = c.src.meta.get("val")
         if val is None:
             continue
-        key = (attribution.owner(c.src, c.first_consumer), c.steps[0], tuple(val.shape), val.dtype)
+        key = (owner, c.steps[0], tuple(val.shape), val.dtype)
         buckets.setdefault(key, []).append(c)
 
     out: list[Fusion] = []

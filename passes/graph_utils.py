@@ -4,9 +4,9 @@ nodes, module paths, signatures."""
 from __future__ import annotations
 
 import re
-
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -314,6 +314,37 @@ def module_path(node: fx.Node) -> str:
 def module_paths(node: fx.Node) -> list[str]:
     stack = node.meta.get("nn_module_stack") or {}
     return [v[0] for v in stack.values()]
+
+
+# ------------------------------------------------------------------------------------ a fixed structure
+# The planner applies hundreds of candidates to one prototype graph: it rewrites the layouts in its nodes'
+# meta, never its nodes or their arguments. For that while (`fixed_structure`), what the passes and the
+# cost model read off the structure alone (which nodes are weights, which ops can cost anything, ...) is
+# worked out once (`structure_fact`) and forgotten at the end; outside it, every caller works it out anew.
+_FIXED = "_shardwise_fixed_structure"
+
+
+@contextmanager
+def fixed_structure(gm: fx.GraphModule) -> Iterator[None]:
+    """Promise that, inside, nothing adds, removes or rewires a node of `gm` (only meta changes)."""
+    if _FIXED in gm.__dict__:  # nested: the outer one keeps the facts
+        yield
+        return
+    gm.__dict__[_FIXED] = {}
+    try:
+        yield
+    finally:
+        del gm.__dict__[_FIXED]
+
+
+def structure_fact(gm: fx.GraphModule, name: str, build: Callable[[fx.GraphModule], Any]) -> Any:
+    """`build(gm)`: a fact of the graph's structure alone, made once inside `fixed_structure`."""
+    facts = gm.__dict__.get(_FIXED)
+    if facts is None:
+        return build(gm)
+    if name not in facts:
+        facts[name] = build(gm)
+    return facts[name]
 
 
 def shape(node: fx.Node) -> tuple[int, ...]:

@@ -89,22 +89,47 @@ class Conversion:
 def plan_conversions(gm: fx.GraphModule, mesh: Mesh) -> list[Conversion]:
     """Every layout change the propagated graph needs, without touching it (the cost model reads this)."""
     made: dict[tuple[str, Layout], Conversion] = {}
+    memo = gm.__dict__.setdefault(_ARGS, {})
+    dispatched = []  # moe_ffns with an all-to-all dispatch, in order
     for node in gm.graph.nodes:
-        req = node.meta.get(IN_LAYOUTS)
+        meta = node.meta
+        if meta.get(DISPATCH):
+            dispatched.append(node)
+        req = meta.get(IN_LAYOUTS)
         if not req:
             continue
-        for name, idx, src in _tensor_args(node, req):
-            want = req[name][idx] if idx is not None else req[name]
-            have = src.meta.get(LAYOUT)
-            if want is None or have is None or want == have:
-                continue
-            key = (src.name, want)
-            if key not in made:
-                val = src.meta["val"]
-                steps = redistribute(have, want, tuple(val.shape), mesh, itemsize=val.element_size())
-                made[key] = Conversion(src, want, steps)
-            made[key].uses.append((node, name, idx))
-    return list(made.values()) + [_dispatch(n, mesh) for n in gm.graph.nodes if n.meta.get(DISPATCH)]
+        positions = _positions(node, memo)
+        for name in (("outputs",) if node.op == "output" else req):
+            for idx, src in positions.get(name, ()):
+                want = req[name][idx] if idx is not None else req[name]
+                have = src.meta.get(LAYOUT)
+                if want is None or have is None or want is have or want == have:
+                    continue
+                key = (src.name, want)
+                conversion = made.get(key)
+                if conversion is None:
+                    val = src.meta["val"]
+                    steps = redistribute(have, want, tuple(val.shape), mesh, itemsize=val.element_size())
+                    conversion = made[key] = Conversion(src, want, steps)
+                conversion.uses.append((node, name, idx))
+    return list(made.values()) + [_dispatch(n, mesh) for n in dispatched]
+
+
+# The planner plans the conversions of hundreds of candidates on one prototype graph: where each
+# argument's tensors sit (argument name → its (list index or None, source node) pairs) is the same for
+# all of them, so it is remembered per node while the node keeps its argument objects (a pass that
+# rewires a node replaces them), in a dict on the graph module (an attribute, like propagate's memo).
+_ARGS = "_shardwise_tensor_args"
+
+
+def _positions(node: fx.Node, memo: dict) -> dict[str, tuple[tuple[int | None, fx.Node], ...]]:
+    got = memo.get(node)
+    if got is None or got[0] is not node.args or got[1] is not node.kwargs:
+        positions: dict[str, list] = {}
+        for name, idx, src in _tensor_args(node):
+            positions.setdefault(name, []).append((idx, src))
+        got = memo[node] = (node.args, node.kwargs, {k: tuple(v) for k, v in positions.items()})
+    return got[2]
 
 
 def _dispatch(node: fx.Node, mesh: Mesh) -> Conversion:
@@ -196,15 +221,14 @@ def _insert_fused(gm: fx.GraphModule, f: Fusion, mesh: Mesh, owner: str | None) 
     return firsts
 
 
-def _tensor_args(node: fx.Node, req: dict):
+def _tensor_args(node: fx.Node):
+    """(argument name, list index or None, source) of every node among the arguments, in order."""
     if node.op == "output":
         for i, src in enumerate(node.args[0]):
             if isinstance(src, fx.Node):
                 yield "outputs", i, src
         return
-    args = bind(node)
-    for name in req:
-        v = args.get(name)
+    for name, v in bind(node).items():
         if isinstance(v, fx.Node):
             yield name, None, v
         elif isinstance(v, (list, tuple)):

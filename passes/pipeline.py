@@ -23,6 +23,7 @@ import torch.fx as fx
 
 from ..errors import ShardwiseError
 from ..ir.meta import Level, Scope, declared
+from .graph_utils import structure_fact
 
 
 @dataclass(frozen=True)
@@ -102,10 +103,16 @@ def _missing(gm: fx.GraphModule, keys: tuple[str, ...], *, check_types: bool = F
             elif check_types and not isinstance(gm.meta[name], _types(key.type)):
                 out.append(f"gm.meta[{name!r}] as {key.type} (found {type(gm.meta[name]).__name__})")
         elif key.scope is not Scope.SOME:
-            lacking = [n.name for n in gm.graph.nodes if _in_scope(n, key.scope) and name not in n.meta]
+            lacking = [n.name for n in _scope(gm, key.scope) if name not in n.meta]
             if lacking:
                 out.append(f"node.meta[{name!r}] on {', '.join(lacking[:3])}{' ...' if len(lacking) > 3 else ''}")
     return out
+
+
+def _scope(gm: fx.GraphModule, scope: Scope) -> list[fx.Node]:
+    """The nodes of `scope`, in order (a fact of the graph's structure: made once while the planner
+    costs candidates on it)."""
+    return structure_fact(gm, f"scope {scope.name}", lambda g: [n for n in g.graph.nodes if _in_scope(n, scope)])
 
 
 def _in_scope(n: fx.Node, scope: Scope) -> bool:

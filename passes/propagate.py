@@ -53,7 +53,7 @@ def propagate(gm: fx.GraphModule, mesh: Mesh, *, check: bool = True) -> fx.Graph
     with the same rules, and validates the one it chooses when it records the plan."""
     io = gm.meta.get(IO_LAYOUTS, {})
     unknown: list[UnknownOp] = []
-    memo = None if check else gm.__dict__.setdefault(_MEMO, {})
+    memo = None if check else gm.__dict__.setdefault(_MEMO, {}).setdefault(mesh, {})
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             node.meta[LAYOUT] = _placeholder_layout(node, io)
@@ -87,11 +87,35 @@ def _placeholder_layout(node: fx.Node, io: dict) -> Layout | None:
 
 # The planner propagates hundreds of candidates through one prototype graph, and most nodes see the
 # same inputs under many of them: a rule's decision depends only on the node, the mesh, the layouts its
-# inputs are seen with, the node's `sw_attention` and its inputs' `sw_weight` (what OpCall reads), so
-# it is remembered per graph under that key (only with check=False: a checked propagation recomputes),
-# with what does not change between candidates (the rule, the bound arguments) under the node itself.
-# The memo lives on the graph module itself (an attribute, not graph meta), and goes with it.
+# inputs are seen with, the node's `sw_attention` and `sw_dispatch` and its inputs' `sw_weight` (what
+# OpCall reads), so it is remembered per mesh and node under that key (only with check=False: a checked
+# propagation recomputes), beside what does not change between candidates (the rule, the bound
+# arguments, which nodes feed which tensor argument: `_Static`). A remembered decision is found without
+# building the rule's view of the inputs (the dict of layouts an OpCall holds): the key is read straight
+# off the input nodes. The memo (mesh → node → `_Static`) lives on the graph module itself (an
+# attribute, not graph meta), and goes with it.
 _MEMO = "_shardwise_propagate_memo"
+
+
+class _Static:
+    """What a call node's propagation reads that no choice of layouts changes, and its remembered
+    decisions. Valid while the node keeps its argument objects (a pass that rewires it replaces them)."""
+
+    __slots__ = ("args", "kwargs", "rule", "bound", "tensors", "inputs", "sources", "decisions")
+
+    def __init__(self, node: fx.Node):
+        self.args, self.kwargs = node.args, node.kwargs
+        is_op = isinstance(node.target, torch._ops.OpOverload)
+        self.rule = rule_for(node.target) if is_op else None
+        self.bound = bind(node) if is_op else {f"arg{i}": a for i, a in enumerate(node.args)} | dict(node.kwargs)
+        self.tensors = tensor_positions(self.bound)
+        self.inputs = tuple(v for v in self.bound.values() if isinstance(v, fx.Node))
+        # every tensor argument's node in order (a list argument's entries in place, None where no node):
+        # with the fixed structure of `tensors`, their layouts say as much as the OpCall's dict of them
+        self.sources = tuple(n if isinstance(n, fx.Node) else None
+                             for v in self.tensors.values() for n in (v if isinstance(v, list) else (v,)))
+        # key → (decision, whether its inputs hold a list: the copy `_record` makes)
+        self.decisions: dict[tuple, tuple[Decision, bool]] = {}
 
 
 def _propagate_call(node: fx.Node, mesh: Mesh, unknown: list[UnknownOp], check: bool = True,
@@ -102,32 +126,31 @@ def _propagate_call(node: fx.Node, mesh: Mesh, unknown: list[UnknownOp], check: 
         node.meta[IN_LAYOUTS] = {}
         return
     static = None if memo is None else memo.get(node)
-    if static is None or static[0] is not node.args or static[1] is not node.kwargs:
-        rule = rule_for(node.target) if isinstance(node.target, torch._ops.OpOverload) else None
-        if isinstance(node.target, torch._ops.OpOverload):
-            args = bind(node)
-        else:
-            args = {f"arg{i}": a for i, a in enumerate(node.args)} | dict(node.kwargs)
-        tensors = tensor_positions(args)
-        inputs = tuple(v for v in args.values() if isinstance(v, fx.Node))
-        static = (node.args, node.kwargs, rule, args, tensors, inputs)
+    if static is None or static.args is not node.args or static.kwargs is not node.kwargs:
+        static = _Static(node)
         if memo is not None:
             memo[node] = static
-    _, _, rule, args, tensors, inputs = static
+    rule, args, tensors = static.rule, static.bound, static.tensors
+    key = None
+    if memo is not None and rule is not None:
+        # what the rule reads (OpCall) but the mesh (the memo's): its inputs' layouts (as `seen` gives
+        # them), its `sw_attention` and `sw_dispatch`, and its inputs' `sw_weight`
+        meta = node.meta
+        key = (tuple([None if n is None else (n.meta.get(ANCHOR) or n.meta.get(LAYOUT)) for n in static.sources]),
+               meta.get(ATTENTION), meta.get(DISPATCH), tuple([n.meta.get(WEIGHT) for n in static.inputs]))
+        found = static.decisions.get(key)
+        if found is not None:
+            decision, lists = found
+            meta[LAYOUT] = decision.output
+            # a copy: a remembered decision is shared by every candidate that meets it
+            meta[IN_LAYOUTS] = _copy(decision.inputs) if lists else decision.inputs.copy()
+            if decision.note:
+                meta[NOTE] = decision.note
+            return
     layouts = {
         k: [seen(n) if isinstance(n, fx.Node) else None for n in v] if isinstance(v, list) else seen(v)
         for k, v in tensors.items()
     }
-    key = None
-    if memo is not None and rule is not None:
-        # what the rule reads (OpCall): the node, the mesh, its inputs' layouts, its `sw_attention` and
-        # `sw_dispatch`, and its inputs' `sw_weight`
-        key = (node, mesh, tuple(tuple(v) if isinstance(v, list) else v for v in layouts.values()),
-               node.meta.get(ATTENTION), node.meta.get(DISPATCH), tuple(n.meta.get(WEIGHT) for n in inputs))
-        decision = memo.get(key)
-        if decision is not None:
-            _record(node, decision)
-            return
     call = OpCall(node, mesh, args, layouts)
     if rule is None:
         decision = _replicated(call)
@@ -141,16 +164,19 @@ def _propagate_call(node: fx.Node, mesh: Mesh, unknown: list[UnknownOp], check: 
     if check:
         _check(node, call, decision, mesh)
     if key is not None:
-        memo[key] = decision
+        static.decisions[key] = (decision, any(isinstance(v, list) for v in decision.inputs.values()))
     _record(node, decision)
 
 
 def _record(node: fx.Node, decision: Decision) -> None:
     node.meta[LAYOUT] = decision.output
-    # a copy: a remembered decision is shared by every candidate that meets it
-    node.meta[IN_LAYOUTS] = {k: list(v) if isinstance(v, list) else v for k, v in decision.inputs.items()}
+    node.meta[IN_LAYOUTS] = _copy(decision.inputs)  # (a decision may be remembered: shared)
     if decision.note:
         node.meta[NOTE] = decision.note
+
+
+def _copy(inputs: dict) -> dict:
+    return {k: list(v) if isinstance(v, list) else v for k, v in inputs.items()}
 
 
 def _replicated(call: OpCall) -> Decision:

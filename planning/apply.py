@@ -46,8 +46,10 @@ def choices_for(layers: Layers, chosen: list[Candidate], forced: dict[str, str])
 def reset(gm: fx.GraphModule) -> None:
     """Forget the previous choice's decisions (a prototype graph is reused for every candidate)."""
     for n in gm.graph.nodes:
+        meta = n.meta
         for k in _NODE_KEYS:
-            n.meta.pop(k, None)
+            if k in meta:  # (most are not there: cheaper than pop(k, None) for each)
+                del meta[k]
     for k in _GRAPH_KEYS:
         gm.meta.pop(k, None)
 

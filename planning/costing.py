@@ -24,7 +24,15 @@ from ..passes.attribute import OUTPUT, Attribution
 from ..passes.collective_matmul import looped_steps
 from ..passes.find_layers import Layers, block_of
 from ..passes.fuse_collectives import plan_fusions
-from ..passes.graph_utils import MATMULS, expert_weight, is_experts_ffn, is_grouped_mm, routed_rows, signature
+from ..passes.graph_utils import (
+    MATMULS,
+    expert_weight,
+    is_experts_ffn,
+    is_grouped_mm,
+    routed_rows,
+    signature,
+    structure_fact,
+)
 from ..passes.insert_collectives import Conversion
 from ..passes.storage import stored_tensors
 from ..strategies.cost import Branch, Comm, LayerCost, Precision
@@ -36,21 +44,44 @@ def _local_numel(node: fx.Node, layout: Layout, mesh: Mesh) -> int:
     return math.prod(layout.local_shape(tuple(node.meta["val"].shape), mesh))
 
 
-def op_flops(node: fx.Node, mesh: Mesh) -> float:
-    """FLOPs one chip spends on `node` (matmuls and attention; pointwise work is neglected)."""
+def op_kind(node: fx.Node) -> str | None:
+    """What the cost model may charge `node` for: "matmul", "grouped" (a grouped matmul), "experts" (a fused
+    experts op), "attention" (an attention core), "cache" (a KV-cache update), else None (nothing)."""
+    if node.op != "call_function":
+        return None
     if node.target in MATMULS:
+        return "matmul"
+    if is_grouped_mm(node):
+        return "grouped"
+    if is_experts_ffn(node):
+        return "experts"
+    if node.target is aten.scaled_dot_product_attention.default:
+        return "attention"
+    if node.target is aten.index_copy.default:
+        return "cache"
+    return None
+
+
+_KIND = object()  # op_flops: the kind not given
+
+
+def op_flops(node: fx.Node, mesh: Mesh, kind: str | None = _KIND) -> float:
+    """FLOPs one chip spends on `node` (matmuls and attention; pointwise work is neglected). `kind`:
+    `op_kind(node)`, where the caller knows it."""
+    kind = op_kind(node) if kind is _KIND else kind
+    if kind == "matmul":
         m = MATMULS[node.target]
         x = node.args[m.x]
         k_local = node.meta[IN_LAYOUTS][m.x_name].local_shape(tuple(x.meta["val"].shape), mesh)[-1]
         return 2.0 * _local_numel(node, node.meta[LAYOUT], mesh) * k_local
-    if is_grouped_mm(node):  # the routed tokens (B·L·top-k rows) through their experts: top-k experts per token
+    if kind == "grouped":  # the routed tokens (B·L·top-k rows) through their experts: top-k experts per token
         x = node.args[0]
         name = node.target._schema.arguments[0].name
         k_local = node.meta[IN_LAYOUTS][name].local_shape(tuple(x.meta["val"].shape), mesh)[-1]
         return 2.0 * _local_numel(node, node.meta[LAYOUT], mesh) * k_local
-    if is_experts_ffn(node):
+    if kind == "experts":
         return experts_flops(node, mesh)[1]
-    if node.target is aten.scaled_dot_product_attention.default:
+    if kind == "attention":
         q, k = node.args[0], node.args[1]
         B, H, Lq, D = node.meta[IN_LAYOUTS]["query"].local_shape(tuple(q.meta["val"].shape), mesh)
         Lk = k.meta["val"].shape[2]
@@ -138,50 +169,44 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
     `loop`: the program runs looped collective matmuls (passes/collective_matmul.py; not over int8
     matmuls): the collectives it loops are priced as such."""
     layers = gm.meta[LAYERS]
-    attribution = Attribution(layers)
-    sig = signature(gm)
+    facts = graph_facts(gm)
+    sig = facts.sig
     costs: dict[str, LayerCost] = {l.name: LayerCost() for l in layers.layers}
     dims = {l.name: l.dims for l in layers.by_kind("experts")}
     costs[OUTPUT] = LayerCost()
-    io_inputs = set(sig.inputs)
 
     def size(kind: str, n: fx.Node) -> int:
         return precision.nbytes(kind, n.meta["val"].element_size())
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        owner = attribution.layer_of(node)
-        if owner is None:
-            continue
+    # the ops that can cost anything, each with its layer, `op_kind` and the weight or cache it reads
+    # (the rest add 0 FLOPs and no bytes)
+    for node, owner, kind, read in facts.costed:
         c = costs[owner]
-        c.flops += op_flops(node, mesh)
-        if node.target in MATMULS:
-            m = MATMULS[node.target]
-            w = node.args[m.w]
-            if w.op == "placeholder" and w.name in sig.params:
-                c.weight_bytes += _local_numel(w, node.meta[IN_LAYOUTS][m.w_name], mesh) * size("weights", w)
-        if is_experts_ffn(node) or is_grouped_mm(node):
+        if kind != "cache":
+            c.flops += op_flops(node, mesh, kind)
+        if kind == "matmul" and read is not None:  # its weight, a parameter
+            c.weight_bytes += _local_numel(read, node.meta[IN_LAYOUTS][MATMULS[node.target].w_name], mesh) * size(
+                "weights", read)
+        if kind in ("experts", "grouped"):
             # a step reads the experts its tokens touch (the busiest chip's): its local slice times the share
             # touched; and runs one matmul per touched expert and projection
             rows = routed_rows(node)
-            groups = experts_groups(node, mesh)[0] if is_experts_ffn(node) else 1
+            groups = experts_groups(node, mesh)[0] if kind == "experts" else 1
             load = expert_load(dims.get(owner, {}), rows, groups)
-            args = tuple(i for i in (1, 2, 3) if node.args[i] is not None) if is_experts_ffn(node) else (1,)
+            args = tuple(i for i in (1, 2, 3) if node.args[i] is not None) if kind == "experts" else (1,)
             c.calls += load.touched * len(args)
             for i in args:
                 if (found := expert_weight(node, sig.params, i)) is not None:
                     c.weight_bytes += load.share * _local_numel(found[0], found[0].meta[LAYOUT], mesh) * size("weights", found[0])
-        if node.target is aten.index_copy.default and node.args[0].op == "placeholder" and node.args[0].name in io_inputs:
-            cache = node.args[0]  # the step reads the whole cache it attends over
-            c.kv_bytes += _local_numel(cache, cache.meta[LAYOUT], mesh) * size("kv", cache)
-    fusions = plan_fusions(gm, conversions)
+        if kind == "cache" and read is not None:  # the step reads the whole cache it attends over
+            c.kv_bytes += _local_numel(read, read.meta[LAYOUT], mesh) * size("kv", read)
+    owners = [facts.owner(conv.src, conv.first_consumer) for conv in conversions]
+    fusions = plan_fusions(gm, conversions, owners=owners, positions=facts.positions)
     riders = {id(c) for f in fusions for c in f.members[1:]}
     fused = {id(c) for f in fusions for c in f.members}
     looped = looped_steps(conversions, mesh, fused) if loop and precision.weights != "int8" else {}
-    beside = _beside_ffn(gm, layers, attribution)
+    beside = facts.beside
     branch: dict[str, list[Comm]] = {}  # a parallel block's attention → its collectives its feed-forward runs beside
-    for conv in conversions:
-        owner = attribution.owner(conv.src, conv.first_consumer)
+    for conv, owner in zip(conversions, owners):
         is_weight = conv.src.op == "placeholder" and conv.src.name in sig.params
         itemsize = size("weights" if is_weight else "activations", conv.src)
         load = 1.0
@@ -204,6 +229,49 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
         if comms and not any(c.weight and c.step.communicates for c in ffn.comm):
             costs[attn].branches.append(Branch(tuple(comms), ffn, beside[attn][0]))
     return costs
+
+
+class GraphFacts:
+    """What costing reads off a graph's structure alone: the ops that can cost anything (matmuls, attention
+    cores, experts, KV-cache updates) with their layers, kinds and the placeholders they read, the parallel
+    blocks' ops that run beside their feed-forwards, node positions, and the layer each (source, first
+    consumer) pair of a conversion is accounted to (remembered as asked). The planner costs hundreds of
+    candidates on one prototype graph, inside `fixed_structure`: there these are made once
+    (`graph_facts`), elsewhere for every call."""
+
+    def __init__(self, gm: fx.GraphModule):
+        nodes = list(gm.graph.nodes)
+        self.layers, self.sig = gm.meta[LAYERS], signature(gm)
+        self.attribution = Attribution(self.layers)
+        self.positions = {n: i for i, n in enumerate(nodes)}
+        self.costed = [(n, owner, kind, _reads(n, kind, self.sig)) for n in nodes if (kind := op_kind(n)) is not None
+                       and (owner := self.attribution.layer_of(n)) is not None]
+        self.beside = _beside_ffn(gm, self.layers, self.attribution)
+        self._owners: dict[tuple[fx.Node, fx.Node], str] = {}
+
+    def owner(self, src: fx.Node, consumer: fx.Node) -> str:
+        """`Attribution.owner` of a conversion from `src` first read by `consumer` (remembered)."""
+        key = (src, consumer)
+        got = self._owners.get(key)
+        if got is None:
+            got = self._owners[key] = self.attribution.owner(src, consumer)
+        return got
+
+
+def graph_facts(gm: fx.GraphModule) -> GraphFacts:
+    return structure_fact(gm, "costing", GraphFacts)
+
+
+def _reads(node: fx.Node, kind: str, sig) -> fx.Node | None:
+    """The placeholder whose bytes `node` is charged for reading: a matmul's weight when it is a parameter,
+    a KV-cache update's cache when it is a program input; else None."""
+    if kind == "matmul":
+        w = node.args[MATMULS[node.target].w]
+        return w if w.op == "placeholder" and w.name in sig.params else None
+    if kind == "cache":
+        cache = node.args[0]
+        return cache if cache.op == "placeholder" and cache.name in set(sig.inputs) else None
+    return None
 
 
 def _beside_ffn(gm: fx.GraphModule, layers: Layers, attribution: Attribution) -> dict[str, tuple[str, set[fx.Node]]]:

@@ -33,6 +33,7 @@ from ..ir.mesh import Mesh
 from ..ir.meta import ATTENTION, LAYERS
 from ..passes.attribute import OUTPUT
 from ..passes.find_layers import Layers
+from ..passes.graph_utils import fixed_structure
 from ..strategies.cost import Comm, LayerCost, Precision
 from ..strategies.family import ATTENTION_MODES, Member, all_members, residual
 from ..strategies.redistribute import redistribute
@@ -103,6 +104,14 @@ def plan_mesh(proto: fx.GraphModule, mesh: Mesh, *, hw: Hardware, precision: Pre
               attention: tuple[str, ...] = ATTENTION_MODES, forced: dict[str, str] | None = None,
               cache: dict | None = None) -> Choice:
     """The best chain of candidates on one mesh."""
+    with fixed_structure(proto):  # only layouts change while candidates are costed
+        return _plan_mesh(proto, mesh, hw=hw, precision=precision, n_blocks=n_blocks, overlap=overlap, loop=loop,
+                          members=members, attention=attention, forced=forced, cache=cache)
+
+
+def _plan_mesh(proto: fx.GraphModule, mesh: Mesh, *, hw: Hardware, precision: Precision, n_blocks: int,
+               overlap: bool, loop: bool, members: list[Member] | None, attention: tuple[str, ...],
+               forced: dict[str, str] | None, cache: dict | None) -> Choice:
     forced = forced or {}
     members = members or all_members()
     cands: list[Candidate] = []
@@ -132,7 +141,7 @@ def plan_mesh(proto: fx.GraphModule, mesh: Mesh, *, hw: Hardware, precision: Pre
         raise PlanError(_no_plan_message(cands, mesh))
     layers: Layers = proto.meta[LAYERS]
     shape = (layers.dims.get("B", 1), layers.dims.get("L", 1), layers.dims.get("E", 1))
-    blocks, total, trans = _chain(ok, n_blocks, mesh, shape, hw, precision, residual_itemsize(proto))
+    blocks, total, trans = _chain(ok, n_blocks, mesh, shape, hw, precision, residual_itemsize(proto), cache=cache)
     return Choice(mesh, blocks, total, cands, trans)
 
 
@@ -191,9 +200,10 @@ def residual_itemsize(proto: fx.GraphModule) -> int:
 
 
 def _chain(ok: list[Candidate], n: int, mesh: Mesh, shape, hw, precision,
-           itemsize: int = 2) -> tuple[list[Candidate], float, list[float]]:
+           itemsize: int = 2, cache: dict | None = None) -> tuple[list[Candidate], float, list[float]]:
     """Dynamic programming over the blocks (a shortest path through blocks × candidates):
-    best[i][c] = cheapest way to end block i with candidate c; one vectorized step per block."""
+    best[i][c] = cheapest way to end block i with candidate c; one vectorized step per block.
+    `cache`: the search's, where transitions are remembered across meshes (`_transition`)."""
     import numpy as np
 
     S = len(ok)
@@ -213,28 +223,26 @@ def _chain(ok: list[Candidate], n: int, mesh: Mesh, shape, hw, precision,
     bound = emb.min() + tail.min() + (n - 1) * block.min() + block
     kept = [i for i in range(S) if not bound[i] > uniform[j] * (1 + 1e-9)]
     return _chain_dp([ok[i] for i in kept], n, mesh, shape, hw, precision, itemsize, block[kept], emb[kept],
-                     tail[kept])
+                     tail[kept], cache)
 
 
 def _chain_dp(ok: list[Candidate], n: int, mesh: Mesh, shape, hw, precision, itemsize: int, block, emb,
-              tail) -> tuple[list[Candidate], float, list[float]]:
+              tail, cache: dict | None = None) -> tuple[list[Candidate], float, list[float]]:
     import numpy as np
 
-    S = len(ok)
     # a transition depends only on the two residual layouts, of which there are far fewer than candidates
     res = [residual(c.member, mesh, len(shape)) for c in ok]
     kinds = list(dict.fromkeys(res))
     rep = {r: next(c.member for c, rc in zip(ok, res) if rc == r) for r in kinds}
-    t = {(a, b): transition(rep[a], rep[b], mesh, shape, hw, precision, itemsize) if a != b else 0.0
+    t = {(a, b): _transition(rep[a], rep[b], mesh, shape, hw, precision, itemsize, cache) if a != b else 0.0
          for a in kinds for b in kinds}
     trans = np.array([[t[(ra, rb)] for rb in res] for ra in res])
     best = emb + block
     back = []
     for _ in range(1, n):
         through = best[:, None] + trans  # [from, to]
-        arg = through.argmin(axis=0)
-        best = through[arg, np.arange(S)] + block
-        back.append(arg)
+        back.append(through.argmin(axis=0))
+        best = through.min(axis=0) + block  # (the values at the argmins)
     last = best + tail
     j = int(last.argmin())
     path = [j]
@@ -243,6 +251,20 @@ def _chain_dp(ok: list[Candidate], n: int, mesh: Mesh, shape, hw, precision, ite
     path.reverse()
     chosen = [ok[i] for i in path]
     return chosen, float(last[j]), [float(trans[a, b]) for a, b in zip(path, path[1:])]
+
+
+def _transition(a: Member, b: Member, mesh: Mesh, shape, hw: Hardware, precision: Precision, itemsize: int,
+                cache: dict | None) -> float:
+    """`transition`, remembered in the search's cache under the two members' `_canonical` keys: what
+    redistribute and the cost model do with the two residual layouts uses atom names only as labels
+    (the argument of `_canonical`), so meshes whose atoms line up alike share their transitions. Every
+    mesh of the search meets each pair of its residual layouts again."""
+    if cache is None:
+        return transition(a, b, mesh, shape, hw, precision, itemsize)
+    key = ("transition", _canonical(a, mesh, hw), _canonical(b, mesh, hw), tuple(shape), itemsize)
+    if key not in cache:
+        cache[key] = transition(a, b, mesh, shape, hw, precision, itemsize)
+    return cache[key]
 
 
 def _no_plan_message(cands: list[Candidate], mesh: Mesh) -> str:
@@ -262,6 +284,12 @@ def search(proto: fx.GraphModule, meshes: list[Mesh], *, objective: str = "laten
     """The best plan over several meshes by `objective` (latency: seconds per step; cost: chip-seconds
     per step, which only differs from latency when meshes of different chip counts compete); also
     every mesh's result (or why it had none)."""
+    with fixed_structure(proto):  # one set of the graph's structural facts for every mesh and the head's split
+        return _search(proto, meshes, objective=objective, **kw)
+
+
+def _search(proto: fx.GraphModule, meshes: list[Mesh], *, objective: str,
+            **kw) -> tuple[Choice, list[tuple[Mesh, Choice | str]]]:
     cache: dict = {}
     results: list[tuple[Mesh, Choice | str]] = []
     # the search makes hundreds of thousands of small objects: while it runs, the cyclic collector leaves

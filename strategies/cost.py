@@ -84,7 +84,7 @@ class Precision:
         return captured if name is None else DTYPE_BYTES[name]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Comm:
     step: Collective
     itemsize: int  # bytes per element in the planned precision
@@ -92,6 +92,14 @@ class Comm:
     fused: bool = False  # runs inside the collective of the Comm before it (fused): no fixed latency of its own
     load: float = 1.0  # the busiest chip's bytes over the charged ones (an uneven all-to-all: load imbalance)
     looped: bool = False  # run as a looped collective matmul: g − 1 ring steps, each beside a partial matmul
+
+    def __init__(self, step: Collective, itemsize: int, weight: bool = False, fused: bool = False, load: float = 1.0,
+                 looped: bool = False) -> None:
+        # the fields written straight into the dict (a frozen dataclass's own __init__ sets each through
+        # object.__setattr__): the planner makes one per collective of every candidate it costs
+        d = self.__dict__
+        d["step"], d["itemsize"], d["weight"] = step, itemsize, weight
+        d["fused"], d["load"], d["looped"] = fused, load, looped
 
     def time(self, hw: Hardware) -> float:
         if self.looped:  # every ring step is a collective of its own: g − 1 fixed latencies, the same wire bytes
@@ -119,9 +127,10 @@ class LayerCost:
         """compute, memory, weight comm, activation comm, looped comm (seconds)."""
         compute = self.flops / (hw.peak_flops * hw.flops_efficiency) + self.calls * hw.call_overhead
         memory = (self.weight_bytes + self.kv_bytes) / (hw.hbm_bandwidth * hw.hbm_efficiency)
-        weight = sum((c.time(hw) for c in self.comm if c.weight and c.step.communicates), 0.0)
-        act = sum((c.time(hw) for c in self.comm if not c.weight and c.step.communicates), 0.0)
-        looped = sum((c.time(hw) for c in self.comm if c.looped), 0.0)  # activation comm beside partial matmuls
+        timed = [(c, c.time(hw)) for c in self.comm]  # (each priced once, summed in order as before)
+        weight = sum((t for c, t in timed if c.weight and c.step.communicates), 0.0)
+        act = sum((t for c, t in timed if not c.weight and c.step.communicates), 0.0)
+        looped = sum((t for c, t in timed if c.looped), 0.0)  # activation comm beside partial matmuls
         return compute, memory, weight, act, looped
 
     def spare(self, hw: Hardware) -> float:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 
 from ..errors import LayoutError
 from ..ir.kinds import AttentionMode
@@ -46,7 +47,7 @@ class Member:
     f: str
     replicated_residual: bool = False
 
-    @property
+    @cached_property  # (read in every layout's messages and names; a frozen member never changes it)
     def name(self) -> str:
         for n, member in NAMED.items():
             if member == self:
@@ -135,6 +136,9 @@ def parse_ffn(name: str) -> Member:
 
 
 # ------------------------------------------------------------------------------------ layouts of a layer
+# residual, weight_spec and attention_plan are pure functions of hashable arguments with immutable
+# results, asked the same questions for every candidate the planner applies: remembered.
+@lru_cache(maxsize=1 << 14)
 def residual(member: Member, mesh: Mesh, ndim: int = 3) -> Layout:
     """The residual stream between layers: B_b L E_(e f), or B_b L E when it is replicated."""
     b, e, f = member.atoms(mesh)
@@ -144,6 +148,7 @@ def residual(member: Member, mesh: Mesh, ndim: int = 3) -> Layout:
     return Layout(tuple(dims))
 
 
+@lru_cache(maxsize=1 << 14)
 def weight_spec(out_atoms, in_atoms, batch, shape, rows_out: bool, mesh: Mesh) -> WeightSpec:
     """A projection weight split `out_atoms` × `in_atoms` in use; stored also split over `batch`.
 
@@ -178,6 +183,7 @@ class AttentionPlan:
     replicated_over: tuple[str, ...]  # F atoms that heads could not use: attention repeats there
 
 
+@lru_cache(maxsize=1 << 14)
 def attention_plan(member: Member, mode: str, mesh: Mesh, *, B: int, H: int, K: int) -> AttentionPlan:
     if mode not in ATTENTION_MODES:
         raise LayoutError(f"unknown attention layout {mode!r}: use one of {', '.join(ATTENTION_MODES)}")

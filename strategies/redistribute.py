@@ -43,7 +43,7 @@ class _State:
         self.local = local
 
     def layout(self) -> Layout:
-        return Layout(tuple(tuple(d) for d in self.dims), frozenset(self.partial))
+        return Layout(tuple(map(tuple, self.dims)), frozenset(self.partial))
 
     @property
     def used(self) -> set[str]:
@@ -66,15 +66,17 @@ def redistribute(
 def _redistribute(src: Layout, dst: Layout, shape: tuple[int, ...], mesh: Mesh, itemsize: int) -> tuple[Collective, ...]:
     if src == dst:
         return ()
-    src.check(shape, mesh)
+    local = src.local_shape(shape, mesh)  # (checks src against the shape)
     dst.check(shape, mesh)
-    state = _State(src, list(src.local_shape(shape, mesh)))
+    state = _State(src, list(local))
     steps: list[Collective] = []
+    cur = src  # the state's layout: each step's target is the next one's source
     for _ in range(4 * (len(mesh.atoms) + 1) * (len(shape) + 1)):
-        if state.layout() == dst:
+        if cur == dst:
             return tuple(steps)
-        step = _next_step(state, dst, mesh)
-        steps.append(_apply(state, step, mesh, itemsize))
+        step = _apply(state, _next_step(state, dst, mesh), mesh, itemsize, cur)
+        steps.append(step)
+        cur = step.dst
     raise AssertionError(f"redistribute did not converge from {src} to {dst} (steps so far: {steps})")
 
 
@@ -139,9 +141,9 @@ def _run(atoms: Sequence[str], ok) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _apply(s: _State, step: tuple, mesh: Mesh, itemsize: int) -> Collective:
+def _apply(s: _State, step: tuple, mesh: Mesh, itemsize: int, src: Layout) -> Collective:
+    """Apply `step` to the state (whose layout is `src`): the collective it is."""
     kind, atoms, dim, dst_dim = step
-    src = s.layout()
     g = mesh.group_size(atoms)
     before = math.prod(s.local)
     if kind == "reduce_scatter":

@@ -55,6 +55,36 @@ def test_invalid_layouts_rejected():
         Layout((("x",),), frozenset({"x"}))
 
 
+def test_equal_layouts_are_one_object():
+    """Layouts are interned: equal ones are the same object (made from lists and sets too, pickled or copied,
+    or by threads at once), so identity is equality; one no one holds is forgotten, and made again."""
+    import copy
+    import gc
+    import pickle
+    import threading
+
+    from shardwise.ir import layout as module
+
+    a = Layout(((), ("x", "y")), frozenset({"z"}))
+    assert Layout([(), ["x", "y"]], {"z"}) is a and pickle.loads(pickle.dumps(a)) is a and copy.deepcopy(a) is a
+    assert a.with_dim(1, ("x", "y")) is a and a.without_partial() is Layout(((), ("x", "y")))
+    assert a != Layout(((), ("y", "x")), frozenset({"z"}))
+    assert hash(a) == hash(Layout(((), ("x", "y")), frozenset({"z"})))
+    made: list[Layout] = []
+    threads = [threading.Thread(target=lambda: made.extend(Layout(((f"t{i % 7}",), ())) for i in range(500)))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(x) for x in made}) == 7
+    key = (((), ("w",)), frozenset())
+    Layout(*key)
+    gc.collect()
+    assert key not in module._INTERNED
+    assert Layout(*key).dims == ((), ("w",))
+
+
 def test_check_names_the_dim():
     """A dim a layout cannot split gives a message with sizes, not a crash inside torch."""
     m = Mesh.parse("1x1x8")

@@ -1,5 +1,7 @@
-"""The planner's shortcuts change nothing: remembered rule decisions equal recomputed ones, and the chain
-over blocks with hopeless candidates left out is the full recursion's, to the bit (no timings here)."""
+"""The planner's shortcuts change nothing: remembered rule decisions equal recomputed ones, the chain
+over blocks with hopeless candidates left out is the full recursion's, candidates costed through the
+search's shortcuts (remembered decisions, structure facts, candidates and transitions shared between
+meshes) are the ones costed afresh, to the bit (no timings here)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,16 @@ from shardwise.passes.attribute import OUTPUT
 from shardwise.planning.apply import apply, choices_for
 from shardwise.planning.candidate import Candidate
 from shardwise.planning.planner import prototype
-from shardwise.planning.search import _chain, _chain_dp, plan_mesh, residual_itemsize
+from shardwise.planning.search import (
+    _chain,
+    _chain_dp,
+    _transition,
+    evaluate,
+    meshes_for,
+    plan_mesh,
+    residual_itemsize,
+    transition,
+)
 from shardwise.strategies.cost import Precision
 from shardwise.strategies.family import ATTENTION_MODES, all_members
 
@@ -74,6 +85,58 @@ def test_chain_without_hopeless_candidates_is_the_full_chain(proto, shape, n):
         return
     assert [id(c) for c in fast[0]] == [id(c) for c in full[0]]
     assert fast[1] == full[1] and fast[2] == full[2]
+
+
+@pytest.mark.parametrize("hardware, axis_bandwidth", [("tpu-v4", None), ("tpu-v4", 20e9), ("h100", None)])
+def test_transitions_shared_between_meshes_are_the_recomputed_ones(proto, hardware, axis_bandwidth):
+    """A transition the search remembers under its two members' canonical keys, from whichever mesh met
+    them first, is the one computed on the mesh that asks (links per axis limiting bandwidth or not)."""
+    from dataclasses import replace
+
+    gm, _ = proto
+    hw = get_hardware(hardware)
+    if axis_bandwidth:
+        hw = replace(hw, axis_bandwidth=axis_bandwidth)
+    layers = gm.meta[LAYERS]
+    shape = (layers.dims.get("B", 1), layers.dims.get("L", 1), layers.dims.get("E", 1))
+    itemsize, cache, members = residual_itemsize(gm), {}, all_members()
+    for mesh in meshes_for(8):
+        for a in members:
+            for b in members:
+                shared = _transition(a, b, mesh, shape, hw, Precision(), itemsize, cache)
+                assert shared == transition(a, b, mesh, shape, hw, Precision(), itemsize), (str(mesh), a, b)
+
+
+@pytest.mark.parametrize("shape", ["2x2x2", "1x2x4", "4x2x1", "8x1x1"])
+def test_searched_candidates_are_the_recomputed_ones(proto, shape):
+    """Every candidate of a mesh searched after the others (rule decisions remembered, the graph's
+    structure facts made once, candidates and transitions shared between meshes) is the candidate costed
+    afresh (every rule decided again, every fact read again); its chain is the one found sharing nothing."""
+    from shardwise.passes.propagate import _MEMO
+
+    gm, n_blocks = proto
+    hw, precision = get_hardware("tpu-v4"), Precision(weights="int8")
+    cache: dict = {}
+    searched = {m: plan_mesh(gm, m, hw=hw, precision=precision, n_blocks=n_blocks, cache=cache) for m in meshes_for(8)}
+    mesh = Mesh.parse(shape)
+    choice = searched[mesh]
+    for c in choice.candidates:
+        gm.__dict__.pop(_MEMO, None)
+        fresh = evaluate(gm, mesh, c.member, c.attention, hw=hw, precision=precision, n_blocks=n_blocks,
+                         overlap=False, forced={}, experts=c.experts, latent=c.latent)
+        # (a candidate shared from another mesh names that mesh's atoms in its collectives: its numbers agree)
+        assert (fresh.refused, fresh.core, _numbers(fresh.parts), fresh.times, fresh.memory) == (
+            c.refused, c.core, _numbers(c.parts), c.times, c.memory), c.name
+    gm.__dict__.pop(_MEMO, None)
+    alone = plan_mesh(gm, mesh, hw=hw, precision=precision, n_blocks=n_blocks)
+    assert [b.name for b in alone.blocks] == [b.name for b in choice.blocks]
+    assert alone.total == choice.total and alone.transitions == choice.transitions
+
+
+def _numbers(parts):
+    return {k: (p.flops, p.weight_bytes, p.kv_bytes, p.calls, p.copy_bytes, p.comm_bytes(),
+                [(c.step.kind, c.step.group_size, c.step.elements, c.itemsize, c.weight, c.fused, c.load, c.looped)
+                 for c in p.comm], [len(b.comm) for b in p.branches]) for k, p in parts.items()}
 
 
 # ------------------------------------------------------------------------------------ the prototype cache

@@ -33,6 +33,17 @@ class WeightSpec:
     in_use: Layout
     fixed: bool = True  # False: the weight may adopt whatever layout its use needs (a free local slice)
 
+    def __hash__(self) -> int:  # the frozen dataclass's value, made once (a key of propagate's memo)
+        try:
+            return self.__dict__["_hash"]
+        except KeyError:
+            h = hash((self.at_rest, self.in_use, self.fixed))
+            object.__setattr__(self, "_hash", h)
+            return h
+
+    def __reduce__(self):  # the fields only: hashes (of strings, of layouts) differ between processes
+        return type(self), (self.at_rest, self.in_use, self.fixed)
+
 
 @dataclass(frozen=True)
 class AttentionSpec:
@@ -221,6 +232,8 @@ def broadcast_map(in_shape: Sequence[int], out_shape: Sequence[int]) -> list[int
 
 def project(out_layout: Layout, in_shape: Sequence[int], out_shape: Sequence[int], partial=frozenset()) -> Layout:
     """The layout an input of `in_shape` needs so that it broadcasts against an output in `out_layout`."""
+    if partial == out_layout.partial and tuple(in_shape) == tuple(out_shape):
+        return out_layout  # (what the rest would make again: the output's own dims and partial)
     dims = tuple(() if j is None else out_layout.dims[j] for j in broadcast_map(in_shape, out_shape))
     return Layout(dims, frozenset(partial))
 
