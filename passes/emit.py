@@ -145,7 +145,7 @@ def emit(
             vals[node] = g.output(fx.node.map_arg(node.args[0], vals.__getitem__))
         else:
             raise NotImplementedError(f"emit: unexpected {node.op} node {node.format_node()}")
-    folded = fold_constants(g, root) if fold else []
+    folded = fold_constants(g, root, _value_bytes(vals)) if fold else []
     reduce_in_place(g)
     g.lint()
     program = graph_module(root, g, class_name="RankProgram")
@@ -153,6 +153,17 @@ def emit(
     program.meta[RANK_BLOCKS] = {v.name: block_of(n) for n, v in vals.items()
                                  if n.op == "call_function" and isinstance(v, fx.Node)}
     return program
+
+
+def _value_bytes(vals: dict[fx.Node, fx.Node]) -> dict[fx.Node, int]:
+    """Rank node → the bytes of the global value it lowers (its own is that or a piece of it): what constant
+    folding may compute without computing it first."""
+    out = {}
+    for n, v in vals.items():
+        val = n.meta.get("val")
+        if isinstance(v, fx.Node) and isinstance(val, torch.Tensor) and isinstance(val.numel(), int):
+            out[v] = val.numel() * val.element_size()
+    return out
 
 
 _MATMUL_WEIGHT = {aten.linear.default: (1, 0), aten.addmm.default: (2, 1), aten.mm.default: (1, 1)}

@@ -10,7 +10,7 @@ so without folding a sharded program did work the model it stands for does not.
 What folds: a call_function node whose inputs are all folded nodes or literals (no placeholder, and no
 get_attr: a value derived from a weight stays in the program, a second copy of a weight is not worth the
 time it saves), whose op is an operator overload that neither mutates, nor draws random numbers, nor
-communicates, and whose value is a tensor of at most MAX_BYTES. A value that some op later writes in place
+communicates, and whose value is a tensor of at most MAX_BYTES (bounded before it is computed). A value that some op later writes in place
 (directly, or through views or anything computed from it) is not folded: the write would carry over to
 the next call. The folded values that unfolded nodes read become non-persistent buffers (not in the
 state_dict: they are not weights the rank holds); the folded nodes are erased. Every rank folds the same
@@ -29,25 +29,28 @@ MAX_BYTES = 16 << 20  # a folded value is held for the program's life: small tab
 _NEVER = ("_c10d_functional", "c10d")  # communication is never a constant
 
 
-def fold_constants(g: fx.Graph, root: nn.Module) -> list[str]:
+def fold_constants(g: fx.Graph, root: nn.Module, bound: dict[fx.Node, int]) -> list[str]:
     """Fold `g` in place (buffers registered on `root`, which the program will be built from); the buffers'
-    names (a GraphModule built from `root` copies them as persistent buffers: `keep_out_of_state` them)."""
+    names (a GraphModule built from `root` copies them as persistent buffers: `keep_out_of_state` them).
+    `bound`: for the nodes that may fold, an upper bound of their value's bytes, known before computing it
+    (emit: the size of the global value a rank's node lowers). A node without one, or over MAX_BYTES, is
+    never computed here: the causal mask of a large preset's prefill is gigabytes, and computing it to find
+    that out would be the allocation folding must not make."""
     values: dict[fx.Node, Any] = {}
+    written = _written(g)
     for node in g.nodes:
-        if node.op != "call_function" or not _pure(node.target):
+        if node.op != "call_function" or node in written or not _pure(node.target):
             continue
-        if not all(a in values for a in node.all_input_nodes):
+        if bound.get(node, MAX_BYTES + 1) > MAX_BYTES or not all(a in values for a in node.all_input_nodes):
             continue
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
         try:
             with torch.no_grad():
                 out = node.target(*args, **kwargs)
-        except Exception:  # noqa: BLE001 — not computable now (e.g. a meta-only path): the program computes it
-            continue
+        except Exception:  # noqa: BLE001 — not computable here (e.g. a capture on meta run elsewhere): not a
+            continue  # constant to fold; the program computes it, and raises there if it must
         if isinstance(out, torch.Tensor) and out.numel() * out.element_size() <= MAX_BYTES:
             values[node] = out
-    for node in _written(g):
-        values.pop(node, None)
     # what the program still reads: folded values with an unfolded user
     made: list[str] = []
     for node in [n for n in values if any(u not in values for u in n.users)]:
@@ -56,7 +59,7 @@ def fold_constants(g: fx.Graph, root: nn.Module) -> list[str]:
         root.register_buffer(name, values[node], persistent=False)
         with g.inserting_before(node):
             ref = g.get_attr(name)
-        ref.meta = {k: v for k, v in node.meta.items()}
+        ref.meta = dict(node.meta)
         node.replace_all_uses_with(ref, delete_user_cb=lambda user: user not in values)
     for node in reversed(list(values)):
         if not node.users:

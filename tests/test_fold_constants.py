@@ -44,11 +44,13 @@ def test_hf_prefill_mask_folded_bitwise(tiny):
     torch.testing.assert_close(got, model, atol=1e-5, rtol=0)  # the numerics tests' float32 tolerance
 
 
-def _fold(build) -> tuple[fx.Graph, nn.Module, list[str]]:
+def _fold(build, limit: int = 1 << 10) -> tuple[fx.Graph, nn.Module, list[str]]:
+    """Fold a hand-built graph, every node's value bounded by `limit` bytes (emit bounds them by the global
+    values they lower)."""
     g = fx.Graph()
     build(g)
     root = nn.Module()
-    return g, root, fold_constants(g, root)
+    return g, root, fold_constants(g, root, dict.fromkeys(g.nodes, limit))
 
 
 def test_a_pure_chain_becomes_one_buffer():
@@ -80,3 +82,19 @@ def test_written_random_and_input_derived_values_stay():
 
 def _targets(g: fx.Graph) -> list:
     return [n.target for n in g.nodes if n.op == "call_function"]
+
+
+def test_a_value_not_known_small_is_never_computed():
+    """A constant whose bound is over MAX_BYTES (a large prefill's mask) stays in the program, uncomputed."""
+    from shardwise.passes.fold_constants import MAX_BYTES
+
+    def build(g):
+        x = g.placeholder("x")
+        g.output(g.call_function(aten.add.Tensor, (x, g.call_function(aten.arange.default, (4,)))))
+
+    for limit in (MAX_BYTES + 1, None):
+        g = fx.Graph()
+        build(g)
+        bound = {} if limit is None else dict.fromkeys(g.nodes, limit)
+        assert fold_constants(g, nn.Module(), bound) == []
+        assert _targets(g) == [aten.arange.default, aten.add.Tensor]
