@@ -38,6 +38,7 @@ import torch
 from ..ir.hardware import CPU_LOCAL, Hardware, cpu_local_path
 
 SIZES = [4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20]
+CONTEXT_S = 1e-3  # the compute before each collective in its measurement: a rank program's op between two
 
 
 def _median_time(fn, repeats: int = 7, warmup: int = 2, *, together: bool = False) -> float:
@@ -56,12 +57,34 @@ def _median_time(fn, repeats: int = 7, warmup: int = 2, *, together: bool = Fals
         t0 = time.perf_counter()
         fn()
         dt = time.perf_counter() - t0
-        if together:
-            slowest = torch.tensor([dt], dtype=torch.float64)
-            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-            dt = float(slowest)
-        times.append(dt)
+        times.append(_slowest(dt) if together else dt)
     return statistics.median(times)
+
+
+def _slowest(seconds: float) -> float:
+    """The largest of every rank's `seconds` (a step ends when its last rank does)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def _context_compute():
+    """A matmul loop of about CONTEXT_S, the same number of matmuls on every rank: what a rank program
+    computes between two collectives, run before each collective these measurements time."""
+    import torch.distributed as dist
+
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    k = torch.tensor([max(1, round(CONTEXT_S / _median_time(lambda: torch.mm(a, b))))])
+    dist.all_reduce(k, op=dist.ReduceOp.MAX)
+    k = int(k)
+
+    def compute():
+        for _ in range(k):
+            torch.mm(a, b)
+
+    return compute
 
 
 def matmul_flops(n: int = 1024, calls: int = 1, *, together: bool = False) -> float:
@@ -117,8 +140,6 @@ def _gloo_worker(rank: int, world: int, port: int, out) -> None:
 KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
 
 
-CONTEXT_S = 1e-3  # the compute before each collective in its measurement: a rank program's op between two
-
 
 def collective_times(rank: int, world: int, rounds: int = 7, calls: int = 4) -> dict[tuple[str, int], list[tuple[int, float]]]:
     """(kind, group size) → [(charged bytes, seconds)]: each kind of collective shardwise emits, over the whole
@@ -143,14 +164,7 @@ def collective_times(rank: int, world: int, rounds: int = 7, calls: int = 4) -> 
         groups[2] = pairs[rank // 2].group_name
     keys = [(kind, g, size) for g in groups for kind in KINDS for size in SIZES]
     steps = {(kind, g, size): _collective_step(c10d, kind, size // 4, g, groups[g]) for kind, g, size in keys}
-    a, b = torch.randn(256, 256), torch.randn(256, 256)
-    k = torch.tensor([max(1, round(CONTEXT_S / _median_time(lambda: torch.mm(a, b))))])
-    dist.all_reduce(k, op=dist.ReduceOp.MAX)  # every rank computes the same before each collective
-    k = int(k)
-
-    def compute():
-        for _ in range(k):
-            torch.mm(a, b)
+    compute = _context_compute()
 
     def timed(step=None) -> float:
         dist.barrier()
@@ -208,11 +222,7 @@ def relayout_cost(world: int, group: str, rounds: int = 9) -> tuple[float, float
     rows, cols = 1024, RELAYOUT_BYTES // 4 // 1024
     by_rows = torch.ones(rows // world, cols)
     by_cols = torch.ones(rows, cols // world)
-    a, b = torch.randn(256, 256), torch.randn(256, 256)
-    k = max(1, round(CONTEXT_S / _median_time(lambda: torch.mm(a, b))))
-    k = torch.tensor([k])
-    dist.all_reduce(k, op=dist.ReduceOp.MAX)
-    k = int(k)
+    compute = _context_compute()
 
     def dim0():
         return c10d.wait_tensor(c10d.all_gather_into_tensor(by_rows, world, group))
@@ -224,12 +234,9 @@ def relayout_cost(world: int, group: str, rounds: int = 9) -> tuple[float, float
     def timed(fn) -> float:
         dist.barrier()
         t0 = time.perf_counter()
-        for _ in range(k):
-            torch.mm(a, b)
+        compute()
         fn()
-        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-        return float(dt)
+        return _slowest(time.perf_counter() - t0)
 
     dim0(), dim1()
     extra = [timed(dim1) - timed(dim0) for _ in range(rounds)]
