@@ -308,11 +308,11 @@ def bench_shardwise(model, ids, rank: int, runs: int, warmup: int, log, unschedu
     with torch.no_grad():
         times = iter(timed_pair(fns, runs, warmup))
     for row, programs in timed:
-        for what in ["", "unscheduled_" if unscheduled else None, "looped_" if looped else None]:
-            if what is None:
-                continue
-            row[what + "times"] = next(times)
-            row[what + "s" if what else "measured_s"] = statistics.median(row[what + "times"])
+        variants = [("times", "measured_s")] + [("unscheduled_times", "unscheduled_s")] * unscheduled \
+            + [("looped_times", "looped_s")] * looped  # in the order build_layout returned the programs
+        for runs_key, median_key in variants:
+            row[runs_key] = next(times)
+            row[median_key] = statistics.median(row[runs_key])
         log(f"  {row['layout']:<18} predicted {row['predicted_s'] * 1e3:9.2f} ms   measured "
             f"{row['measured_s'] * 1e3:9.2f} ms"
             + (f"   unscheduled {row['unscheduled_s'] * 1e3:9.2f} ms" if row.get("unscheduled_s") else "")
