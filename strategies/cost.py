@@ -49,7 +49,8 @@ For one layer under one layout, on a `Hardware` profile (PAPER.md, DESIGN.md):
              all-gather merges its blocks into the dim (one copy of its output), a reduce-scatter moves
              them to the front (one of its input), an all-to-all moves them before and merges them after
              (two or three of its input); a read and a write each. Serial with the rank's compute, so
-             not hidden under it. A looped collective matmul's ring steps are not priced so.
+             not hidden under it. A looped collective matmul's ring steps are not priced so. A fused
+             collective's members are stacked first: one more copy of each member's input.
 Byte counts use the planned precisions (bf16 or int8 weights, bf16 activations and KV cache), not the
 dtype the model was captured in. Memory per chip (weights at rest + KV cache) must fit in HBM.
 """

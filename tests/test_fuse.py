@@ -120,3 +120,50 @@ def test_cost_charges_one_latency_per_fused_collective():
         fused, apart = plan.layer(layer), ref_plan.layer(layer)
         assert fused.comm_bytes == apart.comm_bytes
         assert fused.cost["comm"] == pytest.approx(apart.cost["comm"] - fixed, rel=1e-9, abs=1e-15)
+
+
+def test_weight_gathers_over_their_first_dim_stay_apart():
+    """A weight-gathered layout gathers each weight over its first dim, which needs no copy; stacked with
+    its siblings the gather would run over the second, and the ranks' blocks would have to be merged (a
+    copy of every gathered weight, 336 ms of a 1.6 s step in bench_layouts): such siblings stay apart."""
+    plan, got, trace = _prefill("llama-tiny", "2x2x1", "ffn=wg_xy,attn=heads")
+    with unfused():
+        ref_plan, want, ref_trace = _prefill("llama-tiny", "2x2x1", "ffn=wg_xy,attn=heads")
+    assert torch.equal(got, want)
+    from shardwise.passes.insert_collectives import collectives
+
+    gathers = [(n, c) for n, c in collectives(plan.program.gm, fused=True) if c.kind == "all_gather"]
+    weights = [c for n, c in gathers if n.args[0].op == "placeholder"]
+    assert len(weights) >= 4 * 2 and all(c.dim == 0 for c in weights)  # q, k, v, o, gate, up, down per block
+    stacks = [n for n in plan.program.gm.graph.nodes if n.name.startswith("fuse_stack")]
+    assert not any(next(iter(n.users)).meta[COLLECTIVE].kind == "all_gather" for n in stacks)
+    assert sorted((c.kind, c.bytes) for _, c in collectives(plan.program.gm)) == \
+        sorted((c.kind, c.bytes) for _, c in collectives(ref_plan.program.gm))
+    # the rank program runs the gathers apart too: no merge after any gather of a weight
+    prog = plan.program.emit(0, group_name=sim_group_name).program
+    for n in prog.graph.nodes:
+        if n.target == torch.ops._c10d_functional.all_gather_into_tensor.default:
+            assert n.args[0].op == "placeholder" or n.args[0].target != torch.ops.aten.stack.default
+
+
+def test_cost_charges_the_stack_of_a_fused_collective():
+    """A fused collective's members are stacked first: one copy (read and write) of each member's input,
+    priced with the relayout copies where the profile prices them."""
+    import dataclasses
+
+    from shardwise.ir.hardware import get_hardware
+
+    hw = dataclasses.replace(get_hardware("tpu-v4"), relayout_copies=True)
+    model = _model("llama-tiny")
+    args, kwargs = example_inputs(model, 8, 16)
+    plan = shardwise.plan(model, args, kwargs, mesh="2x2x1", layouts="ffn=ws2d,attn=heads", hardware=hw)
+    with unfused():
+        ref = shardwise.plan(model, args, kwargs, mesh="2x2x1", layouts="ffn=ws2d,attn=heads", hardware=hw)
+    for layer, kind in [("model.layers.0.self_attn", "all_reduce"), ("model.layers.0.mlp", "reduce_scatter")]:
+        fused, apart = plan.layer(layer), ref.layer(layer)
+        stacked = [c for c in fused.collectives if c.kind == kind and c.group == "x"]
+        assert len(stacked) == 2
+        # an all-reduce's charged bytes are twice its input; a reduce-scatter's are its input
+        inputs = sum(c.bytes // (2 if kind == "all_reduce" else 1) for c in stacked)
+        extra = (fused.cost["copy"] - apart.cost["copy"]) * hw.hbm_bandwidth * hw.hbm_efficiency
+        assert extra == pytest.approx(2 * inputs, rel=1e-9)
