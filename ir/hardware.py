@@ -57,6 +57,10 @@ class Hardware:
     # where the fit assumed none (TPU v4: the ICI's DMA gathers into strided layouts, and the fitted rows
     # did not price them)
     relayout_copies: bool = True
+    # bytes/s one chip streams through pointwise ops, cats and reductions over activations (read + write),
+    # serial with its matmuls (strategies/cost.py: elementwise). None: not priced, as where a compiler fuses
+    # them into the matmuls (XLA on TPU v4, whose fit priced none; the GPU profiles); cpu-local measures it
+    elementwise_bandwidth: float | None = None
     # measured per collective: (kind, group size, latency s, wire bytes/s) fitted on this machine; where one
     # matches a collective, it replaces collective_latency / the link bandwidth (strategies/cost.py)
     collectives: tuple[tuple[str, int, float, float], ...] = ()

@@ -62,6 +62,24 @@ def op_kind(node: fx.Node) -> str | None:
     return None
 
 
+def elementwise_reads(node: fx.Node) -> fx.Node | None:
+    """For an op that streams activations through memory without a matmul — pointwise (`torch.Tag.pointwise`:
+    silu, mul, the norms' pow and rsqrt, the rotary's neg), a concatenation, a reduction (the norms' mean) —
+    the tensor whose local size its traffic is charged as: its output for pointwise ops and cat (read and
+    written: 2×), its input for a reduction (read once); None for any other op (views move nothing;
+    matmuls, attention and collectives are priced as such)."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    if not isinstance(node.meta.get("val"), torch.Tensor) or op_kind(node) is not None:
+        return None
+    tags = node.target.tags
+    if torch.Tag.pointwise in tags or node.target is aten.cat.default:
+        return node
+    if torch.Tag.reduction in tags and node.args and isinstance(node.args[0], fx.Node):
+        return node.args[0]
+    return None
+
+
 _KIND = object()  # op_flops: the kind not given
 
 
@@ -199,6 +217,10 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
                     c.weight_bytes += load.share * _local_numel(found[0], found[0].meta[LAYOUT], mesh) * size("weights", found[0])
         if kind == "cache" and read is not None:  # the step reads the whole cache it attends over
             c.kv_bytes += _local_numel(read, read.meta[LAYOUT], mesh) * size("kv", read)
+    for node, owner, src in facts.elementwise:  # activations streamed by pointwise ops, cats and reductions
+        if (layout := src.meta.get(LAYOUT)) is not None:
+            costs[owner].act_bytes += (1 if src is not node else 2) * _local_numel(src, layout, mesh) * size(
+                "activations", src)
     owners = [facts.owner(conv.src, conv.first_consumer) for conv in conversions]
     fusions = plan_fusions(gm, conversions, owners=owners, positions=facts.positions)
     riders = {id(c) for f in fusions for c in f.members[1:]}
@@ -249,6 +271,8 @@ class GraphFacts:
         self.positions = {n: i for i, n in enumerate(nodes)}
         self.costed = [(n, owner, kind, _reads(n, kind, self.sig)) for n in nodes if (kind := op_kind(n)) is not None
                        and (owner := self.attribution.layer_of(n)) is not None]
+        self.elementwise = [(n, owner, src) for n in nodes if (src := elementwise_reads(n)) is not None
+                            and (owner := self.attribution.layer_of(n)) is not None]
         self.beside = _beside_ffn(gm, self.layers, self.attribution)
         self._owners: dict[tuple[fx.Node, fx.Node], str] = {}
 

@@ -17,6 +17,7 @@ each layer of the plan, block by block, is a slice holding what the cost model c
     collectives  the ones on the critical path (activations), and what the busy time leaves exposed of
                  the others, one after another
     copy         the local relayout copies around its collectives, last (where the hardware pays them)
+    elementwise  its pointwise ops over activations, after those (where the hardware prices them: cpu-local)
 
 so a layer's slice lasts exactly the time the plan gives it, and a step the plan's latency. A collective
 lasts the time the cost model priced it at (`CollectiveRecord.time`): one slice where it is wholly hidden
@@ -151,6 +152,9 @@ def _layer(layer: LayerPlan, name: str, i: int, t: float, p: _Parts, rows: dict[
             inner += d
     if c["copy"] > 0:  # the relayout copies around its collectives, serial with the rest (strategies/cost.py)
         out.append(("relayout copies", "copy", after, c["copy"], {"copy_ms": c["copy"] / 1e3}, None))
+    if c["elementwise"] > 0:  # its pointwise ops over activations, serial with the rest (where priced)
+        out.append(("elementwise ops", "elementwise", after + c["copy"], c["elementwise"],
+                    {"elementwise_ms": c["elementwise"] / 1e3}, None))
     # by start, enclosing slices first: the layer, its busy slice (equal to what it hides but for rounding)
     return out[:1] + sorted(out[1:], key=lambda e: (e[2], e[1] != "busy", -e[3]))
 
@@ -181,7 +185,9 @@ def _comm_parts(layer: LayerPlan, hw: Hardware | None, plan: Plan) -> _Parts:
     bytes over bandwidth, from the record), or its wire bytes where no profile can be read. Either is
     scaled to add up to the layer's comm: solving for the parts keeps every layer's slices equal to the
     plan's time."""
-    c = {k: layer.cost.get(k, 0.0) * 1e6 for k in ("compute", "memory", "comm", "copy", "time", "beside")}
+    c = {k: layer.cost.get(k, 0.0) * 1e6 for k in ("compute", "memory", "comm", "copy", "elementwise", "time",
+                                                  "beside")}
+    serial = c["copy"] + c["elementwise"]  # local traffic after the busy time and the exposed comm
     records = layer.collectives
     busy = max(c["compute"], c["memory"])
     if not records:
@@ -191,7 +197,7 @@ def _comm_parts(layer: LayerPlan, hw: Hardware | None, plan: Plan) -> _Parts:
     full = [o * scale for o in own]
     prefetch = hw is None or hw.weight_prefetch
     can = [plan.settings.overlap or (prefetch and r.weight) or r.looped for r in records]
-    exposed_all = min(c["comm"], max(0.0, c["time"] + c["beside"] - busy - c["copy"]))
+    exposed_all = min(c["comm"], max(0.0, c["time"] + c["beside"] - busy - serial))
     overlappable = sum(f for f, o in zip(full, can) if o)
     share = min(1.0, (c["comm"] - exposed_all) / overlappable) if overlappable > 0 else 0.0
     hidden = [f * share if o else 0.0 for f, o in zip(full, can)]
@@ -201,7 +207,7 @@ def _comm_parts(layer: LayerPlan, hw: Hardware | None, plan: Plan) -> _Parts:
     share = min(1.0, c["beside"] / branch) if branch > 0 else 0.0
     beside = [f * share if r.beside and not o else 0.0 for f, o, r in zip(full, can, records)]
     exposed = [f - h - b for f, h, b in zip(full, hidden, beside)]
-    left, drawn = max(0.0, c["time"] - busy - c["copy"]), sum(exposed)
+    left, drawn = max(0.0, c["time"] - busy - serial), sum(exposed)
     return _Parts(c, hidden, [e * left / drawn for e in exposed] if drawn > 0 else exposed, beside, busy)
 
 

@@ -5,12 +5,14 @@ real ranks do (torchrun, OMP_NUM_THREADS=1). So every figure is measured by ever
   peak_flops      float32 matmul FLOP/s of one rank (2·n³ per n×n×n product), every rank computing at
                   once (a barrier before each repeat), each repeat the slowest rank's time, median over repeats
   hbm_bandwidth   bytes/s of one rank's large tensor copy (read + write), measured the same way
+  elementwise_bandwidth  bytes/s (read + written) of eager pointwise ops (silu, a product) over a
+                  feed-forward's hidden activation, measured the same way: slower than a copy
   link_bandwidth  gloo all-gather over the `ranks` processes on 127.0.0.1: the slope of time vs wire
   collective_latency   bytes, fitted by least squares over message sizes from 4 KiB to 16 MiB; each
                   collective timed as a rank program runs it, after compute (`collective_times`)
   comm_overlap    how much of a gloo all-gather (4 MiB out) a matmul loop of about the same length, run
                   while the gather is in flight (started, computed, then waited), hides: (t_comm + t_compute −
-                  t_both) / min(t_comm, t_compute) of the slowest rank's times, clamped to 0..1, median over repeats. gloo runs
+                  t_both) / min(t_comm, t_compute) of the slowest rank's times, clamped to 0..1, mean over repeats. gloo runs
                   collectives on its own threads, so overlap is possible in principle, but with more ranks
                   than cores its threads compete with the ranks' compute
   collectives     the same least-squares fit for each kind shardwise emits (all-gather, reduce-scatter,
@@ -87,14 +89,21 @@ def _context_compute():
     return compute
 
 
-def matmul_flops(n: int = 1024, calls: int = 1, *, together: bool = False) -> float:
+FLOPS_N = 1024  # n of the n³ matmuls FLOP/s is measured on: about 50 ms each here, as a program's projections
+
+
+def matmul_flops(n: int = 1024, calls: int = 1, *, together: bool = False, repeats: int = 7) -> float:
+    """FLOP/s of n×n×n float32 matmuls. With `together`, n must make each call long against the scheduler's
+    slices: 512³ matmuls (6 ms each, four per repeat) gave bimodal repeats here (43 or 88 GFLOP/s, as the four
+    ranks happened to run side by side or in turn on two cores) and calibrations 20 to 43 GFLOP/s apart;
+    1024³ (a program's projection at 1024 tokens) gave 40 to 46 within and across runs."""
     a, b = torch.randn(n, n), torch.randn(n, n)
 
     def loop():
         for _ in range(calls):
             torch.mm(a, b)
 
-    return 2 * n**3 * calls / _median_time(loop, together=together)
+    return 2 * n**3 * calls / _median_time(loop, repeats=repeats, together=together)
 
 
 def call_overhead(n: int = 64, calls: int = 200, *, together: bool = False) -> float:
@@ -115,6 +124,19 @@ def memory_bandwidth(nbytes: int = 256 << 20, *, together: bool = False) -> floa
     return 2 * nbytes / _median_time(lambda: dst.copy_(src), repeats=5, together=together)
 
 
+ELEMENTWISE_SHAPE = (1024, 4096)  # a feed-forward's hidden activation at 1024 tokens
+
+
+def elementwise_bandwidth(*, together: bool = False) -> float:
+    """Bytes/s (read + written) of eager pointwise ops over an activation: silu and a product, as a
+    SwiGLU feed-forward runs them on its hidden activation, each reading and writing the tensor once (the
+    second operand of the product counted as read too: 3 passes of its bytes)."""
+    x, y = torch.randn(*ELEMENTWISE_SHAPE), torch.randn(*ELEMENTWISE_SHAPE)
+    passes = 2 + 3  # silu: read x, write; mul: read both, write
+    return passes * x.numel() * x.element_size() / _median_time(lambda: torch.nn.functional.silu(x) * y, repeats=9,
+                                                                 together=together)
+
+
 def _gloo_worker(rank: int, world: int, port: int, out) -> None:
     import torch.distributed as dist
 
@@ -122,8 +144,8 @@ def _gloo_worker(rank: int, world: int, port: int, out) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     dist.barrier()
     # every rank at once, one thread each, each repeat the slowest rank's time (so every rank has the same figures)
-    local = (matmul_flops(512, calls=4, together=True), memory_bandwidth(64 << 20, together=True),
-             call_overhead(together=True))
+    local = (matmul_flops(FLOPS_N, calls=2, together=True, repeats=9), memory_bandwidth(64 << 20, together=True),
+             call_overhead(together=True), elementwise_bandwidth(together=True))
     per_rank = [None] * world
     dist.all_gather_object(per_rank, local)
     kinds = collective_times(rank, world)
@@ -141,7 +163,7 @@ KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
 
 
 
-def collective_times(rank: int, world: int, rounds: int = 7, calls: int = 4) -> dict[tuple[str, int], list[tuple[int, float]]]:
+def collective_times(rank: int, world: int, rounds: int = 15, calls: int = 4) -> dict[tuple[str, int], list[tuple[int, float]]]:
     """(kind, group size) → [(charged bytes, seconds)]: each kind of collective shardwise emits, over the whole
     world and over groups of 2 (every pair at once, as a mesh axis of 2 runs them), on tensors whose
     charged bytes (ir/collective.py: all-gather output, reduce-scatter / all-to-all input, all-reduce twice
@@ -154,7 +176,8 @@ def collective_times(rank: int, world: int, rounds: int = 7, calls: int = 4) -> 
     holds a core the others' gloo threads need, and the last rank to arrive decides when everyone goes
     on. A round times every collective once (the order rotating from round to round, so the machine's
     other load falls on all of them alike); a time is the slowest rank's; each figure is the median
-    over `rounds`."""
+    over `rounds`. (With 7 rounds, two calibrations minutes apart fitted the 4-rank all-reduce at 1.0 and
+    1.4 GB/s, enough to move the ranking of bench_layouts' 1024-token layouts from ρ 0.92 to 0.84.)"""
     import torch.distributed as dist
 
     c10d = torch.ops._c10d_functional
@@ -257,7 +280,7 @@ def fit_line(rows: list[tuple[int, float]], group: int) -> tuple[float, float]:
 OVERLAP_BYTES = 4 << 20  # the all-gather's output in the overlap measurement
 
 
-def comm_overlap(world: int, group: str, repeats: int = 11) -> list[tuple[float, float, float]]:
+def comm_overlap(world: int, group: str, repeats: int = 21) -> list[tuple[float, float, float]]:
     """This rank's (t_comm, t_compute, t_both) per repeat, every rank running it at once: a gloo all-gather
     alone, a matmul loop of about its length alone, and the two together (the gather started, the loop
     run, then the gather waited); the three run in turn in each repeat, so the machine's other load falls
@@ -298,14 +321,15 @@ def comm_overlap(world: int, group: str, repeats: int = 11) -> list[tuple[float,
 def hidden_fraction(runs: list[list[tuple[float, float, float]]]) -> tuple[float, list[float]]:
     """The fraction of the gather the compute hides, from every rank's `comm_overlap` runs: per repeat, each
     time the slowest rank's (a step ends when its last rank does), hidden = (comm + compute − both) /
-    min(comm, compute) clamped to 0..1; the median over repeats, and each repeat's. (One rank's own
-    times swing between hiding a third and nothing as the four ranks share two cores; medians of
-    per-rank figures gave 0 to 0.8 from one calibration to the next.)"""
+    min(comm, compute) clamped to 0..1; the mean over repeats, and each repeat's. The mean, not the median:
+    the repeats are bimodal (each hides about 0.6 or nothing, as the four ranks happen to share the two
+    cores), so medians gave 0 to 0.5 from one calibration to the next, while a step runs dozens of gathers
+    and hides the sum of their fractions: the mean's share."""
     hidden = []
     for i in range(len(runs[0])):
         comm, compute, both = (max(r[i][j] for r in runs) for j in range(3))
         hidden.append(min(1.0, max(0.0, (comm + compute - both) / min(comm, compute))))
-    return statistics.median(hidden), hidden
+    return statistics.fmean(hidden), hidden
 
 
 def measure_ranks(ranks: int) -> tuple:
@@ -332,6 +356,7 @@ def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Pa
     flops = statistics.median(r[0] for r in per_rank)
     bandwidth = statistics.median(r[1] for r in per_rank)
     call = statistics.median(r[2] for r in per_rank)
+    pointwise = statistics.median(r[3] for r in per_rank)
     priced = copied / bandwidth  # what the cost model would add for that copy (strategies/cost.py: copy)
     relayout = extra >= 0.5 * priced
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -342,15 +367,19 @@ def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Pa
         weight_prefetch=True,  # emitted programs issue weight gathers ahead of use (passes/schedule.py) ...
         comm_overlap=overlap,  # ... and this much of them the compute meanwhile hides here, measured
         relayout_copies=relayout,  # priced where a relayout's copy shows in a step here at all, measured
+        elementwise_bandwidth=pointwise,  # eager pointwise ops run between the matmuls, one thread each
         collectives=tuple((k, g, a, b) for (k, g), (a, b) in sorted(fits.items())),
         source=f"measured by `shardwise calibrate` on {socket.gethostname()} at {when}: {ranks} single-threaded "
                f"ranks running at once, gloo on loopback",
         fitted={
             "ranks": str(ranks),
-            "peak_flops": f"float32 512³ matmuls (4 per repeat) per rank, all {ranks} ranks at once, each repeat the "
+            "peak_flops": f"float32 {FLOPS_N}³ matmuls (2 per repeat) per rank, all {ranks} ranks at once, each repeat the "
                           f"slowest rank's time, median over repeats: {flops / 1e9:.1f} GFLOP/s",
             "hbm_bandwidth": f"64 MiB copy (read + write) per rank, all ranks at once, each repeat the slowest "
                              f"rank's time, median over repeats: {bandwidth / 1e9:.1f} GB/s",
+            "elementwise_bandwidth": f"silu(x) · y over a {ELEMENTWISE_SHAPE[0]}×{ELEMENTWISE_SHAPE[1]} float32 "
+                                     f"activation (5 passes of its bytes), all ranks at once, each repeat the "
+                                     f"slowest rank's time, median over repeats: {pointwise / 1e9:.2f} GB/s",
             "call_overhead": f"[1, 64]·[64, 64] matmul call, all ranks at once, each repeat the slowest rank's "
                              f"time, median over repeats: {call * 1e6:.1f} µs",
             "relayout_copies": f"{relayout}: a {RELAYOUT_BYTES >> 20} MiB all-gather over dim 1 (its blocks merged, "
@@ -367,7 +396,7 @@ def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Pa
                                        for (k, g), rows in sorted(kinds.items())),
             "comm_overlap": f"a {OVERLAP_BYTES >> 20} MiB gloo all-gather with a 256³ matmul loop of about its length "
                             f"run while it is in flight, all ranks at once: per repeat, the slowest rank's times, "
-                            f"hidden = (comm + compute − both) / min(comm, compute); the median of "
+                            f"hidden = (comm + compute − both) / min(comm, compute); the mean of "
                             + ", ".join(f"{h:.2f}" for h in hidden)
                             + "; median times (comm, compute, both) per rank, ms: "
                             + ", ".join("(" + ", ".join(f"{statistics.median(x[j] for x in o) * 1e3:.1f}"

@@ -51,6 +51,12 @@ For one layer under one layout, on a `Hardware` profile (PAPER.md, DESIGN.md):
              (two or three of its input); a read and a write each. Serial with the rank's compute, so
              not hidden under it. A looped collective matmul's ring steps are not priced so. A fused
              collective's members are stacked first: one more copy of each member's input.
+  elementwise = activation bytes streamed by pointwise ops, cats and reductions per chip
+             / hw.elementwise_bandwidth, added to time (None: not priced)
+             the work a layout replicates or splits beyond its matmuls: a layout that leaves the
+             feed-forward's hidden activation whole on every chip runs its silu and product whole on
+             every chip. Serial with the matmuls on a CPU rank (eager ops, one thread); fused into the
+             matmuls' epilogues by XLA and the GPU compilers, so the TPU fit and the GPU profiles price none.
 Byte counts use the planned precisions (bf16 or int8 weights, bf16 activations and KV cache), not the
 dtype the model was captured in. Memory per chip (weights at rest + KV cache) must fit in HBM.
 """
@@ -120,6 +126,7 @@ class LayerCost:
     calls: float = 0.0  # matmul calls per chip whose count depends on the layout (experts' loops)
     copy_bytes: float = 0.0  # bytes read + written per chip by local copies around collectives (relayouts)
     branches: list[Branch] = field(default_factory=list)  # a parallel block's attention: its feed-forward beside it
+    act_bytes: float = 0.0  # activation bytes per chip streamed by pointwise ops, cats and reductions
 
     def comm_bytes(self) -> float:
         return sum((c.step.bytes / c.step.itemsize * c.itemsize for c in self.comm if c.step.communicates), 0.0)
@@ -165,13 +172,15 @@ class LayerCost:
             if looped:
                 time -= hw.comm_overlap * min(looped, busy)
         beside = 0.0 if overlap else self.beside(hw)  # (with `overlap` every collective is hidden already)
+        pointwise = self.act_bytes / hw.elementwise_bandwidth if hw.elementwise_bandwidth else 0.0
         return {"compute": compute, "memory": memory, "comm": weight + act, "copy": copy, "beside": beside,
-                "time": time - beside + copy}
+                "elementwise": pointwise, "time": time - beside + copy + pointwise}
 
     def add(self, other: "LayerCost") -> "LayerCost":
         return LayerCost(self.flops + other.flops, self.weight_bytes + other.weight_bytes,
                          self.kv_bytes + other.kv_bytes, self.comm + other.comm, self.calls + other.calls,
-                         self.copy_bytes + other.copy_bytes, self.branches + other.branches)
+                         self.copy_bytes + other.copy_bytes, self.branches + other.branches,
+                         self.act_bytes + other.act_bytes)
 
 
 @dataclass(frozen=True)
