@@ -6,8 +6,8 @@ real ranks do (torchrun, OMP_NUM_THREADS=1). So every figure is measured by ever
                   once (a barrier before each repeat), each repeat the slowest rank's time, median over repeats
   hbm_bandwidth   bytes/s of one rank's large tensor copy (read + write), measured the same way
   elementwise_bandwidth  bytes/s (read + written) of eager pointwise ops (silu, a product) over a
-                  feed-forward's hidden activation, right after the matmul that makes it, as a program
-                  runs them: a third of what the same ops reach on a tensor they reused
+                  feed-forward's hidden activation, inside a feed-forward (less its matmuls), as a
+                  program runs them: a third of what the same ops reach on tensors they reused
   link_bandwidth  gloo all-gather over the `ranks` processes on 127.0.0.1: the slope of time vs wire
   collective_latency   bytes, fitted by least squares over message sizes from 4 KiB to 16 MiB; each
                   collective timed as a rank program runs it, after compute (`collective_times`)
@@ -128,25 +128,26 @@ def memory_bandwidth(nbytes: int = 256 << 20, *, together: bool = False) -> floa
 ELEMENTWISE_SHAPE = (1024, 4096)  # a feed-forward's hidden activation at 1024 tokens
 
 
-def elementwise_bandwidth(rounds: int = 15, calls: int = 3) -> float:
-    """Bytes/s (read + written) of eager pointwise ops over an activation, in context: silu(h) · y right
-    after the matmul that makes h, as a SwiGLU feed-forward runs them (silu reads and writes h; the product
-    reads both and writes: 5 passes of its bytes), minus the matmul alone, the two in alternation; each the
-    slowest rank's, all ranks at once, median over rounds of the difference. Alone, on tensors reused
-    from the call before, the same ops ran at 4 to 9 GB/s here; after the matmul that makes their input,
-    as in a program, at 2.5 to 3.1."""
+def elementwise_bandwidth(rounds: int = 11) -> float:
+    """Bytes/s (read + written) of eager pointwise ops over an activation, in context: a SwiGLU feed-forward
+    as a program runs it, h1 = x·W1 and h2 = x·W2, then silu(h1) · h2, then ·W3 (silu reads and writes the
+    hidden activation, the product reads two and writes one: 5 passes of its bytes), less the same three
+    matmuls without the pointwise ops (h2 · W3), the two in alternation; each the slowest rank's, all ranks
+    at once, median over rounds of the difference. The pointwise ops here read tensors the matmuls have
+    just made in fresh memory, as a program's do: in a feed-forward they ran at 1.8-3.4 GB/s, alone on
+    tensors reused from the call before at 4-9 GB/s."""
     import torch.distributed as dist
 
-    k = 256  # the matmul: [1024, 256] · [256, 4096], about 50 ms here
-    x, w, y = torch.randn(ELEMENTWISE_SHAPE[0], k), torch.randn(k, ELEMENTWISE_SHAPE[1]), torch.randn(*ELEMENTWISE_SHAPE)
+    rows, cols = ELEMENTWISE_SHAPE
+    e = 256  # d_model of the feed-forward: its three matmuls take about 150 ms here
+    x, w1, w2, w3 = torch.randn(rows, e), torch.randn(e, cols), torch.randn(e, cols), torch.randn(cols, e)
 
-    def with_ops():
-        for _ in range(calls):
-            torch.nn.functional.silu(x @ w) * y
+    def ffn():
+        return (torch.nn.functional.silu(x @ w1) * (x @ w2)) @ w3
 
-    def matmul_only():
-        for _ in range(calls):
-            x @ w
+    def matmuls_only():
+        x @ w1
+        return (x @ w2) @ w3
 
     def timed(fn) -> float:
         dist.barrier()
@@ -154,14 +155,13 @@ def elementwise_bandwidth(rounds: int = 15, calls: int = 3) -> float:
         fn()
         return _slowest(time.perf_counter() - t0)
 
-    with_ops(), matmul_only()
+    ffn(), matmuls_only()
     extra = []
     for r in range(rounds):
-        first, second = (with_ops, matmul_only) if r % 2 else (matmul_only, with_ops)
+        first, second = (ffn, matmuls_only) if r % 2 else (matmuls_only, ffn)
         a, b = timed(first), timed(second)
         extra.append(a - b if r % 2 else b - a)
-    passes = 2 + 3
-    return calls * passes * y.numel() * y.element_size() / max(statistics.median(extra), 1e-6)
+    return 5 * rows * cols * 4 / max(statistics.median(extra), 1e-6)
 
 
 def _gloo_worker(rank: int, world: int, port: int, out) -> None:
@@ -404,10 +404,10 @@ def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Pa
                           f"slowest rank's time, median over repeats: {flops / 1e9:.1f} GFLOP/s",
             "hbm_bandwidth": f"64 MiB copy (read + write) per rank, all ranks at once, each repeat the slowest "
                              f"rank's time, median over repeats: {bandwidth / 1e9:.1f} GB/s",
-            "elementwise_bandwidth": f"silu(h) · y over a {ELEMENTWISE_SHAPE[0]}×{ELEMENTWISE_SHAPE[1]} float32 "
-                                     f"activation (5 passes of its bytes) right after the matmul that makes h, "
-                                     f"less the matmul alone, all ranks at once, the slowest rank's, median "
-                                     f"over rounds: {pointwise / 1e9:.2f} GB/s",
+            "elementwise_bandwidth": f"silu(x·W1) · (x·W2) over a {ELEMENTWISE_SHAPE[0]}×{ELEMENTWISE_SHAPE[1]} "
+                                     f"float32 hidden activation (5 passes of its bytes) in a feed-forward, less "
+                                     f"its matmuls alone, all ranks at once, the slowest rank's, median over "
+                                     f"rounds: {pointwise / 1e9:.2f} GB/s",
             "call_overhead": f"[1, 64]·[64, 64] matmul call, all ranks at once, each repeat the slowest rank's "
                              f"time, median over repeats: {call * 1e6:.1f} µs",
             "relayout_copies": f"{relayout}: a {RELAYOUT_BYTES >> 20} MiB all-gather over dim 1 (its blocks merged, "

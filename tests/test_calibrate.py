@@ -14,6 +14,8 @@ def test_calibrate_writes_a_profile_the_planner_uses(tmp_path, monkeypatch):
     assert 1e9 < hw.peak_flops < 1e14 and hw.link_bandwidth < hw.hbm_bandwidth and hw.collective_latency >= 0
     # the overlap of a gloo gather with compute: a fraction, with the timings it came from
     assert 0.0 <= hw.comm_overlap <= 1.0 and hw.weight_prefetch and "comm_overlap" in hw.fitted
+    # pointwise ops over activations, measured inside a feed-forward: priced on this profile
+    assert hw.elementwise_bandwidth and 1e8 < hw.elementwise_bandwidth < 1e12 and "elementwise_bandwidth" in hw.fitted
     # every kind of collective the programs run, measured over the group (2 ranks: the world), and used
     kinds = {k for k, g, _, _ in hw.collectives if g == 2}
     assert kinds == {"all_gather", "reduce_scatter", "all_reduce", "all_to_all"} and "collectives" in hw.fitted
