@@ -186,6 +186,10 @@ def schedule(gm: fx.GraphModule, *, prefetch_bytes: int = DEFAULT_PREFETCH_BYTES
                 inflight.pop(done, None)
                 if on_group.get(_group(done.op)) is done:
                     del on_group[_group(done.op)]
+                    # its group is free: the next collective on it starts now, before the op that reads
+                    # this one's result (after that op, a weight gather of the next layer ran bare: with
+                    # one collective in flight per group, a weight-gathered program never prefetched)
+                    eager()
 
     pending = sorted(starts, key=lambda s: index[s.op])
     current = [0]
