@@ -243,8 +243,7 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
         costs[owner].copy_bytes += sum(2 * relayout_copies(s, mesh) * s.elements * itemsize
                                        for i, s in enumerate(conv.steps) if i not in loops)
         if id(conv) in fused:  # its tensor is stacked with its siblings' first (a copy, read and written)
-            first = conv.steps[0]
-            costs[owner].copy_bytes += 2 * first.elements // (first.group_size if first.kind == "all_gather" else 1) * itemsize
+            costs[owner].copy_bytes += 2 * _local_numel(conv.src, conv.steps[0].src, mesh) * itemsize
         if owner in beside and not is_weight and conv.src in beside[owner][1]:
             # (ring steps are hidden beside their partial matmuls already)
             branch.setdefault(owner, []).extend(c for c in made if c.step.communicates and not c.looped)

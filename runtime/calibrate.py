@@ -51,17 +51,24 @@ def _median_time(fn, repeats: int = 7, warmup: int = 2, *, together: bool = Fals
     the FLOP/s that ranks computing together get (one calibration here saw 36, 35, 36 and 84 GFLOP/s)."""
     for _ in range(warmup):
         fn()
+    if together:
+        return statistics.median(_slowest(_started_together(fn)) for _ in range(repeats))
     times = []
     for _ in range(repeats):
-        if together:
-            import torch.distributed as dist
-
-            dist.barrier()
         t0 = time.perf_counter()
         fn()
-        dt = time.perf_counter() - t0
-        times.append(_slowest(dt) if together else dt)
+        times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _started_together(fn) -> float:
+    """This rank's seconds of `fn`, every rank starting it at once (a barrier first)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def _slowest(seconds: float) -> float:
@@ -136,7 +143,6 @@ def elementwise_bandwidth(rounds: int = 11) -> float:
     at once, median over rounds of the difference. The pointwise ops here read tensors the matmuls have
     just made in fresh memory, as a program's do: in a feed-forward they ran at 1.8-3.4 GB/s, alone on
     tensors reused from the call before at 4-9 GB/s."""
-    import torch.distributed as dist
 
     rows, cols = ELEMENTWISE_SHAPE
     e = 256  # d_model of the feed-forward: its three matmuls take about 150 ms here
@@ -150,10 +156,7 @@ def elementwise_bandwidth(rounds: int = 11) -> float:
         return (x @ w2) @ w3
 
     def timed(fn) -> float:
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        return _slowest(time.perf_counter() - t0)
+        return _slowest(_started_together(fn))
 
     ffn(), matmuls_only()
     extra = []
@@ -217,13 +220,13 @@ def collective_times(rank: int, world: int, rounds: int = 15, calls: int = 4) ->
     compute = _context_compute()
 
     def timed(step=None) -> float:
-        dist.barrier()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            compute()
-            if step is not None:
-                step()
-        return time.perf_counter() - t0
+        def run():
+            for _ in range(calls):
+                compute()
+                if step is not None:
+                    step()
+
+        return _started_together(run)
 
     for key in keys:  # warm-up: gloo's buffers and pairs set up
         steps[key]()
@@ -266,7 +269,6 @@ def relayout_cost(world: int, group: str, rounds: int = 9) -> tuple[float, float
     lowers it (all-gathered stacked, then its blocks merged into dim 1: one copy of the output), against
     the gather of [1024 / world, cols] that needs no copy. Both timed after 1 ms of compute, as a program
     runs them, in alternation; each round the slowest rank's; median over rounds of the difference."""
-    import torch.distributed as dist
 
     c10d = torch.ops._c10d_functional
     rows, cols = 1024, RELAYOUT_BYTES // 4 // 1024
@@ -282,11 +284,7 @@ def relayout_cost(world: int, group: str, rounds: int = 9) -> tuple[float, float
         return y.view(world, rows, cols // world).permute(1, 0, 2).reshape(rows, cols).contiguous()
 
     def timed(fn) -> float:
-        dist.barrier()
-        t0 = time.perf_counter()
-        compute()
-        fn()
-        return _slowest(time.perf_counter() - t0)
+        return _slowest(_started_together(lambda: (compute(), fn())))
 
     dim0(), dim1()
     extra = [timed(dim1) - timed(dim0) for _ in range(rounds)]
@@ -325,11 +323,7 @@ def comm_overlap(world: int, group: str, repeats: int = 21) -> list[tuple[float,
         for _ in range(k):
             torch.mm(a, b)
 
-    def once(fn):
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
+    once = _started_together
 
     def both():
         y = c10d.all_gather_into_tensor(x, world, group)
