@@ -76,6 +76,18 @@ class Collective:
     def wire_bytes(self) -> float:
         return self.bytes * (self.group_size - 1) / self.group_size if self.group_size > 1 else 0.0
 
+    def local_copies(self, reorder: bool = False) -> int:
+        """How many local copies of its charged tensor its lowering makes (runtime/lower.py): one over the
+        first dim, its group in mesh order (`reorder` False), needs none; an all-gather over another dim
+        merges its blocks (one copy), a reduce-scatter moves them to the front first (one); an all-to-all
+        moves the leaving blocks to the front (one, unless they are there) and merges the arriving ones
+        (one, and one more to move them back to a dim other than the first)."""
+        if self.kind in ("all_gather", "reduce_scatter"):
+            return int(bool(self.dim) or reorder)
+        if self.kind == "all_to_all":
+            return int(bool(self.dst_dim) or reorder) + 1 + int(bool(self.dst_dim))
+        return 0
+
     def with_itemsize(self, itemsize: int) -> "Collective":
         from dataclasses import replace
 

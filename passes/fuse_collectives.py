@@ -131,19 +131,14 @@ def plan_fusions(gm: fx.GraphModule, conversions: Sequence, *, owners: Sequence[
 
 
 def _merges_when_fused(step: Collective) -> bool:
-    """Whether the fused step would need a local copy the member's does not: a member over the first dim
-    (an all-gather's or reduce-scatter's `dim`, an all-to-all's `dst_dim`) needs none (runtime/lower.py),
-    but stacked it runs over the second, and the blocks of every rank must then be merged (all-gather),
-    moved to the front (reduce-scatter) or merged and moved back (all-to-all): a copy of the whole fused
-    tensor, to save one collective's fixed latency. A weight-gathered layout's gathers are such (a weight
-    split over its first dim): fused, its q, k, v, o gathers copied 16 MiB per block here and its gate and
-    up 32 MiB, 336 ms of a 1.6 s step (bench_layouts, 1024 tokens), against 3.5 ms of latency each saved.
-    Those stay apart; steps over a later dim, or with no dim (all-reduce), copy as much apart as fused."""
-    if step.kind in ("all_gather", "reduce_scatter"):
-        return step.dim == 0
-    if step.kind == "all_to_all":
-        return step.dst_dim == 0
-    return False
+    """Whether the fused step would need local copies the member's does not (`Collective.local_copies`,
+    in mesh order): a member over the first dim needs none, but stacked it runs over the second, and the
+    ranks' blocks must then be merged or moved, a copy of the whole fused tensor, to save one collective's
+    fixed latency. A weight-gathered layout's gathers are such (a weight split over its first dim): fused,
+    its q, k, v, o gathers copied 16 MiB per block here and its gate and up 32 MiB, 336 ms of a 1.6 s step
+    (bench_layouts, 1024 tokens), against 3.5 ms of latency each saved. Those stay apart; steps over a
+    later dim, or with no dim (all-reduce), copy as much apart as fused."""
+    return fused_step(step, 2).local_copies() > step.local_copies()
 
 
 def _hoistable(src: fx.Node, P: int, pos: dict, already: set, uses: dict, taken: set, group: set[int]

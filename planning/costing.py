@@ -328,17 +328,10 @@ def _beside_ffn(gm: fx.GraphModule, layers: Layers, attribution: Attribution) ->
 
 
 def relayout_copies(step, mesh: Mesh) -> int:
-    """How many local copies of its charged tensor the lowering of `step` makes (runtime/lower.py): a
-    collective over the first dim, its group in mesh order, needs none; an all-gather over another dim
-    merges its blocks (one copy), a reduce-scatter moves them to the front first (one); an all-to-all
-    moves the leaving blocks to the front (one, unless they are there) and merges the arriving ones
-    (one, and one more to move them back to a dim other than the first)."""
-    reorder = tuple(mesh.mesh_order(step.atoms)) != tuple(step.atoms)
-    if step.kind in ("all_gather", "reduce_scatter"):
-        return int(bool(step.dim) or reorder)
-    if step.kind == "all_to_all":
-        return int(bool(step.dst_dim) or reorder) + 1 + int(bool(step.dst_dim))
-    return 0
+    """How many local copies of its charged tensor the lowering of `step` makes (runtime/lower.py): its
+    dims' (`Collective.local_copies`), with its group's blocks reordered where its atoms are not in mesh
+    order."""
+    return step.local_copies(reorder=tuple(mesh.mesh_order(step.atoms)) != tuple(step.atoms))
 
 
 def memory_per_chip(proto: fx.GraphModule, mesh: Mesh, precision: Precision, n_blocks: int) -> dict[str, float]:
