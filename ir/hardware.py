@@ -67,7 +67,18 @@ class Hardware:
     source: str = ""
     fitted: dict[str, str] = field(default_factory=dict, compare=False)  # constant → how it was fitted
 
-    def __post_init__(self) -> None:  # from JSON: lists back to tuples (hashable, equal to the saved profile)
+    def __post_init__(self) -> None:
+        for name, (low, strict, optional) in _RANGES.items():  # a profile is read from a file a user may edit
+            v = getattr(self, name)
+            if v is None and optional:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > low if strict else v >= low) \
+                    or (name in _FRACTIONS and v > 1):
+                want = ("a fraction from 0 to 1" if name in _FRACTIONS else
+                        f"a number {'>' if strict else '≥'} {low:g}") + (" or null" if optional else "")
+                raise ShardwiseError(f"hardware profile {self.name!r}: {name} is {v!r}; expected {want}. "
+                                     f"Fix the profile, or for cpu-local run `shardwise calibrate` again")
+        # from JSON: lists back to tuples (hashable, equal to the saved profile)
         object.__setattr__(self, "collectives", tuple((str(k), int(g), float(a), float(b))
                                                       for k, g, a, b in self.collectives))
         # looked up for every collective the search prices: a dict, not a scan
@@ -89,7 +100,23 @@ class Hardware:
 
     @classmethod
     def from_json(cls, text: str) -> "Hardware":
-        return cls(**json.loads(text))
+        fields = json.loads(text)
+        unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ShardwiseError(f"hardware profile {fields.get('name', '?')!r}: unknown field(s) "
+                                 f"{', '.join(unknown)}; expected only {', '.join(cls.__dataclass_fields__)}. "
+                                 f"Fix the profile, or for cpu-local run `shardwise calibrate` again")
+        return cls(**fields)
+
+
+# numeric fields: (lower bound, strictly above it, may be None)
+_RANGES = {"peak_flops": (0, True, False), "hbm_bytes": (0, True, False), "hbm_bandwidth": (0, True, False),
+           "link_bandwidth": (0, True, False), "link_efficiency": (0, True, False), "axis_bandwidth": (0, True, True),
+           "collective_latency": (0, False, False), "hop_latency": (0, False, False),
+           "comm_overlap": (0, False, False), "branch_overlap": (0, False, True),
+           "flops_efficiency": (0, True, False), "hbm_efficiency": (0, True, False),
+           "call_overhead": (0, False, False), "elementwise_bandwidth": (0, True, True)}
+_FRACTIONS = {"comm_overlap", "branch_overlap", "link_efficiency", "flops_efficiency", "hbm_efficiency"}
 
 
 # TPU v4: published figures from PAPER.md; the five constants below are fitted once, on PaLM 540B's

@@ -40,3 +40,24 @@ def test_missing_cpu_local_profile_says_to_calibrate(tmp_path, monkeypatch):
         assert "shardwise calibrate" in str(e)
     else:
         raise AssertionError("expected a ShardwiseError")
+
+
+def test_a_broken_profile_is_refused_naming_the_field(tmp_path, monkeypatch):
+    """A profile is a file a user may edit: a wrong value or an unknown field is a ShardwiseError naming
+    it, not a TypeError from inside the cost model."""
+    import json
+
+    import pytest
+
+    from shardwise.ir.hardware import TPU_V4
+
+    good = json.loads(TPU_V4.to_json())
+    monkeypatch.setenv("SHARDWISE_CACHE", str(tmp_path))
+    for change, named in [({"elementwise_bandwidth": "fast"}, "elementwise_bandwidth"),
+                          ({"comm_overlap": 1.5}, "comm_overlap"), ({"peak_flops": 0}, "peak_flops"),
+                          ({"peak_flop": 1e12}, "peak_flop")]:
+        (tmp_path / "cpu-local.json").write_text(json.dumps({**good, "name": "cpu-local", **change}))
+        with pytest.raises(shardwise.ShardwiseError, match=named):
+            shardwise.plan("llama-tiny", mesh="1x1x2", hardware="cpu-local")
+    (tmp_path / "cpu-local.json").write_text(json.dumps({**good, "name": "cpu-local", "elementwise_bandwidth": None}))
+    assert shardwise.get_hardware("cpu-local").elementwise_bandwidth is None
