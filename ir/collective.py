@@ -15,6 +15,8 @@ from .mesh import Mesh
 
 Kind = Literal["all_gather", "reduce_scatter", "all_reduce", "all_to_all", "slice", "mask"]
 COMMUNICATING = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
+# a merging all-gather whose output exceeds this is run in pieces (`Collective.pieces`, passes/gather_pieces.py)
+PIECE_BYTES = 16 * 2**20
 
 _SYMBOL = {
     "all_gather": "all-gather",
@@ -87,6 +89,18 @@ class Collective:
         if self.kind == "all_to_all":
             return int(bool(self.dst_dim) or reorder) + 1 + int(bool(self.dst_dim))
         return 0
+
+    def pieces(self, rows: int) -> int:
+        """How many collectives its rank program runs it as (passes/gather_pieces.py): an all-gather that
+        merges its blocks into a dim other than the first, with an output above PIECE_BYTES, is gathered in
+        pieces along the first dim (`rows` per chip), the fewest that divide the rows and keep each within
+        PIECE_BYTES (at most one per row); anything else is one."""
+        if self.kind != "all_gather" or not self.dim or self.bytes <= PIECE_BYTES or rows < 2:
+            return 1
+        k = min(-(-self.bytes // PIECE_BYTES), rows)
+        while rows % k:
+            k += 1
+        return k
 
     def with_itemsize(self, itemsize: int) -> "Collective":
         from dataclasses import replace

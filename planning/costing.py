@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from ..ir.collective import Collective
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..ir.meta import IN_LAYOUTS, LAYERS, LAYOUT
@@ -237,7 +238,8 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
             load = expert_load(dims.get(owner, {}), routed_rows(node), experts_groups(node, mesh)[0]).imbalance
         loops = looped.get(id(conv), ())
         made = [Comm(s, itemsize, is_weight, fused=i == 0 and id(conv) in riders,
-                     load=load if s.kind == "all_to_all" else 1.0, looped=i in loops)
+                     load=load if s.kind == "all_to_all" else 1.0, looped=i in loops,
+                     pieces=1 if i in loops or id(conv) in fused else _pieces(s, conv.src, mesh))
                 for i, s in enumerate(conv.steps)]
         costs[owner].comm.extend(made)
         costs[owner].copy_bytes += sum(2 * relayout_copies(s, mesh) * s.elements * itemsize
@@ -325,6 +327,13 @@ def _beside_ffn(gm: fx.GraphModule, layers: Layers, attribution: Attribution) ->
                         grow.append(m)
         out[b.attention.name] = (b.ffn.name, {n for n in inside if n not in tied})
     return out
+
+
+def _pieces(step: Collective, src: fx.Node, mesh: Mesh) -> int:
+    """How many collectives the rank program runs `step` on `src` as (Collective.pieces, on its local rows)."""
+    if step.kind != "all_gather" or not step.dim:
+        return 1
+    return step.pieces(step.src.local_shape(tuple(src.meta["val"].shape), mesh)[0])
 
 
 def relayout_copies(step, mesh: Mesh) -> int:

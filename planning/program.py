@@ -24,6 +24,7 @@ from ..passes.capture import capture
 from ..passes.collective_matmul import collective_matmul as collective_matmul_pass
 from ..passes.emit import emit
 from ..passes.find_layers import find_layers
+from ..passes.gather_pieces import gather_pieces
 from ..passes.graph_utils import signature
 from ..passes.pipeline import Pass, run_pipeline
 from ..passes.schedule import DEFAULT_PREFETCH_BYTES
@@ -52,6 +53,7 @@ def emit_rank(gm: fx.GraphModule, mesh: Mesh, rank: int, *, schedule: bool = Tru
     passes = [Pass(emit, mesh, rank, **kw)]
     if collective_matmul:
         passes.append(Pass(collective_matmul_pass, mesh, rank))
+    passes.append(Pass(gather_pieces))
     if schedule:
         passes.append(Pass(schedule_pass, prefetch_bytes=prefetch_bytes))
     return run_pipeline(gm, passes)

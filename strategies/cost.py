@@ -99,14 +99,15 @@ class Comm:
     fused: bool = False  # runs inside the collective of the Comm before it (fused): no fixed latency of its own
     load: float = 1.0  # the busiest chip's bytes over the charged ones (an uneven all-to-all: load imbalance)
     looped: bool = False  # run as a looped collective matmul: g − 1 ring steps, each beside a partial matmul
+    pieces: int = 1  # run as this many collectives (a large merging all-gather: passes/gather_pieces.py)
 
     def __init__(self, step: Collective, itemsize: int, weight: bool = False, fused: bool = False, load: float = 1.0,
-                 looped: bool = False) -> None:
+                 looped: bool = False, pieces: int = 1) -> None:
         # the fields written straight into the dict (a frozen dataclass's own __init__ sets each through
         # object.__setattr__): the planner makes one per collective of every candidate it costs
         d = self.__dict__
         d["step"], d["itemsize"], d["weight"] = step, itemsize, weight
-        d["fused"], d["load"], d["looped"] = fused, load, looped
+        d["fused"], d["load"], d["looped"], d["pieces"] = fused, load, looped, pieces
 
     def time(self, hw: Hardware) -> float:
         if self.looped:  # every ring step is a collective of its own: g − 1 fixed latencies, the same wire bytes
@@ -114,7 +115,11 @@ class Comm:
             bytes_term = collective_time(self.step, self.itemsize, hw, fixed=False)
             fit = hw.collective_fit("all_to_all", self.step.group_size)  # a ring step is an all-to-all
             return steps * (fit[0] if fit else hw.collective_latency + hw.hop_latency) + bytes_term
-        return collective_time(self.step, self.itemsize, hw, fixed=not self.fused, load=self.load)
+        time = collective_time(self.step, self.itemsize, hw, fixed=not self.fused, load=self.load)
+        if self.pieces > 1:  # each piece pays the fixed terms; the bytes are the whole tensor's once
+            time += (self.pieces - 1) * (collective_time(self.step, self.itemsize, hw)
+                                         - collective_time(self.step, self.itemsize, hw, fixed=False))
+        return time
 
 
 @dataclass
