@@ -24,6 +24,7 @@ _LAZY = {  # name → (module, attribute; None: the module itself)
     "simulate": (".api", "simulate"), "verify": (".api", "verify"),
     "backend": (".compile_backend", "backend"),
     "init": (".runtime.distributed", "init"),
+    "steady_heap": (".runtime.heap", "steady_heap"),
 }
 
 
@@ -44,5 +45,5 @@ def __dir__() -> list[str]:
 __all__ = [
     "CaptureError", "Collective", "Hardware", "Layout", "LayoutError", "Mesh", "MeshError", "Plan", "PlanError",
     "Program", "ShardedModule", "ShardwiseError", "VerifyReport", "get_hardware", "init", "models", "plan",
-    "simulate", "verify", "backend", "generate", "Generation",
+    "simulate", "verify", "backend", "generate", "Generation", "steady_heap",
 ]

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from ..ir.hardware import CPU_LOCAL, Hardware, cpu_local_path
+from .heap import steady_heap
 
 SIZES = [4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20]
 CONTEXT_S = 1e-3  # the compute before each collective in its measurement: a rank program's op between two
@@ -171,6 +172,7 @@ def _gloo_worker(rank: int, world: int, port: int, out) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    steady_heap()  # the heap shardwise.init() gives the programs' ranks (runtime/heap.py)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     dist.barrier()
     # every rank at once, one thread each, each repeat the slowest rank's time (so every rank has the same figures)
@@ -391,7 +393,8 @@ def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Pa
         elementwise_bandwidth=pointwise,  # eager pointwise ops run between the matmuls, one thread each
         collectives=tuple((k, g, a, b) for (k, g), (a, b) in sorted(fits.items())),
         source=f"measured by `shardwise calibrate` on {socket.gethostname()} at {when}: {ranks} single-threaded "
-               f"ranks running at once, gloo on loopback",
+               f"ranks running at once, gloo on loopback, "
+               f"{'a steady heap (runtime/heap.py)' if steady_heap() else 'the C library default heap'}",
         fitted={
             "ranks": str(ranks),
             "peak_flops": f"float32 {FLOPS_N}³ matmuls (2 per repeat) per rank, all {ranks} ranks at once, each repeat the "

@@ -70,11 +70,13 @@ def mesh_groups(mesh: Mesh, device_type: str | None = None) -> Callable[[tuple[s
     return _CACHE[key]
 
 
-def init(backend: str | None = None, timeout: float | None = None) -> int:
+def init(backend: str | None = None, timeout: float | None = None, *, steady_heap: bool = True) -> int:
     """Initialize torch.distributed from torchrun's environment (gloo on CPU, NCCL on GPUs); returns the rank.
 
     `timeout` (seconds) bounds how long the rendezvous and every collective of the process group wait
-    for the other ranks before raising (None: torch's default, 10 minutes)."""
+    for the other ranks before raising (None: torch's default, 10 minutes). `steady_heap`: on gloo (CPU)
+    ranks, keep what a step frees for the next (runtime/heap.py: without it every step faults its
+    activations' pages in again)."""
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             raise MeshError("shardwise.init() expects torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR)")
@@ -85,6 +87,10 @@ def init(backend: str | None = None, timeout: float | None = None) -> int:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, **({} if timeout is None else {"timeout": timedelta(seconds=timeout)}))
+    if steady_heap and dist.get_backend() == "gloo":
+        from .heap import steady_heap as keep
+
+        keep()
     return dist.get_rank()
 
 
