@@ -23,9 +23,8 @@ every later query. The step without a mask is unchanged (all-ones mask, position
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import weakref
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn

@@ -14,9 +14,9 @@ from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..ir.meta import ASSIGNMENT, LAYERS, LAYOUT, PLAN, SIGNATURE, UNKNOWN, WEIGHT
 from ..ir.plan import CollectiveRecord, LayerPlan, Memory, Plan
+from .assign_layouts import latent_name
 from .attribute import OUTPUT, Attribution
 from .emit import quantizable
-from .assign_layouts import latent_name
 from .find_layers import Layer, Layers
 from .graph_utils import signature
 from .insert_collectives import Conversion

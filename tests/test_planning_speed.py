@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 from shardwise.ir.hardware import get_hardware
-from shardwise.ir.meta import IN_LAYOUTS, LAYERS, LAYOUT, STATE
 from shardwise.ir.mesh import Mesh
+from shardwise.ir.meta import IN_LAYOUTS, LAYERS, LAYOUT, STATE
 from shardwise.passes.attribute import OUTPUT
 from shardwise.planning.apply import apply, choices_for
 from shardwise.planning.candidate import Candidate
