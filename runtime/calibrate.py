@@ -172,12 +172,12 @@ def _gloo_worker(rank: int, world: int, port: int, out) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    steady_heap()  # the heap shardwise.init() gives the programs' ranks (runtime/heap.py)
+    steady = steady_heap()  # the heap shardwise.init() gives the programs' ranks (runtime/heap.py)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     dist.barrier()
     # every rank at once, one thread each, each repeat the slowest rank's time (so every rank has the same figures)
     local = (matmul_flops(FLOPS_N, calls=2, together=True, repeats=9), memory_bandwidth(64 << 20, together=True),
-             call_overhead(together=True), elementwise_bandwidth())
+             call_overhead(together=True), elementwise_bandwidth(), steady)
     per_rank = [None] * world
     dist.all_gather_object(per_rank, local)
     kinds = collective_times(rank, world)
@@ -380,6 +380,7 @@ def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Pa
     bandwidth = statistics.median(r[1] for r in per_rank)
     call = statistics.median(r[2] for r in per_rank)
     pointwise = statistics.median(r[3] for r in per_rank)
+    steady = all(r[4] for r in per_rank)  # the ranks' heap, as they measured on it
     priced = copied / bandwidth  # what the cost model would add for that copy (strategies/cost.py: copy)
     relayout = extra >= 0.5 * priced
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -394,7 +395,7 @@ def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Pa
         collectives=tuple((k, g, a, b) for (k, g), (a, b) in sorted(fits.items())),
         source=f"measured by `shardwise calibrate` on {socket.gethostname()} at {when}: {ranks} single-threaded "
                f"ranks running at once, gloo on loopback, "
-               f"{'a steady heap (runtime/heap.py)' if steady_heap() else 'the C library default heap'}",
+               f"{'a steady heap (runtime/heap.py)' if steady else 'the C library default heap'}",
         fitted={
             "ranks": str(ranks),
             "peak_flops": f"float32 {FLOPS_N}³ matmuls (2 per repeat) per rank, all {ranks} ranks at once, each repeat the "

@@ -77,6 +77,9 @@ def init(backend: str | None = None, timeout: float | None = None, *, steady_hea
     for the other ranks before raising (None: torch's default, 10 minutes). `steady_heap`: on gloo (CPU)
     ranks, keep what a step frees for the next (runtime/heap.py: without it every step faults its
     activations' pages in again)."""
+    if not isinstance(steady_heap, bool):
+        raise ShardwiseError(f"shardwise.init(steady_heap={steady_heap!r}): expected True (keep what a step frees "
+                             f"for the next, the default on gloo ranks) or False (the C library's own heap)")
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             raise MeshError("shardwise.init() expects torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR)")

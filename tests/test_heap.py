@@ -43,3 +43,11 @@ def _released(mode: str) -> int:
 def test_freed_memory_stays_on_the_steady_heap_and_leaves_without_it():
     assert _released("default") >= 12 * 2**20  # mapped fresh, unmapped on free
     assert _released("steady") <= 2**20  # kept for the next allocation
+
+
+def test_init_refuses_a_steady_heap_that_is_not_a_bool():
+    import shardwise
+    from shardwise.errors import ShardwiseError
+
+    with pytest.raises(ShardwiseError, match=r"steady_heap='yes'.*expected True .* or False"):
+        shardwise.init(steady_heap="yes")
