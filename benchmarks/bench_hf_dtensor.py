@@ -8,6 +8,9 @@ random weights, float32, eval, no_grad; 4 gloo ranks on 127.0.0.1, one thread ea
     choice of mesh and layouts, emitted per rank; its logits checked against the unsharded model on rank 0
   * DTensor: `parallelize_module` on a 1-D mesh of the 4 ranks, ColwiseParallel on q/k/v/gate/up and
     RowwiseParallel on o/down (embedding, norms and lm_head replicated); checked the same way
+  * the same plan's programs multiplying with `aten.linear` (`plan.emit(rank, cpu_kernels=False)`: torch's
+    GEMM, as DTensor's modules use) instead of oneDNN's linear (runtime/kernels.py): what the layouts alone
+    give, beside what the program gives
   * optionally (`--alt`), forced shardwise layouts (`ffn=ws1d,attention=heads`, ...), checked the same way
   * all of them timed interleaved, run by run (the order rotating), after warm-ups: a run is the
     slowest rank's time (bench_layouts.timed_pair), the table shows the median run and the ratio
@@ -57,12 +60,13 @@ TOKENS = "8x1,8x32,8x256"
 TARGET = 0.8  # the acceptance item: shardwise's chosen plan ≤ 0.8× DTensor's step time
 DTENSOR = "dtensor"
 CHOSEN = "shardwise"
+ATEN = "shardwise, aten kernels"  # the chosen plan multiplying with torch's GEMM: what the layouts alone give
 # ops by the kind of work they do, for --profile (profiler event names, self CPU time)
 KINDS = (
     ("collective", ("c10d", "gloo", "wait_tensor", "all_reduce", "all_gather", "reduce_scatter", "all_to_all",
                     "broadcast")),
     ("attention", ("scaled_dot_product", "flash_attention", "softmax")),
-    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "mkldnn::_linear_pointwise")),
     ("copy", ("aten::copy_", "aten::contiguous", "aten::clone", "aten::cat", "aten::_to_copy", "aten::index",
               "aten::embedding", "aten::empty_like", "aten::movedim", "aten::stack")),
 )
@@ -135,8 +139,10 @@ def profile_step(fn) -> dict:
             "top": [{"op": k, "self_s": s, "calls": c, "kind": kind} for s, k, c, kind in top[:15]]}
 
 
-def shardwise_side(model, ids, rank: int, layouts, want, log) -> dict:
-    """Plan (the planner's choice, or forced `layouts`), emit this rank's program, check it, count its bytes."""
+def shardwise_side(model, ids, rank: int, layouts, want, log, *, cpu_kernels: bool = True) -> dict:
+    """Plan (the planner's choice, or forced `layouts`), emit this rank's program, check it, count its bytes.
+    `cpu_kernels=False`: the program multiplies with `aten.linear` (torch's GEMM, as DTensor's modules do)
+    instead of runtime/kernels.py's oneDNN linear."""
     import shardwise
     from shardwise.errors import LayoutError, PlanError
     from shardwise.runtime.simulate import Trace, run_recorded
@@ -148,7 +154,7 @@ def shardwise_side(model, ids, rank: int, layouts, want, log) -> dict:
         return {"layouts": layouts, "skipped": str(e).splitlines()[0]}
     planned = time.perf_counter() - t0
     with torch.no_grad():
-        program = plan.emit(rank)
+        program = plan.emit(rank, cpu_kernels=cpu_kernels)
         ok, msg = check(rank, logits(program(ids)), want)
         trace = Trace()
         run_recorded(program.program, plan.program.flat_inputs((ids,), {}), trace)
@@ -159,7 +165,7 @@ def shardwise_side(model, ids, rank: int, layouts, want, log) -> dict:
            "collectives": len(trace.collectives), "held_bytes": held_bytes(program.state_dict().values()),
            "notes": mixed, "layers": {y.name: y.choice for y in plan.layers if y.kind != "note"},
            "explain": plan.explain if layouts is None else None}
-    log(f"  shardwise {layouts or 'chosen'}: {plan.chosen} on mesh {plan.mesh}, predicted "
+    log(f"  shardwise {layouts or 'chosen'}{'' if cpu_kernels else ', aten kernels'}: {plan.chosen} on mesh {plan.mesh}, predicted "
         f"{plan.totals.latency * 1e3:.2f} ms, {'correct, ' + msg if ok else 'WRONG (' + msg + ')'}")
 
     def step():
@@ -222,6 +228,7 @@ def worker(args) -> None:
         with torch.no_grad():
             want = logits(model(ids)) if rank == 0 else None
         sides = {CHOSEN: shardwise_side(model, ids, rank, None, want, log),
+                 ATEN: shardwise_side(model, ids, rank, None, want, log, cpu_kernels=False),
                  DTENSOR: dtensor_side(dt_model, ids, rank, want, log)}
         skipped = []
         for a in alts:
@@ -263,8 +270,10 @@ def report(res: dict) -> bool:
           "input, all-reduce: 2× input), as executed.\n")
     print("ratio: median(shardwise) / median(DTensor), the acceptance figure; paired: the median over runs of "
           "each run's shardwise / DTensor (the two timed back to back: steadier under a drifting load).\n")
+    print("aten: the same plan's programs multiplying with aten.linear (torch's GEMM, DTensor's) instead of "
+          "oneDNN (runtime/kernels.py): the ratio the layouts alone give.\n")
     head = (f"{'tokens':>8} {'shardwise ms':>13} {'DTensor ms':>11} {'ratio':>6} {'paired':>7} {'≤' + str(TARGET):>5}  "
-            f"{'sw bytes/chip':>14} {'DT bytes/chip':>14}  chosen (mesh)")
+            f"{'aten':>5}  {'sw bytes/chip':>14} {'DT bytes/chip':>14}  chosen (mesh)")
     print(head)
     print("-" * len(head))
     met = True
@@ -278,8 +287,10 @@ def report(res: dict) -> bool:
         ratio = sw["measured_s"] / dt["measured_s"]
         met &= ratio <= TARGET
         paired = statistics.median([a / d for a, d in zip(sw["times"], dt["times"])])
+        at = case["rows"].get(ATEN, {}).get("measured_s")
+        at = f"{at / dt['measured_s']:5.2f}" if at else f"{'–':>5}"
         print(f"{f'{b}x{seq}':>8} {sw['measured_s'] * 1e3:13.2f} {dt['measured_s'] * 1e3:11.2f} {ratio:6.2f} "
-              f"{paired:7.2f} {'yes' if ratio <= TARGET else 'NO':>5}  {fmt_bytes(sw['bytes']):>14} "
+              f"{paired:7.2f} {'yes' if ratio <= TARGET else 'NO':>5}  {at}  {fmt_bytes(sw['bytes']):>14} "
               f"{fmt_bytes(dt['bytes']):>14}  {sw['chosen']} ({sw['mesh']})")
     for case in res["cases"]:
         b, seq = case["tokens"]
@@ -288,7 +299,8 @@ def report(res: dict) -> bool:
         print(f"{'side':<32} {'plan (mesh)':<24} {'predicted ms':>13} {'measured ms':>12} {'/DTensor':>9} "
               f"{'bytes/chip':>13} {'held/chip':>11}  check")
         for name, r in sorted(case["rows"].items(), key=lambda kv: kv[1].get("measured_s", float("inf"))):
-            label = {CHOSEN: "shardwise, planner's choice", DTENSOR: "DTensor TP"}.get(name, "forced " + name)
+            label = {CHOSEN: "shardwise, planner's choice", ATEN: "  the same, aten.linear",
+                     DTENSOR: "DTensor TP"}.get(name, "forced " + name)
             how = f"{r['chosen']} ({r['mesh']})" if name != DTENSOR else "Colwise/Rowwise (4)"
             pred = f"{r['predicted_s'] * 1e3:13.2f}" if "predicted_s" in r else f"{'–':>13}"
             meas = f"{r['measured_s'] * 1e3:12.2f}" if r.get("measured_s") is not None else f"{'WRONG':>12}"

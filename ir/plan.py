@@ -347,7 +347,7 @@ class Plan:
 
     # ------------------------------------------------------------------------------------ use
     def emit(self, rank: int, *, group_name=None, weights=None, device=None, schedule: bool | None = None,
-             collective_matmul: bool | None = None):
+             collective_matmul: bool | None = None, cpu_kernels: bool = True):
         """Rank `rank`'s program (an nn.Module holding only its shards) for the real process groups.
 
         `weights`: a WeightSource to read shards from (default: the captured model's tensors);
@@ -363,7 +363,7 @@ class Plan:
                 "shardwise.plan(model, args, layouts=...) to emit"
             )
         return self.program.emit(rank, group_name=group_name, weights=weights, device=device, schedule=schedule,
-                                 collective_matmul=collective_matmul)
+                                 collective_matmul=collective_matmul, cpu_kernels=cpu_kernels)
 
     @property
     def collectives(self) -> list[CollectiveRecord]:

@@ -22,6 +22,7 @@ from ..ir.meta import IO_LAYOUTS, STATE
 from ..passes.canonicalize import canonicalize
 from ..passes.capture import capture
 from ..passes.collective_matmul import collective_matmul as collective_matmul_pass
+from ..passes.cpu_linear import cpu_linear
 from ..passes.emit import emit
 from ..passes.find_layers import find_layers
 from ..passes.gather_pieces import gather_pieces
@@ -44,18 +45,22 @@ def prepare(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def emit_rank(gm: fx.GraphModule, mesh: Mesh, rank: int, *, schedule: bool = True,
-              prefetch_bytes: int = DEFAULT_PREFETCH_BYTES, collective_matmul: bool = False, **kw) -> fx.GraphModule:
+              prefetch_bytes: int = DEFAULT_PREFETCH_BYTES, collective_matmul: bool = False, cpu_kernels: bool = True,
+              **kw) -> fx.GraphModule:
     """Rank `rank`'s program of a planned graph, through the pipeline (`emit`'s keyword arguments), then
     scheduled for overlap (passes/schedule.py; `schedule=False`: each collective waited right away, as
     lowered; `prefetch_bytes`: gathered weight bytes allowed in flight ahead of use). `collective_matmul`:
     collectives feeding or fed by a matmul over its last dim become rings of partial matmuls first
-    (passes/collective_matmul.py)."""
+    (passes/collective_matmul.py). `cpu_kernels`: its linears multiplied by runtime/kernels.py's (oneDNN on
+    float32 CPU tensors; passes/cpu_linear.py); False keeps `aten.linear`."""
     passes = [Pass(emit, mesh, rank, **kw)]
     if collective_matmul:
         passes.append(Pass(collective_matmul_pass, mesh, rank))
     passes.append(Pass(gather_pieces))
     if schedule:
         passes.append(Pass(schedule_pass, prefetch_bytes=prefetch_bytes))
+    if cpu_kernels:
+        passes.append(Pass(cpu_linear))
     return run_pipeline(gm, passes)
 
 
@@ -171,21 +176,24 @@ class Program:
         self._scales: dict = {}  # per-row int8 scales, shared by the ranks emitted in this process
 
     def emit(self, rank: int, *, group_name: Callable | None = None, weights=None, device=None,
-             schedule: bool | None = None, collective_matmul: bool | None = None) -> ShardedModule:
+             schedule: bool | None = None, collective_matmul: bool | None = None,
+             cpu_kernels: bool = True) -> ShardedModule:
         """Rank `rank`'s program; by default on the real process groups of the current world.
-        `schedule`, `collective_matmul`: as the Program's (its own settings by default)."""
+        `schedule`, `collective_matmul`: as the Program's (its own settings by default); `cpu_kernels`: as
+        `emit_rank`'s."""
         if group_name is None:
             from ..runtime.distributed import mesh_groups
 
             group_name = mesh_groups(self.mesh)
-        prog = self._emit(rank, group_name, weights, device, schedule, collective_matmul)
+        prog = self._emit(rank, group_name, weights, device, schedule, collective_matmul, cpu_kernels)
         return ShardedModule(prog, self.call, self.sig.out_spec, self.input_layouts(), self.mesh, rank)
 
     def _emit(self, rank: int, group_name, weights, device, schedule: bool | None = None,
-              collective_matmul: bool | None = None) -> fx.GraphModule:
+              collective_matmul: bool | None = None, cpu_kernels: bool = True) -> fx.GraphModule:
         """Rank `rank`'s graph, its shards read from `weights`, else from the program's own source (counted)."""
         q = {"schedule": self.schedule if schedule is None else schedule,
-             "collective_matmul": self.collective_matmul if collective_matmul is None else collective_matmul}
+             "collective_matmul": self.collective_matmul if collective_matmul is None else collective_matmul,
+             "cpu_kernels": cpu_kernels}
         if self.quantize:  # scales shared across ranks only when read from the same in-memory tensors
             q |= {"quantize": self.quantize, "scales": self._scales if weights is None and self.weights is None else {}}
         if weights is not None or self.weights is None:

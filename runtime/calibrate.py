@@ -2,8 +2,9 @@
 
 A "chip" here is one rank: a single-threaded process, with all `ranks` processes running at once, as
 real ranks do (torchrun, OMP_NUM_THREADS=1). So every figure is measured by every rank concurrently:
-  peak_flops      float32 matmul FLOP/s of one rank (2·n³ per n×n×n product), every rank computing at
-                  once (a barrier before each repeat), each repeat the slowest rank's time, median over repeats
+  peak_flops      float32 matmul FLOP/s of one rank (2·n³ per n×n×n product) with the kernel rank programs
+                  multiply with (runtime/kernels.py: oneDNN's), every rank computing at once (a barrier
+                  before each repeat), each repeat the slowest rank's time, median over repeats
   hbm_bandwidth   bytes/s of one rank's large tensor copy (read + write), measured the same way
   elementwise_bandwidth  bytes/s (read + written) of eager pointwise ops (silu, a product) over a
                   feed-forward's hidden activation, inside a feed-forward (less its matmuls), as a
@@ -40,6 +41,7 @@ import torch
 
 from ..ir.hardware import CPU_LOCAL, Hardware, cpu_local_path
 from .heap import steady_heap
+from .kernels import linear
 
 SIZES = [4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20]
 CONTEXT_S = 1e-3  # the compute before each collective in its measurement: a rank program's op between two
@@ -110,7 +112,7 @@ def matmul_flops(n: int = 1024, calls: int = 1, *, together: bool = False, repea
 
     def loop():
         for _ in range(calls):
-            torch.mm(a, b)
+            linear(a, b)
 
     return 2 * n**3 * calls / _median_time(loop, repeats=repeats, together=together)
 
@@ -147,14 +149,14 @@ def elementwise_bandwidth(rounds: int = 11) -> float:
 
     rows, cols = ELEMENTWISE_SHAPE
     e = 256  # d_model of the feed-forward: its three matmuls take about 150 ms here
-    x, w1, w2, w3 = torch.randn(rows, e), torch.randn(e, cols), torch.randn(e, cols), torch.randn(cols, e)
+    x, w1, w2, w3 = torch.randn(rows, e), torch.randn(cols, e), torch.randn(cols, e), torch.randn(e, cols)
 
     def ffn():
-        return (torch.nn.functional.silu(x @ w1) * (x @ w2)) @ w3
+        return linear(torch.nn.functional.silu(linear(x, w1)) * linear(x, w2), w3)
 
     def matmuls_only():
-        x @ w1
-        return (x @ w2) @ w3
+        linear(x, w1)
+        return linear(linear(x, w2), w3)
 
     def timed(fn) -> float:
         return _slowest(_started_together(fn))
@@ -398,7 +400,7 @@ def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Pa
                f"{'a steady heap (runtime/heap.py)' if steady else 'the C library default heap'}",
         fitted={
             "ranks": str(ranks),
-            "peak_flops": f"float32 {FLOPS_N}³ matmuls (2 per repeat) per rank, all {ranks} ranks at once, each repeat the "
+            "peak_flops": f"float32 {FLOPS_N}³ linears (runtime/kernels.py, 2 per repeat) per rank, all {ranks} ranks at once, each repeat the "
                           f"slowest rank's time, median over repeats: {flops / 1e9:.1f} GFLOP/s",
             "hbm_bandwidth": f"64 MiB copy (read + write) per rank, all ranks at once, each repeat the slowest "
                              f"rank's time, median over repeats: {bandwidth / 1e9:.1f} GB/s",
@@ -406,7 +408,7 @@ def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Pa
                                      f"float32 hidden activation (5 passes of its bytes) in a feed-forward, less "
                                      f"its matmuls alone, all ranks at once, the slowest rank's, median over "
                                      f"rounds: {pointwise / 1e9:.2f} GB/s",
-            "call_overhead": f"[1, 64]·[64, 64] matmul call, all ranks at once, each repeat the slowest rank's "
+            "call_overhead": f"[1, 64]·[64, 64] torch.mm call (a mixture's experts'), all ranks at once, each repeat the slowest rank's "
                              f"time, median over repeats: {call * 1e6:.1f} µs",
             "relayout_copies": f"{relayout}: a {RELAYOUT_BYTES >> 20} MiB all-gather over dim 1 (its blocks merged, "
                                f"one copy) took {extra * 1e3:.1f} ms more than one over dim 0, after 1 ms of compute, "

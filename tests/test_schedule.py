@@ -20,6 +20,7 @@ import shardwise
 from shardwise.ir.meta import RANK_BLOCKS
 from shardwise.models import example_inputs
 from shardwise.passes.schedule import PREP_OPS
+from shardwise.runtime import kernels
 from shardwise.runtime.lower import COLLECTIVE_OPS, c10d
 from shardwise.runtime.simulate import sim_group_name
 
@@ -334,7 +335,7 @@ def _hoisted(plain: fx.GraphModule, sched: fx.GraphModule) -> list[str]:
     return out
 
 
-MATMUL_LIKE = {torch.ops.aten.linear.default, torch.ops.aten.addmm.default, torch.ops.aten.mm.default,
+MATMUL_LIKE = {torch.ops.aten.linear.default, kernels.linear, torch.ops.aten.addmm.default, torch.ops.aten.mm.default,
                torch.ops.aten.bmm.default, torch.ops.aten.scaled_dot_product_attention.default}
 
 
