@@ -53,13 +53,15 @@ def main() -> None:
         procs = [subprocess.Popen(cmd, stdout=None if r == 0 else subprocess.DEVNULL) for r in range(args.ranks)]
         sys.exit(max(p.wait() for p in procs))
 
+    from shardwise.runtime import kernels
     from shardwise.runtime.kernels import linear, onednn_applies
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, 1 thread, float32; oneDNN applies: "
-          f"{onednn_applies(torch.ones(1, 1), torch.ones(1, 1))}")
-    print(f"{'M':>5} {'K':>5} {'N':>5} {'aten.linear ms':>15} {'kernels.linear ms':>18} {'ratio':>6} {'max |diff|':>11}")
+    print(f"torch {torch.__version__}, 1 thread, float32; oneDNN built in: {torch.backends.mkldnn.is_available()}, "
+          f"used from {kernels.ONEDNN_MIN_MACS} multiply-adds (M·K·N) up (column oneDNN)")
+    print(f"{'M':>5} {'K':>5} {'N':>5} {'oneDNN':>6} {'aten.linear ms':>15} {'kernels.linear ms':>18} {'ratio':>6} "
+          f"{'max |diff|':>11}")
     ratios = []
     for m in ROWS:
         for k, n in SHAPES:
@@ -67,7 +69,8 @@ def main() -> None:
             ta, tk = timed_pair(lambda: F.linear(x, w), lambda: linear(x, w), args.runs)
             diff = (F.linear(x, w) - linear(x, w)).abs().max().item()
             ratios.append(tk / ta)
-            print(f"{m:5d} {k:5d} {n:5d} {ta * 1e3:15.3f} {tk * 1e3:18.3f} {tk / ta:6.2f} {diff:11.1e}")
+            used = "yes" if onednn_applies(x, w) else "no"
+            print(f"{m:5d} {k:5d} {n:5d} {used:>6} {ta * 1e3:15.3f} {tk * 1e3:18.3f} {tk / ta:6.2f} {diff:11.1e}")
     print(f"median ratio kernels.linear / aten.linear: {statistics.median(ratios):.2f}")
 
 
