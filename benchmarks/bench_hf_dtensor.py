@@ -165,7 +165,8 @@ def shardwise_side(model, ids, rank: int, layouts, want, log, *, cpu_kernels: bo
            "collectives": len(trace.collectives), "held_bytes": held_bytes(program.state_dict().values()),
            "notes": mixed, "layers": {y.name: y.choice for y in plan.layers if y.kind != "note"},
            "explain": plan.explain if layouts is None else None}
-    log(f"  shardwise {layouts or 'chosen'}{'' if cpu_kernels else ', aten kernels'}: {plan.chosen} on mesh {plan.mesh}, predicted "
+    kernel = "" if cpu_kernels else ", aten kernels"
+    log(f"  shardwise {layouts or 'chosen'}{kernel}: {plan.chosen} on mesh {plan.mesh}, predicted "
         f"{plan.totals.latency * 1e3:.2f} ms, {'correct, ' + msg if ok else 'WRONG (' + msg + ')'}")
 
     def step():

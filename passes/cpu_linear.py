@@ -3,8 +3,9 @@
 Every `aten.linear` of a rank program becomes a call of `kernels.linear` with the same arguments: oneDNN's
 inner product where the input and weight are float32 CPU tensors and the product is large enough to gain
 (`kernels.ONEDNN_MIN_MACS`), decided at each call from the tensors themselves (a rank program's nodes carry
-no types, and a gathered weight is only known when it arrives); `F.linear` anywhere else. The weights are untouched. Matmuls of other forms (GPT-2's Conv1D `addmm`,
-`mm`, a mixture's grouped experts, int8 linears) are left as they are.
+no types, and a gathered weight is only known when it arrives); `F.linear` anywhere else. The weights are
+untouched. Matmuls of other forms (GPT-2's Conv1D `addmm`, `mm`, a mixture's grouped experts, int8
+linears) are left as they are.
 """
 
 from __future__ import annotations

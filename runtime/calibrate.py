@@ -163,14 +163,15 @@ def elementwise_bandwidth(rounds: int = 11) -> float:
 
     ffn(), matmuls_only()
     extra: list[float] = []
-    # more rounds while the median difference is not positive (the pointwise ops lost in the matmuls' noise
-    # on a busy machine): every rank sees the same slowest-rank times, so all decide alike
-    for r in range(3 * rounds):
-        if r >= rounds and r % rounds == 0 and statistics.median(extra) > 0:
+    # up to three batches of rounds, more while the median difference is not positive (the pointwise ops lost
+    # in the matmuls' noise on a busy machine): every rank sees the same slowest-rank times, so all decide alike
+    for _ in range(3):
+        for r in range(rounds):
+            first, second = (ffn, matmuls_only) if r % 2 else (matmuls_only, ffn)
+            a, b = timed(first), timed(second)
+            extra.append(a - b if r % 2 else b - a)
+        if statistics.median(extra) > 0:
             break
-        first, second = (ffn, matmuls_only) if r % 2 else (matmuls_only, ffn)
-        a, b = timed(first), timed(second)
-        extra.append(a - b if r % 2 else b - a)
     return 5 * rows * cols * 4 / max(statistics.median(extra), 1e-6)
 
 
@@ -404,16 +405,17 @@ def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Pa
                f"{'a steady heap (runtime/heap.py)' if steady else 'the C library default heap'}",
         fitted={
             "ranks": str(ranks),
-            "peak_flops": f"float32 {FLOPS_N}³ linears (runtime/kernels.py, 2 per repeat) per rank, all {ranks} ranks at once, each repeat the "
-                          f"slowest rank's time, median over repeats: {flops / 1e9:.1f} GFLOP/s",
+            "peak_flops": f"float32 {FLOPS_N}³ linears (runtime/kernels.py, 2 per repeat) per rank, all {ranks} ranks "
+                          f"at once, each repeat the slowest rank's time, median over repeats: "
+                          f"{flops / 1e9:.1f} GFLOP/s",
             "hbm_bandwidth": f"64 MiB copy (read + write) per rank, all ranks at once, each repeat the slowest "
                              f"rank's time, median over repeats: {bandwidth / 1e9:.1f} GB/s",
             "elementwise_bandwidth": f"silu(x·W1) · (x·W2) over a {ELEMENTWISE_SHAPE[0]}×{ELEMENTWISE_SHAPE[1]} "
                                      f"float32 hidden activation (5 passes of its bytes) in a feed-forward, less "
                                      f"its matmuls alone, all ranks at once, the slowest rank's, median over "
                                      f"rounds: {pointwise / 1e9:.2f} GB/s",
-            "call_overhead": f"[1, 64]·[64, 64] torch.mm call (a mixture's experts'), all ranks at once, each repeat the slowest rank's "
-                             f"time, median over repeats: {call * 1e6:.1f} µs",
+            "call_overhead": f"[1, 64]·[64, 64] torch.mm call (a mixture's experts'), all ranks at once, each repeat "
+                             f"the slowest rank's time, median over repeats: {call * 1e6:.1f} µs",
             "relayout_copies": f"{relayout}: a {RELAYOUT_BYTES >> 20} MiB all-gather over dim 1 (its blocks merged, "
                                f"one copy) took {extra * 1e3:.1f} ms more than one over dim 0, after 1 ms of compute, "
                                f"the slowest rank's, median over rounds; the copy's bytes at the measured "

@@ -6,14 +6,14 @@ a float32 input and weight on the CPU, a product of at least ONEDNN_MIN_MACS mul
 into torch, no autograd recording. Anywhere else it is `F.linear` itself (torch's MKL / OpenBLAS GEMM on
 the CPU, cuBLAS on a GPU).
 
-Why: on this machine, one thread, a program's projections run faster on oneDNN than on torch's own GEMM
-(`python -m shardwise.benchmarks.bench_kernels`): [2048, 1024]·[1024, 2048] 78–80 ms against 94–111,
-[2048, 256]·[256, 8192] 107–115 against 130–133, and a decode step's [8, 1024]·[1024, 2048] 0.63 ms
-against 0.9–1.05; over 26 shapes of 2^23 to 2^32 multiply-adds, 0.57–1.01× of F.linear's time. Below 2^23
-it does not pay: each call costs about 20 µs more than F.linear's 4 µs ([8, 64]·[64, 64]), a new shape
-about 0.8 ms to set up, and small K loses ([8, 256]·[256, 1024]: 1.46×). The weight stays a plain tensor in the model's own layout (not oneDNN's blocked
-one: an opaque tensor has no storage, so it could not be copied, saved or counted): what a program holds,
-reads from a checkpoint and reports is unchanged.
+Why: on this machine, one thread, a program's projections run faster on oneDNN than on torch's own GEMM:
+0.76–0.94× of its time over the benchmarks' shapes of at least 2^23 multiply-adds (`python -m
+shardwise.benchmarks.bench_kernels`; [2048, 1024]·[1024, 2048] 79 ms against 90, a decode step's
+[8, 1024]·[1024, 2048] 0.57 ms against 0.75). Below 2^23 it does not pay: each call costs about 20 µs more
+than F.linear's 4 µs ([8, 64]·[64, 64]), a new shape about 0.8 ms to set up, and small K loses
+([8, 256]·[256, 1024]: 1.46×). The weight stays a plain tensor in the model's own layout (not oneDNN's
+blocked one: an opaque tensor has no storage, so it could not be copied, saved or counted): what a program
+holds, reads from a checkpoint and reports is unchanged.
 
 Numerics: the same float32 products summed in another order (oneDNN's blocking, not MKL's): results differ
 by a few float32 ulps of the dot products, as any two GEMM libraries do (about 1e-4 absolute on
