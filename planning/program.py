@@ -181,6 +181,12 @@ class Program:
         """Rank `rank`'s program; by default on the real process groups of the current world.
         `schedule`, `collective_matmul`: as the Program's (its own settings by default); `cpu_kernels`: as
         `emit_rank`'s."""
+        for name, value, optional in (("schedule", schedule, True), ("collective_matmul", collective_matmul, True),
+                                      ("cpu_kernels", cpu_kernels, False)):
+            if not isinstance(value, bool) and not (optional and value is None):
+                raise InputError(f"emit({name}={value!r}): expected True or False"
+                                 + (" (or None: the program's own setting)" if optional else "")
+                                 + f", got a {type(value).__name__}")
         if group_name is None:
             from ..runtime.distributed import mesh_groups
 

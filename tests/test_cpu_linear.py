@@ -117,3 +117,19 @@ def test_rank_programs_call_onednn_and_compute_the_model(monkeypatch):
     assert "mkldnn::_linear_pointwise" in {e.key for e in prof.key_averages()}
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
     assert torch.allclose(plain_out, want, atol=1e-4, rtol=1e-4)
+
+
+def test_emit_refuses_a_flag_that_is_not_a_bool():
+    """A wrong value for emit's switches is refused, naming it, before anything is emitted (a truthy string
+    would otherwise silently switch the kernel on)."""
+    from shardwise.errors import InputError
+
+    model = build_model("llama-tiny")
+    args, kwargs = example_inputs(model, 2, 8)
+    plan = shardwise.plan(model, args, kwargs, mesh="1x1x2", layouts="ffn=ws1d,attn=heads")
+    for kw, named in (({"cpu_kernels": "no"}, "cpu_kernels='no'"), ({"cpu_kernels": None}, "cpu_kernels=None"),
+                      ({"schedule": "x"}, "schedule='x'"), ({"collective_matmul": 3}, "collective_matmul=3")):
+        with pytest.raises(InputError, match=named):
+            plan.emit(0, group_name=sim_group_name, **kw)
+    assert plan.emit(0, group_name=sim_group_name, schedule=None, cpu_kernels=False) is not None
+
