@@ -23,6 +23,7 @@ priced no such overlap (pricing it moves PaLM's decode rows 12–13% under the p
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -61,9 +62,12 @@ class Hardware:
     # serial with its matmuls (strategies/cost.py: elementwise). None: not priced, as where a compiler fuses
     # them into the matmuls (XLA on TPU v4, whose fit priced none; the GPU profiles); cpu-local measures it
     elementwise_bandwidth: float | None = None
-    # measured per collective: (kind, group size, latency s, wire bytes/s) fitted on this machine; where one
-    # matches a collective, it replaces collective_latency / the link bandwidth (strategies/cost.py)
-    collectives: tuple[tuple[str, int, float, float], ...] = ()
+    # measured per collective: (kind, group size, latency s, wire bytes/s[, up to wire bytes]) fitted on this
+    # machine; where one matches a collective, it replaces collective_latency / the link bandwidth
+    # (strategies/cost.py). A kind and group may have several lines, each for the collectives of at most its
+    # `up to` wire bytes (None: any size), the smallest that holds a collective pricing it; beyond them all,
+    # the largest's line (cpu-local: a least-squares line up to 16 MiB, then one through each larger size)
+    collectives: tuple[tuple, ...] = ()
     source: str = ""
     fitted: dict[str, str] = field(default_factory=dict, compare=False)  # constant → how it was fitted
 
@@ -79,14 +83,23 @@ class Hardware:
                 raise ShardwiseError(f"hardware profile {self.name!r}: {name} is {v!r}; expected {want}. "
                                      f"Fix the profile, or for cpu-local run `shardwise calibrate` again")
         # from JSON: lists back to tuples (hashable, equal to the saved profile)
-        object.__setattr__(self, "collectives", tuple((str(k), int(g), float(a), float(b))
-                                                      for k, g, a, b in self.collectives))
-        # looked up for every collective the search prices: a dict, not a scan
-        object.__setattr__(self, "_fits", {(k, g): (a, b) for k, g, a, b in self.collectives})
+        object.__setattr__(self, "collectives", tuple(_fit_entry(self.name, e) for e in self.collectives))
+        # looked up for every collective the search prices: a dict of lines by size, not a scan
+        fits: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+        for k, g, a, b, up_to in self.collectives:
+            fits.setdefault((k, g), []).append((math.inf if up_to is None else up_to, a, b))
+        object.__setattr__(self, "_fits", {key: sorted(lines) for key, lines in fits.items()})
 
-    def collective_fit(self, kind: str, group: int) -> tuple[float, float] | None:
-        """(latency s, wire bytes/s) measured for `kind` over `group` chips, if this profile has it."""
-        return self._fits.get((kind, group))
+    def collective_fit(self, kind: str, group: int, wire: float = 0.0) -> tuple[float, float] | None:
+        """(latency s, wire bytes/s) measured for `kind` over `group` chips, if this profile has it: the line
+        for a collective of `wire` bytes (the smallest range that holds it; beyond every range, the largest's)."""
+        lines = self._fits.get((kind, group))
+        if lines is None:
+            return None
+        for up_to, latency, bandwidth in lines:
+            if wire <= up_to:
+                return latency, bandwidth
+        return lines[-1][1:]
 
     def collective_bandwidth(self, axes: Sequence[str]) -> float:
         """Bytes/s one chip sends in a collective whose group spans these mesh axes."""
@@ -107,6 +120,22 @@ class Hardware:
                                  f"{', '.join(unknown)}; expected only {', '.join(cls.__dataclass_fields__)}. "
                                  f"Fix the profile, or for cpu-local run `shardwise calibrate` again")
         return cls(**fields)
+
+
+def _fit_entry(profile: str, entry) -> tuple[str, int, float, float, float | None]:
+    """One `collectives` entry as (kind, group, latency, bandwidth, up to wire bytes or None), or a ShardwiseError."""
+    try:
+        kind, group, latency, bandwidth, *rest = entry
+        up_to = rest[0] if rest else None
+        out = (str(kind), int(group), float(latency), float(bandwidth), None if up_to is None else float(up_to))
+        if len(rest) > 1 or out[1] < 1 or out[3] <= 0 or (out[4] is not None and out[4] <= 0):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ShardwiseError(f"hardware profile {profile!r}: collectives entry {entry!r}; expected [kind, group "
+                             f"size ≥ 1, latency s, wire bytes/s > 0] with an optional fifth, the most wire bytes "
+                             f"it prices (> 0, or null). Fix the profile, or for cpu-local run `shardwise calibrate` "
+                             f"again") from None
+    return out
 
 
 # numeric fields: (lower bound, strictly above it, may be None)

@@ -20,7 +20,9 @@ real ranks do (torchrun, OMP_NUM_THREADS=1). So every figure is measured by ever
   collectives     the same least-squares fit for each kind shardwise emits (all-gather, reduce-scatter,
                   all-reduce, all-to-all) over the whole world and over groups of 2 (all pairs at once): gloo
                   implements each differently, and a mesh axis of 2 is another ring than all ranks; the cost
-                  model uses the fit of a collective's own kind and group size where there is one
+                  model uses the fit of a collective's own kind and group size where there is one. Above
+                  16 MiB a line from each size to the next (32, 64 MiB; `fit_lines`): larger collectives
+                  here take more time per byte than the small ones' line gives
   relayout_copies whether the local copy around a collective over a dim other than the first (an
                   all-gather merging its blocks) shows in a step here: priced when a 16 MiB all-gather over
                   dim 1 takes at least half that copy's time at the measured bandwidth more than one over dim 0
@@ -43,7 +45,10 @@ from ..ir.hardware import CPU_LOCAL, Hardware, cpu_local_path
 from .heap import steady_heap
 from .kernels import linear
 
-SIZES = [4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20]
+SIZES = [4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20]  # charged bytes of the collectives one line is fitted to
+# larger collectives, each priced by a line from the size below it: here their time grows faster than their
+# bytes (a 64 MiB all-gather over 4 ranks took 155-173 ms against 61-63 ms on the line through SIZES)
+LARGE_SIZES = [32 << 20, 64 << 20]
 CONTEXT_S = 1e-3  # the compute before each collective in its measurement: a rank program's op between two
 
 
@@ -224,13 +229,16 @@ def collective_times(rank: int, world: int, rounds: int = 15, calls: int = 4) ->
     if world > 2 and world % 2 == 0:
         pairs = [dist.new_group([r, r + 1]) for r in range(0, world, 2)]  # every rank creates every group
         groups[2] = pairs[rank // 2].group_name
-    keys = [(kind, g, size) for g in groups for kind in KINDS for size in SIZES]
+    keys = [(kind, g, size) for g in groups for kind in KINDS for size in SIZES + LARGE_SIZES]
     steps = {(kind, g, size): _collective_step(c10d, kind, size // 4, g, groups[g]) for kind, g, size in keys}
     compute = _context_compute()
 
-    def timed(step=None) -> float:
+    def repeats(size: int) -> int:  # a large collective is long against the machine's noise: once a round
+        return calls if size <= SIZES[-1] else 1
+
+    def timed(n: int, step=None) -> float:
         def run():
-            for _ in range(calls):
+            for _ in range(n):
                 compute()
                 if step is not None:
                     step()
@@ -243,13 +251,14 @@ def collective_times(rank: int, world: int, rounds: int = 15, calls: int = 4) ->
     raw: dict = {key: [] for key in keys}  # (with, without) per round, this rank's
     for r in range(rounds):
         for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-            raw[key].append((timed(steps[key]), timed()))
+            n = repeats(key[2])
+            raw[key].append((timed(n, steps[key]), timed(n)))
     every = [None] * world
     dist.all_gather_object(every, raw)
     out: dict = {}
     for kind, g, size in keys:
         per_round = [(max(e[(kind, g, size)][i][0] for e in every) - max(e[(kind, g, size)][i][1] for e in every))
-                     / calls for i in range(rounds)]
+                     / repeats(size) for i in range(rounds)]
         out.setdefault((kind, g), []).append((size, max(statistics.median(per_round), 1e-6)))
     return out
 
@@ -309,6 +318,25 @@ def fit_line(rows: list[tuple[int, float]], group: int) -> tuple[float, float]:
     slope = sum((a - mx) * (b - my) for a, b in zip(wire, t)) / sum((a - mx) ** 2 for a in wire)
     slope = max(slope, 1e-15)  # a flat fit (all latency) still has a finite bandwidth
     return max(my - slope * mx, 0.0), 1.0 / slope
+
+
+def fit_lines(rows: list[tuple[int, float]], group: int) -> list[tuple[float, float, float | None]]:
+    """[(latency s, wire bytes/s, up to wire bytes)] for one kind and group: the least-squares line
+    (`fit_line`) over the SIZES, up to the largest of them; then for each of the LARGE_SIZES, the line from
+    the price of the size below it to its own time, up to it; the last line also prices anything larger
+    (None). A line never rises slower than the one below it (a noisy large time is not taken as
+    cheaper bytes than small ones had)."""
+    small = [(s, t) for s, t in rows if s <= SIZES[-1]]
+    latency, bandwidth = fit_line(small, group)
+    wire = lambda size: size * (group - 1) / group  # noqa: E731
+    lines = [(latency, bandwidth, wire(SIZES[-1]))]
+    x0, t0, slope = wire(SIZES[-1]), latency + wire(SIZES[-1]) / bandwidth, 1.0 / bandwidth
+    for size, t in sorted((s, t) for s, t in rows if s > SIZES[-1]):
+        x1 = wire(size)
+        slope = max(slope, (t - t0) / (x1 - x0))
+        lines.append((t0 - slope * x0, 1.0 / slope, x1))
+        x0, t0 = x1, t0 + slope * (x1 - x0)
+    return lines[:-1] + [lines[-1][:2] + (None,)]
 
 
 OVERLAP_BYTES = 4 << 20  # the all-gather's output in the overlap measurement
@@ -374,14 +402,15 @@ def measure_ranks(ranks: int) -> tuple:
     q = ctx.SimpleQueue()
     mp.start_processes(_gloo_worker, args=(ranks, free_port(), q), nprocs=ranks, join=True, start_method="spawn")
     per_rank, overlaps, kinds, relayout = q.get()
-    raw = kinds[("all_gather", ranks)]  # the generic link figures: an all-gather over every rank
+    # the generic link figures: an all-gather over every rank, the line through the SIZES
+    raw = [(s, t) for s, t in kinds[("all_gather", ranks)] if s <= SIZES[-1]]
     latency, bandwidth = fit_line(raw, ranks)
     return latency, bandwidth, raw, per_rank, overlaps, kinds, relayout
 
 
 def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Path]:
     latency, link, raw, per_rank, overlaps, kinds, (extra, copied) = measure_ranks(ranks)
-    fits = {key: fit_line(rows, key[1]) for key, rows in kinds.items()}
+    fits = {key: fit_lines(rows, key[1]) for key, rows in kinds.items()}
     overlap, hidden = hidden_fraction(overlaps)
     flops = statistics.median(r[0] for r in per_rank)
     bandwidth = statistics.median(r[1] for r in per_rank)
@@ -399,7 +428,7 @@ def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Pa
         comm_overlap=overlap,  # ... and this much of them the compute meanwhile hides here, measured
         relayout_copies=relayout,  # priced where a relayout's copy shows in a step here at all, measured
         elementwise_bandwidth=pointwise,  # eager pointwise ops run between the matmuls, one thread each
-        collectives=tuple((k, g, a, b) for (k, g), (a, b) in sorted(fits.items())),
+        collectives=tuple((k, g, a, b, up_to) for (k, g), lines in sorted(fits.items()) for a, b, up_to in lines),
         source=f"measured by `shardwise calibrate` on {socket.gethostname()} at {when}: {ranks} single-threaded "
                f"ranks running at once, gloo on loopback, "
                f"{'a steady heap (runtime/heap.py)' if steady else 'the C library default heap'}",
@@ -423,7 +452,9 @@ def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Pa
             "link_bandwidth": "slope of gloo all-gather time vs wire bytes, "
                               + ", ".join(f"{s >> 10} KiB: {t * 1e6:.0f} µs" for s, t in raw),
             "collective_latency": "intercept of the same least-squares fit",
-            "collectives": "per kind and group size, the same fit of its own times (every rank at once; groups "
+            "collectives": "per kind and group size, the same fit of its own times up to "
+                           f"{SIZES[-1] >> 20} MiB, then a line from there through each of "
+                           f"{', '.join(f'{s >> 20}' for s in LARGE_SIZES)} MiB (every rank at once; groups "
                            "of 2: every pair at once), each the time it adds after 1 ms of compute, used for "
                            "those collectives instead of the two above: "
                            + "; ".join(f"{k}/{g}: " + ", ".join(f"{s >> 10} KiB {t * 1e6:.0f} µs" for s, t in rows)

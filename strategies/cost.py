@@ -113,13 +113,16 @@ class Comm:
         if self.looped:  # every ring step is a collective of its own: g − 1 fixed latencies, the same wire bytes
             steps = self.step.group_size - 1
             bytes_term = collective_time(self.step, self.itemsize, hw, fixed=False)
-            fit = hw.collective_fit("all_to_all", self.step.group_size)  # a ring step is an all-to-all
+            # a ring step is an all-to-all of a (g − 1)-th of the bytes
+            fit = hw.collective_fit("all_to_all", self.step.group_size, self._wire() / max(steps, 1))
             return steps * (fit[0] if fit else hw.collective_latency + hw.hop_latency) + bytes_term
-        time = collective_time(self.step, self.itemsize, hw, fixed=not self.fused, load=self.load)
-        if self.pieces > 1:  # each piece pays the fixed terms; the bytes are the whole tensor's once
-            time += (self.pieces - 1) * (collective_time(self.step, self.itemsize, hw)
-                                         - collective_time(self.step, self.itemsize, hw, fixed=False))
-        return time
+        # pieces: each pays the fixed terms, priced at its own size; the bytes are the whole tensor's once
+        return collective_time(self.step, self.itemsize, hw, fixed=not self.fused, load=self.load,
+                               pieces=self.pieces)
+
+    def _wire(self) -> float:
+        """Wire bytes per chip in the planned precision."""
+        return self.step.wire_bytes / self.step.itemsize * self.itemsize
 
 
 @dataclass
@@ -203,16 +206,19 @@ class Branch:
         return min(sum((c.time(hw) for c in self.comm if c.step.communicates), 0.0), self.ffn.spare(hw))
 
 
-def collective_time(c: Collective, itemsize: int, hw: Hardware, *, fixed: bool = True, load: float = 1.0) -> float:
+def collective_time(c: Collective, itemsize: int, hw: Hardware, *, fixed: bool = True, load: float = 1.0,
+                    pieces: int = 1) -> float:
     """latency + ring steps · hop latency + load · wire bytes / bandwidth (an all-reduce is two rings), or,
-    where the profile measured this kind over this many chips (`Hardware.collectives`), its own latency +
-    load · wire bytes / its bandwidth;
+    where the profile measured this kind over this many chips (`Hardware.collectives`), the latency +
+    load · wire bytes / bandwidth of its line for this many wire bytes;
     `fixed=False`: only the bytes (a member fused into a collective that pays the fixed terms); `load`: the
-    busiest chip's bytes over the charged ones (an uneven all-to-all)."""
+    busiest chip's bytes over the charged ones (an uneven all-to-all); `pieces`: run as this many
+    collectives of equal parts (passes/gather_pieces.py), each paying the fixed terms, priced by the line
+    for a part's size."""
     wire = c.wire_bytes / c.itemsize * itemsize
-    fit = hw.collective_fit(c.kind, c.group_size)
+    fit = hw.collective_fit(c.kind, c.group_size, wire / pieces)
     if fit is not None:  # measured for this kind and group size (calibrate): its own latency and bandwidth
-        return (fit[0] if fixed else 0.0) + load * wire / fit[1]
+        return (pieces * fit[0] if fixed else 0.0) + load * wire / fit[1]
     rings = 2 if c.kind == "all_reduce" else 1
     latency = hw.collective_latency + rings * (c.group_size - 1) * hw.hop_latency if fixed else 0.0
-    return latency + load * wire / hw.collective_bandwidth(c.axes)
+    return pieces * latency + load * wire / hw.collective_bandwidth(c.axes)

@@ -1,5 +1,7 @@
 """`shardwise calibrate`: measures this machine (2 real gloo ranks) into a profile --hardware cpu-local reads."""
 
+import dataclasses
+
 import shardwise
 from shardwise.runtime.calibrate import calibrate
 
@@ -17,9 +19,12 @@ def test_calibrate_writes_a_profile_the_planner_uses(tmp_path, monkeypatch):
     # pointwise ops over activations, measured inside a feed-forward: priced on this profile
     assert hw.elementwise_bandwidth and 1e8 < hw.elementwise_bandwidth < 1e12 and "elementwise_bandwidth" in hw.fitted
     # every kind of collective the programs run, measured over the group (2 ranks: the world), and used
-    kinds = {k for k, g, _, _ in hw.collectives if g == 2}
+    kinds = {k for k, g, *_ in hw.collectives if g == 2}
     assert kinds == {"all_gather", "reduce_scatter", "all_reduce", "all_to_all"} and "collectives" in hw.fitted
-    assert all(latency >= 0 and bandwidth > 0 for _, _, latency, bandwidth in hw.collectives)
+    assert all(bandwidth > 0 for _, _, _, bandwidth, _ in hw.collectives)
+    for kind in kinds:  # by size: the small sizes' line (latency ≥ 0), then one per larger size, unbounded last
+        lines = [(up_to, a) for k, g, a, _, up_to in hw.collectives if (k, g) == (kind, 2)]
+        assert len(lines) == 3 and lines[0][1] >= 0 and lines[-1][0] is None
     from shardwise.ir.collective import Collective
     from shardwise.ir.layout import Layout
     from shardwise.strategies.cost import collective_time
@@ -61,3 +66,37 @@ def test_a_broken_profile_is_refused_naming_the_field(tmp_path, monkeypatch):
             shardwise.plan("llama-tiny", mesh="1x1x2", hardware="cpu-local")
     (tmp_path / "cpu-local.json").write_text(json.dumps({**good, "name": "cpu-local", "elementwise_bandwidth": None}))
     assert shardwise.get_hardware("cpu-local").elementwise_bandwidth is None
+
+
+def test_large_collectives_are_priced_by_their_own_lines():
+    """Above the sizes one least-squares line is fitted to, each larger size gets the line from the price
+    below it to its own time: a collective's price is continuous in its bytes, matches each large
+    measurement, never rises slower than the small sizes' line, and an old profile's single line still
+    prices any size."""
+    import pytest
+
+    from shardwise.ir.hardware import TPU_V4
+    from shardwise.runtime.calibrate import LARGE_SIZES, SIZES, fit_lines
+
+    g = 4
+    line = lambda size: 1e-3 + size * (g - 1) / g / 1e9  # noqa: E731  (1 ms + wire bytes at 1 GB/s)
+    slow = {LARGE_SIZES[0]: 3 * line(LARGE_SIZES[0]), LARGE_SIZES[1]: 0.5 * line(LARGE_SIZES[1])}
+    rows = [(s, line(s)) for s in SIZES] + sorted(slow.items())
+    lines = fit_lines(rows, g)
+    hw = dataclasses.replace(TPU_V4, name="lines", collectives=tuple(("all_gather", g, *l) for l in lines))
+
+    def priced(size):
+        a, b = hw.collective_fit("all_gather", g, size * (g - 1) / g)
+        return a + size * (g - 1) / g / b
+
+    assert priced(SIZES[2]) == pytest.approx(line(SIZES[2]))  # the small sizes' line
+    assert priced(LARGE_SIZES[0]) == pytest.approx(slow[LARGE_SIZES[0]])  # each large size as measured ...
+    # ... except where that would be cheaper per byte than the line below it: 64 MiB measured faster than 32
+    assert priced(LARGE_SIZES[1]) > priced(LARGE_SIZES[0])
+    for boundary in (SIZES[-1], LARGE_SIZES[0]):  # continuous where the lines meet
+        assert priced(boundary * (1 + 1e-9)) == pytest.approx(priced(boundary), rel=1e-6)
+    assert priced(4 * LARGE_SIZES[1]) > priced(LARGE_SIZES[1])  # beyond them, the last line goes on
+    old = dataclasses.replace(TPU_V4, name="old", collectives=(("all_gather", g, 1e-3, 1e9),))
+    assert old.collective_fit("all_gather", g, 1e12) == (1e-3, 1e9)
+    with pytest.raises(shardwise.ShardwiseError, match="collectives entry"):
+        dataclasses.replace(TPU_V4, name="bad", collectives=(("all_gather", g, 1e-3, 1e9, -5.0),))
