@@ -423,7 +423,10 @@ def ensure_profile():
         hw, path = calibrate(ranks=NPROC)
         print(f"cpu-local profile: measured now, saved to {path} ({hw.source})")
     print(f"  peak {hw.peak_flops / 1e9:.1f} GFLOP/s, memory {hw.hbm_bandwidth / 1e9:.1f} GB/s, link "
-          f"{hw.link_bandwidth / 1e6:.0f} MB/s, collective latency {hw.collective_latency * 1e6:.0f} µs")
+          f"{hw.link_bandwidth / 1e6:.0f} MB/s, collective latency {hw.collective_latency * 1e6:.0f} µs"
+          + (f", elementwise {hw.elementwise_bandwidth / 1e9:.1f} GB/s" if hw.elementwise_bandwidth else "")
+          + (f", matmuls by shape {min(f for *_, f in hw.matmul_shapes) / 1e9:.1f}–"
+             f"{max(f for *_, f in hw.matmul_shapes) / 1e9:.1f} GFLOP/s" if hw.matmul_shapes else ""))
     return hw
 
 

@@ -10,6 +10,11 @@ can also be limited by the links of the axes it spans (`axis_bandwidth` per axis
 axes gets twice one axis's links). None means axes do not limit it: behind a switch (NVLink/NVSwitch)
 any group reaches the chip's full bandwidth.
 
+Measured by shape and size (cpu-local, `runtime/calibrate.py`): `matmul_shapes` gives matmul FLOP/s at a
+grid of local shapes, so each matmul is priced at its own shape's instead of at one peak; `collectives`
+gives each kind of collective and group size its own latency and bandwidth, by size range where large
+ones cost more per byte than small ones. The TPU and GPU profiles have neither (one peak, one link).
+
 Overlap: with `weight_prefetch`, weight all-gathers are issued ahead of use (the emitted programs do:
 passes/schedule.py), and `comm_overlap` (0..1) is the fraction of their time that the compute running
 meanwhile hides. cpu-local measures it (`runtime/calibrate.py`: gloo's thread against single-threaded
@@ -68,6 +73,10 @@ class Hardware:
     # `up to` wire bytes (None: any size), the smallest that holds a collective pricing it; beyond them all,
     # the largest's line (cpu-local: a least-squares line up to 16 MiB, then one through each larger size)
     collectives: tuple[tuple, ...] = ()
+    # measured matmul FLOP/s per chip by local shape: (M, K, N, FLOP/s) at every point of a grid of Ms × Ks × Ns
+    # (cpu-local: runtime/calibrate.py). Where set, a matmul's compute is its FLOPs over the FLOP/s at its
+    # shape (`matmul_flops`) instead of peak · flops_efficiency; attention cores and experts keep the peak
+    matmul_shapes: tuple[tuple[int, int, int, float], ...] = ()
     source: str = ""
     fitted: dict[str, str] = field(default_factory=dict, compare=False)  # constant → how it was fitted
 
@@ -89,6 +98,20 @@ class Hardware:
         for k, g, a, b, up_to in self.collectives:
             fits.setdefault((k, g), []).append((math.inf if up_to is None else up_to, a, b))
         object.__setattr__(self, "_fits", {key: sorted(lines) for key, lines in fits.items()})
+        object.__setattr__(self, "matmul_shapes", _matmul_grid(self.name, self.matmul_shapes))
+        object.__setattr__(self, "_by_shape", {})  # (m, k, n) → FLOP/s, as the search asks
+
+    def matmul_flops(self, m: int, k: int, n: int) -> float:
+        """FLOP/s of one [m, k]·[k, n] matmul on this chip: from `matmul_shapes`, interpolated linearly in
+        log2 of each of m, k and n between the grid's points (the log of FLOP/s; a shape beyond the grid
+        takes its edge), or peak · flops_efficiency where the profile has no grid."""
+        if not self.matmul_shapes:
+            return self.peak_flops * self.flops_efficiency
+        key = (m, k, n)
+        got = self._by_shape.get(key)
+        if got is None:
+            got = self._by_shape[key] = _interpolate(self.matmul_shapes, key)
+        return got
 
     def collective_fit(self, kind: str, group: int, wire: float = 0.0) -> tuple[float, float] | None:
         """(latency s, wire bytes/s) measured for `kind` over `group` chips, if this profile has it: the line
@@ -136,6 +159,42 @@ def _fit_entry(profile: str, entry) -> tuple[str, int, float, float, float | Non
                              f"it prices (> 0, or null). Fix the profile, or for cpu-local run `shardwise calibrate` "
                              f"again") from None
     return out
+
+
+def _matmul_grid(profile: str, entries) -> tuple[tuple[int, int, int, float], ...]:
+    """`matmul_shapes` as sorted (m, k, n, FLOP/s) tuples covering a full grid, or a ShardwiseError."""
+    try:
+        out = tuple(sorted((int(m), int(k), int(n), float(f)) for m, k, n, f in entries))
+        if any(min(e) <= 0 for e in out):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ShardwiseError(f"hardware profile {profile!r}: matmul_shapes must be [M, K, N, FLOP/s] entries, all "
+                             f"positive. Fix the profile, or for cpu-local run `shardwise calibrate` again") from None
+    axes = [sorted({e[i] for e in out}) for i in range(3)]
+    if len({e[:3] for e in out}) != len(out) or len(out) != math.prod(len(a) for a in axes):
+        raise ShardwiseError(f"hardware profile {profile!r}: matmul_shapes has {len(out)} entries, not one for each "
+                             f"point of its grid M {axes[0]} × K {axes[1]} × N {axes[2]}. Fix the profile, or for "
+                             f"cpu-local run `shardwise calibrate` again")
+    return out
+
+
+def _interpolate(grid: tuple[tuple[int, int, int, float], ...], shape: tuple[int, int, int]) -> float:
+    """FLOP/s at `shape` from a full (m, k, n, FLOP/s) grid: trilinear in log2 of the dims, of log FLOP/s,
+    each dim clamped to the grid's range."""
+    axes = [sorted({e[i] for e in grid}) for i in range(3)]
+    value = {e[:3]: math.log(e[3]) for e in grid}
+    corners = []  # per dim: [(grid value, weight)]
+    for axis, x in zip(axes, shape):
+        x = min(max(x, axis[0]), axis[-1])
+        hi = next(i for i, v in enumerate(axis) if v >= x)
+        if axis[hi] == x or hi == 0:
+            corners.append([(axis[hi], 1.0)])
+            continue
+        a, b = axis[hi - 1], axis[hi]
+        t = (math.log2(x) - math.log2(a)) / (math.log2(b) - math.log2(a))
+        corners.append([(a, 1.0 - t), (b, t)])
+    return math.exp(sum(wm * wk * wn * value[(m, k, n)]
+                        for m, wm in corners[0] for k, wk in corners[1] for n, wn in corners[2]))
 
 
 # numeric fields: (lower bound, strictly above it, may be None)

@@ -89,10 +89,8 @@ def op_flops(node: fx.Node, mesh: Mesh, kind: str | None = _KIND) -> float:
     `op_kind(node)`, where the caller knows it."""
     kind = op_kind(node) if kind is _KIND else kind
     if kind == "matmul":
-        m = MATMULS[node.target]
-        x = node.args[m.x]
-        k_local = node.meta[IN_LAYOUTS][m.x_name].local_shape(tuple(x.meta["val"].shape), mesh)[-1]
-        return 2.0 * _local_numel(node, node.meta[LAYOUT], mesh) * k_local
+        m, k, n = matmul_shape(node, mesh)
+        return 2.0 * m * k * n
     if kind == "grouped":  # the routed tokens (B·L·top-k rows) through their experts: top-k experts per token
         x = node.args[0]
         name = node.target._schema.arguments[0].name
@@ -106,6 +104,17 @@ def op_flops(node: fx.Node, mesh: Mesh, kind: str | None = _KIND) -> float:
         Lk = k.meta["val"].shape[2]
         return 4.0 * B * H * Lq * Lk * D
     return 0.0
+
+
+def matmul_shape(node: fx.Node, mesh: Mesh) -> tuple[int, int, int]:
+    """(m, k, n) of a matmul as one chip runs it: its local output's last dim n, its input's local k, and m
+    the rest of the output (rows, times batches for a bmm)."""
+    args = MATMULS[node.target]
+    x = node.args[args.x]
+    k = node.meta[IN_LAYOUTS][args.x_name].local_shape(tuple(x.meta["val"].shape), mesh)[-1]
+    out = node.meta[LAYOUT].local_shape(tuple(node.meta["val"].shape), mesh)
+    n = out[-1] if out else 1
+    return (math.prod(out) // n if n else 0), k, n
 
 
 def touched_fraction(dims: dict[str, int]):
@@ -200,7 +209,11 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
     # (the rest add 0 FLOPs and no bytes)
     for node, owner, kind, read in facts.costed:
         c = costs[owner]
-        if kind != "cache":
+        if kind == "matmul":
+            m, k, n = matmul_shape(node, mesh)
+            c.flops += 2.0 * m * k * n
+            c.gemms.append((2.0 * m * k * n, m, k, n))
+        elif kind != "cache":
             c.flops += op_flops(node, mesh, kind)
         if kind == "matmul" and read is not None:  # its weight, a parameter
             c.weight_bytes += _local_numel(read, node.meta[IN_LAYOUTS][MATMULS[node.target].w_name], mesh) * size(

@@ -5,10 +5,12 @@ real ranks do (torchrun, OMP_NUM_THREADS=1). So every figure is measured by ever
   peak_flops      float32 matmul FLOP/s of one rank (2·n³ per n×n×n product) with the kernel rank programs
                   multiply with (runtime/kernels.py: oneDNN's), every rank computing at once (a barrier
                   before each repeat), each repeat the slowest rank's time, median over repeats
+  matmul_shapes   the same kernel's FLOP/s on a grid of [m, k]·[k, n] shapes (m 16 to 1024, k and n 256 to
+                  4096), measured the same way: the cost model prices each matmul at its own shape's
   hbm_bandwidth   bytes/s of one rank's large tensor copy (read + write), measured the same way
   elementwise_bandwidth  bytes/s (read + written) of eager pointwise ops (silu, a product) over a
-                  feed-forward's hidden activation, inside a feed-forward (less its matmuls), as a
-                  program runs them: a third of what the same ops reach on tensors they reused
+                  feed-forward's hidden activation, timed right after the matmuls that make it, on their
+                  fresh outputs, as a program runs them
   link_bandwidth  gloo all-gather over the `ranks` processes on 127.0.0.1: the slope of time vs wire
   collective_latency   bytes, fitted by least squares over message sizes from 4 KiB to 16 MiB; each
                   collective timed as a rank program runs it, after compute (`collective_times`)
@@ -122,6 +124,36 @@ def matmul_flops(n: int = 1024, calls: int = 1, *, together: bool = False, repea
     return 2 * n**3 * calls / _median_time(loop, repeats=repeats, together=together)
 
 
+GEMM_M, GEMM_KN = (16, 64, 256, 1024), (256, 1024, 4096)  # the grid of local matmul shapes FLOP/s is measured at
+GEMM_REPEAT_S = 0.03  # at least this long a repeat (several calls of a small shape)
+
+
+def matmul_grid(peak: float, rounds: int = 7) -> list[tuple[int, int, int, float]]:
+    """[(m, k, n, FLOP/s)] of the rank programs' linear (runtime/kernels.py) on [m, k]·[k, n] for every m in
+    GEMM_M and k, n in GEMM_KN, every rank at once: each time at least GEMM_REPEAT_S (calls of the shape, as
+    many as `peak` FLOP/s says fill it) and the slowest rank's; in rounds that time every shape once, the
+    order rotating, so a slow minute of the machine falls on all shapes alike; median over rounds. (Timed
+    shape after shape instead, two calibrations put one shape 10% apart and the grid's neighbours 43 to
+    53 GFLOP/s apart, without a pattern between them.)"""
+    shapes = [(m, k, n) for m in GEMM_M for k in GEMM_KN for n in GEMM_KN]
+    loops = {}
+    for m, k, n in shapes:
+        a, w = torch.randn(m, k), torch.randn(n, k)
+        calls = max(1, round(GEMM_REPEAT_S * peak / (2 * m * k * n)))
+
+        def loop(a=a, w=w, calls=calls):
+            for _ in range(calls):
+                linear(a, w)
+
+        loop()  # warm-up: oneDNN sets each shape up once
+        loops[(m, k, n)] = (loop, calls)
+    times: dict = {shape: [] for shape in shapes}
+    for r in range(rounds):
+        for shape in shapes[r % len(shapes):] + shapes[:r % len(shapes)]:
+            times[shape].append(_slowest(_started_together(loops[shape][0])))
+    return [(m, k, n, 2 * m * k * n * loops[(m, k, n)][1] / statistics.median(times[(m, k, n)])) for m, k, n in shapes]
+
+
 def call_overhead(n: int = 64, calls: int = 200, *, together: bool = False) -> float:
     """Seconds one small matmul call costs ([1, n] · [n, n]: its FLOPs are nothing): what a mixture's
     experts pay per touched expert and projection beyond their FLOPs and bytes."""
@@ -143,41 +175,32 @@ def memory_bandwidth(nbytes: int = 256 << 20, *, together: bool = False) -> floa
 ELEMENTWISE_SHAPE = (1024, 4096)  # a feed-forward's hidden activation at 1024 tokens
 
 
-def elementwise_bandwidth(rounds: int = 11) -> float:
-    """Bytes/s (read + written) of eager pointwise ops over an activation, in context: a SwiGLU feed-forward
-    as a program runs it, h1 = x·W1 and h2 = x·W2, then silu(h1) · h2, then ·W3 (silu reads and writes the
-    hidden activation, the product reads two and writes one: 5 passes of its bytes), less the same three
-    matmuls without the pointwise ops (h2 · W3), the two in alternation; each the slowest rank's, all ranks
-    at once, median over rounds of the difference. The pointwise ops here read tensors the matmuls have
-    just made in fresh memory, as a program's do: in a feed-forward they ran at 1.8-3.4 GB/s, alone on
-    tensors reused from the call before at 4-9 GB/s."""
+def elementwise_bandwidth(rounds: int = 15) -> float:
+    """Bytes/s (read + written) of eager pointwise ops over an activation, in context: a SwiGLU feed-forward's
+    silu(h1) · h2 (silu reads and writes the hidden activation, the product reads two and writes one: 5 passes
+    of its bytes), timed alone right after the matmuls that make h1 = x·W1 and h2 = x·W2, on their fresh
+    outputs, as a program runs it; all ranks at once (a barrier after the matmuls), each round the slowest
+    rank's, median over rounds.
+
+    Timed directly: an earlier version took a whole feed-forward less its matmuls alone, and the pointwise
+    ops' few ms were lost in the matmuls' noise (three calibrations gave 5.8, 7.8 and 9.8 GB/s, and one a
+    difference of nothing)."""
+    import torch.distributed as dist
 
     rows, cols = ELEMENTWISE_SHAPE
-    e = 256  # d_model of the feed-forward: its three matmuls take about 150 ms here
-    x, w1, w2, w3 = torch.randn(rows, e), torch.randn(cols, e), torch.randn(cols, e), torch.randn(e, cols)
-
-    def ffn():
-        return linear(torch.nn.functional.silu(linear(x, w1)) * linear(x, w2), w3)
-
-    def matmuls_only():
-        linear(x, w1)
-        return linear(linear(x, w2), w3)
-
-    def timed(fn) -> float:
-        return _slowest(_started_together(fn))
-
-    ffn(), matmuls_only()
-    extra: list[float] = []
-    # up to three batches of rounds, more while the median difference is not positive (the pointwise ops lost
-    # in the matmuls' noise on a busy machine): every rank sees the same slowest-rank times, so all decide alike
-    for _ in range(3):
-        for r in range(rounds):
-            first, second = (ffn, matmuls_only) if r % 2 else (matmuls_only, ffn)
-            a, b = timed(first), timed(second)
-            extra.append(a - b if r % 2 else b - a)
-        if statistics.median(extra) > 0:
-            break
-    return 5 * rows * cols * 4 / max(statistics.median(extra), 1e-6)
+    e = 256  # d_model of the feed-forward
+    x, w1, w2 = torch.randn(rows, e), torch.randn(cols, e), torch.randn(cols, e)
+    seconds = []
+    for r in range(rounds + 1):  # the first round warms up
+        h1, h2 = linear(x, w1), linear(x, w2)
+        dist.barrier()
+        t0 = time.perf_counter()
+        torch.nn.functional.silu(h1) * h2
+        t = _slowest(time.perf_counter() - t0)
+        if r:
+            seconds.append(t)
+        del h1, h2
+    return 5 * rows * cols * 4 / statistics.median(seconds)
 
 
 def _gloo_worker(rank: int, world: int, port: int, out) -> None:
@@ -188,8 +211,9 @@ def _gloo_worker(rank: int, world: int, port: int, out) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     dist.barrier()
     # every rank at once, one thread each, each repeat the slowest rank's time (so every rank has the same figures)
-    local = (matmul_flops(FLOPS_N, calls=2, together=True, repeats=9), memory_bandwidth(64 << 20, together=True),
-             call_overhead(together=True), elementwise_bandwidth(), steady)
+    peak = matmul_flops(FLOPS_N, calls=2, together=True, repeats=9)
+    local = (peak, memory_bandwidth(64 << 20, together=True), call_overhead(together=True), elementwise_bandwidth(),
+             steady, matmul_grid(peak))
     per_rank = [None] * world
     dist.all_gather_object(per_rank, local)
     kinds = collective_times(rank, world)
@@ -417,6 +441,7 @@ def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Pa
     call = statistics.median(r[2] for r in per_rank)
     pointwise = statistics.median(r[3] for r in per_rank)
     steady = all(r[4] for r in per_rank)  # the ranks' heap, as they measured on it
+    shapes = per_rank[0][5]  # (the slowest rank's times: every rank has the same)
     priced = copied / bandwidth  # what the cost model would add for that copy (strategies/cost.py: copy)
     relayout = extra >= 0.5 * priced
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -428,6 +453,7 @@ def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Pa
         comm_overlap=overlap,  # ... and this much of them the compute meanwhile hides here, measured
         relayout_copies=relayout,  # priced where a relayout's copy shows in a step here at all, measured
         elementwise_bandwidth=pointwise,  # eager pointwise ops run between the matmuls, one thread each
+        matmul_shapes=tuple(shapes),
         collectives=tuple((k, g, a, b, up_to) for (k, g), lines in sorted(fits.items()) for a, b, up_to in lines),
         source=f"measured by `shardwise calibrate` on {socket.gethostname()} at {when}: {ranks} single-threaded "
                f"ranks running at once, gloo on loopback, "
@@ -437,11 +463,15 @@ def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Pa
             "peak_flops": f"float32 {FLOPS_N}³ linears (runtime/kernels.py, 2 per repeat) per rank, all {ranks} ranks "
                           f"at once, each repeat the slowest rank's time, median over repeats: "
                           f"{flops / 1e9:.1f} GFLOP/s",
+            "matmul_shapes": f"float32 [m, k]·[k, n] linears (runtime/kernels.py) for m in {GEMM_M}, k and n in "
+                             f"{GEMM_KN}, calls of at least {GEMM_REPEAT_S * 1e3:.0f} ms a time, all ranks at once, "
+                             f"the slowest rank's, in rounds over every shape, median over rounds: "
+                             + ", ".join(f"{m}×{k}×{n} {f / 1e9:.1f}" for m, k, n, f in shapes) + " GFLOP/s",
             "hbm_bandwidth": f"64 MiB copy (read + write) per rank, all ranks at once, each repeat the slowest "
                              f"rank's time, median over repeats: {bandwidth / 1e9:.1f} GB/s",
-            "elementwise_bandwidth": f"silu(x·W1) · (x·W2) over a {ELEMENTWISE_SHAPE[0]}×{ELEMENTWISE_SHAPE[1]} "
-                                     f"float32 hidden activation (5 passes of its bytes) in a feed-forward, less "
-                                     f"its matmuls alone, all ranks at once, the slowest rank's, median over "
+            "elementwise_bandwidth": f"silu(h1) · h2 over a {ELEMENTWISE_SHAPE[0]}×{ELEMENTWISE_SHAPE[1]} float32 "
+                                     f"hidden activation (5 passes of its bytes), timed right after the matmuls "
+                                     f"that make h1 and h2, all ranks at once, the slowest rank's, median over "
                                      f"rounds: {pointwise / 1e9:.2f} GB/s",
             "call_overhead": f"[1, 64]·[64, 64] torch.mm call (a mixture's experts'), all ranks at once, each repeat "
                              f"the slowest rank's time, median over repeats: {call * 1e6:.1f} µs",

@@ -4,6 +4,8 @@ The formulas live here; reading a layer's FLOPs and bytes off a propagated graph
 
 For one layer under one layout, on a `Hardware` profile (PAPER.md, DESIGN.md):
   compute  = FLOPs per chip / (peak · flops_efficiency) + calls · call_overhead
+             (a matmul's FLOPs at the FLOP/s measured for its local shape instead, where the profile
+             has them: `Hardware.matmul_shapes`, cpu-local)
              FLOPs from the *local* shapes of the layer's matmuls (2·M·N·K) and attention cores
              (4·B·H·Lq·Lk·D), so replicated work (heads that do not divide) is charged where it runs;
              `calls`: the matmul calls whose number a layout changes (a mixture's experts run one matmul
@@ -135,6 +137,8 @@ class LayerCost:
     copy_bytes: float = 0.0  # bytes read + written per chip by local copies around collectives (relayouts)
     branches: list[Branch] = field(default_factory=list)  # a parallel block's attention: its feed-forward beside it
     act_bytes: float = 0.0  # activation bytes per chip streamed by pointwise ops, cats and reductions
+    # the matmuls among `flops`, by local shape: (FLOPs, m, k, n) each; priced at hw.matmul_flops(m, k, n)
+    gemms: list[tuple[float, int, int, int]] = field(default_factory=list)
 
     def comm_bytes(self) -> float:
         return sum((c.step.bytes / c.step.itemsize * c.itemsize for c in self.comm if c.step.communicates), 0.0)
@@ -142,6 +146,9 @@ class LayerCost:
     def _terms(self, hw: Hardware) -> tuple[float, float, float, float, float]:
         """compute, memory, weight comm, activation comm, looped comm (seconds)."""
         compute = self.flops / (hw.peak_flops * hw.flops_efficiency) + self.calls * hw.call_overhead
+        if hw.matmul_shapes and self.gemms:  # measured by shape: those FLOPs at their own FLOP/s
+            compute += sum((f / hw.matmul_flops(m, k, n) - f / (hw.peak_flops * hw.flops_efficiency)
+                            for f, m, k, n in self.gemms), 0.0)
         memory = (self.weight_bytes + self.kv_bytes) / (hw.hbm_bandwidth * hw.hbm_efficiency)
         timed = [(c, c.time(hw)) for c in self.comm]  # (each priced once, summed in order as before)
         weight = sum((t for c, t in timed if c.weight and c.step.communicates), 0.0)
@@ -188,7 +195,7 @@ class LayerCost:
         return LayerCost(self.flops + other.flops, self.weight_bytes + other.weight_bytes,
                          self.kv_bytes + other.kv_bytes, self.comm + other.comm, self.calls + other.calls,
                          self.copy_bytes + other.copy_bytes, self.branches + other.branches,
-                         self.act_bytes + other.act_bytes)
+                         self.act_bytes + other.act_bytes, self.gemms + other.gemms)
 
 
 @dataclass(frozen=True)
