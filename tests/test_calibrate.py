@@ -96,6 +96,17 @@ def test_large_collectives_are_priced_by_their_own_lines():
     for boundary in (SIZES[-1], LARGE_SIZES[0]):  # continuous where the lines meet
         assert priced(boundary * (1 + 1e-9)) == pytest.approx(priced(boundary), rel=1e-6)
     assert priced(4 * LARGE_SIZES[1]) > priced(LARGE_SIZES[1])  # beyond them, the last line goes on
+    # a gather run in pieces (passes/gather_pieces.py) is priced by a piece's line: 4 pieces of 16 MiB each
+    # pay the small sizes' latency and bandwidth, not the 64 MiB line's
+    from shardwise.ir.collective import Collective
+    from shardwise.ir.layout import Layout
+    from shardwise.strategies.cost import Comm
+
+    rep = Layout.replicated(2)
+    whole = Collective("all_gather", ("x",), rep, rep, elements=LARGE_SIZES[1] // 4, itemsize=4, group_size=g)
+    latency, bandwidth = lines[0][:2]
+    assert Comm(whole, 4, pieces=4).time(hw) == pytest.approx(4 * latency + whole.wire_bytes / bandwidth)
+    assert Comm(whole, 4).time(hw) == pytest.approx(priced(LARGE_SIZES[1]))
     old = dataclasses.replace(TPU_V4, name="old", collectives=(("all_gather", g, 1e-3, 1e9),))
     assert old.collective_fit("all_gather", g, 1e12) == (1e-3, 1e9)
     with pytest.raises(shardwise.ShardwiseError, match="collectives entry"):
