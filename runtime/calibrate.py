@@ -184,7 +184,7 @@ def elementwise_bandwidth(rounds: int = 15) -> float:
 
     Timed directly: an earlier version took a whole feed-forward less its matmuls alone, and the pointwise
     ops' few ms were lost in the matmuls' noise (three calibrations gave 5.8 to 9.8 GB/s, and one a
-    difference of nothing). Timed so, five calibrations gave 7.5 to 10.0 GB/s: steadier, not steady."""
+    difference of nothing). Timed so, six calibrations gave 7.4 to 10.0 GB/s: steadier, not steady."""
     import torch.distributed as dist
 
     rows, cols = ELEMENTWISE_SHAPE
