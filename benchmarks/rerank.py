@@ -44,15 +44,35 @@ def variants(hw) -> dict:
             "neither": dataclasses.replace(hw, matmul_shapes=(), collectives=one_line)}
 
 
+def _cases(path: Path) -> list[dict]:
+    """The cases of a saved bench_layouts run, or a ShardwiseError naming the file."""
+    from shardwise.errors import ShardwiseError
+
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ShardwiseError(f"{path}: cannot be read ({e.strerror}); give the JSON files bench_layouts --json "
+                             f"saved") from None
+    try:
+        cases = json.loads(text)["cases"]
+        if all({"tokens", "rows"} <= set(c) for c in cases):
+            return cases
+    except (ValueError, KeyError, TypeError):
+        pass
+    raise ShardwiseError(f"{path}: not a saved bench_layouts run (expected the JSON `python -m "
+                         f"shardwise.benchmarks.bench_layouts --json {path.name}` writes)")
+
+
 def rerank(runs: list[Path], hw) -> dict:
     """{(run, tokens): {variant or "saved": ρ}} for every case of every run."""
     import shardwise
 
+    saved = {path: _cases(path) for path in runs}  # every file read before anything is planned
     model = build_model()
     profiles = variants(hw)
     out = {}
-    for path in runs:
-        for case in json.loads(path.read_text())["cases"]:
+    for path, cases in saved.items():
+        for case in cases:
             b, l = case["tokens"]
             ids = torch.zeros(b, l, dtype=torch.long)  # planning reads shapes only
             rows = [r for r in case["rows"] if r.get("measured_s") is not None]
@@ -75,6 +95,8 @@ def main(argv=None) -> None:
     ap.add_argument("runs", nargs="+", type=Path, help="bench_layouts --json files")
     ap.add_argument("--profile", type=Path, help="a saved cpu-local profile (default: this machine's)")
     args = ap.parse_args(argv)
+    if args.profile and not args.profile.is_file():
+        ap.error(f"--profile {args.profile}: no such file")
     hw = Hardware.from_json(args.profile.read_text()) if args.profile else get_hardware(CPU_LOCAL)
     print(f"profile: {args.profile or CPU_LOCAL} ({hw.source})")
     got = rerank(args.runs, hw)
@@ -90,4 +112,9 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from shardwise.errors import ShardwiseError
+
+    try:
+        main()
+    except ShardwiseError as e:
+        raise SystemExit(f"rerank: {e}") from None

@@ -136,7 +136,15 @@ class Hardware:
 
     @classmethod
     def from_json(cls, text: str) -> "Hardware":
-        fields = json.loads(text)
+        try:
+            fields = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ShardwiseError(f"hardware profile: not JSON ({e}). Fix the profile, or for cpu-local run "
+                                 f"`shardwise calibrate` again") from None
+        if not isinstance(fields, dict):
+            raise ShardwiseError(f"hardware profile: expected a JSON object of fields, got a "
+                                 f"{type(fields).__name__}. Fix the profile, or for cpu-local run "
+                                 f"`shardwise calibrate` again")
         unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
         if unknown:
             raise ShardwiseError(f"hardware profile {fields.get('name', '?')!r}: unknown field(s) "

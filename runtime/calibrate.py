@@ -350,16 +350,17 @@ def fit_lines(rows: list[tuple[int, float]], group: int) -> list[tuple[float, fl
     the price of the size below it to its own time, up to it; the last line also prices anything larger
     (None). A line never rises slower than the one below it (a noisy large time is not taken as
     cheaper bytes than small ones had)."""
-    small = [(s, t) for s, t in rows if s <= SIZES[-1]]
-    latency, bandwidth = fit_line(small, group)
-    wire = lambda size: size * (group - 1) / group  # noqa: E731
-    lines = [(latency, bandwidth, wire(SIZES[-1]))]
-    x0, t0, slope = wire(SIZES[-1]), latency + wire(SIZES[-1]) / bandwidth, 1.0 / bandwidth
+    on_wire = (group - 1) / group  # wire bytes per charged byte
+    latency, bandwidth = fit_line([(s, t) for s, t in rows if s <= SIZES[-1]], group)
+    x0 = SIZES[-1] * on_wire  # where the last line ends, and the price there
+    t0, slope = latency + x0 / bandwidth, 1.0 / bandwidth
+    lines = [(latency, bandwidth, x0)]
     for size, t in sorted((s, t) for s, t in rows if s > SIZES[-1]):
-        x1 = wire(size)
+        x1 = size * on_wire
         slope = max(slope, (t - t0) / (x1 - x0))
         lines.append((t0 - slope * x0, 1.0 / slope, x1))
-        x0, t0 = x1, t0 + slope * (x1 - x0)
+        t0 += slope * (x1 - x0)
+        x0 = x1
     return lines[:-1] + [lines[-1][:2] + (None,)]
 
 

@@ -79,7 +79,9 @@ def test_large_collectives_are_priced_by_their_own_lines():
     from shardwise.runtime.calibrate import LARGE_SIZES, SIZES, fit_lines
 
     g = 4
-    line = lambda size: 1e-3 + size * (g - 1) / g / 1e9  # noqa: E731  (1 ms + wire bytes at 1 GB/s)
+    def line(size):  # 1 ms + wire bytes at 1 GB/s
+        return 1e-3 + size * (g - 1) / g / 1e9
+
     slow = {LARGE_SIZES[0]: 3 * line(LARGE_SIZES[0]), LARGE_SIZES[1]: 0.5 * line(LARGE_SIZES[1])}
     rows = [(s, line(s)) for s in SIZES] + sorted(slow.items())
     lines = fit_lines(rows, g)
@@ -111,3 +113,13 @@ def test_large_collectives_are_priced_by_their_own_lines():
     assert old.collective_fit("all_gather", g, 1e12) == (1e-3, 1e9)
     with pytest.raises(shardwise.ShardwiseError, match="collectives entry"):
         dataclasses.replace(TPU_V4, name="bad", collectives=(("all_gather", g, 1e-3, 1e9, -5.0),))
+
+
+def test_a_profile_that_is_not_json_is_refused(tmp_path, monkeypatch):
+    import pytest
+
+    monkeypatch.setenv("SHARDWISE_CACHE", str(tmp_path))
+    for text in ("nope", "[1, 2]"):
+        (tmp_path / "cpu-local.json").write_text(text)
+        with pytest.raises(shardwise.ShardwiseError, match="hardware profile"):
+            shardwise.get_hardware("cpu-local")

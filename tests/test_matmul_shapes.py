@@ -70,7 +70,9 @@ def test_the_planner_prices_a_models_matmuls_by_their_local_shapes(tiny):
     assert same.totals.latency == pytest.approx(ref.totals.latency, rel=1e-12)
     ffn = [(h, r) for h, r in zip(half.layers, ref.layers) if r.kind == "ffn"]
     assert ffn and all(h.cost["compute"] == pytest.approx(2 * r.cost["compute"], rel=1e-9) for h, r in ffn)
-    compute = lambda p: sum(l.cost["compute"] * l.count for l in p.layers)  # noqa: E731
+    def compute(p):
+        return sum(l.cost["compute"] * l.count for l in p.layers)
+
     assert compute(half) > compute(ref) == pytest.approx(compute(same), rel=1e-12)
 
 

@@ -46,3 +46,12 @@ def test_a_run_measured_as_predicted_ranks_perfectly(tmp_path, monkeypatch):
     got = rerank([run], hw)[("run.json", "4x4")]
     assert got["profile"] == pytest.approx(1.0)
     assert set(got) == {"saved", "profile", "no shapes", "no sizes", "neither"}
+
+
+def test_a_file_that_is_not_a_saved_run_is_refused_naming_it(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"a": 1}')
+    for path, said in [(bad, "not a saved bench_layouts run"), (tmp_path / "missing.json", "cannot be read")]:
+        with pytest.raises(shardwise.ShardwiseError, match=said) as e:
+            rerank([path], _profile())
+        assert path.name in str(e.value)
