@@ -14,9 +14,10 @@ real ranks do (torchrun, OMP_NUM_THREADS=1). So every figure is measured by ever
   link_bandwidth  gloo all-gather over the `ranks` processes on 127.0.0.1: the slope of time vs wire
   collective_latency   bytes, fitted by least squares over message sizes from 4 KiB to 16 MiB; each
                   collective timed as a rank program runs it, after compute (`collective_times`)
-  comm_overlap    how much of a gloo all-gather (4 MiB out) a matmul loop of about the same length, run
-                  while the gather is in flight (started, computed, then waited), hides: (t_comm + t_compute −
-                  t_both) / min(t_comm, t_compute) of the slowest rank's times, clamped to 0..1, mean over repeats. gloo runs
+  comm_overlap    how much of a gloo all-gather of a weight's size (16 MiB out) a loop of the programs' linears
+                  about twice its length, run while the gather is in flight (started, computed, then waited),
+                  hides: (t_comm + t_compute − t_both) / min(t_comm, t_compute) of the slowest rank's times,
+                  clamped to 0..1, mean over repeats. gloo runs
                   collectives on its own threads, so overlap is possible in principle, but with more ranks
                   than cores its threads compete with the ranks' compute
   collectives     the same least-squares fit for each kind shardwise emits (all-gather, reduce-scatter,
@@ -175,7 +176,7 @@ def memory_bandwidth(nbytes: int = 256 << 20, *, together: bool = False) -> floa
 ELEMENTWISE_SHAPE = (1024, 4096)  # a feed-forward's hidden activation at 1024 tokens
 
 
-def elementwise_bandwidth(rounds: int = 15) -> float:
+def elementwise_bandwidth(rounds: int = 31) -> float:
     """Bytes/s (read + written) of eager pointwise ops over an activation, in context: a SwiGLU feed-forward's
     silu(h1) · h2 (silu reads and writes the hidden activation, the product reads two and writes one: 5 passes
     of its bytes), timed alone right after the matmuls that make h1 = x·W1 and h2 = x·W2, on their fresh
@@ -364,50 +365,54 @@ def fit_lines(rows: list[tuple[int, float]], group: int) -> list[tuple[float, fl
     return lines[:-1] + [lines[-1][:2] + (None,)]
 
 
-OVERLAP_BYTES = 4 << 20  # the all-gather's output in the overlap measurement
+OVERLAP_BYTES = 16 << 20  # the all-gather's output in the overlap measurement: a [1024, 4096] float32 weight
+OVERLAP_LINEAR = (256, 1024, 1024)  # the compute beside it: [m, k]·[k, n] linears, the rank programs' kernel
 
 
-def comm_overlap(world: int, group: str, repeats: int = 21) -> list[tuple[float, float, float]]:
+def comm_overlap(world: int, group: str, repeats: int = 60) -> list[tuple[float, float, float]]:
     """This rank's (t_comm, t_compute, t_both) per repeat, every rank running it at once: a gloo all-gather
-    alone, a matmul loop of about its length alone, and the two together (the gather started, the loop
-    run, then the gather waited); the three run in turn in each repeat, so the machine's other load falls
-    on all three alike (barrier before each run). `hidden_fraction` makes one figure of every rank's."""
-    import torch.distributed as dist
+    alone, a loop of linears about twice its length alone, and the two together (the gather started, the
+    loop run, then the gather waited); the three run in turn in each repeat, so the machine's other load
+    falls on all three alike (barrier before each run). `hidden_fraction` makes one figure of every rank's.
 
+    Measured as a weight-gathered program overlaps: a gather of a weight's size (a feed-forward weight at
+    bench_layouts' scale) issued ahead of a layer whose compute outlasts it, that compute the programs'
+    linears. An earlier version gathered 4 MiB beside a loop of 256³ products of about its length, 21
+    repeats: calibrations gave 0.07 to 0.25, and back to back 0.19 and 0.39, enough to move bench_layouts'
+    ranking at 1024 tokens from ρ 0.905 to 0.940 on the same measurements. This one gave 0.09 to 0.19 in six
+    trials (40 to 60 repeats each)."""
     c10d = torch.ops._c10d_functional
     x = torch.ones(OVERLAP_BYTES // 4 // world)
-    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    m, k, n = OVERLAP_LINEAR
+    a, w = torch.randn(m, k), torch.randn(n, k)
 
     def comm():
         c10d.wait_tensor(c10d.all_gather_into_tensor(x, world, group))
 
-    def compute(k):
-        for _ in range(k):
-            torch.mm(a, b)
+    def compute(calls):
+        for _ in range(calls):
+            linear(a, w)
 
     once = _started_together
 
     def both():
         y = c10d.all_gather_into_tensor(x, world, group)
-        compute(k)
+        compute(calls)
         c10d.wait_tensor(y)
 
-    comm()
-    t_comm = statistics.median(once(comm) for _ in range(repeats))
-    one = _median_time(lambda: compute(1))
-    k = torch.tensor([max(1, round(t_comm / one))])
-    dist.all_reduce(k, op=dist.ReduceOp.MAX)  # every rank runs the same loop
-    k = int(k)
-    return [(once(comm), once(lambda: compute(k)), once(both)) for _ in range(repeats)]  # interleaved: same load
+    comm(), compute(1)  # warm-up: gloo's buffers, oneDNN's shape
+    t_comm = statistics.median(_slowest(once(comm)) for _ in range(5))  # (the slowest rank's: the same on every rank)
+    calls = max(1, round(2 * t_comm / _median_time(lambda: compute(1), together=True)))
+    return [(once(comm), once(lambda: compute(calls)), once(both)) for _ in range(repeats)]  # interleaved: same load
 
 
 def hidden_fraction(runs: list[list[tuple[float, float, float]]]) -> tuple[float, list[float]]:
     """The fraction of the gather the compute hides, from every rank's `comm_overlap` runs: per repeat, each
     time the slowest rank's (a step ends when its last rank does), hidden = (comm + compute − both) /
     min(comm, compute) clamped to 0..1; the mean over repeats, and each repeat's. The mean, not the median:
-    the repeats are bimodal (each hides about 0.6 or nothing, as the four ranks happen to share the two
-    cores), so medians gave 0 to 0.5 from one calibration to the next, while a step runs dozens of gathers
-    and hides the sum of their fractions: the mean's share."""
+    many repeats hide nothing and the others up to 0.7 (as the four ranks happen to share the two cores),
+    so medians gave 0 to 0.5 from one calibration to the next, while a step runs dozens of gathers and
+    hides the sum of their fractions: the mean's share."""
     hidden = []
     for i in range(len(runs[0])):
         comm, compute, both = (max(r[i][j] for r in runs) for j in range(3))
@@ -490,8 +495,9 @@ def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Pa
                            "those collectives instead of the two above: "
                            + "; ".join(f"{k}/{g}: " + ", ".join(f"{s >> 10} KiB {t * 1e6:.0f} µs" for s, t in rows)
                                        for (k, g), rows in sorted(kinds.items())),
-            "comm_overlap": f"a {OVERLAP_BYTES >> 20} MiB gloo all-gather with a 256³ matmul loop of about its length "
-                            f"run while it is in flight, all ranks at once: per repeat, the slowest rank's times, "
+            "comm_overlap": f"a {OVERLAP_BYTES >> 20} MiB gloo all-gather with a loop of "
+                            f"[{OVERLAP_LINEAR[0]}, {OVERLAP_LINEAR[1]}]·[{OVERLAP_LINEAR[1]}, {OVERLAP_LINEAR[2]}] "
+                            f"linears about twice its length run while it is in flight, all ranks at once: per repeat, the slowest rank's times, "
                             f"hidden = (comm + compute − both) / min(comm, compute); the mean of "
                             + ", ".join(f"{h:.2f}" for h in hidden)
                             + "; median times (comm, compute, both) per rank, ms: "
