@@ -239,12 +239,21 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
     fusions = plan_fusions(gm, conversions, owners=owners, positions=facts.positions)
     riders = {id(c) for f in fusions for c in f.members[1:]}
     fused = {id(c) for f in fusions for c in f.members}
+
+    def moves_weight(conv) -> bool:
+        return conv.src.op == "placeholder" and conv.src.name in sig.params
+
+    def itemsize_of(conv) -> int:  # bytes per element in the planned precision
+        return size("weights" if moves_weight(conv) else "activations", conv.src)
+
+    # a fused member is priced by the line for the stacked tensor's size: its fusion's wire bytes
+    sized = {id(c): sum(m.steps[0].wire_bytes / m.steps[0].itemsize * itemsize_of(m) for m in f.members)
+             for f in fusions for c in f.members}
     looped = looped_steps(conversions, mesh, fused) if loop and precision.weights != "int8" else {}
     beside = facts.beside
     branch: dict[str, list[Comm]] = {}  # a parallel block's attention → its collectives its feed-forward runs beside
     for conv, owner in zip(conversions, owners):
-        is_weight = conv.src.op == "placeholder" and conv.src.name in sig.params
-        itemsize = size("weights" if is_weight else "activations", conv.src)
+        is_weight, itemsize = moves_weight(conv), itemsize_of(conv)
         load = 1.0
         if conv.inside:  # an all-to-all dispatch: the busiest chip receives (and returns) its experts' rows
             node = conv.first_consumer
@@ -252,7 +261,8 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
         loops = looped.get(id(conv), ())
         made = [Comm(s, itemsize, is_weight, fused=i == 0 and id(conv) in riders,
                      load=load if s.kind == "all_to_all" else 1.0, looped=i in loops,
-                     pieces=1 if i in loops or id(conv) in fused else _pieces(s, conv.src, mesh))
+                     pieces=1 if i in loops or id(conv) in fused else _pieces(s, conv.src, mesh),
+                     sized=sized.get(id(conv), 0.0) if i == 0 else 0.0)
                 for i, s in enumerate(conv.steps)]
         costs[owner].comm.extend(made)
         costs[owner].copy_bytes += sum(2 * relayout_copies(s, mesh) * s.elements * itemsize

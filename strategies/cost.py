@@ -18,7 +18,8 @@ For one layer under one layout, on a `Hardware` profile (PAPER.md, DESIGN.md):
              the collectives are exactly those insert_collectives puts on the graph
              (`plan_conversions`): one source of truth. Siblings fused into one collective
              (passes/fuse_collectives.py) pay the fixed terms (latency, ring steps) once: every member
-             after the first is `Comm(fused=True)` and adds only its wire bytes / bandwidth; an uneven
+             after the first is `Comm(fused=True)` and adds only its wire bytes / bandwidth, every member
+             at the bandwidth of the line for the stacked tensor's size (`Comm.sized`); an uneven
              all-to-all (a mixture's dispatch) moves the busiest chip's rows: its bytes term × `load`
   time     = busy + weight comm − hidden + activation comm               (hw.weight_prefetch)
              busy = max(compute, memory), hidden = hw.comm_overlap · min(weight comm, busy)
@@ -102,14 +103,17 @@ class Comm:
     load: float = 1.0  # the busiest chip's bytes over the charged ones (an uneven all-to-all: load imbalance)
     looped: bool = False  # run as a looped collective matmul: g − 1 ring steps, each beside a partial matmul
     pieces: int = 1  # run as this many collectives (a large merging all-gather: passes/gather_pieces.py)
+    # wire bytes of the collective this one runs inside (a fusion's stacked tensor): the size whose line
+    # prices it (Hardware.collective_fit); 0: its own
+    sized: float = 0.0
 
     def __init__(self, step: Collective, itemsize: int, weight: bool = False, fused: bool = False, load: float = 1.0,
-                 looped: bool = False, pieces: int = 1) -> None:
+                 looped: bool = False, pieces: int = 1, sized: float = 0.0) -> None:
         # the fields written straight into the dict (a frozen dataclass's own __init__ sets each through
         # object.__setattr__): the planner makes one per collective of every candidate it costs
         d = self.__dict__
         d["step"], d["itemsize"], d["weight"] = step, itemsize, weight
-        d["fused"], d["load"], d["looped"], d["pieces"] = fused, load, looped, pieces
+        d["fused"], d["load"], d["looped"], d["pieces"], d["sized"] = fused, load, looped, pieces, sized
 
     def time(self, hw: Hardware) -> float:
         if self.looped:  # every ring step is a collective of its own: g − 1 fixed latencies, the same wire bytes
@@ -120,7 +124,7 @@ class Comm:
             return steps * (fit[0] if fit else hw.collective_latency + hw.hop_latency) + bytes_term
         # pieces: each pays the fixed terms, priced at its own size; the bytes are the whole tensor's once
         return collective_time(self.step, self.itemsize, hw, fixed=not self.fused, load=self.load,
-                               pieces=self.pieces)
+                               pieces=self.pieces, sized=self.sized)
 
     def _wire(self) -> float:
         """Wire bytes per chip in the planned precision."""
@@ -214,16 +218,17 @@ class Branch:
 
 
 def collective_time(c: Collective, itemsize: int, hw: Hardware, *, fixed: bool = True, load: float = 1.0,
-                    pieces: int = 1) -> float:
+                    pieces: int = 1, sized: float = 0.0) -> float:
     """latency + ring steps · hop latency + load · wire bytes / bandwidth (an all-reduce is two rings), or,
     where the profile measured this kind over this many chips (`Hardware.collectives`), the latency +
     load · wire bytes / bandwidth of its line for this many wire bytes;
     `fixed=False`: only the bytes (a member fused into a collective that pays the fixed terms); `load`: the
     busiest chip's bytes over the charged ones (an uneven all-to-all); `pieces`: run as this many
     collectives of equal parts (passes/gather_pieces.py), each paying the fixed terms, priced by the line
-    for a part's size."""
+    for a part's size; `sized`: the wire bytes of the collective it runs inside (a fused member: the stacked
+    tensor's), priced by that size's line."""
     wire = c.wire_bytes / c.itemsize * itemsize
-    fit = hw.collective_fit(c.kind, c.group_size, wire / pieces)
+    fit = hw.collective_fit(c.kind, c.group_size, sized or wire / pieces)
     if fit is not None:  # measured for this kind and group size (calibrate): its own latency and bandwidth
         return (pieces * fit[0] if fixed else 0.0) + load * wire / fit[1]
     rings = 2 if c.kind == "all_reduce" else 1

@@ -109,6 +109,14 @@ def test_large_collectives_are_priced_by_their_own_lines():
     latency, bandwidth = lines[0][:2]
     assert Comm(whole, 4, pieces=4).time(hw) == pytest.approx(4 * latency + whole.wire_bytes / bandwidth)
     assert Comm(whole, 4).time(hw) == pytest.approx(priced(LARGE_SIZES[1]))
+    # a fused member (passes/fuse_collectives.py) runs inside the stacked collective: its bytes at the line
+    # of the stacked tensor's size, not its own (a 16 MiB member of a 64 MiB fusion pays the 64 MiB line's)
+    part = Collective("all_gather", ("x",), rep, rep, elements=SIZES[-1] // 4, itemsize=4, group_size=g)
+    alone = Comm(part, 4, fused=True).time(hw)
+    inside = Comm(part, 4, fused=True, sized=whole.wire_bytes).time(hw)
+    assert alone == pytest.approx(part.wire_bytes / lines[0][1])
+    assert inside == pytest.approx(part.wire_bytes / hw.collective_fit("all_gather", g, whole.wire_bytes)[1])
+    assert inside > alone
     old = dataclasses.replace(TPU_V4, name="old", collectives=(("all_gather", g, 1e-3, 1e9),))
     assert old.collective_fit("all_gather", g, 1e12) == (1e-3, 1e9)
     with pytest.raises(shardwise.ShardwiseError, match="collectives entry"):

@@ -167,3 +167,33 @@ def test_cost_charges_the_stack_of_a_fused_collective():
         inputs = sum(c.bytes // (2 if kind == "all_reduce" else 1) for c in stacked)
         extra = (fused.cost["copy"] - apart.cost["copy"]) * hw.hbm_bandwidth * hw.hbm_efficiency
         assert extra == pytest.approx(2 * inputs, rel=1e-9)
+
+
+def test_fused_members_are_priced_at_the_stacked_tensors_size():
+    """A fused collective's members run as one collective of their stacked tensor. Where a profile prices
+    collectives by size (`Hardware.collectives`, a line per size range), each member's bytes go at the line
+    for the stack's size: apart, gate's and up's reduce-scatters are priced on the small sizes' line; fused,
+    on the one above it (the stack is twice a member)."""
+    import dataclasses
+
+    from shardwise.ir.hardware import get_hardware
+
+    model = _model("llama-tiny")
+    args, kwargs = example_inputs(model, 8, 16)
+    layer = "model.layers.0.mlp"
+
+    def members(hw):
+        plan = shardwise.plan(model, args, kwargs, mesh="2x2x1", layouts="ffn=ws2d,attn=heads", hardware=hw)
+        return [c for c in plan.layer(layer).collectives if c.kind == "reduce_scatter" and c.group == "x"]
+
+    with unfused():
+        apart = members("tpu-v4")
+    assert len(apart) == 2 and apart[0].wire_bytes == apart[1].wire_bytes
+    wire = apart[0].wire_bytes
+    latency, small, large = 1e-4, 1e9, 1e8  # bytes/s: above 1.5 members' bytes ten times slower
+    hw = dataclasses.replace(get_hardware("tpu-v4"), name="by-size", collectives=(
+        ("reduce_scatter", 2, latency, small, 1.5 * wire), ("reduce_scatter", 2, latency, large, None)))
+    with unfused():
+        assert [c.time for c in members(hw)] == pytest.approx([latency + wire / small] * 2)
+    fused = members(hw)
+    assert sorted(c.time for c in fused) == pytest.approx([wire / large, latency + wire / large])

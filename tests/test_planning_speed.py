@@ -135,7 +135,8 @@ def test_searched_candidates_are_the_recomputed_ones(proto, shape):
 
 def _numbers(parts):
     return {k: (p.flops, p.weight_bytes, p.kv_bytes, p.calls, p.copy_bytes, p.comm_bytes(),
-                [(c.step.kind, c.step.group_size, c.step.elements, c.itemsize, c.weight, c.fused, c.load, c.looped)
+                [(c.step.kind, c.step.group_size, c.step.elements, c.itemsize, c.weight, c.fused, c.load, c.looped,
+                  c.sized)
                  for c in p.comm], [len(b.comm) for b in p.branches]) for k, p in parts.items()}
 
 
