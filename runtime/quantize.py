@@ -18,7 +18,8 @@ the scales of the rows it multiplies after the gather.
 `int8_linear` multiplies with torch's CPU int8-weight kernel (`aten._weight_int8pack_mm`: a 2-D input
 contiguous on its last dim, an int8 [N, K] contiguous weight, scales of the input's dtype) for bf16/fp16
 activations; for float32 (whose kernel path is a slow reference loop) and other devices it converts the
-int8 shard on the fly and scales the product (`linear(x, q.to(x.dtype)) * s`).
+int8 shard on the fly and scales the product (`linear(x, q.to(x.dtype)) * s`), with the kernel a float32
+rank program multiplies with (runtime/kernels.py: oneDNN's, on the CPU, for large enough products).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
+from .kernels import linear
 
 QMAX = 127
 QUANTIZED = ("int8",)  # the weight dtypes a rank program stores and multiplies as such
@@ -109,7 +112,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
     if x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and scales.dtype == x.dtype and x.numel() < KERNEL_ROWS * k:
         y = aten._weight_int8pack_mm(x.reshape(-1, k).contiguous(), q, scales).reshape(*lead, q.shape[0])
     else:
-        y = torch.nn.functional.linear(x, q.to(x.dtype)) * scales.to(x.dtype)
+        y = linear(x, q.to(x.dtype)) * scales.to(x.dtype)
     return y if bias is None else y + bias
 
 
