@@ -73,6 +73,14 @@ def test_elsewhere_it_is_f_linear_bit_for_bit(monkeypatch):
     assert torch.equal(kernels.linear(small, w_small), F.linear(small, w_small))
     big, w_big = torch.randn(8, 1024, generator=g), torch.randn(1024, 1024, generator=g)  # 2²³: at the threshold
     assert kernels.onednn_applies(big, w_big)
+    # a weight that is a slice of another's columns (a looped collective matmul's partial weight): oneDNN took
+    # ~750× F.linear's time on it here, so F.linear multiplies it, bit for bit
+    sliced = w_big[:, :256]
+    x_part = torch.randn(4, 8, 256, generator=g)
+    assert x_part.numel() * sliced.shape[0] >= kernels.ONEDNN_MIN_MACS and not sliced.is_contiguous()
+    assert not kernels.onednn_applies(x_part, sliced)
+    assert torch.equal(kernels.linear(x_part, sliced), F.linear(x_part, sliced))
+    assert kernels.onednn_applies(x_part, sliced.contiguous())
     monkeypatch.setattr(kernels, "ONEDNN_MIN_MACS", 0)
     x, w = torch.randn(4, 32, generator=g), torch.randn(8, 32, generator=g)
     xb, wb = x.bfloat16(), w.bfloat16()
