@@ -238,7 +238,6 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
     owners = [facts.owner(conv.src, conv.first_consumer) for conv in conversions]
     fusions = plan_fusions(gm, conversions, owners=owners, positions=facts.positions)
     riders = {id(c) for f in fusions for c in f.members[1:]}
-    fused = {id(c) for f in fusions for c in f.members}
 
     def moves_weight(conv) -> bool:
         return conv.src.op == "placeholder" and conv.src.name in sig.params
@@ -246,9 +245,12 @@ def layer_costs(gm: fx.GraphModule, mesh: Mesh, conversions: list[Conversion], p
     def itemsize_of(conv) -> int:  # bytes per element in the planned precision
         return size("weights" if moves_weight(conv) else "activations", conv.src)
 
-    # a fused member is priced by the line for the stacked tensor's size: its fusion's wire bytes
-    sized = {id(c): sum(m.steps[0].wire_bytes / m.steps[0].itemsize * itemsize_of(m) for m in f.members)
-             for f in fusions for c in f.members}
+    # every fused member → its fusion's wire bytes: it is priced by the line for the stacked tensor's size
+    sized: dict[int, float] = {}
+    for f in fusions:
+        stacked = sum(m.steps[0].wire_bytes / m.steps[0].itemsize * itemsize_of(m) for m in f.members)
+        sized.update(dict.fromkeys(map(id, f.members), stacked))
+    fused = set(sized)
     looped = looped_steps(conversions, mesh, fused) if loop and precision.weights != "int8" else {}
     beside = facts.beside
     branch: dict[str, list[Comm]] = {}  # a parallel block's attention → its collectives its feed-forward runs beside

@@ -497,7 +497,8 @@ def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Pa
                                        for (k, g), rows in sorted(kinds.items())),
             "comm_overlap": f"a {OVERLAP_BYTES >> 20} MiB gloo all-gather with a loop of "
                             f"[{OVERLAP_LINEAR[0]}, {OVERLAP_LINEAR[1]}]·[{OVERLAP_LINEAR[1]}, {OVERLAP_LINEAR[2]}] "
-                            f"linears about twice its length run while it is in flight, all ranks at once: per repeat, the slowest rank's times, "
+                            f"linears about twice its length run while it is in flight, all ranks at once: per "
+                            f"repeat, the slowest rank's times, "
                             f"hidden = (comm + compute − both) / min(comm, compute); the mean of "
                             + ", ".join(f"{h:.2f}" for h in hidden)
                             + "; median times (comm, compute, both) per rank, ms: "
