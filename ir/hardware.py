@@ -23,6 +23,11 @@ the cores compute; TPU v4's fit was made with full overlap), which is not measur
 `branch_overlap` is the same fraction for a parallel block's attention collectives that its
 feed-forward computes beside (strategies/cost.py); None takes `comm_overlap`. TPU v4 sets 0: its fit
 priced no such overlap (pricing it moves PaLM's decode rows 12–13% under the published figures).
+
+Meeting: `sync_waits` (cpu-local) is what a collective takes beyond its measured price when the ranks
+computed longer since their last one: with more single-threaded ranks than cores they drift apart while
+they compute, and a collective waits for the last of its group to arrive, the others' cores idle. The
+collectives are priced after 1 ms of compute; a 1024-token program computes 10-50 ms between them.
 """
 
 from __future__ import annotations
@@ -77,6 +82,12 @@ class Hardware:
     # (cpu-local: runtime/calibrate.py). Where set, a matmul's compute is its FLOPs over the FLOP/s at its
     # shape (`matmul_flops`) instead of peak · flops_efficiency; attention cores and experts keep the peak
     matmul_shapes: tuple[tuple[int, int, int, float], ...] = ()
+    # measured wait at a collective for the ranks to meet: (group size, seconds the ranks computed since their
+    # last collective, seconds the collective then takes beyond its price in `collectives`), per group size at
+    # several such gaps (cpu-local: runtime/calibrate.py, where `collectives` are timed after 1 ms of compute
+    # and more ranks than cores share the machine, so the longer the ranks ran apart, the longer the last one
+    # takes to arrive). The cost model adds `sync_wait` to each collective (strategies/cost.py); () adds none
+    sync_waits: tuple[tuple[int, float, float], ...] = ()
     source: str = ""
     fitted: dict[str, str] = field(default_factory=dict, compare=False)  # constant → how it was fitted
 
@@ -99,6 +110,11 @@ class Hardware:
             fits.setdefault((k, g), []).append((math.inf if up_to is None else up_to, a, b))
         object.__setattr__(self, "_fits", {key: sorted(lines) for key, lines in fits.items()})
         object.__setattr__(self, "matmul_shapes", _matmul_grid(self.name, self.matmul_shapes))
+        object.__setattr__(self, "sync_waits", _sync_waits(self.name, self.sync_waits))
+        waits: dict[int, list[tuple[float, float]]] = {}
+        for g, gap, extra in self.sync_waits:
+            waits.setdefault(g, []).append((gap, extra))
+        object.__setattr__(self, "_waits", waits)
         object.__setattr__(self, "_by_shape", {})  # (m, k, n) → FLOP/s, as the search asks
 
     def matmul_flops(self, m: int, k: int, n: int) -> float:
@@ -123,6 +139,22 @@ class Hardware:
             if wire <= up_to:
                 return latency, bandwidth
         return lines[-1][1:]
+
+    def sync_wait(self, group: int, gap: float) -> float:
+        """Seconds a collective over `group` chips waits for them to meet beyond its `collectives` price, when
+        they computed `gap` seconds since their last collective (`sync_waits`): linear in the gap between the
+        measured gaps, the nearest measured one's beyond them; for a group size not measured, the largest
+        measured one below it (none: 0)."""
+        below = [g for g in self._waits if g <= group]
+        if not below:
+            return 0.0
+        points = self._waits[max(below)]
+        if gap <= points[0][0]:
+            return points[0][1]
+        for (g0, e0), (g1, e1) in zip(points, points[1:]):
+            if gap <= g1:
+                return e0 + (e1 - e0) * (gap - g0) / (g1 - g0)
+        return points[-1][1]
 
     def collective_bandwidth(self, axes: Sequence[str]) -> float:
         """Bytes/s one chip sends in a collective whose group spans these mesh axes."""
@@ -166,6 +198,20 @@ def _fit_entry(profile: str, entry) -> tuple[str, int, float, float, float | Non
                              f"size ≥ 1, latency s, wire bytes/s > 0] with an optional fifth, the most wire bytes "
                              f"it prices (> 0, or null). Fix the profile, or for cpu-local run `shardwise calibrate` "
                              f"again") from None
+    return out
+
+
+def _sync_waits(profile: str, entries) -> tuple[tuple[int, float, float], ...]:
+    """`sync_waits` as sorted (group, gap s, extra s) tuples, distinct gaps per group, or a ShardwiseError."""
+    try:
+        out = tuple(sorted((int(g), float(gap), float(extra)) for g, gap, extra in entries))
+        if any(g < 1 or gap < 0 or not math.isfinite(extra) for g, gap, extra in out) \
+                or len({e[:2] for e in out}) != len(out):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ShardwiseError(f"hardware profile {profile!r}: sync_waits must be [group size ≥ 1, gap s ≥ 0, extra s] "
+                             f"entries, one per group and gap. Fix the profile, or for cpu-local run `shardwise "
+                             f"calibrate` again") from None
     return out
 
 

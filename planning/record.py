@@ -95,13 +95,13 @@ def _mark(row: LayerPlan, cost: LayerCost, q: Question) -> None:
     """The row's collectives as the cost model prices them (the trace draws them so): their time on the
     hardware, and which are looped. summarize records, and layer_costs prices, the same conversions step by
     step in the same order. `beside`: the prototype's name of the layer, renamed with the rows."""
-    comms = [c for c in cost.comm if c.step.communicates]
-    if [c.step.kind for c in comms] != [r.kind for r in row.collectives]:
+    comms = [(c, t) for c, t in cost.priced(q.hw) if c.step.communicates]
+    if [c.step.kind for c, _ in comms] != [r.kind for r in row.collectives]:
         raise AssertionError(f"{row.name}: the plan records collectives {[r.kind for r in row.collectives]}, the cost "
-                             f"model prices {[c.step.kind for c in comms]}")
+                             f"model prices {[c.step.kind for c, _ in comms]}")
     beside = {id(c): b.layer for b in cost.branches for c in b.comm}
-    for r, c in zip(row.collectives, comms):
-        r.looped, r.time, r.beside = c.looped, c.time(q.hw), beside.get(id(c), "")
+    for r, (c, t) in zip(row.collectives, comms):
+        r.looped, r.time, r.beside = c.looped, t, beside.get(id(c), "")
 
 
 def _runs(blocks: list[Candidate], n_blocks: int) -> list[tuple[Candidate, int, int]]:
@@ -133,8 +133,8 @@ def _transition_row(a: Candidate, b: Candidate, after: int, proto: fx.GraphModul
     row = LayerPlan(name=f"after block {after}", kind=LayerKind.TRANSITION, block=after,
                     choice=f"{a.member.on(mesh)} → {b.member.on(mesh)}")
     cost = LayerCost(comm=[Comm(s, item) for s in steps])
-    row.collectives = [replace(CollectiveRecord.of(c.step, mesh, "BLE", node=f"residual→{c.step.kind}"), time=c.time(q.hw))
-                       for c in cost.comm if c.step.communicates]
+    row.collectives = [replace(CollectiveRecord.of(c.step, mesh, "BLE", node=f"residual→{c.step.kind}"), time=t)
+                       for c, t in cost.priced(q.hw) if c.step.communicates]
     row.cost = {**cost.times(q.hw), "comm_bytes": cost.comm_bytes()}
     return row
 

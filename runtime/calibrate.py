@@ -26,6 +26,10 @@ real ranks do (torchrun, OMP_NUM_THREADS=1). So every figure is measured by ever
                   model uses the fit of a collective's own kind and group size where there is one. Above
                   16 MiB a line from each size to the next (32, 64 MiB; `fit_lines`): larger collectives
                   here take more time per byte than the small ones' line gives
+  sync_waits      what a collective takes beyond its `collectives` price when the ranks computed longer since
+                  their last one (1, 4 and 16 times the collectives' 1 ms of compute before it; every rank at
+                  once, over the world and over every pair at once): with more ranks than cores they drift
+                  apart while they compute, and the last to arrive holds the others, their cores idle
   relayout_copies whether the local copy around a collective over a dim other than the first (an
                   all-gather merging its blocks) shows in a step here: priced when a 16 MiB all-gather over
                   dim 1 takes at least half that copy's time at the measured bandwidth more than one over dim 0
@@ -217,13 +221,15 @@ def _gloo_worker(rank: int, world: int, port: int, out) -> None:
              steady, matmul_grid(peak))
     per_rank = [None] * world
     dist.all_gather_object(per_rank, local)
-    kinds = collective_times(rank, world)
+    groups = _groups(rank, world)
+    kinds = collective_times(world, groups)
+    waits = sync_waits(world, groups)
     overlap = comm_overlap(world, dist.group.WORLD.group_name)
     overlaps = [None] * world
     dist.all_gather_object(overlaps, overlap)
     relayout = relayout_cost(world, dist.group.WORLD.group_name)
     if rank == 0:
-        out.put((per_rank, overlaps, kinds, relayout))
+        out.put((per_rank, overlaps, kinds, relayout, waits))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -232,7 +238,20 @@ KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
 
 
 
-def collective_times(rank: int, world: int, rounds: int = 15, calls: int = 4) -> dict[tuple[str, int], list[tuple[int, float]]]:
+def _groups(rank: int, world: int) -> dict[int, str]:
+    """group size → the name of this rank's group of it: the world, and (an even world over 2) this rank's pair
+    of the pairs that split it, as a mesh axis of 2 does (every rank creates every group)."""
+    import torch.distributed as dist
+
+    groups = {world: dist.group.WORLD.group_name}
+    if world > 2 and world % 2 == 0:
+        pairs = [dist.new_group([r, r + 1]) for r in range(0, world, 2)]
+        groups[2] = pairs[rank // 2].group_name
+    return groups
+
+
+def collective_times(world: int, groups: dict[int, str], rounds: int = 15,
+                     calls: int = 4) -> dict[tuple[str, int], list[tuple[int, float]]]:
     """(kind, group size) → [(charged bytes, seconds)]: each kind of collective shardwise emits, over the whole
     world and over groups of 2 (every pair at once, as a mesh axis of 2 runs them), on tensors whose
     charged bytes (ir/collective.py: all-gather output, reduce-scatter / all-to-all input, all-reduce twice
@@ -250,10 +269,6 @@ def collective_times(rank: int, world: int, rounds: int = 15, calls: int = 4) ->
     import torch.distributed as dist
 
     c10d = torch.ops._c10d_functional
-    groups = {world: dist.group.WORLD.group_name}
-    if world > 2 and world % 2 == 0:
-        pairs = [dist.new_group([r, r + 1]) for r in range(0, world, 2)]  # every rank creates every group
-        groups[2] = pairs[rank // 2].group_name
     keys = [(kind, g, size) for g in groups for kind in KINDS for size in SIZES + LARGE_SIZES]
     steps = {(kind, g, size): _collective_step(c10d, kind, size // 4, g, groups[g]) for kind, g, size in keys}
     compute = _context_compute()
@@ -301,6 +316,62 @@ def _collective_step(c10d, kind: str, n: int, g: int, name: str):
         return lambda: c10d.wait_tensor(c10d.all_reduce_(x, "sum", name))
     x = torch.ones(n)
     return lambda: c10d.wait_tensor(c10d.all_to_all_single(x, [n // g] * g, [n // g] * g, name))
+
+
+SYNC_GAPS = (1, 4, 16)  # the compute before the collective in `sync_waits`, in the collectives' contexts (CONTEXT_S)
+SYNC_BYTES = 64 << 10  # its charged bytes: an all-reduce whose own time is short against the wait it measures
+SYNC_RUN_S = 0.3  # about this long each timed run
+
+
+def sync_waits(world: int, groups: dict[int, str], rounds: int = 7) -> list[tuple[int, float, float]]:
+    """[(group size, gap s, extra s)]: what a small all-reduce over each group adds after `gap` seconds of
+    compute beyond what it adds after the `collectives`' context (the first of SYNC_GAPS, so its extra is 0).
+
+    Measured as `collective_times` measures: (compute, collective) repeated against the compute alone, in the
+    same round, each the slowest rank's, the difference per collective; its compute k of the context's
+    matmul loops for k in SYNC_GAPS, repeated for about SYNC_RUN_S; the gap is the compute alone's time per
+    repeat (every rank at once: the time the cost model prices it at). Each figure the median over
+    `rounds`, the keys' order rotating from round to round; an extra below 0 (noise) is taken as 0.
+    Measured here (4 ranks, 2 cores), a 64 KiB all-reduce took 6.7, 7.5, 8.4 and 8.1-9.7 ms over the
+    world after 1, 4, 8 and 13-51 ms of compute, and 2.5, 3.1, 3.0 and 3.7-4.2 ms over pairs."""
+    import torch.distributed as dist
+
+    c10d = torch.ops._c10d_functional
+    compute = _context_compute()
+    x = torch.zeros(SYNC_BYTES // 8)  # charged twice its bytes (ir/collective.py)
+    steps = {g: (lambda name=name: c10d.wait_tensor(c10d.all_reduce_(x, "sum", name))) for g, name in groups.items()}
+    unit = _median_time(compute, together=True)
+    keys = [(g, k) for g in groups for k in SYNC_GAPS]
+    n = {k: max(4, round(SYNC_RUN_S / (k * unit))) for k in SYNC_GAPS}
+
+    def timed(k: int, step=None) -> float:
+        def run():
+            for _ in range(n[k]):
+                for _ in range(k):
+                    compute()
+                if step is not None:
+                    step()
+
+        return _started_together(run)
+
+    for step in steps.values():
+        step(), step()
+    raw: dict = {key: [] for key in keys}
+    for r in range(rounds):
+        for g, k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            raw[(g, k)].append((timed(k, steps[g]), timed(k)))
+    every = [None] * world
+    dist.all_gather_object(every, raw)
+    out = []
+    for g in groups:
+        added, gaps = {}, {}
+        for k in SYNC_GAPS:
+            slowest = [(max(e[(g, k)][i][0] for e in every), max(e[(g, k)][i][1] for e in every))
+                       for i in range(rounds)]
+            added[k] = statistics.median((both - alone) / n[k] for both, alone in slowest)
+            gaps[k] = statistics.median(alone for _, alone in slowest) / n[k]
+        out += [(g, gaps[k], max(0.0, added[k] - added[SYNC_GAPS[0]])) for k in SYNC_GAPS]
+    return out
 
 
 RELAYOUT_BYTES = 16 << 20  # the gathered output in the relayout measurement
@@ -431,15 +502,15 @@ def measure_ranks(ranks: int) -> tuple:
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
     mp.start_processes(_gloo_worker, args=(ranks, free_port(), q), nprocs=ranks, join=True, start_method="spawn")
-    per_rank, overlaps, kinds, relayout = q.get()
+    per_rank, overlaps, kinds, relayout, waits = q.get()
     # the generic link figures: an all-gather over every rank, the line through the SIZES
     raw = [(s, t) for s, t in kinds[("all_gather", ranks)] if s <= SIZES[-1]]
     latency, bandwidth = fit_line(raw, ranks)
-    return latency, bandwidth, raw, per_rank, overlaps, kinds, relayout
+    return latency, bandwidth, raw, per_rank, overlaps, kinds, relayout, waits
 
 
 def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Path]:
-    latency, link, raw, per_rank, overlaps, kinds, (extra, copied) = measure_ranks(ranks)
+    latency, link, raw, per_rank, overlaps, kinds, (extra, copied), waits = measure_ranks(ranks)
     fits = {key: fit_lines(rows, key[1]) for key, rows in kinds.items()}
     overlap, hidden = hidden_fraction(overlaps)
     flops = statistics.median(r[0] for r in per_rank)
@@ -460,6 +531,7 @@ def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Pa
         relayout_copies=relayout,  # priced where a relayout's copy shows in a step here at all, measured
         elementwise_bandwidth=pointwise,  # eager pointwise ops run between the matmuls, one thread each
         matmul_shapes=tuple(shapes),
+        sync_waits=tuple(waits),  # what a collective waits beyond its price after longer compute, measured
         collectives=tuple((k, g, a, b, up_to) for (k, g), lines in sorted(fits.items()) for a, b, up_to in lines),
         source=f"measured by `shardwise calibrate` on {socket.gethostname()} at {when}: {ranks} single-threaded "
                f"ranks running at once, gloo on loopback, "
@@ -481,6 +553,13 @@ def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Pa
                                      f"rounds: {pointwise / 1e9:.2f} GB/s",
             "call_overhead": f"[1, 64]·[64, 64] torch.mm call (a mixture's experts'), all ranks at once, each repeat "
                              f"the slowest rank's time, median over repeats: {call * 1e6:.1f} µs",
+            "sync_waits": f"a {SYNC_BYTES >> 10} KiB all-reduce after k × the collectives' compute (k in "
+                          f"{', '.join(map(str, SYNC_GAPS))}) against the compute alone, every rank at once "
+                          f"(groups of 2: every pair at once), the slowest rank's, median over rounds, less its "
+                          f"time after k = {SYNC_GAPS[0]}: "
+                          + "; ".join(f"group {g}: " + ", ".join(f"{gap * 1e3:.1f} ms {e * 1e3:.2f} ms"
+                                                                 for h, gap, e in waits if h == g)
+                                      for g in sorted({w[0] for w in waits}, reverse=True)),
             "relayout_copies": f"{relayout}: a {RELAYOUT_BYTES >> 20} MiB all-gather over dim 1 (its blocks merged, "
                                f"one copy) took {extra * 1e3:.1f} ms more than one over dim 0, after 1 ms of compute, "
                                f"the slowest rank's, median over rounds; the copy's bytes at the measured "

@@ -21,6 +21,9 @@ For one layer under one layout, on a `Hardware` profile (PAPER.md, DESIGN.md):
              after the first is `Comm(fused=True)` and adds only its wire bytes / bandwidth, every member
              at the bandwidth of the line for the stacked tensor's size (`Comm.sized`); an uneven
              all-to-all (a mixture's dispatch) moves the busiest chip's rows: its bytes term × `load`
+             + a wait for the group's ranks to meet, where the profile measured one (`Hardware.sync_waits`,
+             cpu-local): each collective (a fusion once) after busy / (the layer's collectives) of compute,
+             the wait measured after that much compute, added to the collective's own time
   time     = busy + weight comm − hidden + activation comm               (hw.weight_prefetch)
              busy = max(compute, memory), hidden = hw.comm_overlap · min(weight comm, busy)
              weights do not depend on the data, so a weight-gathered layout's weight all-gathers are
@@ -154,11 +157,29 @@ class LayerCost:
             compute += sum((f / hw.matmul_flops(m, k, n) - f / (hw.peak_flops * hw.flops_efficiency)
                             for f, m, k, n in self.gemms), 0.0)
         memory = (self.weight_bytes + self.kv_bytes) / (hw.hbm_bandwidth * hw.hbm_efficiency)
-        timed = [(c, c.time(hw)) for c in self.comm]  # (each priced once, summed in order as before)
+        timed = self.priced(hw, max(compute, memory))
         weight = sum((t for c, t in timed if c.weight and c.step.communicates), 0.0)
         act = sum((t for c, t in timed if not c.weight and c.step.communicates), 0.0)
         looped = sum((t for c, t in timed if c.looped), 0.0)  # activation comm beside partial matmuls
         return compute, memory, weight, act, looped
+
+    def priced(self, hw: Hardware, busy: float | None = None) -> list[tuple[Comm, float]]:
+        """(collective, seconds) for each of `comm`: its own time, plus, where the profile measured how long
+        ranks take to meet (`Hardware.sync_waits`), the wait after busy / (the layer's collectives that
+        communicate, a fusion once) of compute. `busy`: max(compute, memory), computed when not given."""
+        timed = [(c, c.time(hw)) for c in self.comm]
+        if not hw.sync_waits:
+            return timed
+        meets = [i for i, (c, _) in enumerate(timed) if c.step.communicates and not c.fused]
+        if meets:
+            if busy is None:
+                compute, memory = self._terms(hw)[:2]
+                busy = max(compute, memory)
+            gap = busy / len(meets)
+            for i in meets:
+                c, t = timed[i]
+                timed[i] = (c, t + hw.sync_wait(c.step.group_size, gap))
+        return timed
 
     def spare(self, hw: Hardware) -> float:
         """Busy seconds (max(compute, memory)) not already spent hiding this layer's own collectives, as

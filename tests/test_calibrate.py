@@ -1,6 +1,7 @@
 """`shardwise calibrate`: measures this machine (2 real gloo ranks) into a profile --hardware cpu-local reads."""
 
 import dataclasses
+import json
 
 import shardwise
 from shardwise.runtime.calibrate import calibrate
@@ -25,6 +26,10 @@ def test_calibrate_writes_a_profile_the_planner_uses(tmp_path, monkeypatch):
     for kind in kinds:  # by size: the small sizes' line (latency ≥ 0), then one per larger size, unbounded last
         lines = [(up_to, a) for k, g, a, _, up_to in hw.collectives if (k, g) == (kind, 2)]
         assert len(lines) == 3 and lines[0][1] >= 0 and lines[-1][0] is None
+    # the wait after longer compute, at each measured gap (the first the collectives' own context: 0)
+    waits = [(gap, extra) for g, gap, extra in hw.sync_waits if g == 2]
+    assert len(waits) == 3 and waits[0][1] == 0.0 and all(e >= 0 for _, e in waits) and "sync_waits" in hw.fitted
+    assert waits[0][0] < waits[1][0] < waits[2][0]
     from shardwise.ir.collective import Collective
     from shardwise.ir.layout import Layout
     from shardwise.strategies.cost import collective_time
@@ -131,3 +136,36 @@ def test_a_profile_that_is_not_json_is_refused(tmp_path, monkeypatch):
         (tmp_path / "cpu-local.json").write_text(text)
         with pytest.raises(shardwise.ShardwiseError, match="hardware profile"):
             shardwise.get_hardware("cpu-local")
+
+
+def test_sync_waits_are_interpolated_by_gap_and_added_to_each_collective_once():
+    """`sync_waits`: linear in the compute gap between the measured gaps, the edge's beyond them, the largest
+    measured group at most a collective's size for others; the cost model adds the wait at busy / (the
+    layer's collectives, a fusion once) to each collective's time."""
+    import pytest
+
+    from shardwise.ir.collective import Collective
+    from shardwise.ir.hardware import TPU_V4
+    from shardwise.ir.layout import Layout
+    from shardwise.strategies.cost import Comm, LayerCost
+
+    waits = ((4, 2e-3, 0.0), (4, 10e-3, 2e-3), (4, 40e-3, 3e-3), (2, 2e-3, 0.0), (2, 10e-3, 1e-3))
+    hw = dataclasses.replace(TPU_V4, name="waits", sync_waits=waits, weight_prefetch=False)
+    assert hw.sync_wait(4, 1e-3) == 0.0 and hw.sync_wait(4, 6e-3) == pytest.approx(1e-3)
+    assert hw.sync_wait(4, 25e-3) == pytest.approx(2.5e-3) and hw.sync_wait(4, 1.0) == pytest.approx(3e-3)
+    assert hw.sync_wait(2, 1.0) == pytest.approx(1e-3)  # beyond the gaps measured: the last
+    assert hw.sync_wait(8, 25e-3) == hw.sync_wait(4, 25e-3) and hw.sync_wait(1, 1.0) == 0.0
+    assert json.loads(hw.to_json())["sync_waits"] and type(hw).from_json(hw.to_json()) == hw
+
+    rep = Layout.replicated(2)
+    world = Collective("all_gather", ("x", "y"), rep, rep, elements=1 << 16, itemsize=4, group_size=4)
+    pair = Collective("reduce_scatter", ("x",), rep, rep, elements=1 << 16, itemsize=4, group_size=2)
+    flops = 0.05 * hw.peak_flops * hw.flops_efficiency  # 50 ms of compute: gaps of 25 ms between 2 collectives
+    comms = [Comm(world, 4), Comm(world, 4, fused=True), Comm(pair, 4)]
+    with_waits = LayerCost(flops=flops, comm=comms).times(hw)
+    without = LayerCost(flops=flops, comm=comms).times(dataclasses.replace(hw, sync_waits=()))
+    assert with_waits["comm"] - without["comm"] == pytest.approx(hw.sync_wait(4, 25e-3) + hw.sync_wait(2, 25e-3))
+    assert with_waits["time"] - without["time"] == pytest.approx(with_waits["comm"] - without["comm"])
+    for bad in [((4, 1e-3),), ((4, -1.0, 0.0),), ((4, 1e-3, 0.0), (4, 1e-3, 1e-3))]:
+        with pytest.raises(shardwise.ShardwiseError, match="sync_waits"):
+            dataclasses.replace(TPU_V4, name="bad", sync_waits=bad)
