@@ -266,7 +266,6 @@ def collective_times(world: int, groups: dict[int, str], rounds: int = 15,
     other load falls on all of them alike); a time is the slowest rank's; each figure is the median
     over `rounds`. (With 7 rounds, two calibrations minutes apart fitted the 4-rank all-reduce at 1.0 and
     1.4 GB/s, enough to move the ranking of bench_layouts' 1024-token layouts from ρ 0.92 to 0.84.)"""
-    import torch.distributed as dist
 
     c10d = torch.ops._c10d_functional
     keys = [(kind, g, size) for g in groups for kind in KINDS for size in SIZES + LARGE_SIZES]
@@ -288,19 +287,29 @@ def collective_times(world: int, groups: dict[int, str], rounds: int = 15,
     for key in keys:  # warm-up: gloo's buffers and pairs set up
         steps[key]()
         steps[key]()
-    raw: dict = {key: [] for key in keys}  # (with, without) per round, this rank's
-    for r in range(rounds):
-        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-            n = repeats(key[2])
-            raw[key].append((timed(n, steps[key]), timed(n)))
-    every = [None] * world
-    dist.all_gather_object(every, raw)
+    slowest = _with_and_without(keys, lambda key: timed(repeats(key[2]), steps[key]),
+                                lambda key: timed(repeats(key[2])), rounds, world)
     out: dict = {}
     for kind, g, size in keys:
-        per_round = [(max(e[(kind, g, size)][i][0] for e in every) - max(e[(kind, g, size)][i][1] for e in every))
-                     / repeats(size) for i in range(rounds)]
+        per_round = [(both - alone) / repeats(size) for both, alone in slowest[(kind, g, size)]]
         out.setdefault((kind, g), []).append((size, max(statistics.median(per_round), 1e-6)))
     return out
+
+
+def _with_and_without(keys: list, both, alone, rounds: int, world: int) -> dict:
+    """key → [(seconds of `both(key)`, seconds of `alone(key)`)] per round, each the slowest rank's: every key
+    once a round, the two run back to back, the keys' order rotating from round to round (so the machine's
+    other load falls on all of them alike)."""
+    import torch.distributed as dist
+
+    raw: dict = {key: [] for key in keys}  # this rank's
+    for r in range(rounds):
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            raw[key].append((both(key), alone(key)))
+    every = [None] * world
+    dist.all_gather_object(every, raw)
+    return {key: [(max(e[key][i][0] for e in every), max(e[key][i][1] for e in every)) for i in range(rounds)]
+            for key in keys}
 
 
 def _collective_step(c10d, kind: str, n: int, g: int, name: str):
@@ -334,7 +343,6 @@ def sync_waits(world: int, groups: dict[int, str], rounds: int = 7) -> list[tupl
     `rounds`, the keys' order rotating from round to round; an extra below 0 (noise) is taken as 0.
     Measured here (4 ranks, 2 cores), a 64 KiB all-reduce took 6.7, 7.5, 8.4 and 8.1-9.7 ms over the
     world after 1, 4, 8 and 13-51 ms of compute, and 2.5, 3.1, 3.0 and 3.7-4.2 ms over pairs."""
-    import torch.distributed as dist
 
     c10d = torch.ops._c10d_functional
     compute = _context_compute()
@@ -356,20 +364,14 @@ def sync_waits(world: int, groups: dict[int, str], rounds: int = 7) -> list[tupl
 
     for step in steps.values():
         step(), step()
-    raw: dict = {key: [] for key in keys}
-    for r in range(rounds):
-        for g, k in keys[r % len(keys):] + keys[:r % len(keys)]:
-            raw[(g, k)].append((timed(k, steps[g]), timed(k)))
-    every = [None] * world
-    dist.all_gather_object(every, raw)
+    slowest = _with_and_without(keys, lambda key: timed(key[1], steps[key[0]]), lambda key: timed(key[1]),
+                                rounds, world)
     out = []
     for g in groups:
         added, gaps = {}, {}
         for k in SYNC_GAPS:
-            slowest = [(max(e[(g, k)][i][0] for e in every), max(e[(g, k)][i][1] for e in every))
-                       for i in range(rounds)]
-            added[k] = statistics.median((both - alone) / n[k] for both, alone in slowest)
-            gaps[k] = statistics.median(alone for _, alone in slowest) / n[k]
+            added[k] = statistics.median((both - alone) / n[k] for both, alone in slowest[(g, k)])
+            gaps[k] = statistics.median(alone for _, alone in slowest[(g, k)]) / n[k]
         out += [(g, gaps[k], max(0.0, added[k] - added[SYNC_GAPS[0]])) for k in SYNC_GAPS]
     return out
 

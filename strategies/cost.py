@@ -150,13 +150,17 @@ class LayerCost:
     def comm_bytes(self) -> float:
         return sum((c.step.bytes / c.step.itemsize * c.itemsize for c in self.comm if c.step.communicates), 0.0)
 
-    def _terms(self, hw: Hardware) -> tuple[float, float, float, float, float]:
-        """compute, memory, weight comm, activation comm, looped comm (seconds)."""
+    def _busy(self, hw: Hardware) -> tuple[float, float]:
+        """compute, memory (seconds)."""
         compute = self.flops / (hw.peak_flops * hw.flops_efficiency) + self.calls * hw.call_overhead
         if hw.matmul_shapes and self.gemms:  # measured by shape: those FLOPs at their own FLOP/s
             compute += sum((f / hw.matmul_flops(m, k, n) - f / (hw.peak_flops * hw.flops_efficiency)
                             for f, m, k, n in self.gemms), 0.0)
-        memory = (self.weight_bytes + self.kv_bytes) / (hw.hbm_bandwidth * hw.hbm_efficiency)
+        return compute, (self.weight_bytes + self.kv_bytes) / (hw.hbm_bandwidth * hw.hbm_efficiency)
+
+    def _terms(self, hw: Hardware) -> tuple[float, float, float, float, float]:
+        """compute, memory, weight comm, activation comm, looped comm (seconds)."""
+        compute, memory = self._busy(hw)
         timed = self.priced(hw, max(compute, memory))
         weight = sum((t for c, t in timed if c.weight and c.step.communicates), 0.0)
         act = sum((t for c, t in timed if not c.weight and c.step.communicates), 0.0)
@@ -172,10 +176,7 @@ class LayerCost:
             return timed
         meets = [i for i, (c, _) in enumerate(timed) if c.step.communicates and not c.fused]
         if meets:
-            if busy is None:
-                compute, memory = self._terms(hw)[:2]
-                busy = max(compute, memory)
-            gap = busy / len(meets)
+            gap = (max(self._busy(hw)) if busy is None else busy) / len(meets)
             for i in meets:
                 c, t = timed[i]
                 timed[i] = (c, t + hw.sync_wait(c.step.group_size, gap))
