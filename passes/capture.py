@@ -46,7 +46,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None) -> fx.Gra
     was_training = model.training
     model.eval()
     try:
-        with _quiet_fake_tensor_log():
+        with _quiet_fake_tensor_log(), _without_stack_traces():
             ep = torch.export.export(model, args, kwargs, strict=False)
     except Exception as e:  # torch.export raises many types; we turn every one into one clear message
         first = (str(e).strip().splitlines() or [""])[0][:300]
@@ -80,6 +80,21 @@ def _quiet_fake_tensor_log():
         yield
     finally:
         log.setLevel(level)
+
+
+@contextmanager
+def _without_stack_traces():
+    """torch.export records the Python stack of every node it traces (`node.meta["stack_trace"]`), a third of
+    the time of capturing a small model. shardwise reads module paths (`nn_module_stack`), never the stacks,
+    so the capture skips them; a rank program's readable code then lacks the `# File:` comments."""
+    import torch.fx.config as fx_config
+
+    before = fx_config.do_not_emit_stack_traces
+    fx_config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        fx_config.do_not_emit_stack_traces = before
 
 
 def _strip_names(ep: torch.export.ExportedProgram, strip: str) -> None:

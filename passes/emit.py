@@ -120,7 +120,7 @@ def emit(
                     vals[node] = g.get_attr(attr)
                     qvals[mm] = (gm_nodes[fed], g.get_attr(attr + "_scale"))
                     continue
-                local = source.read(key, index).contiguous().clone()
+                local = source.read(key, index).clone(memory_format=torch.contiguous_format)  # its own bytes, one copy
                 if env.device is not None:
                     local = local.to(env.device)
                 if key in sig.buffers:
@@ -249,7 +249,7 @@ def _quantized_shard(source: WeightSource, key: str, shape: tuple[int, ...], ind
                            held.stop - held.start)
         cache[ck] = s
     q = quantize_rows(local, s[held.start - span.start: held.stop - span.start], out_dim)
-    return q, s[rows.start - span.start: rows.stop - span.start].contiguous().clone()
+    return q, s[rows.start - span.start: rows.stop - span.start].clone(memory_format=torch.contiguous_format)
 
 
 def _int8_matmul(g: fx.Graph, node: fx.Node, vals: dict, q: fx.Node, s: fx.Node) -> fx.Node:
