@@ -169,6 +169,8 @@ def _main(argv: list[str]) -> int:
 
     p = sub.add_parser("calibrate", help="measure this machine and save the cpu-local hardware profile")
     p.add_argument("--ranks", type=_whole, default=4, help="gloo ranks for the collective measurements")
+    p.add_argument("--quick", action="store_true",
+                   help="each measurement repeated about a quarter as often: a rough profile, sooner")
 
     args = parser.parse_args(argv)
     try:
@@ -524,7 +526,7 @@ def _demo(a) -> int:
 def _calibrate(a) -> int:
     from .runtime.calibrate import calibrate
 
-    hw, path = calibrate(ranks=a.ranks)
+    hw, path = calibrate(ranks=a.ranks, quick=a.quick)
     print(hw.to_json())
     print(f"saved to {path}; use it with --hardware cpu-local")
     return 0

@@ -44,6 +44,7 @@ import os
 import socket
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -208,7 +209,26 @@ def elementwise_bandwidth(rounds: int = 31) -> float:
     return 5 * rows * cols * 4 / statistics.median(seconds)
 
 
-def _gloo_worker(rank: int, world: int, port: int, out) -> None:
+@dataclass(frozen=True)
+class Rounds:
+    """How many times each measurement repeats (each figure is a median or mean over them)."""
+
+    flops: int = 9
+    grid: int = 7
+    elementwise: int = 31
+    collectives: int = 15
+    waits: int = 7
+    overlap: int = 60
+    relayout: int = 9
+
+
+FULL = Rounds()
+# `calibrate --quick`: every measurement, each repeated about a quarter as often; a rough profile in about a
+# quarter of the time, to try the planner on this machine (the full one is what rankings are quoted on)
+QUICK = Rounds(flops=3, grid=2, elementwise=7, collectives=3, waits=2, overlap=12, relayout=3)
+
+
+def _gloo_worker(rank: int, world: int, port: int, out, rounds: Rounds = FULL) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -216,18 +236,18 @@ def _gloo_worker(rank: int, world: int, port: int, out) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     dist.barrier()
     # every rank at once, one thread each, each repeat the slowest rank's time (so every rank has the same figures)
-    peak = matmul_flops(FLOPS_N, calls=2, together=True, repeats=9)
-    local = (peak, memory_bandwidth(64 << 20, together=True), call_overhead(together=True), elementwise_bandwidth(),
-             steady, matmul_grid(peak))
+    peak = matmul_flops(FLOPS_N, calls=2, together=True, repeats=rounds.flops)
+    local = (peak, memory_bandwidth(64 << 20, together=True), call_overhead(together=True),
+             elementwise_bandwidth(rounds.elementwise), steady, matmul_grid(peak, rounds.grid))
     per_rank = [None] * world
     dist.all_gather_object(per_rank, local)
     groups = _groups(rank, world)
-    kinds = collective_times(world, groups)
-    waits = sync_waits(world, groups)
-    overlap = comm_overlap(world, dist.group.WORLD.group_name)
+    kinds = collective_times(world, groups, rounds.collectives)
+    waits = sync_waits(world, groups, rounds.waits)
+    overlap = comm_overlap(world, dist.group.WORLD.group_name, rounds.overlap)
     overlaps = [None] * world
     dist.all_gather_object(overlaps, overlap)
-    relayout = relayout_cost(world, dist.group.WORLD.group_name)
+    relayout = relayout_cost(world, dist.group.WORLD.group_name, rounds.relayout)
     if rank == 0:
         out.put((per_rank, overlaps, kinds, relayout, waits))
     dist.barrier()
@@ -493,7 +513,7 @@ def hidden_fraction(runs: list[list[tuple[float, float, float]]]) -> tuple[float
     return statistics.fmean(hidden), hidden
 
 
-def measure_ranks(ranks: int) -> tuple:
+def measure_ranks(ranks: int, rounds: Rounds = FULL) -> tuple:
     """(latency s, bandwidth bytes/s, raw (output bytes, seconds)) of gloo all-gather on loopback, each
     rank's (matmul FLOP/s, copy bytes/s) measured while all ranks run, each rank's `comm_overlap`, and
     every kind's times over each group size (`collective_times`)."""
@@ -503,7 +523,7 @@ def measure_ranks(ranks: int) -> tuple:
 
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
-    mp.start_processes(_gloo_worker, args=(ranks, free_port(), q), nprocs=ranks, join=True, start_method="spawn")
+    mp.start_processes(_gloo_worker, args=(ranks, free_port(), q, rounds), nprocs=ranks, join=True, start_method="spawn")
     per_rank, overlaps, kinds, relayout, waits = q.get()
     # the generic link figures: an all-gather over every rank, the line through the SIZES
     raw = [(s, t) for s, t in kinds[("all_gather", ranks)] if s <= SIZES[-1]]
@@ -511,8 +531,11 @@ def measure_ranks(ranks: int) -> tuple:
     return latency, bandwidth, raw, per_rank, overlaps, kinds, relayout, waits
 
 
-def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Path]:
-    latency, link, raw, per_rank, overlaps, kinds, (extra, copied), waits = measure_ranks(ranks)
+def calibrate(*, ranks: int = 4, path: Path | None = None, quick: bool = False) -> tuple[Hardware, Path]:
+    """Measure this machine with `ranks` gloo ranks and save the cpu-local profile (to `path`, or the cache);
+    `quick`: each measurement repeated fewer times (QUICK), said so in the profile's source."""
+    rounds = QUICK if quick else FULL
+    latency, link, raw, per_rank, overlaps, kinds, (extra, copied), waits = measure_ranks(ranks, rounds)
     fits = {key: fit_lines(rows, key[1]) for key, rows in kinds.items()}
     overlap, hidden = hidden_fraction(overlaps)
     flops = statistics.median(r[0] for r in per_rank)
@@ -537,7 +560,8 @@ def calibrate(*, ranks: int = 4, path: Path | None = None) -> tuple[Hardware, Pa
         collectives=tuple((k, g, a, b, up_to) for (k, g), lines in sorted(fits.items()) for a, b, up_to in lines),
         source=f"measured by `shardwise calibrate` on {socket.gethostname()} at {when}: {ranks} single-threaded "
                f"ranks running at once, gloo on loopback, "
-               f"{'a steady heap (runtime/heap.py)' if steady else 'the C library default heap'}",
+               f"{'a steady heap (runtime/heap.py)' if steady else 'the C library default heap'}"
+               + ("; --quick: each measurement repeated about a quarter as often, a rough profile" if quick else ""),
         fitted={
             "ranks": str(ranks),
             "peak_flops": f"float32 {FLOPS_N}³ linears (runtime/kernels.py, 2 per repeat) per rank, all {ranks} ranks "
