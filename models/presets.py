@@ -345,6 +345,10 @@ _HF_NAMES = {
     "rank": {"q_lora_rank", "kv_lora_rank", "o_lora_rank"},
 }
 _LAYER_LISTS = ("layer_types", "layers_block_type", "block_types")
+# widths a family sets apart from the hidden size, shrunk in their default's proportion to it (hidden / width):
+# Gemma 3n / 4's per-layer inputs (256 of 2048) and Gemma 3n's LAuReL low-rank residual (64 of 2048). Left at
+# their defaults, the tiny model's pieces around them (replicated) outweighed its feed-forwards
+_PER_HIDDEN = {"hidden_size_per_layer_input": 8, "laurel_rank": 32}
 # constraints of a family's configuration the generic shrinking cannot see (checked by its validator)
 _HF_QUIRKS: dict[str, dict[str, Any]] = {
     "mamba2": {"num_heads": 8},  # its SSM heads: hidden · expand = heads · head_dim
@@ -431,6 +435,8 @@ def _shrunk_size(key: str, value: int | None, small: Small, gqa: bool | None, pe
         size = "hidden"
     if size is not None:
         return getattr(small, size) if value is not None or size in ("experts", "experts_per_token") else None
+    if key in _PER_HIDDEN and value:
+        return max(2, small.hidden // _PER_HIDDEN[key])
     if key.endswith("head_dim") or key in ("kv_channels", "dim_head", "rotary_dim"):
         if value is None:
             return small.head_dim if key == "head_dim" else None

@@ -503,7 +503,9 @@ def _ffn(ps: list[Projection], nodes: dict[str, fx.Node], claimed: set[str]) -> 
     """The feed-forward among a block's unclaimed projections: an output projection fed directly by one
     or two input projections (two: gated, SwiGLU) of its output width, with nothing between them that
     mixes positions, and whose output does not feed a router (a router's own MLP is no feed-forward).
-    Other projections of the block (an attention's extra gates, a router's parts) are left out of it."""
+    Where a block has more than one such pair (Gemma 3n and 4 gate a per-layer input after the MLP, E → 256
+    → E), the largest is the feed-forward; the others run replicated, reported as such. Other projections
+    of the block (an attention's extra gates, a router's parts) are left out of it."""
     names = {p.node for p in ps}
     block = block_of(nodes[ps[0].node])
     routers = {n for n in claimed if n in nodes and block_of(nodes[n]) == block and n not in names}
@@ -516,11 +518,12 @@ def _ffn(ps: list[Projection], nodes: dict[str, fx.Node], claimed: set[str]) -> 
     candidates = []
     for out in ps:
         ins = [p for p in ps if out.node in feeds[p.node] and p.in_features == out.out_features]
-        if not feeds[out.node] and 1 <= len(ins) <= 2 and len(ins) == sum(out.node in f for f in feeds.values()):
+        if 1 <= len(ins) <= 2 and len(ins) == sum(out.node in f for f in feeds.values()):
             candidates.append((out, ins))
-    if len(candidates) != 1:
+    sizes = sorted((sum(p.in_features * p.out_features for p in [out, *ins]) for out, ins in candidates), reverse=True)
+    if not candidates or (len(sizes) > 1 and sizes[0] == sizes[1]):  # none, or no one largest
         return None
-    out, ins = candidates[0]
+    out, ins = max(candidates, key=lambda c: sum(p.in_features * p.out_features for p in [c[0], *c[1]]))
     if _mixes_tokens([nodes[p.node] for p in ins], nodes[out.node]):
         return None
     roles = {"w_out": out}

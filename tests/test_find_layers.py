@@ -52,3 +52,28 @@ def test_layers_run_embedding_blocks_head(tiny):
     assert kinds[0] == "embedding" and kinds[-1] == "head"
     assert kinds[1:-1] == ["attention", "ffn"] * len(layers.blocks)
     assert [l.block for l in layers.layers[1:-1]] == [b.index for b in layers.blocks for _ in (0, 1)]
+
+
+def test_the_largest_of_two_feed_forward_pairs_is_the_feed_forward():
+    """Gemma 4's block gates a per-layer input after its MLP (per_layer_input_gate E → 8, per_layer_projection
+    8 → E): two projection pairs of the feed-forward's shape, the MLP's output feeding the second pair. The
+    MLP is the feed-forward (it was once the small pair, leaving the MLP replicated); the pair runs replicated
+    and the plan reports it so."""
+    import torch
+
+    import shardwise
+    from shardwise.models.presets import build_hf
+
+    model = build_hf("gemma4_text")
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    layers = capture_program(model, (ids,), {"use_cache": False}).meta[LAYERS]
+    ffns = layers.by_kind("ffn")
+    assert [f.name for f in ffns] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert {r: p.weight for r, p in ffns[0].projections.items()} == {
+        "w_gate": "p_model_layers_0_mlp_gate_proj_weight", "w_in": "p_model_layers_0_mlp_up_proj_weight",
+        "w_out": "p_model_layers_0_mlp_down_proj_weight"}
+    plan = shardwise.plan(model, (ids,), {"use_cache": False}, mesh="1x1x4")
+    replicated = {r.name for r in plan.sharding.replicated}
+    assert not any(".mlp." in name for name in replicated)
+    assert "model.layers.0.per_layer_input_gate.weight" in replicated
+    assert plan.sharding.flops_fraction > 0.95
