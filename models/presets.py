@@ -338,7 +338,7 @@ _HF_NAMES = {
               "encoder_attention_heads", "swa_num_attention_heads"},
     "kv_heads": {"num_key_value_heads", "num_kv_heads", "n_kv_heads", "kv_n_heads", "multi_query_group_num",
                  "swa_num_key_value_heads"},
-    "vocab": {"vocab_size", "n_words"},
+    "vocab": {"vocab_size", "n_words", "encoder_hash_byte_group_vocab"},  # (BLT's hash n-gram tables: 500002)
     "positions": {"max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"},
     "experts": {"num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"},
     "experts_per_token": {"num_experts_per_tok", "moe_k", "moe_topk", "moe_top_k", "num_experts_per_token"},
