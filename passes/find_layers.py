@@ -520,10 +520,14 @@ def _ffn(ps: list[Projection], nodes: dict[str, fx.Node], claimed: set[str]) -> 
         ins = [p for p in ps if out.node in feeds[p.node] and p.in_features == out.out_features]
         if 1 <= len(ins) <= 2 and len(ins) == sum(out.node in f for f in feeds.values()):
             candidates.append((out, ins))
-    sizes = sorted((sum(p.in_features * p.out_features for p in [out, *ins]) for out, ins in candidates), reverse=True)
-    if not candidates or (len(sizes) > 1 and sizes[0] == sizes[1]):  # none, or no one largest
+
+    def size(candidate) -> int:  # weight elements of (out, ins)
+        return sum(p.in_features * p.out_features for p in [candidate[0], *candidate[1]])
+
+    candidates.sort(key=size, reverse=True)
+    if not candidates or (len(candidates) > 1 and size(candidates[0]) == size(candidates[1])):  # none, or a tie
         return None
-    out, ins = max(candidates, key=lambda c: sum(p.in_features * p.out_features for p in [c[0], *c[1]]))
+    out, ins = candidates[0]
     if _mixes_tokens([nodes[p.node] for p in ins], nodes[out.node]):
         return None
     roles = {"w_out": out}
