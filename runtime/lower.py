@@ -41,7 +41,7 @@ def shard_tensor(t: torch.Tensor, layout: Layout, mesh: Mesh, rank: int) -> torc
     out = t[shard_index(tuple(t.shape), layout, mesh, rank)]
     if layout.partial and mesh.index_in(mesh.mesh_order(layout.partial), rank) != 0:
         out = torch.zeros_like(out)
-    return out.contiguous().clone()
+    return out.clone(memory_format=torch.contiguous_format)
 
 
 
