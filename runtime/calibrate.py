@@ -134,7 +134,7 @@ GEMM_M, GEMM_KN = (16, 64, 256, 1024), (256, 1024, 4096)  # the grid of local ma
 GEMM_REPEAT_S = 0.03  # at least this long a repeat (several calls of a small shape)
 
 
-def matmul_grid(peak: float, rounds: int = 7) -> list[tuple[int, int, int, float]]:
+def matmul_grid(peak: float, rounds: int) -> list[tuple[int, int, int, float]]:
     """[(m, k, n, FLOP/s)] of the rank programs' linear (runtime/kernels.py) on [m, k]·[k, n] for every m in
     GEMM_M and k, n in GEMM_KN, every rank at once: each time at least GEMM_REPEAT_S (calls of the shape, as
     many as `peak` FLOP/s says fill it) and the slowest rank's; in rounds that time every shape once, the
@@ -181,7 +181,7 @@ def memory_bandwidth(nbytes: int = 256 << 20, *, together: bool = False) -> floa
 ELEMENTWISE_SHAPE = (1024, 4096)  # a feed-forward's hidden activation at 1024 tokens
 
 
-def elementwise_bandwidth(rounds: int = 31) -> float:
+def elementwise_bandwidth(rounds: int) -> float:
     """Bytes/s (read + written) of eager pointwise ops over an activation, in context: a SwiGLU feed-forward's
     silu(h1) · h2 (silu reads and writes the hidden activation, the product reads two and writes one: 5 passes
     of its bytes), timed alone right after the matmuls that make h1 = x·W1 and h2 = x·W2, on their fresh
@@ -211,7 +211,8 @@ def elementwise_bandwidth(rounds: int = 31) -> float:
 
 @dataclass(frozen=True)
 class Rounds:
-    """How many times each measurement repeats (each figure is a median or mean over them)."""
+    """How many times each measurement repeats (each figure is a median or mean over them): the one place the
+    counts are set; the measurements take them as arguments."""
 
     flops: int = 9
     grid: int = 7
@@ -270,7 +271,7 @@ def _groups(rank: int, world: int) -> dict[int, str]:
     return groups
 
 
-def collective_times(world: int, groups: dict[int, str], rounds: int = 15,
+def collective_times(world: int, groups: dict[int, str], rounds: int,
                      calls: int = 4) -> dict[tuple[str, int], list[tuple[int, float]]]:
     """(kind, group size) → [(charged bytes, seconds)]: each kind of collective shardwise emits, over the whole
     world and over groups of 2 (every pair at once, as a mesh axis of 2 runs them), on tensors whose
@@ -352,7 +353,7 @@ SYNC_BYTES = 64 << 10  # its charged bytes: an all-reduce whose own time is shor
 SYNC_RUN_S = 0.3  # about this long each timed run
 
 
-def sync_waits(world: int, groups: dict[int, str], rounds: int = 7) -> list[tuple[int, float, float]]:
+def sync_waits(world: int, groups: dict[int, str], rounds: int) -> list[tuple[int, float, float]]:
     """[(group size, gap s, extra s)]: what a small all-reduce over each group adds after `gap` seconds of
     compute beyond what it adds after the `collectives`' context (the first of SYNC_GAPS, so its extra is 0).
 
@@ -399,7 +400,7 @@ def sync_waits(world: int, groups: dict[int, str], rounds: int = 7) -> list[tupl
 RELAYOUT_BYTES = 16 << 20  # the gathered output in the relayout measurement
 
 
-def relayout_cost(world: int, group: str, rounds: int = 9) -> tuple[float, float]:
+def relayout_cost(world: int, group: str, rounds: int) -> tuple[float, float]:
     """(seconds an all-gather over dim 1 adds to one over dim 0 of the same bytes, the merge copy's bytes
     read + written): the gather of a [1024, cols / world] block into [1024, cols] as runtime/lower.py
     lowers it (all-gathered stacked, then its blocks merged into dim 1: one copy of the output), against
@@ -462,7 +463,7 @@ OVERLAP_BYTES = 16 << 20  # the all-gather's output in the overlap measurement: 
 OVERLAP_LINEAR = (256, 1024, 1024)  # the compute beside it: [m, k]·[k, n] linears, the rank programs' kernel
 
 
-def comm_overlap(world: int, group: str, repeats: int = 60) -> list[tuple[float, float, float]]:
+def comm_overlap(world: int, group: str, repeats: int) -> list[tuple[float, float, float]]:
     """This rank's (t_comm, t_compute, t_both) per repeat, every rank running it at once: a gloo all-gather
     alone, a loop of linears about twice its length alone, and the two together (the gather started, the
     loop run, then the gather waited); the three run in turn in each repeat, so the machine's other load
