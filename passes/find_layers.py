@@ -249,15 +249,21 @@ def _attention(core: fx.Node, q_arg: fx.Node, k_arg: fx.Node, v_arg: fx.Node, ou
 def _latents(core: fx.Node, found: dict[str, Projection], projs: dict[str, Projection],
              claimed: set[str]) -> dict[str, Projection]:
     """Multi-head latent attention's low-rank projections (DeepSeek's q_a_proj and kv_a_proj_with_mqa, the
-    rotary key piece included): unclaimed projections of the block whose output reaches q, k or v's
-    projection, or the core itself, without passing another projection. Not split per head: their
-    outputs are codes (normalized over the whole code) shared by every head."""
+    rotary key piece included): unclaimed projections of the block that read the hidden state (in
+    features = the attention's E, where it has an output projection to say it) and whose output reaches
+    q, k or v's projection, or the core itself, without passing another projection. Not split per head:
+    their outputs are codes (normalized over the whole code) shared by every head. (Gemma 3n's AltUp
+    `prediction_coefs`, 4 → 16, also reaches q: mixing weights of its 4 streams, not a code of the hidden
+    state.)"""
     nodes = {n.name: n for n in core.graph.nodes}
     block = block_of(core)
     targets = {core.name} | {p.node for r, p in found.items() if r in ("q", "k", "v")}
+    hidden = found["o"].out_features if "o" in found else None
     out = {}
     for name, p in projs.items():
         if name in claimed or block_of(nodes[name]) != block or block is None:
+            continue
+        if hidden is not None and p.in_features != hidden:
             continue
         if _feeds(nodes[name], targets, set(projs), block):
             out[name] = p

@@ -77,3 +77,24 @@ def test_the_largest_of_two_feed_forward_pairs_is_the_feed_forward():
     assert not any(".mlp." in name for name in replicated)
     assert "model.layers.0.per_layer_input_gate.weight" in replicated
     assert plan.sharding.flops_fraction > 0.95
+
+
+def test_a_projection_that_does_not_read_the_hidden_state_is_not_a_latent():
+    """Gemma 3n's AltUp `prediction_coefs` (4 → 16) mixes its four streams into the one that reaches q: it
+    reaches q without passing another projection, as a multi-head latent's code does, but it reads the 4
+    stream weights, not the hidden state. It is no latent (it was once reported `latent-replicated`); it runs
+    replicated and the plan names it so, while DeepSeek's q_a/kv_a stay latents (test_experts_matrix.py)."""
+    import torch
+
+    import shardwise
+    from shardwise.models.presets import build_hf
+
+    model = build_hf("gemma3n_text")
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    layers = capture_program(model, (ids,), {"use_cache": False}).meta[LAYERS]
+    attns = layers.by_kind("attention")
+    assert attns and all("latent" not in a.info for a in attns), [a.info.get("latent") for a in attns]
+    plan = shardwise.plan(model, (ids,), {"use_cache": False}, mesh="1x1x4")
+    replicated = {r.name for r in plan.sharding.replicated}
+    assert "model.layers.0.altup.prediction_coefs.weight" in replicated, sorted(replicated)
+    assert plan.main.latent is None or plan.main.latent == "", plan.main.latent
