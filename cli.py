@@ -170,7 +170,7 @@ def _main(argv: list[str]) -> int:
     p = sub.add_parser("calibrate", help="measure this machine and save the cpu-local hardware profile")
     p.add_argument("--ranks", type=_whole, default=4, help="gloo ranks for the collective measurements")
     p.add_argument("--quick", action="store_true",
-                   help="each measurement repeated about a quarter as often: a rough profile, sooner")
+                   help="each measurement repeated a few times only: a rough profile in a fraction of the time")
 
     args = parser.parse_args(argv)
     try:

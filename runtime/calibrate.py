@@ -230,8 +230,8 @@ class Rounds:
 
 
 FULL = Rounds()
-# `calibrate --quick`: every measurement, each repeated about a quarter as often; a rough profile in about a
-# quarter of the time, to try the planner on this machine (the full one is what rankings are quoted on)
+# `calibrate --quick`: every measurement, each repeated a few times only; a rough profile in a fraction of the
+# time (the full one takes ~6 min here), to try the planner on this machine (rankings are quoted on the full one)
 QUICK = Rounds(flops=3, grid=2, elementwise=7, collectives=3, waits=2, overlap=12, relayout=3)
 
 
@@ -568,7 +568,7 @@ def calibrate(*, ranks: int = 4, path: Path | None = None, quick: bool = False) 
         source=f"measured by `shardwise calibrate` on {socket.gethostname()} at {when}: {ranks} single-threaded "
                f"ranks running at once, gloo on loopback, "
                f"{'a steady heap (runtime/heap.py)' if steady else 'the C library default heap'}"
-               + ("; --quick: each measurement repeated about a quarter as often, a rough profile" if quick else ""),
+               + ("; --quick: each measurement repeated a few times only, a rough profile" if quick else ""),
         fitted={
             "ranks": str(ranks),
             "peak_flops": f"float32 {FLOPS_N}³ linears (runtime/kernels.py, 2 per repeat) per rank, all {ranks} ranks "
