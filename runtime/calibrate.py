@@ -220,9 +220,9 @@ class Rounds:
     # ranked the saved bench_layouts runs better for the calibration that ranked them worst (ρ 0.898 → 0.928)
     grid: int = 15
     elementwise: int = 31
-    # the collectives and the waits: a 15-round median of a collective's cost moved ±5-10% (p5-p95 of 15 of
-    # 30 rounds, 4 ranks here), and one calibration's 2-rank all-gather 15% off another's took bench_layouts'
-    # ranking at 1024 tokens from ρ 0.965 to 0.898 (its other figures kept)
+    # the collectives and the waits: a 15-round median of a collective's cost moved ±5-17%, a 45-round one
+    # ±2-11% (90% of medians resampled from 30 rounds, 4 ranks here), and one calibration's 2-rank all-gather
+    # 15% off another's took bench_layouts' ranking at 1024 tokens from ρ 0.965 to 0.898 (its other figures kept)
     collectives: int = 45
     waits: int = 15
     overlap: int = 60
