@@ -24,9 +24,10 @@ large token count:
     python -m shardwise.benchmarks.bench_layouts                 # ~ 20 minutes on 2 cores
     python -m shardwise.benchmarks.bench_layouts --runs 3 --large 4x64    # quicker
 
-Rounds: 15 by default. The 20 layouts at 1024 tokens lie within a few percent of each other, so the measured
-ranking itself is noisy: against the same predictions, the saved 7-round runs drawn down to 3, 5 and 7 of
-their rounds gave ρ as low as 0.80, 0.89 and 0.90, and two runs' 14 rounds pooled 0.93 (README, `bench_layouts`).
+Rounds: 15 by default (7 before). The 20 layouts at 1024 tokens lie within a few percent of each other, so the
+measured ranking is itself noisy: against one profile's predictions, 15 saved runs of 5 or 7 rounds ranked at
+ρ as low as 0.80 and 0.89 on medians of 3 and 5 of their rounds drawn at random, 0.90 on all of them, and
+0.93 on any two runs' rounds pooled (README, `bench_layouts`).
 
 The parent makes sure a `cpu-local` profile exists (calibrating one if not), launches 4 workers with
 torchrun on 127.0.0.1 (OMP_NUM_THREADS=1), and formats the JSON rank 0 writes.
