@@ -422,6 +422,8 @@ def report(res: dict, small: str, large: str, load: str) -> None:
 
 
 def main() -> None:
+    from shardwise.cli import _whole  # a whole number ≥ 1, refused by argparse otherwise
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", action="store_true", help="(internal) run as one torchrun rank")
     ap.add_argument("--out", help="(worker) where rank 0 writes its JSON")
@@ -429,7 +431,7 @@ def main() -> None:
     ap.add_argument("--small", default="8x1", help="decode-sized token count, BATCHxSEQ (default 8x1)")
     ap.add_argument("--large", default="8x64", help="prefill-sized token count, BATCHxSEQ (default 8x64)")
     ap.add_argument("--meshes", default=MESHES, help=f"comma-separated meshes of {NPROC} chips (default {MESHES})")
-    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--runs", type=_whole, default=15, help="timed runs (default 15)")
     ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args()
     if args.worker:

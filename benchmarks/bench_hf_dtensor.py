@@ -330,6 +330,8 @@ def report(res: dict) -> bool:
 
 
 def main() -> None:
+    from shardwise.cli import _whole  # a whole number ≥ 1, refused by argparse otherwise
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", action="store_true", help="(internal) run as one torchrun rank")
     ap.add_argument("--out", help="(worker) where rank 0 writes its JSON")
@@ -338,7 +340,7 @@ def main() -> None:
     ap.add_argument("--alt", default="", help="forced shardwise layouts to time too, ';'-separated requests "
                     "(e.g. 'ffn=ws1d,attention=heads;ffn=ws2d,attention=heads')")
     ap.add_argument("--profile", action="store_true", help="profile one step of each side at the last token count")
-    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--runs", type=_whole, default=7, help="timed runs (default 7)")
     ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args()
     if args.worker:

@@ -44,8 +44,10 @@ def timed_pair(fa, fb, runs: int) -> tuple[float, float]:
 
 
 def main() -> None:
+    from shardwise.cli import _whole  # a whole number ≥ 1, refused by argparse otherwise
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--runs", type=_whole, default=15, help="timed runs (default 15)")
     ap.add_argument("--ranks", type=int, default=1, help="copies run at once (rank 0's table is shown)")
     args = ap.parse_args()
     if args.ranks > 1:

@@ -532,13 +532,15 @@ def report(res: dict, small: str, large: str) -> None:
 
 
 def main() -> None:
+    from shardwise.cli import _whole  # a whole number ≥ 1, refused by argparse otherwise
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", action="store_true", help="(internal) run as one torchrun rank")
     ap.add_argument("--out", help="(worker) where rank 0 writes its JSON")
     ap.add_argument("--json", help="also keep rank 0's JSON here")
     ap.add_argument("--small", default="4x8", help="small token count, BATCHxSEQ (default 4x8)")
     ap.add_argument("--large", default="8x128", help="large token count, BATCHxSEQ (default 8x128)")
-    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--runs", type=_whole, default=15, help="timed runs (default 15)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-unscheduled", action="store_true",
                     help="time only the scheduled programs (default: also each layout without the overlap schedule)")
