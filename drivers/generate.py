@@ -20,6 +20,7 @@ steps without a mask, and their plans, are unchanged.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,9 @@ class Generation:
     bridge: list[CollectiveRecord] = field(default_factory=list)  # cache redistribution between the phases
     traces: dict[str, Trace] = field(default_factory=dict)  # simulated runs: what each phase executed
     logits: list[torch.Tensor] = field(default_factory=list)  # per new token, the [B, V] logits it was chosen from
+    # seconds each step of each phase took in this process ("prefill": one; "decode": one per token after the
+    # first), from its inputs to its outputs: on real ranks this rank's (a step ends at its last collective)
+    step_s: dict[str, list[float]] = field(default_factory=dict)
 
 
 def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, mesh: Mesh | str,
@@ -93,7 +97,10 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, 
               else ThisRank(mesh, weights=weights, device=run_on, record=record))
 
     flat_pre = prefill.program.flat_inputs(pre_args, {})
+    step_s: dict[str, list[float]] = {"prefill": [], "decode": []}
+    t0 = time.perf_counter()
     outs = runner.run("prefill", prefill.program, flat_pre, prefill.program.input_layouts())
+    step_s["prefill"].append(time.perf_counter() - t0)
     token = _next_token(outs)
     logits = [outs[0][0][:, -1]] if details else []
     caches = bridge(runner, [o[1:] for o in outs])
@@ -102,7 +109,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, 
     for i in range(1, max_new_tokens):
         pos = torch.tensor(P + i - 1, dtype=torch.long, device=input_ids.device)
         flat = [[token, pos, *c, *m] for c, m in zip(caches, masks)]
+        t0 = time.perf_counter()
         outs = runner.run("decode", decode.program, flat, None)
+        step_s["decode"].append(time.perf_counter() - t0)
         token = _next_token(outs)
         if details:
             logits.append(outs[0][0][:, -1])
@@ -111,7 +120,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, 
     tokens = torch.cat([input_ids, *generated], dim=1)
     if not details:
         return tokens
-    return Generation(tokens, prefill, decode, bridge.records, runner.traces, logits)
+    return Generation(tokens, prefill, decode, bridge.records, runner.traces, logits, step_s)
 
 
 def _check_call(model, input_ids, max_new_tokens: int, weights) -> None:

@@ -20,6 +20,7 @@ Reads `sw_layout`, `sw_collective`, `val`, `sw_signature`, `sw_state` (and `sw_l
 
 from __future__ import annotations
 
+import copy
 import operator
 from typing import Callable
 
@@ -32,8 +33,17 @@ from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..ir.meta import COLLECTIVE, DISPATCH, FUSED_NORM, LAYERS, LAYOUT, RANK_BLOCKS, SIGNATURE, STATE
 from ..runtime.lower import RankEnv, lower_dispatch, lower_step
-from ..runtime.quantize import check_quantize, int8_addmm, int8_linear, int8_mm, quantize_rows, row_scales, scales_of
-from ..runtime.weights import StateSource, WeightSource, shard_index
+from ..runtime.quantize import (
+    check_quantize,
+    dequantized_weight,
+    int8_addmm,
+    int8_linear,
+    int8_mm,
+    quantize_rows,
+    row_scales,
+    scales_of,
+)
+from ..runtime.weights import StateSource, WeightSource, resolve, shard_index
 from .find_layers import block_of
 from .fold_constants import fold_constants, keep_out_of_state
 from .graph_utils import graph_module, is_experts_ffn, is_moe_ffn, signature
@@ -206,6 +216,24 @@ def quantizable(gm: fx.GraphModule) -> dict[str, tuple[str, int, str]]:
             del out[k]
     return {k: v[:3] for k, v in out.items()}
 
+
+
+def dequantized_model(model: nn.Module, gm: fx.GraphModule) -> tuple[nn.Module, set[str]]:
+    """What int8 rank programs of `gm` (a plan's program graph, captured from `model`) compute, as a float
+    model: a copy of `model` with every weight they hold as int8 replaced by q · s (its quantized rows times
+    their scales, `dequantized_weight`), and the names of the weights replaced. A weight several
+    projections slice (GPT-2's c_attn) is replaced once, whole."""
+    sig = signature(gm)
+    ref = copy.deepcopy(model)
+    params = dict(ref.named_parameters())
+    done: set[str] = set()
+    for ph, (_, out_dim, _) in quantizable(gm).items():
+        base = resolve(sig.params[ph], (slice(0, 1), slice(0, 1)))[0]  # a slice of a weight: the weight
+        if base not in done:
+            done.add(base)
+            with torch.no_grad():
+                params[base].copy_(dequantized_weight(params[base], out_dim))
+    return ref, done
 
 _MOVES = (aten.unbind.int, operator.getitem)  # with REDISTRIBUTE_OPS and stack: what a gathered weight passes
 

@@ -12,7 +12,6 @@ logits by ~5e-3, so a weight left in float or a wrong scale is ≥ 100× outside
 and generate's ranks through `emit_rank(..., quantize=program.quantize)`.
 """
 
-import copy
 
 import pytest
 import torch
@@ -20,32 +19,15 @@ import torch
 import shardwise
 from shardwise.drivers.generate import generate
 from shardwise.models import example_inputs
-from shardwise.passes.emit import quantizable
-from shardwise.passes.graph_utils import signature
+from shardwise.passes.emit import dequantized_model, quantizable
 from shardwise.planning.program import Program
-from shardwise.runtime.quantize import dequantized_weight, int8_addmm, int8_linear, int8_mm, quantize_weight
+from shardwise.runtime.quantize import int8_addmm, int8_linear, int8_mm, quantize_weight
 from shardwise.runtime.simulate import Trace, sim_group_name
-from shardwise.runtime.weights import resolve
 
 ATOL = 1e-5
 MODELS = ["llama-tiny", "gpt2-tiny"]
 MESHES = ["1x1x4", "2x2x1"]
 LAYOUTS = ["ffn=ws1d,attn=heads", "ffn=ws2d,attn=batch", "ffn=ws1d_ar,attn=batch"]
-
-
-def dequantized_model(model: torch.nn.Module, program: Program) -> tuple[torch.nn.Module, set[str]]:
-    """`model` with every weight the program quantizes replaced by q · s (and the names replaced)."""
-    sig = signature(program.gm)
-    ref = copy.deepcopy(model)
-    params = dict(ref.named_parameters())
-    done = set()
-    for ph, (_, out_dim, _) in quantizable(program.gm).items():
-        base = resolve(sig.params[ph], (slice(0, 1), slice(0, 1)))[0]  # GPT-2's c_attn slices: their base
-        if base not in done:
-            done.add(base)
-            with torch.no_grad():
-                params[base].copy_(dequantized_weight(params[base], out_dim))
-    return ref, done
 
 
 def _logits(x):
@@ -59,7 +41,7 @@ def test_int8_program_equals_dequantized_model(tiny, name, mesh, layouts):
     model = tiny(name)
     args, kwargs = example_inputs(model, 8, 16)
     plan = shardwise.plan(model, args, kwargs, mesh=mesh, layouts=layouts, weight_dtype="int8")
-    ref, quantized = dequantized_model(model, plan.program)
+    ref, quantized = dequantized_model(model, plan.program.gm)
     # every block's projections (llama: q k v o gate up down × 2 + the head; GPT-2: c_attn c_proj c_fc
     # c_proj × 2, its head being tied to the embedding table stays float)
     assert len(quantized) == {"llama-tiny": 15, "gpt2-tiny": 8}[name]
@@ -83,7 +65,7 @@ def test_weight_gathered_layouts_gather_int8(tiny, layouts):
     model = tiny("llama-tiny")
     args, kwargs = example_inputs(model, 8, 16)
     plan = shardwise.plan(model, args, kwargs, mesh="2x2x1", layouts=layouts, weight_dtype="int8")
-    ref, quantized = dequantized_model(model, plan.program)
+    ref, quantized = dequantized_model(model, plan.program.gm)
     assert len(quantized) == 15
     gathered = [ph for ph, (_, _, fed) in quantizable(plan.program.gm).items() if fed != ph]
     assert gathered
@@ -178,7 +160,10 @@ def test_int8_decode_gives_the_dequantized_models_tokens(tiny, name):
     gen = generate(model, ids, 4, mesh="1x1x4", layouts="ffn=ws1d,attn=heads", simulate=True,
                    weight_dtype="int8", details=True)
     assert gen.decode.program.quantize == "int8" and gen.prefill.program.quantize == "int8"
-    ref, _ = dequantized_model(model, gen.decode.program)
+    # each step timed (what bench_int8 reports): the prefill once, then every token after the first
+    assert len(gen.step_s["prefill"]) == 1 and len(gen.step_s["decode"]) == 3
+    assert all(s > 0 for s in gen.step_s["prefill"] + gen.step_s["decode"])
+    ref, _ = dequantized_model(model, gen.decode.program.gm)
     want = generate(ref, ids, 4, mesh="1x1x4", layouts="ffn=ws1d,attn=heads", simulate=True, details=True)
     assert torch.equal(gen.tokens, want.tokens)
     floating = generate(model, ids, 4, mesh="1x1x4", layouts="ffn=ws1d,attn=heads", simulate=True, details=True)
