@@ -44,11 +44,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -60,6 +56,7 @@ from shardwise.benchmarks.bench_layouts import (
     check,
     ensure_profile,
     fmt_bytes,
+    launch,
     parse_tokens,
     spearman,
     start_rank,
@@ -438,26 +435,12 @@ def main() -> None:
         worker(args)
         return
 
-    from shardwise.runtime.distributed import free_port
-
     ensure_profile()
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3]) + " (1, 5, 15 min)"
-    with tempfile.TemporaryDirectory(prefix="shardwise-bench-") as tmp:
-        out = Path(args.json or Path(tmp) / "result.json")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(NPROC),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               "-m", "shardwise.benchmarks.bench_experts", "--worker", "--out", str(out), "--small", args.small,
-               "--large", args.large, "--meshes", args.meshes, "--runs", str(args.runs), "--warmup", str(args.warmup)]
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        print(f"launching {NPROC} ranks: {' '.join(cmd[1:])}", flush=True)
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, check=False)
-        if proc.returncode != 0 or not out.exists():
-            sys.exit(f"the {NPROC} ranks failed (exit {proc.returncode}); see their output above")
-        res = json.loads(out.read_text())
-        report(res, args.small, args.large, load)
-        print(f"total wall time {time.perf_counter() - t0:.0f} s (launch included)")
-
+    res, t0 = launch("bench_experts", ["--small", args.small, "--large", args.large, "--meshes", args.meshes,
+                                       "--runs", str(args.runs), "--warmup", str(args.warmup)], args.json, NPROC)
+    report(res, args.small, args.large, load)
+    print(f"total wall time {time.perf_counter() - t0:.0f} s (launch included)")
 
 if __name__ == "__main__":
     main()

@@ -41,17 +41,23 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from .bench_layouts import CollectiveCounter, check, ensure_profile, fmt_bytes, parse_tokens, start_rank, timed_pair
+from .bench_layouts import (
+    CollectiveCounter,
+    check,
+    ensure_profile,
+    fmt_bytes,
+    launch,
+    parse_tokens,
+    start_rank,
+    timed_pair,
+)
 
 NPROC = 4
 LLAMA = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 4, "num_attention_heads": 16,
@@ -347,26 +353,12 @@ def main() -> None:
         worker(args)
         return
 
-    from shardwise.runtime.distributed import free_port
-
     ensure_profile()
-    with tempfile.TemporaryDirectory(prefix="shardwise-bench-") as tmp:
-        out = Path(args.json or Path(tmp) / "result.json")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(NPROC),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               "-m", "shardwise.benchmarks.bench_hf_dtensor", "--worker", "--out", str(out), "--tokens", args.tokens,
-               "--alt", args.alt, "--runs", str(args.runs), "--warmup", str(args.warmup)]
-        cmd += ["--profile"] if args.profile else []
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        print(f"launching {NPROC} ranks: {' '.join(cmd[1:])}", flush=True)
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, check=False, env=env)
-        if proc.returncode != 0 or not out.exists():
-            sys.exit(f"the {NPROC} ranks failed (exit {proc.returncode}); see their output above")
-        met = report(json.loads(out.read_text()))
-        print(f"total wall time {time.perf_counter() - t0:.0f} s (launch included)")
+    flags = ["--tokens", args.tokens, "--alt", args.alt, "--runs", str(args.runs), "--warmup", str(args.warmup)]
+    res, t0 = launch("bench_hf_dtensor", flags + ["--profile"] * args.profile, args.json, NPROC)
+    met = report(res)
+    print(f"total wall time {time.perf_counter() - t0:.0f} s (launch included)")
     sys.exit(0 if met else 1)
-
 
 if __name__ == "__main__":
     main()

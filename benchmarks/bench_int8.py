@@ -37,18 +37,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from .bench_hf_dtensor import LLAMA, NPROC, build_model
-from .bench_layouts import agreed, ensure_profile, fmt_bytes, start_rank
+from .bench_layouts import agreed, ensure_profile, fmt_bytes, launch, start_rank
 
 MESH = "1x1x4"
 BATCH, PROMPT, STEPS = 8, 32, 8
@@ -200,24 +197,11 @@ def main() -> None:
         worker(args)
         return
 
-    from shardwise.runtime.distributed import free_port
-
     ensure_profile()
-    with tempfile.TemporaryDirectory(prefix="shardwise-bench-") as tmp:
-        out = Path(args.json or Path(tmp) / "result.json")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(NPROC),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               "-m", "shardwise.benchmarks.bench_int8", "--worker", "--out", str(out), "--rounds", str(args.rounds)]
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        print(f"launching {NPROC} ranks: {' '.join(cmd[1:])}", flush=True)
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, check=False, env=env)
-        if proc.returncode != 0 or not out.exists():
-            sys.exit(f"the {NPROC} ranks failed (exit {proc.returncode}); see their output above")
-        ok = report(json.loads(out.read_text()))
-        print(f"total wall time {time.perf_counter() - t0:.0f} s (launch included)")
+    res, t0 = launch("bench_int8", ["--rounds", str(args.rounds)], args.json, NPROC)
+    ok = report(res)
+    print(f"total wall time {time.perf_counter() - t0:.0f} s (launch included)")
     sys.exit(0 if ok else 1)
-
 
 if __name__ == "__main__":
     main()

@@ -531,6 +531,26 @@ def report(res: dict, small: str, large: str) -> None:
     print(f"\nworker time {res['seconds']:.0f} s")
 
 
+def launch(module: str, worker_args: list[str], json_path: str | None, nproc: int = NPROC) -> tuple[dict, float]:
+    """Run benchmark `module`'s worker on `nproc` torchrun ranks on 127.0.0.1, one thread each: (rank 0's JSON
+    result, the perf_counter when the launch began). Exits with a message when the ranks fail. `json_path`:
+    keep the JSON there too."""
+    from shardwise.runtime.distributed import free_port
+
+    with tempfile.TemporaryDirectory(prefix="shardwise-bench-") as tmp:
+        out = Path(json_path or Path(tmp) / "result.json")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               "-m", f"shardwise.benchmarks.{module}", "--worker", "--out", str(out), *worker_args]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        print(f"launching {nproc} ranks: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, check=False)
+        if proc.returncode != 0 or not out.exists():
+            sys.exit(f"the {nproc} ranks failed (exit {proc.returncode}); see their output above")
+        return json.loads(out.read_text()), t0
+
+
 def main() -> None:
     from shardwise.cli import _whole  # a whole number ≥ 1, refused by argparse otherwise
 
@@ -551,29 +571,12 @@ def main() -> None:
         worker(args)
         return
 
-    from shardwise.runtime.distributed import free_port
-
     ensure_profile()
-    with tempfile.TemporaryDirectory(prefix="shardwise-bench-") as tmp:
-        out = Path(args.json or Path(tmp) / "result.json")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(NPROC),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               "-m", "shardwise.benchmarks.bench_layouts", "--worker", "--out", str(out),
-               "--small", args.small, "--large", args.large, "--runs", str(args.runs), "--warmup", str(args.warmup)]
-        if args.no_unscheduled:
-            cmd.append("--no-unscheduled")
-        if args.looped:
-            cmd.append("--looped")
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        print(f"launching {NPROC} ranks: {' '.join(cmd[1:])}", flush=True)
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env)
-        if proc.returncode != 0 or not out.exists():
-            sys.exit(f"the {NPROC} ranks failed (exit {proc.returncode}); see their output above")
-        res = json.loads(out.read_text())
-        report(res, args.small, args.large)
-        print(f"total wall time {time.perf_counter() - t0:.0f} s (launch included)")
-
+    flags = ["--small", args.small, "--large", args.large, "--runs", str(args.runs), "--warmup", str(args.warmup)]
+    flags += ["--no-unscheduled"] * args.no_unscheduled + ["--looped"] * args.looped
+    res, t0 = launch("bench_layouts", flags, args.json)
+    report(res, args.small, args.large)
+    print(f"total wall time {time.perf_counter() - t0:.0f} s (launch included)")
 
 if __name__ == "__main__":
     main()
