@@ -442,5 +442,6 @@ def main() -> None:
     report(res, args.small, args.large, load)
     print(f"total wall time {time.perf_counter() - t0:.0f} s (launch included)")
 
+
 if __name__ == "__main__":
     main()

@@ -360,5 +360,6 @@ def main() -> None:
     print(f"total wall time {time.perf_counter() - t0:.0f} s (launch included)")
     sys.exit(0 if met else 1)
 
+
 if __name__ == "__main__":
     main()

@@ -578,5 +578,6 @@ def main() -> None:
     report(res, args.small, args.large)
     print(f"total wall time {time.perf_counter() - t0:.0f} s (launch included)")
 
+
 if __name__ == "__main__":
     main()

@@ -217,7 +217,6 @@ def quantizable(gm: fx.GraphModule) -> dict[str, tuple[str, int, str]]:
     return {k: v[:3] for k, v in out.items()}
 
 
-
 def dequantized_model(model: nn.Module, gm: fx.GraphModule) -> tuple[nn.Module, set[str]]:
     """What int8 rank programs of `gm` (a plan's program graph, captured from `model`) compute, as a float
     model: a copy of `model` with every weight they hold as int8 replaced by q · s (its quantized rows times
@@ -234,6 +233,7 @@ def dequantized_model(model: nn.Module, gm: fx.GraphModule) -> tuple[nn.Module, 
             with torch.no_grad():
                 params[base].copy_(dequantized_weight(params[base], out_dim))
     return ref, done
+
 
 _MOVES = (aten.unbind.int, operator.getitem)  # with REDISTRIBUTE_OPS and stack: what a gathered weight passes
 

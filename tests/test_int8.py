@@ -12,7 +12,6 @@ logits by ~5e-3, so a weight left in float or a wrong scale is ≥ 100× outside
 and generate's ranks through `emit_rank(..., quantize=program.quantize)`.
 """
 
-
 import pytest
 import torch
 
