@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..errors import TokenIdError
+from ..errors import InputError, TokenIdError
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..ir.meta import COLLECTIVE, DISPATCH, FUSED_NORM, LAYERS, LAYOUT, RANK_BLOCKS, SIGNATURE, STATE
@@ -221,17 +221,26 @@ def dequantized_model(model: nn.Module, gm: fx.GraphModule) -> tuple[nn.Module, 
     """What int8 rank programs of `gm` (a plan's program graph, captured from `model`) compute, as a float
     model: a copy of `model` with every weight they hold as int8 replaced by q · s (its quantized rows times
     their scales, `dequantized_weight`), and the names of the weights replaced. A weight several
-    projections slice (GPT-2's c_attn) is replaced once, whole."""
+    projections slice (GPT-2's c_attn) is replaced once, whole. A model without one of those weights, or
+    holding it in another shape than the graph captured, is refused (InputError)."""
     sig = signature(gm)
     ref = copy.deepcopy(model)
     params = dict(ref.named_parameters())
+    placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
     done: set[str] = set()
     for ph, (_, out_dim, _) in quantizable(gm).items():
         base = resolve(sig.params[ph], (slice(0, 1), slice(0, 1)))[0]  # a slice of a weight: the weight
-        if base not in done:
-            done.add(base)
-            with torch.no_grad():
-                params[base].copy_(dequantized_weight(params[base], out_dim))
+        if base in done:
+            continue
+        captured = tuple(placeholders[ph].meta["val"].shape) if sig.params[ph] == base else None
+        if base not in params or captured not in (None, tuple(params[base].shape)):
+            found = "does not have" if base not in params else f"holds as {tuple(params[base].shape)}"
+            raise InputError(f"dequantized_model: the plan's graph multiplies weight {base}"
+                             f"{f' of shape {captured}' if captured else ''}, which the model given {found}: "
+                             f"pass the model the plan was made from")
+        done.add(base)
+        with torch.no_grad():
+            params[base].copy_(dequantized_weight(params[base], out_dim))
     return ref, done
 
 

@@ -12,11 +12,14 @@ logits by ~5e-3, so a weight left in float or a wrong scale is ≥ 100× outside
 and generate's ranks through `emit_rank(..., quantize=program.quantize)`.
 """
 
+import copy
+
 import pytest
 import torch
 
 import shardwise
 from shardwise.drivers.generate import generate
+from shardwise.errors import InputError
 from shardwise.models import example_inputs
 from shardwise.passes.emit import dequantized_model, quantizable
 from shardwise.planning.program import Program
@@ -55,6 +58,20 @@ def test_int8_program_equals_dequantized_model(tiny, name, mesh, layouts):
     assert len(ints) == len(quantizable(plan.program.gm))
     assert sum(n.target in (int8_linear, int8_addmm, int8_mm) for n in prog.graph.nodes) == len(ints)
 
+
+
+def test_dequantized_model_refuses_a_model_the_plan_was_not_made_from(tiny):
+    """Another architecture (a weight missing), or the same names in other shapes: InputError naming the weight,
+    not a KeyError, and never a copy of the wrong model's weights quantized."""
+    model = tiny("llama-tiny")
+    args, kwargs = example_inputs(model, 8, 16)
+    plan = shardwise.plan(model, args, kwargs, mesh="1x1x4", layouts="ffn=ws1d,attn=heads", weight_dtype="int8")
+    with pytest.raises(InputError, match=r"weight model\.layers\.\d+\..*does not have"):
+        dequantized_model(tiny("gpt2-tiny"), plan.program.gm)
+    other = copy.deepcopy(model)
+    other.model.layers[0].mlp.up_proj.weight = torch.nn.Parameter(torch.zeros(8, 8))
+    with pytest.raises(InputError, match=r"model\.layers\.0\.mlp\.up_proj\.weight of shape .* holds as \(8, 8\)"):
+        dequantized_model(other, plan.program.gm)
 
 @pytest.mark.parametrize("layouts", ["ffn=wg_x,attn=heads", "ffn=wg_xy,attn=batch", "ffn=wg_xyz,attn=heads"])
 def test_weight_gathered_layouts_gather_int8(tiny, layouts):
