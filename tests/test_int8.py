@@ -59,7 +59,6 @@ def test_int8_program_equals_dequantized_model(tiny, name, mesh, layouts):
     assert sum(n.target in (int8_linear, int8_addmm, int8_mm) for n in prog.graph.nodes) == len(ints)
 
 
-
 def test_dequantized_model_refuses_a_model_the_plan_was_not_made_from(tiny):
     """Another architecture (a weight missing), or the same names in other shapes: InputError naming the weight,
     not a KeyError, and never a copy of the wrong model's weights quantized."""
@@ -72,6 +71,7 @@ def test_dequantized_model_refuses_a_model_the_plan_was_not_made_from(tiny):
     other.model.layers[0].mlp.up_proj.weight = torch.nn.Parameter(torch.zeros(8, 8))
     with pytest.raises(InputError, match=r"model\.layers\.0\.mlp\.up_proj\.weight of shape .* holds as \(8, 8\)"):
         dequantized_model(other, plan.program.gm)
+
 
 @pytest.mark.parametrize("layouts", ["ffn=wg_x,attn=heads", "ffn=wg_xy,attn=batch", "ffn=wg_xyz,attn=heads"])
 def test_weight_gathered_layouts_gather_int8(tiny, layouts):
